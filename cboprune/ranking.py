@@ -1,0 +1,98 @@
+"""The result type shared by every block-selection method.
+
+CBO solvers, heuristics and peer criteria (Block Influence, SLEB, ...) all return a `Ranking`: an
+ordered list of removal configurations with a score each (lower is better) and provenance. The
+report, surgery and evaluation consume only this type, so they never special-case a method.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One block-removal configuration.
+
+    removed: sorted indices of the removed blocks (0-based, in the original model).
+    score: the method's objective, lower is better (for CBO: the energy xᵀHx [+ cᵀx]).
+    rank: 0-based position in its ranking ("CBO:17" in the paper is rank 17).
+    """
+
+    removed: tuple[int, ...]
+    score: float
+    rank: int
+    # Blocks merged rather than dropped (sliding-window merging): tuples of original indices, each
+    # merged into its first element. Empty for pure removal.
+    merged: tuple[tuple[int, ...], ...] = ()
+    tied_with_previous: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "removed": list(self.removed),
+            "score": self.score,
+            "merged": [list(g) for g in self.merged],
+            "tied_with_previous": self.tied_with_previous,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Candidate:
+        return cls(
+            removed=tuple(int(i) for i in d["removed"]),
+            score=float(d["score"]),
+            rank=int(d["rank"]),
+            merged=tuple(tuple(int(i) for i in g) for g in d.get("merged", ())),
+            tied_with_previous=bool(d.get("tied_with_previous", False)),
+        )
+
+
+@dataclass
+class Ranking:
+    """An ordered list of candidates for removing `n_remove` of `n_blocks` blocks.
+
+    exact: True when `candidates` are provably the K best states of the objective, in order.
+    lower_bound: a certified lower bound on the objective of any state not listed (anytime mode);
+        None when not computed. The optimality gap is `candidates[-1].score - lower_bound`.
+    info: method-specific provenance (solver statistics, criterion parameters, timings).
+    """
+
+    method: str
+    n_blocks: int
+    n_remove: int
+    candidates: list[Candidate]
+    exact: bool = False
+    lower_bound: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.candidates)
+
+    def __getitem__(self, i: int) -> Candidate:
+        return self.candidates[i]
+
+    @property
+    def best(self) -> Candidate:
+        return self.candidates[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["candidates"] = [c.to_dict() for c in self.candidates]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Ranking:
+        return cls(
+            method=d["method"],
+            n_blocks=int(d["n_blocks"]),
+            n_remove=int(d["n_remove"]),
+            candidates=[Candidate.from_dict(c) for c in d["candidates"]],
+            exact=bool(d.get("exact", False)),
+            lower_bound=d.get("lower_bound"),
+            info=dict(d.get("info", {})),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
