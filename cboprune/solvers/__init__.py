@@ -12,12 +12,15 @@ from __future__ import annotations
 from cboprune.solvers._problem import energy, make_problem
 from cboprune.solvers.api import METHODS, root_lower_bound, solve
 from cboprune.solvers.exhaustive import enumerate_exhaustive
+from cboprune.solvers.qubo import Qubo, to_qubo
 
 __all__ = [
     "METHODS",
+    "Qubo",
     "energy",
     "enumerate_exhaustive",
     "make_problem",
     "root_lower_bound",
     "solve",
+    "to_qubo",
 ]

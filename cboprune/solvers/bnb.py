@@ -46,13 +46,19 @@ class BnBResult:
 
 
 def _relaxation_shifts(p: Problem) -> dict[str, np.ndarray]:
-    """Candidate diagonal shifts s (n,) with W + diag(s) PSD on the subspace {sum y = 0}."""
+    """Candidate diagonal shifts s (n,) with W + diag(s) PSD on the subspace {sum y = 0}.
+
+    "uniform": s = h - mu, mu = lambda_min of H_FF on 1^perp (negative when H is indefinite);
+    "scaled": s = h (1 - mu'), mu' the smallest generalized eigenvalue of (H_FF, diag h) on
+    1^perp (helps when block scales are uneven). Smaller s gives a tighter bound (the bound is
+    concave in s with gradient y^2 - y <= 0), so s = h ("none") is never better than "uniform".
+    """
     n = p.n_free
     h = np.diag(p.H)[p.free].copy()
     Hff = p.H[np.ix_(p.free, p.free)]
-    out = {"none": h.copy()}
-    if n < 3:
-        return out
+    if n < 2:
+        return {"none": h.copy()}  # y is fixed by sum y = r: any shift is exact
+    out: dict[str, np.ndarray] = {}
     # orthonormal basis of 1^perp
     P = scipy.linalg.null_space(np.ones((1, n)))  # (n, n-1)
     A = P.T @ Hff @ P
@@ -63,7 +69,8 @@ def _relaxation_shifts(p: Problem) -> dict[str, np.ndarray]:
         mu = mu - abs(mu) * 1e-7 - tiny
         out["uniform"] = h - mu
     except (np.linalg.LinAlgError, ValueError):  # pragma: no cover - LAPACK failure
-        pass
+        lam = float(np.linalg.eigvalsh(Hff)[0])
+        out["uniform"] = h - (lam - abs(lam) * 1e-7 - tiny)
     if np.all(h > 0):
         B = P.T @ np.diag(h) @ P
         B = 0.5 * (B + B.T)
@@ -135,7 +142,7 @@ def run_bnb(
 
     # 2. relaxation shift and root bound
     shifts = _relaxation_shifts(p)
-    best_name, best_lb, best_y = "none", -np.inf, np.full(n, m / n)
+    best_name, best_lb, best_y = next(iter(shifts)), -np.inf, np.full(n, m / n)
     root_bounds = {}
     if use_qp or order == "relax":
         for name, s in shifts.items():
