@@ -158,7 +158,7 @@ def enumerate_kbest(W, u, m, topE, topM, ts, max_states):
         set_bit(mask, j)
         e += u[j] + 2.0 * g[j]
         for i in range(n):
-            g[i] += W[i, j]
+            g[i] += W[j, i]
     topk_insert(topE, topM, ts, e, mask, False)
     count = 1
     odd = (t & 1) == 1
@@ -214,7 +214,7 @@ def enumerate_kbest(W, u, m, topE, topM, ts, max_states):
                 return count
         e += u[inn] - u[out] + 2.0 * (g[inn] - g[out]) - 2.0 * W[inn, out]
         for i in range(n):
-            g[i] += W[i, inn] - W[i, out]
+            g[i] += W[inn, i] - W[out, i]
         clear_bit(mask, out)
         set_bit(mask, inn)
         count += 1
@@ -278,7 +278,7 @@ def tabu_kbest(W, u, m, x0, n_iter, tenure, n_restarts, seed, topE, topM, ts):
     for j in range(n):
         if x[j]:
             for i in range(n):
-                g[i] += W[i, j]
+                g[i] += W[j, i]
     e = _state_energy(W, u, x)
     mask = np.zeros(words, np.uint64)
     for j in range(n):
@@ -322,7 +322,7 @@ def tabu_kbest(W, u, m, x0, n_iter, tenure, n_restarts, seed, topE, topM, ts):
             for j in range(n):
                 if x[j]:
                     for i in range(n):
-                        g[i] += W[i, j]
+                        g[i] += W[j, i]
             e = _state_energy(W, u, x)
             mask[:] = ZERO
             for j in range(n):
@@ -367,7 +367,7 @@ def tabu_kbest(W, u, m, x0, n_iter, tenure, n_restarts, seed, topE, topM, ts):
             outs[po] = bi
             where[bi] = po
             for r in range(n):
-                g[r] += W[r, bj] - W[r, bi]
+                g[r] += W[bj, r] - W[bi, r]
             clear_bit(mask, bi)
             set_bit(mask, bj)
             tabu_until[bi] = it + tenure + np.random.randint(0, tenure + 1)
@@ -412,7 +412,7 @@ def tempering_kbest(W, u, m, temps, n_sweeps, seed, topE, topM, ts):
                 a += 1
                 set_bit(masks[rep], j)
                 for i in range(n):
-                    G[rep, i] += W[i, j]
+                    G[rep, i] += W[j, i]
             else:
                 outs[rep, b] = j
                 b += 1
@@ -439,7 +439,7 @@ def tempering_kbest(W, u, m, temps, n_sweeps, seed, topE, topM, ts):
                     X[rep, i] = False
                     X[rep, j] = True
                     for r in range(n):
-                        G[rep, r] += W[r, j] - W[r, i]
+                        G[rep, r] += W[j, r] - W[i, r]
                     clear_bit(masks[rep], i)
                     set_bit(masks[rep], j)
                     if ts[0] < topE.shape[0] or E[rep] <= topE[ts[1]]:
@@ -810,7 +810,7 @@ def bnb_kbest(
                         stack_E[d + 1] = E + u[j] + 2.0 * g[j]
                         stack_r[d + 1] = r - 1
                         for i in range(n):
-                            g[i] += W[i, j]
+                            g[i] += W[j, i]
                         set_bit(mask, j)
                     else:
                         stack_E[d + 1] = E
@@ -826,7 +826,7 @@ def bnb_kbest(
             j = order[d]
             if stack_dir[d] == 1:
                 for i in range(n):
-                    g[i] -= W[i, j]
+                    g[i] -= W[j, i]
                 clear_bit(mask, j)
             stack_phase[d] = 2
             cut = topk_cutoff(topE, ts, seed_cutoff)
@@ -843,7 +843,7 @@ def bnb_kbest(
                 stack_E[d + 1] = E + u[j] + 2.0 * g[j]
                 stack_r[d + 1] = r - 1
                 for i in range(n):
-                    g[i] += W[i, j]
+                    g[i] += W[j, i]
                 set_bit(mask, j)
             stack_phase[d + 1] = 0
             d += 1
@@ -852,7 +852,7 @@ def bnb_kbest(
             j = order[d]
             if stack_dir[d] == 0:
                 for i in range(n):
-                    g[i] -= W[i, j]
+                    g[i] -= W[j, i]
                 clear_bit(mask, j)
             stack_phase[d] = 3
             d -= 1
