@@ -1,0 +1,72 @@
+"""Markdown tables and the run report."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cboprune.ranking import Ranking
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    out, run = [], []
+    for i in sorted(indices):
+        if run and i == run[-1] + 1:
+            run.append(i)
+        else:
+            if run:
+                out.append(f"{run[0]}-{run[-1]}" if len(run) > 2 else ", ".join(map(str, run)))
+            run = [i]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 2 else ", ".join(map(str, run)))
+    return ", ".join(out)
+
+
+def ranking_markdown(ranking: Ranking, block_kinds: Sequence[str] | None = None) -> str:
+    status = "exact" if ranking.exact else (
+        f"not certified (lower bound {ranking.lower_bound:.6g})" if ranking.lower_bound is not None else "heuristic")
+    lines = [f"### {ranking.method}: remove M = {ranking.n_remove} of N = {ranking.n_blocks} blocks ({status})", "",
+             "| rank | energy | removed blocks | kinds |", "|---:|---:|---|---|"]
+    for cand in ranking.candidates:
+        kinds = ""
+        if block_kinds:
+            kinds = ", ".join(sorted({block_kinds[i] for i in cand.removed}))
+        tie = " (tie)" if cand.tied_with_previous else ""
+        lines.append(f"| {cand.rank}{tie} | {cand.score:.6g} | {_ranges(cand.removed)} | {kinds} |")
+    return "\n".join(lines) + "\n"
+
+
+def rankings_markdown(rankings: Sequence[Ranking], block_kinds: Sequence[str] | None = None) -> str:
+    return "\n".join(ranking_markdown(r, block_kinds) for r in rankings)
+
+
+def write_report(out_dir: str | Path, rankings: Sequence[Ranking], *, meta: dict[str, Any],
+                 figures: dict[str, str], checkpoints: Sequence[dict[str, Any]] = ()) -> Path:
+    """report.md: what was computed, the ranked states per M, the figures and saved checkpoints."""
+    out_dir = Path(out_dir)
+    cal = meta.get("calibration", {})
+    lines = [
+        "# cboprune report", "",
+        f"- model: `{meta.get('model', '')}` ({meta.get('model_type', '')}, {meta.get('n_blocks')} blocks, "
+        f"{meta.get('model_params', 0) / 1e6:.1f} M parameters)",
+        f"- calibration: {cal.get('source', '')} — {cal.get('n_samples')} samples, {cal.get('n_tokens')} tokens "
+        f"(fingerprint {cal.get('fingerprint', '')})",
+        f"- Hessian: {meta.get('variant', 'fisher')} H = AᵀA/m, mean calibration loss {meta.get('mean_loss', 0):.4f}, "
+        f"{meta.get('seconds', 0)} s ({meta.get('tokens_per_second', 0)} tokens/s)",
+        "",
+        "Energies are xᵀHx for x = the removed-block indicator; lower predicts a smaller loss increase.",
+        "",
+        rankings_markdown(rankings, meta.get("block_kinds")),
+    ]
+    for title, rel in figures.items():
+        lines += [f"## {title}", "", f"![{title}]({rel})", ""]
+    if checkpoints:
+        lines += ["## Pruned checkpoints", "", "| M | rank | removed | path |", "|---:|---:|---|---|"]
+        for ck in checkpoints:
+            lines.append(f"| {ck['n_remove']} | {ck['rank']} | {_ranges(ck['removed'])} | `{ck['path']}` |")
+        lines.append("")
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random models built offline from config classes, and the real default model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CBOPRUNE_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+def tiny_llama(n_layers: int = 6, seed: int = 0, vocab_size: int = 128):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    # Random init leaves branch outputs tiny next to the residual; scale them up so that removing
+    # a block changes the logits clearly and the tests can fail.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(8.0)
+            layer.mlp.down_proj.weight.mul_(8.0)
+    return model
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real SmolLM2-135M-Instruct (LoadedModel), loaded once per test session."""
+    from cboprune.models import load_model
+
+    return load_model("default")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (set CBOPRUNE_DATA_DIR)")
+    return SHARED_DATA
