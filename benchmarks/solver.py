@@ -106,11 +106,15 @@ def run_case(name: str, kind: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def calibrate(args: argparse.Namespace) -> dict[str, Any]:
-    """Full enumeration of C(28, 14) vs the extrapolation from its first 10%."""
+    """Full enumeration of C(28, 14) vs the extrapolation from its first 10% (best of 2 each)."""
     H = make_matrix("gradient", 28, args.seed)
     p = make_problem(H, 14, 10)
-    _, visited, t_full = run_enumeration(p, 10)
-    _, part, t_part = run_enumeration(p, 10, max_states=visited // 10)
+    t_full = t_part = np.inf
+    for _ in range(2):
+        _, visited, dt = run_enumeration(p, 10)
+        t_full = min(t_full, dt)
+        _, part, dt = run_enumeration(p, 10, max_states=visited // 10)
+        t_part = min(t_part, dt)
     pred = t_part * visited / part
     return {"states": visited, "full_s": t_full, "extrapolated_s": pred,
             "rel_error": pred / t_full - 1.0}
@@ -155,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         cal = calibrate(args)
         out["calibration"] = cal
         print(f"# enumeration extrapolation check: C(28,14)={cal['states']:.3g} states, full "
-              f"{cal['full_s']:.2f} s, extrapolated from 10% {cal['extrapolated_s']:.2f} s "
+              f"{cal['full_s']:.2f} s, extrapolated from first 10% {cal['extrapolated_s']:.2f} s "
               f"({100 * cal['rel_error']:+.1f}%)")
     hdr = (f"{'case':>7} {'kind':>9} {'K':>3} {'states':>8} {'bnb':>8} {'exact':>5} "
            f"{'gap(rel)':>9} {'nodes':>9} {'enumeration':>18} {'speed-up':>9} {'target':>7}")

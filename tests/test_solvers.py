@@ -141,7 +141,7 @@ def test_enumeration_with_constraints():
 # ------------------------------------------------------------------------------ exact branch-and-bound
 
 
-@pytest.mark.parametrize("seed", range(24))
+@pytest.mark.parametrize("seed", range(40))
 def test_bnb_equals_enumeration(seed):
     H, n, m, k = random_case(seed)
     ref = enumerate_exhaustive(H, m, k)
