@@ -1,0 +1,115 @@
+"""Run configuration: one validated object fed by a YAML file and CLI flags (flags win).
+
+All problems are collected and reported together before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from cboprune.errors import CBOPruneError
+
+
+@dataclass
+class RunConfig:
+    model: str = "default"
+    data: str | None = None  # None: the model answers built-in prompts (model-generated calibration)
+    n_samples: int = 64
+    seq_len: int = 256
+    batch_size: int = 8
+    remove: list[int] = field(default_factory=lambda: [4, 8])  # values of M
+    top: int = 10  # K lowest states per M
+    keep: list[int] = field(default_factory=list)  # blocks never removed; negative counts from the end
+    save_ranks: list[int] = field(default_factory=lambda: [0])  # states saved as checkpoints, per M
+    save_remove: list[int] | None = None  # the M values to save checkpoints for (None: all)
+    output_dir: str = "outputs/run"
+    overwrite: bool = False
+    dtype: str = "float32"
+    device: str | None = None  # None: cuda when available, else cpu
+    seed: int = 0
+    solver: str = "auto"
+    time_limit: float | None = None
+    gen_max_new_tokens: int = 160  # model-generated calibration: answer length
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_sources(cls, yaml_path: str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+        values: dict[str, Any] = {}
+        if yaml_path:
+            values.update(read_yaml(yaml_path))
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise CBOPruneError(f"unknown config keys {unknown}: valid keys are {', '.join(cls.field_names())}")
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        errors = []
+        int_lists = {"remove": self.remove, "keep": self.keep, "save_ranks": self.save_ranks,
+                     "save_remove": self.save_remove or []}
+        for name, value in int_lists.items():
+            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                errors.append(f"{name} must be a list of integers, got {value!r}")
+        if isinstance(self.remove, list) and not self.remove:
+            errors.append("remove must list at least one number of blocks M")
+        elif isinstance(self.remove, list) and any(isinstance(m, int) and m <= 0 for m in self.remove):
+            errors.append(f"every M in remove must be >= 1, got {self.remove}")
+        for name in ("n_samples", "seq_len", "batch_size", "top", "gen_max_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                errors.append(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.save_ranks, list) and isinstance(self.top, int) and any(
+                r < 0 or r >= self.top for r in self.save_ranks if isinstance(r, int)):
+            errors.append(f"save_ranks must lie in 0..top-1 = 0..{self.top - 1}, got {self.save_ranks}")
+        if self.time_limit is not None and not (isinstance(self.time_limit, (int, float)) and self.time_limit > 0):
+            errors.append(f"time_limit must be a positive number of seconds, got {self.time_limit!r}")
+        from cboprune.solvers import METHODS
+
+        if self.solver not in METHODS:
+            errors.append(f"solver must be one of {', '.join(METHODS)}, got {self.solver!r}")
+        if errors:
+            raise CBOPruneError("invalid configuration: " + "; ".join(errors))
+
+    def check_against_model(self, n_blocks: int) -> list[int]:
+        """Validate M values and keep indices for a model with n_blocks; return keep normalized."""
+        errors = []
+        keep = []
+        for i in self.keep:
+            j = i + n_blocks if i < 0 else i
+            if not 0 <= j < n_blocks:
+                errors.append(f"keep index {i} is outside the model's {n_blocks} blocks")
+            keep.append(j)
+        removable = n_blocks - len(set(keep))
+        for m in self.remove:
+            if m >= n_blocks:
+                errors.append(f"M = {m} removes the whole model: M must be below N = {n_blocks}")
+            elif m > removable:
+                errors.append(f"M = {m} exceeds the {removable} removable blocks left after keep={self.keep}")
+        if errors:
+            raise CBOPruneError("; ".join(errors))
+        return sorted(set(keep))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise CBOPruneError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CBOPruneError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise CBOPruneError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+    return {k.replace("-", "_"): v for k, v in data.items()}

@@ -1,0 +1,188 @@
+"""The whole CBO job and its steps as library functions; the CLI only wraps these.
+
+    run_pipeline(cfg)           model -> calibration -> Hessian -> K lowest states per M -> report -> checkpoints
+    solve_rankings(hessian, ...) K lowest states per M from a saved Hessian
+    prune_to_checkpoint(...)    remove blocks from a model and save a normal HF checkpoint
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cboprune import __version__
+from cboprune.config import RunConfig
+from cboprune.data import GenerationSettings, load_calibration
+from cboprune.errors import CBOPruneError
+from cboprune.hessian import HessianResult, compute_hessian, save_hessian
+from cboprune.models import load_model
+from cboprune.models.architectures import decoder_layers
+from cboprune.models.surgery import remove_blocks, save_pruned, validate_removal
+from cboprune.ranking import Candidate, Ranking
+from cboprune.report import plot_hessian, plot_removal_frequency, write_report
+from cboprune.solvers import solve
+
+log = logging.getLogger(__name__)
+
+HESSIAN_FILE = "hessian.safetensors"
+
+
+def pick_device(device: str | None) -> str:
+    if device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise CBOPruneError(f"device {device!r} requested but no CUDA GPU is available: use --device cpu")
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def prepare_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
+    """Refuse a non-empty output directory unless overwrite; checked before any work starts."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CBOPruneError(f"output path {out_dir} is a file: pass a directory with --output-dir")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise CBOPruneError(f"output directory {out_dir} is not empty: choose another with --output-dir or pass --overwrite")
+    return out_dir
+
+
+def solve_rankings(hessian: HessianResult, remove: Sequence[int], top: int, *, keep: Sequence[int] = (),
+                   method: str = "auto", time_limit: float | None = None, seed: int = 0) -> list[Ranking]:
+    """The `top` lowest CBO states for each M in `remove` from one Hessian."""
+    n = hessian.n_blocks
+    rankings = []
+    H = hessian.H
+    for m in remove:
+        if not 0 < m < n:
+            raise CBOPruneError(f"M = {m} is impossible for a model with N = {n} blocks: choose 1 <= M <= {n - 1}")
+        ranking = solve(H, m, top, keep=keep, method=method, time_limit=time_limit, seed=seed)
+        ranking.info.setdefault("hessian", hessian.fingerprint)
+        rankings.append(ranking)
+    return rankings
+
+
+def provenance(candidate: Candidate, ranking: Ranking, hessian_meta: dict[str, Any], source_model: str,
+               hessian_fingerprint: str) -> dict[str, Any]:
+    n = ranking.n_blocks
+    return {
+        "cboprune_version": __version__,
+        "source_model": source_model,
+        "method": ranking.method,
+        "n_blocks_original": n,
+        "n_removed": len(candidate.removed),
+        "removed": list(candidate.removed),
+        "kept": [i for i in range(n) if i not in set(candidate.removed)],
+        "removed_names": [hessian_meta.get("block_names", [])[i] for i in candidate.removed]
+        if hessian_meta.get("block_names") else [],
+        "state_rank": candidate.rank,
+        "energy": candidate.score,
+        "ranking_exact": ranking.exact,
+        "hessian_fingerprint": hessian_fingerprint,
+        "calibration": hessian_meta.get("calibration", {}),
+    }
+
+
+def prune_to_checkpoint(model: torch.nn.Module, tokenizer, removed: Sequence[int], out_dir: str | Path,
+                        info: dict[str, Any], *, copy_model: bool = True, overwrite: bool = False) -> Path:
+    """Remove `removed` blocks (original indices) and save_pretrained with `removal.json`."""
+    _, layers = decoder_layers(model)
+    validate_removal(removed, len(layers))
+    pruned = copy.deepcopy(model) if copy_model else model
+    remove_blocks(pruned, removed)
+    return save_pruned(pruned, tokenizer, out_dir, info, overwrite=overwrite)
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    hessian: HessianResult
+    rankings: list[Ranking]
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> RunResult:
+    out_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    loaded = load_model(cfg.model, dtype=cfg.dtype, device=device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    n_blocks = len(decoder_layers(model)[1])
+    keep = cfg.check_against_model(n_blocks)
+
+    calibration = load_calibration(cfg.data, tokenizer, model=model, n_samples=cfg.n_samples,
+                                   seq_len=cfg.seq_len, seed=cfg.seed,
+                                   generation=GenerationSettings(max_new_tokens=cfg.gen_max_new_tokens,
+                                                                 seed=cfg.seed))
+    # Everything that can be wrong with the input has been checked: now write.
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        hessian = compute_hessian(model, calibration, batch_size=cfg.batch_size, model_name=cfg.model,
+                                  progress=progress)
+        save_hessian(hessian, staging / HESSIAN_FILE)
+        rankings = solve_rankings(hessian, cfg.remove, cfg.top, keep=keep, method=cfg.solver,
+                                  time_limit=cfg.time_limit, seed=cfg.seed)
+        rankings_dir = staging / "rankings"
+        rankings_dir.mkdir()
+        for ranking in rankings:
+            (rankings_dir / f"M{ranking.n_remove}.json").write_text(ranking.to_json() + "\n")
+        (staging / "config.yaml").write_text(_yaml(cfg.to_dict()))
+        figures = _figures(staging, hessian, rankings)
+        checkpoints = []
+        save_ms = cfg.remove if cfg.save_remove is None else cfg.save_remove
+        for ranking in rankings:
+            if ranking.n_remove not in save_ms:
+                continue
+            for rank in cfg.save_ranks:
+                if rank >= len(ranking.candidates):
+                    continue
+                cand = ranking.candidates[rank]
+                rel = f"pruned/M{ranking.n_remove}-rank{rank}"
+                prune_to_checkpoint(model, tokenizer, cand.removed, staging / rel,
+                                    provenance(cand, ranking, hessian.meta, cfg.model, hessian.fingerprint))
+                checkpoints.append({"n_remove": ranking.n_remove, "rank": rank, "removed": list(cand.removed),
+                                    "path": rel})
+        write_report(staging, rankings, meta=hessian.meta, figures=figures, checkpoints=checkpoints)
+        (staging / "summary.json").write_text(json.dumps(
+            {"rankings": {r.n_remove: r.to_dict() for r in rankings}, "checkpoints": checkpoints,
+             "hessian": hessian.meta}, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for ck in checkpoints:
+        ck["path"] = str(out_dir / ck["path"])
+    return RunResult(output_dir=out_dir, hessian=hessian, rankings=rankings, checkpoints=checkpoints)
+
+
+def _figures(out_dir: Path, hessian: HessianResult, rankings: Sequence[Ranking]) -> dict[str, str]:
+    plot_removal_frequency(rankings, out_dir / "removal_frequency.png", hessian.block_kinds)
+    plot_hessian(hessian.H, out_dir / "hessian.png")
+    return {"How often each block is removed among the lowest states": "removal_frequency.png",
+            "Hessian H": "hessian.png"}
+
+
+def _yaml(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def write_solve_outputs(out_dir: Path, hessian: HessianResult, rankings: Sequence[Ranking]) -> Path:
+    """For `cboprune solve --output-dir`: rankings JSON, figures and report from a saved Hessian."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "rankings").mkdir(exist_ok=True)
+    for ranking in rankings:
+        (out_dir / "rankings" / f"M{ranking.n_remove}.json").write_text(ranking.to_json() + "\n")
+    figures = _figures(out_dir, hessian, rankings)
+    return write_report(out_dir, rankings, meta=hessian.meta, figures=figures)
