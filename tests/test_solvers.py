@@ -388,3 +388,18 @@ def test_problem_reduction_energy_consistency():
     full = tuple(sorted([int(p.free[t]) for t in T] + [2]))
     e_red = sum(p.u[T]) + sum(p.W[a, b] for a in T for b in T) + p.const
     assert e_red == pytest.approx(energy(H, full, c))
+
+
+@pytest.mark.parametrize("node_limit", [20, 300, 3000])
+def test_anytime_with_best_first_phase_is_sound(node_limit):
+    H, n, m, k = wishart(22, 30, 12), 22, 9, 30
+    full = enumerate_exhaustive(H, m, k)
+    r = solve(H, m, k, method="exact", node_limit=node_limit)
+    if r.exact:
+        assert [c.removed for c in r] == [c.removed for c in full]
+    else:
+        listed = {c.removed for c in r}
+        assert all(c.score >= r.lower_bound - 1e-12 for c in full if c.removed not in listed)
+        nc = r.info["n_certified"]
+        assert [c.removed for c in r][:nc] == [c.removed for c in full][:nc]
+    assert all(c.score >= f.score - 1e-12 for c, f in zip(r, full))

@@ -27,7 +27,7 @@ import numpy as np
 import scipy.linalg
 
 from cboprune.solvers import _kernels as kn
-from cboprune.solvers._problem import Problem
+from cboprune.solvers._problem import Problem, free_sets_to_removed
 from cboprune.solvers.exhaustive import new_store, store_sets
 from cboprune.solvers.heuristics import run_tabu
 
@@ -122,6 +122,7 @@ def run_bnb(
     order: str = "relax",
     seed_iters: int | None = None,
     chunk_nodes: int = 20000,
+    dfs_share: float = 0.7,
 ) -> BnBResult:
     """K-best branch-and-bound on a reduced problem (requires 2 <= m <= n - 1 for branching)."""
     t0 = time.perf_counter()
@@ -182,10 +183,16 @@ def run_bnb(
     stats = np.zeros(8, np.int64)
     complete = False
     deadline = None if time_limit is None else t0 + float(time_limit)
+    # with a budget, depth-first search gets the first `dfs_share` of it, then best-first search
+    # over the open subtrees tightens the certificate (and may still finish the proof)
+    dfs_deadline = None
+    if time_limit is not None:
+        dfs_deadline = t0 + t_setup + dfs_share * max(0.0, float(time_limit) - t_setup)
+    dfs_nodes = None if node_limit is None else max(1, int(dfs_share * int(node_limit)))
     while True:
         budget = chunk_nodes
-        if node_limit is not None:
-            budget = min(budget, int(node_limit) - int(stats[kn.ST_NODES]))
+        if dfs_nodes is not None:
+            budget = min(budget, dfs_nodes - int(stats[kn.ST_NODES]))
             if budget <= 0:
                 break
         complete = kn.bnb_kbest(
@@ -196,22 +203,34 @@ def run_bnb(
         )
         if complete:
             break
-        if deadline is not None and time.perf_counter() >= deadline:
+        if dfs_deadline is not None and time.perf_counter() >= dfs_deadline:
             break
     t_search = time.perf_counter() - t0 - t_setup
 
     # 5. certificate
-    if complete:
-        open_bound = np.inf
-    else:
-        open_bound = float(kn.open_lower_bound(stack_phase, stack_bnd, pos, root_bound))
-        open_bound = _refine_open_bound(p, Q, s_shift, perm, stack_phase, stack_dir, stack_r,
-                                        stack_E, stack_bnd, pos, open_bound)
     sets = store_sets(p, topE, topM, ts)
     # the seed states are valid states too (needed when the search stopped early)
     sets = list(dict.fromkeys(sets + list(seed_sets)))
+    bf_nodes = 0
+    if complete:
+        open_bound = np.inf
+    else:
+        stack_bound = float(kn.open_lower_bound(stack_phase, stack_bnd, pos, root_bound))
+        pending = _pending_nodes(perm, stack_phase, stack_dir, stack_bnd, pos)
+        pos_of = {int(v): i for i, v in enumerate(p.free)}
+        forced = set(p.forced)
+        found = [tuple(pos_of[b] for b in s_ if b not in forced) for s_ in sets]
+        bf_max = 10**12 if node_limit is None else max(0, int(node_limit) - int(stats[kn.ST_NODES]))
+        open_bound, new_states, bf_nodes = _best_first(
+            p, Q, s_shift, perm, pending, found, k_eff, slack, deadline, bf_max)
+        if not np.isfinite(open_bound):
+            complete = True  # every open subtree was closed by the best-first phase
+        else:
+            open_bound = max(open_bound, stack_bound)
+        sets = list(dict.fromkeys(sets + free_sets_to_removed(p, new_states)))
     info = {
-        "nodes": int(stats[kn.ST_NODES]),
+        "nodes": int(stats[kn.ST_NODES]) + bf_nodes,
+        "nodes_best_first": bf_nodes,
         "leaves": int(stats[kn.ST_LEAVES]),
         "pruned_row": int(stats[kn.ST_PRUNE_ROW]),
         "pruned_qp": int(stats[kn.ST_PRUNE_QP]),
@@ -242,66 +261,125 @@ def _energy_free(p: Problem, removed: tuple[int, ...]) -> float:
     return e
 
 
-def _refine_open_bound(
-    p: Problem, Q: np.ndarray, s_shift: np.ndarray, perm: np.ndarray,
-    stack_phase: np.ndarray, stack_dir: np.ndarray, stack_r: np.ndarray, stack_E: np.ndarray,
-    stack_bnd: np.ndarray, pos: np.ndarray, fallback: float,
-) -> float:
-    """Tighten the open-node bound: re-bound each pending subtree with a converged relaxation.
+def _pending_nodes(
+    perm: np.ndarray, stack_phase: np.ndarray, stack_dir: np.ndarray, stack_bnd: np.ndarray,
+    pos: np.ndarray,
+) -> list[tuple[tuple[int, ...], int, float]]:
+    """Unexplored subtrees of a stopped depth-first search: (removed free vars, depth, bound).
 
-    The pending subtrees are the second children of the path nodes in phase 1 and the current
-    unvisited node. Each is bounded by max(its parent's stored bound, its own relaxation bound).
+    They are the second children of path nodes still in their first child (phase 1) and the
+    current, not yet visited node; the bound is the stored bound of the parent.
     """
-    n, m = p.n_free, p.m
     d_cur = int(pos[0])
     if d_cur < 0:
-        return np.inf
-    pending: list[tuple[int, bool, float]] = []  # (depth of parent, include?, parent bound)
+        return []
+    out: list[tuple[tuple[int, ...], int, float]] = []
+    path: list[int] = []
     for a in range(d_cur):
+        first_inc = stack_dir[a] == 1
         if stack_phase[a] == 1:
-            pending.append((a, stack_dir[a] == 0, float(stack_bnd[a])))
-    # current node d_cur in phase 0: its decisions are those of the path
-    lb = np.inf
-    y0 = np.full(n, m / max(n, 1))
-    work = np.zeros((5, n))
-    H = p.H[np.ix_(p.free, p.free)]
-
-    def path_set(depth: int) -> list[int]:
-        # variables included on the current path above `depth`
-        out = []
-        for a in range(depth):
-            dirn = stack_dir[a]
-            # in phase 1 the path follows the first child, in phase 2 the second
-            inc = (dirn == 1) if stack_phase[a] == 1 else (dirn == 0)
-            if inc:
-                out.append(int(perm[a]))
-        return out
-
-    def bound_of(S: list[int], depth: int) -> float:
-        r = m - len(S)
-        nf = n - depth
-        if r < 0 or r > nf:
-            return np.inf
-        Sidx = np.array(S, dtype=np.int64)
-        E = float(H[np.ix_(Sidx, Sidx)].sum() + (p.u[Sidx] - np.diag(H)[Sidx]).sum()) if S else 0.0
-        if r == 0 or r == nf:
-            F = perm[depth:]
-            T = np.concatenate([Sidx, F]) if r == nf else Sidx
-            return float(H[np.ix_(T, T)].sum() + (p.u[T] - np.diag(H)[T]).sum()) if T.size else 0.0
-        gvec = p.W[:, Sidx].sum(axis=1) if S else np.zeros(n)
-        b = p.u - s_shift + 2.0 * gvec
-        F = np.ascontiguousarray(perm[depth:])
-        y = y0.copy()
-        qb, _, _ = kn.qp_bound(Q, b, F, nf, r, y, np.inf, -np.inf, 500, 1e-10 * p.scale, work)
-        return E + float(qb)
-
-    for a, include, pb in pending:
-        S = path_set(a)
-        if include:
-            S = S + [int(perm[a])]
-        lb = min(lb, max(pb, bound_of(S, a + 1)))
+            # pending: the other child of node a
+            S = tuple(path + [int(perm[a])]) if not first_inc else tuple(path)
+            out.append((S, a + 1, float(stack_bnd[a])))
+            if first_inc:
+                path.append(int(perm[a]))
+        else:  # phase 2: the path goes through the second child
+            if not first_inc:
+                path.append(int(perm[a]))
     if stack_phase[d_cur] == 0:
         pb = float(stack_bnd[d_cur - 1]) if d_cur > 0 else -np.inf
-        lb = min(lb, max(pb, bound_of(path_set(d_cur), d_cur)))
-    # never report something weaker than the raw stack bound
-    return max(lb, fallback) if np.isfinite(lb) else fallback
+        out.append((tuple(path), d_cur, pb))
+    return out
+
+
+def _best_first(
+    p: Problem, Q: np.ndarray, s_shift: np.ndarray, perm: np.ndarray,
+    pending: list[tuple[tuple[int, ...], int, float]], found: list[tuple[int, ...]], k: int,
+    slack: float, deadline: float | None, max_nodes: int,
+) -> tuple[float, list[tuple[int, ...]], int]:
+    """Best-first continuation over the pending subtrees of a stopped DFS (reduced energies).
+
+    Each open node is bounded with a converged relaxation (max with its parent's bound); the node
+    of lowest bound is split on the next variable of the static order. Leaves (r = 0, r = |F|,
+    r = 1) are evaluated. Stops at `deadline` / `max_nodes` or when no open node is left.
+    Returns (certified bound on every state still unexplored (+inf if none), new states found
+    as free-variable tuples, nodes expanded).
+    """
+    import heapq
+
+    n, m = p.n_free, p.m
+    H = p.H[np.ix_(p.free, p.free)]
+    hdiag = np.diag(H)
+    work = np.zeros((5, n))
+    tol = 1e-9 * p.scale
+
+    def e_of(S: tuple[int, ...]) -> float:
+        if not S:
+            return 0.0
+        idx = np.array(S, dtype=np.int64)
+        return float(H[np.ix_(idx, idx)].sum() + (p.u[idx] - hdiag[idx]).sum())
+
+    best: list[float] = sorted(e_of(S) for S in found)[:k]  # reduced energies, ascending
+    new_states: list[tuple[int, ...]] = []
+
+    def offer(S: tuple[int, ...], e: float) -> None:
+        if len(best) < k or e <= best[-1] + slack:
+            new_states.append(tuple(sorted(S)))
+            best.append(e)
+            best.sort()
+            del best[k:]
+
+    def cutoff() -> float:
+        return best[-1] if len(best) >= k else np.inf
+
+    heap: list[tuple[float, int, tuple[int, ...], int]] = []
+    counter = 0
+
+    def push(S: tuple[int, ...], d: int, parent_bound: float) -> None:
+        nonlocal counter
+        r = m - len(S)
+        nf = n - d
+        if r < 0 or r > nf:
+            return
+        if r == 0:
+            offer(S, e_of(S))
+            return
+        if r == nf:
+            T = S + tuple(int(j) for j in perm[d:])
+            offer(T, e_of(T))
+            return
+        E = e_of(S)
+        idx = np.array(S, dtype=np.int64)
+        g = p.W[idx].sum(axis=0) if S else np.zeros(n)
+        if r == 1:
+            for j in perm[d:]:
+                offer(S + (int(j),), E + p.u[j] + 2.0 * g[j])
+            return
+        b = p.u - s_shift + 2.0 * g
+        F = np.ascontiguousarray(perm[d:])
+        y = np.full(n, r / nf)
+        qb, _, _ = kn.qp_bound(Q, b, F, nf, r, y, cutoff() + slack - E, -np.inf, 300, tol, work)
+        bound = max(parent_bound, E + float(qb))
+        if bound > cutoff() + slack:
+            return
+        counter += 1
+        heapq.heappush(heap, (bound, counter, S, d))
+
+    for S, d, pb in pending:
+        push(S, d, pb)
+    expanded = 0
+    while heap:
+        if deadline is not None and time.perf_counter() >= deadline:
+            break
+        if expanded >= max_nodes:
+            break
+        bound, _, S, d = heapq.heappop(heap)
+        if bound > cutoff() + slack:
+            continue
+        expanded += 1
+        j = int(perm[d])
+        push(S + (j,), d + 1, bound)
+        push(S, d + 1, bound)
+    live = [bd for bd, _, _, _ in heap if bd <= cutoff() + slack]
+    lb = min(live) if live else np.inf
+    return lb, new_states, expanded
