@@ -1,0 +1,187 @@
+"""Run lm-evaluation-harness itself on an in-memory model and the local data.
+
+The package ships lm-eval task YAMLs (`cboprune/evaluation/tasks/cbo_*.yaml`) with the same
+prompts as the built-in evaluator. At run time they are copied into a temporary include
+directory with the data-file paths filled in (files that are not JSON lines — HellaSwag's bz2
+text, MMLU's CSVs, BBH, WikiText — are first converted there to JSON lines by the same readers
+the built-in evaluator uses), and lm-eval's `TaskManager(include_path=...)` loads them. Task
+names that are not cboprune tasks are passed to lm-eval unchanged (hub tasks, online only).
+lm-eval is a dependency, never vendored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cboprune.errors import CBOPruneError
+from cboprune.evaluation import metrics as M
+from cboprune.evaluation.data import resolve_eval_dir
+from cboprune.evaluation.tasks import GROUPS, TASKS, TaskSpec, resolve_tasks, unknown_task_error
+
+log = logging.getLogger(__name__)
+
+PREFIX = "cbo_"
+_CONVERTED = {"hellaswag", "wikitext"}  # besides the mmlu_* and bbh_* families
+
+
+def _template(name: str) -> str:
+    return resources.files("cboprune.evaluation").joinpath("tasks", f"{name}.yaml").read_text(encoding="utf-8")
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+def write_task_yamls(specs: list[TaskSpec], eval_dir: Path, out_dir: Path) -> dict[str, str]:
+    """Write lm-eval YAMLs for `specs` into `out_dir`; return {cboprune name: lm-eval name}."""
+    names = {}
+    for spec in specs:
+        subs: dict[str, str] = {}
+        if spec.group == "mmlu":
+            subject = spec.name[len("mmlu_"):]
+            text = _template("cbo_mmlu")
+            subs["@SUBJECT@"] = subject
+            subs['"@DESCRIPTION@"'] = json.dumps(spec.description)
+            subs['"@FILE@"'] = json.dumps(str(_write_jsonl(out_dir / f"{spec.name}_test.jsonl", spec.load(eval_dir))))
+            subs['"@FEWSHOT_FILE@"'] = json.dumps(str(_write_jsonl(out_dir / f"{spec.name}_dev.jsonl",
+                                                                 spec.load_fewshot(eval_dir))))
+        elif spec.group == "bbh":
+            text = _template("cbo_bbh")
+            subs["@SUBTASK@"] = spec.name[len("bbh_"):]
+            subs['"@FILE@"'] = json.dumps(str(_write_jsonl(out_dir / f"{spec.name}.jsonl", spec.load(eval_dir))))
+        elif spec.name in TASKS:
+            text = _template(PREFIX + spec.name)
+            if spec.name == "wikitext":
+                records = [{"page": p} for p in spec.load(eval_dir)]
+                path = _write_jsonl(out_dir / "wikitext.jsonl", records)
+                (out_dir / "cbo_utils.py").write_text(
+                    "from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, "
+                    "wikitext_detokenizer  # noqa: F401\n", encoding="utf-8")
+            elif spec.name in _CONVERTED:
+                path = _write_jsonl(out_dir / f"{spec.name}.jsonl", spec.load(eval_dir))
+            else:
+                spec.load(eval_dir)  # validate the records with a one-line error before lm-eval sees them
+                path = spec.path(eval_dir)
+            subs['"@FILE@"'] = json.dumps(str(path))
+        else:
+            raise CBOPruneError(f"task {spec.name!r} has no lm-eval definition: run it with --backend builtin")
+        for key, value in subs.items():
+            text = text.replace(key, value)
+        (out_dir / f"{PREFIX}{spec.name}.yaml").write_text(text, encoding="utf-8")
+        names[spec.name] = PREFIX + spec.name
+    return names
+
+
+def evaluate_with_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: str | list[str], *,
+                          limit: int | None, num_fewshot: int | None, batch_size: int,
+                          data_dir: str | Path | None, seed: int, max_length: int | None,
+                          log_samples: bool) -> dict:
+    """lm-eval's `simple_evaluate` through `HFLM` on the in-memory model; cboprune's result format."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise CBOPruneError("lm-eval is not installed: run `pip install lm-eval==0.4.13` "
+                            "or use --backend builtin") from None
+    from cboprune.evaluation.scorer import default_max_length
+
+    raw = [n.strip() for n in (tasks.split(",") if isinstance(tasks, str) else tasks) if n.strip()]
+    local, hub = [], []
+    for name in raw:
+        try:
+            local += resolve_tasks([name])
+        except CBOPruneError:
+            hub.append(name)
+    max_length = max_length or default_max_length(model, tokenizer)
+    with tempfile.TemporaryDirectory(prefix="cboprune-lm-eval-") as tmp:
+        names = write_task_yamls(local, resolve_eval_dir(data_dir), Path(tmp)) if local else {}
+        manager = TaskManager(include_path=tmp if local else None)
+        for name in hub:
+            if name not in manager.all_tasks:
+                raise unknown_task_error(name, extra=", or an lm-eval task name")
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=list(names.values()) + hub, task_manager=manager, limit=limit,
+            num_fewshot=num_fewshot, log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
+            torch_random_seed=seed, fewshot_random_seed=1234, bootstrap_iters=1000,
+        )
+    return _convert(out, names, local, limit, log_samples, data_dir, max_length)
+
+
+def _convert(out: dict, names: dict[str, str], specs: list[TaskSpec], limit: int | None,
+             log_samples: bool, data_dir: Any, max_length: int) -> dict:
+    back = {v: k for k, v in names.items()}
+    spec_by_name = {s.name: s for s in specs}
+    results: dict[str, dict] = {}
+    samples: dict[str, list] = {}
+    for lm_name, res in out["results"].items():
+        name = back.get(lm_name, lm_name)
+        metrics, stderr = {}, {}
+        for key, value in res.items():
+            if "," not in key or not isinstance(value, (int, float)):
+                continue
+            metric, filt = key.split(",", 1)
+            if metric.endswith("_stderr"):
+                continue
+            label = metric if filt == "none" else f"{metric}_{filt.replace('-match', '').replace('-extract', '')}"
+            metrics[label] = float(value)
+            err = res.get(f"{metric}_stderr,{filt}")
+            stderr[label] = float(err) if isinstance(err, (int, float)) else None
+        n = out.get("n-samples", {}).get(lm_name, {}).get("effective")
+        cfg = {"lm_eval_task": lm_name, "num_fewshot": out.get("n-shot", {}).get(lm_name)}
+        results[name] = {"metrics": metrics, "stderr": stderr, "n": n, "config": cfg}
+        if log_samples and lm_name in out.get("samples", {}):
+            samples[name] = _convert_samples(out["samples"][lm_name], spec_by_name.get(name))
+    groups = {}
+    for group, members in GROUPS.items():
+        present = [m for m in members if m in results and results[m]["n"]]
+        if present:
+            total = sum(results[m]["n"] for m in present)
+            metrics = {k: sum(results[m]["metrics"][k] * results[m]["n"] for m in present) / total
+                       for k in results[present[0]]["metrics"]}
+            groups[group] = {"metrics": metrics, "stderr": {}, "n": total,
+                             "config": {"tasks": len(present), "of": len(members),
+                                        "aggregation": "mean over items"}}
+    result = {"results": results, "groups": groups,
+              "config": {"data_dir": str(data_dir) if data_dir else None, "max_length": max_length,
+                         "lm_eval_version": _version()}}
+    if log_samples:
+        result["samples"] = samples
+    return result
+
+
+def _convert_samples(raw: list[dict], spec: TaskSpec | None) -> list[dict]:
+    rows = []
+    for s in sorted(raw, key=lambda s: s["doc_id"]):
+        entry: dict[str, Any] = {"index": s["doc_id"]}
+        resps = s.get("filtered_resps") or s.get("resps")
+        if spec is not None and spec.kind == "multiple_choice":
+            lls = [float(r[0]) if isinstance(r, (list, tuple)) else float(r) for r in resps]
+            pred, pred_norm = M.mc_predictions(lls, spec.choices(s["doc"]))
+            entry.update({"gold": spec.gold(s["doc"]), "pred": pred, "pred_norm": pred_norm, "lls": lls})
+        elif spec is not None and spec.kind == "loglikelihood":
+            entry.update({"ll": float(resps[0][0]), "is_greedy": bool(resps[0][1])})
+        else:
+            entry["response"] = resps
+        rows.append(entry)
+    return rows
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("lm_eval")
+    except Exception:  # noqa: BLE001
+        return "unknown"
