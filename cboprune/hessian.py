@@ -36,7 +36,8 @@ def per_sample_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mas
     """
     targets = input_ids[:, 1:]
     valid = attention_mask[:, 1:].to(logits.dtype)
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")  # [B, S-1]
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [B, S-1]
     return (nll * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1)
 
 
