@@ -198,6 +198,9 @@ def _run_loglik(spec: TaskSpec, docs: list, prefixes: list[str], scorer: Scorer,
 
 
 def _run_rolling(spec: TaskSpec, docs: list, prefixes: list[str], scorer: Scorer, *, stride: int | None = None):
+    if stride is not None and not 1 <= stride <= scorer.max_length:
+        raise CBOPruneError(f"stride {stride} must be between 1 and the context length {scorer.max_length}: "
+                            "lower --stride or raise --max-length")
     is_wiki = spec.name == "wikitext"
     texts = [wikitext_detokenize(d) for d in docs] if is_wiki else list(docs)
     scored = scorer.rolling_loglikelihood(texts, stride=stride, desc=spec.name)
