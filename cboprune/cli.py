@@ -49,8 +49,10 @@ def _add_solver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--remove", type=int, nargs="+", metavar="M", help="numbers of blocks to remove")
     p.add_argument("--top", type=int, help="K lowest states per M (default 10)")
     p.add_argument("--keep", type=_int_list, help="blocks never removed, e.g. 0,1,-1")
-    p.add_argument("--solver", help="auto (default), exact, enumerate, tabu or tempering")
-    p.add_argument("--time-limit", type=float, help="solver budget in seconds (anytime: reports the gap)")
+    p.add_argument("--solver", help="auto (default: exact; enumeration when small, else branch-and-bound), "
+                                    "exact, enumerate, tabu or tempering")
+    p.add_argument("--time-limit", type=float, help="solver budget per M in seconds; when it stops the search, "
+                                                    "the result is marked not exact and the certified gap reported")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,8 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("solve", help="K lowest CBO states for several M from a saved Hessian")
     p.add_argument("--hessian", required=True, help="file written by `cboprune hessian` or `run`")
     _add_solver_args(p)
+    p.add_argument("--node-limit", type=int, help="branch-and-bound node budget per M")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", help="also write rankings JSON, figures and report.md here")
+    p.add_argument("--export-qubo", metavar="PREFIX", help="also write each M's penalty QUBO (xᵀHx + P(Σx−M)², "
+                                                         "P provably exact) as PREFIX-M{M}.json and .qubo")
     p.set_defaults(func=cmd_solve)
 
     p = sub.add_parser("prune", help="remove blocks and save a checkpoint that loads with from_pretrained")
@@ -160,10 +165,20 @@ def cmd_solve(args: argparse.Namespace) -> int:
     hessian = load_hessian(args.hessian)
     keep = [i + hessian.n_blocks if i < 0 else i for i in (args.keep or [])]
     rankings = solve_rankings(hessian, args.remove, args.top or 10, keep=keep, method=args.solver or "auto",
-                              time_limit=args.time_limit, seed=args.seed)
+                              time_limit=args.time_limit, node_limit=args.node_limit, seed=args.seed)
     print(rankings_markdown(rankings, hessian.block_kinds))
     if args.output_dir:
         print(f"report: {write_solve_outputs(Path(args.output_dir), hessian, rankings)}")
+    if args.export_qubo:
+        from cboprune.solvers import to_qubo
+
+        for m in args.remove:
+            qubo = to_qubo(hessian.H, m, keep=keep, k=args.top or 10)
+            prefix = Path(f"{args.export_qubo}-M{m}")
+            prefix.parent.mkdir(parents=True, exist_ok=True)
+            qubo.write_json(prefix.with_suffix(".json"))
+            qubo.write_qubo(prefix.with_suffix(".qubo"))
+            print(f"QUBO for M={m}: {prefix}.json, {prefix}.qubo")
     return 0
 
 

@@ -30,7 +30,7 @@ class RunConfig:
     device: str | None = None  # None: cuda when available, else cpu
     seed: int = 0
     solver: str = "auto"
-    time_limit: float | None = None
+    time_limit: float | None = None  # solver seconds per M; None: exact (auto picks a generous budget)
     gen_max_new_tokens: int = 160  # model-generated calibration: answer length
 
     @classmethod

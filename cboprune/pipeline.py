@@ -54,15 +54,20 @@ def prepare_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
 
 
 def solve_rankings(hessian: HessianResult, remove: Sequence[int], top: int, *, keep: Sequence[int] = (),
-                   method: str = "auto", time_limit: float | None = None, seed: int = 0) -> list[Ranking]:
-    """The `top` lowest CBO states for each M in `remove` from one Hessian."""
+                   method: str = "auto", time_limit: float | None = None, node_limit: int | None = None,
+                   seed: int = 0) -> list[Ranking]:
+    """The `top` lowest CBO states for each M in `remove` from one Hessian (time_limit per M)."""
     n = hessian.n_blocks
     rankings = []
     H = hessian.H
     for m in remove:
         if not 0 < m < n:
             raise CBOPruneError(f"M = {m} is impossible for a model with N = {n} blocks: choose 1 <= M <= {n - 1}")
-        ranking = solve(H, m, top, keep=keep, method=method, time_limit=time_limit, seed=seed)
+        try:
+            ranking = solve(H, m, top, keep=keep, method=method, time_limit=time_limit, node_limit=node_limit,
+                            seed=seed)
+        except ValueError as exc:  # the solver validates constraints against M
+            raise CBOPruneError(f"cannot solve for M = {m}: {exc}") from None
         ranking.info.setdefault("hessian", hessian.fingerprint)
         rankings.append(ranking)
     return rankings

@@ -25,8 +25,13 @@ def _ranges(indices: Sequence[int]) -> str:
 
 
 def ranking_markdown(ranking: Ranking, block_kinds: Sequence[str] | None = None) -> str:
-    status = "exact" if ranking.exact else (
-        f"not certified (lower bound {ranking.lower_bound:.6g})" if ranking.lower_bound is not None else "heuristic")
+    if ranking.exact:
+        status = "exact"
+    elif ranking.lower_bound is not None:
+        gap = ranking.info.get("gap")
+        status = f"not certified: lower bound {ranking.lower_bound:.6g}" + (f", gap {gap:.3g}" if gap is not None else "")
+    else:
+        status = "heuristic"
     lines = [f"### {ranking.method}: remove M = {ranking.n_remove} of N = {ranking.n_blocks} blocks ({status})", "",
              "| rank | energy | removed blocks | kinds |", "|---:|---:|---|---|"]
     for cand in ranking.candidates:

