@@ -1,0 +1,106 @@
+"""Data-parallel helpers on top of `torch.distributed`, for runs launched by torchrun or accelerate.
+
+Both launchers export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, so one
+`init_process_group` from the environment serves both (gloo on CPU, NCCL on GPU). A single process
+without those variables is world size 1 and every helper here is a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched() -> bool:
+    """True when a launcher (torchrun, accelerate launch) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def info() -> DistInfo:
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
+                        str(dist.get_backend()))
+    return DistInfo()
+
+
+def init_from_env(backend: str | None = None) -> DistInfo:
+    """Join the process group described by the launcher's environment (idempotent).
+
+    backend: None picks NCCL when CUDA is available, else gloo.
+    """
+    if not launched() or (dist.is_available() and dist.is_initialized()):
+        return info()
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend)
+    log.info("joined process group: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
+    return info()
+
+
+def local_device() -> str:
+    """This rank's device: cuda:LOCAL_RANK under NCCL, else cpu."""
+    d = info()
+    if d.backend == "nccl" or (not d.enabled and torch.cuda.is_available()):
+        return f"cuda:{d.local_rank}"
+    return "cpu"
+
+
+def _comm_device() -> torch.device:
+    return torch.device(f"cuda:{torch.cuda.current_device()}") if info().backend == "nccl" else torch.device("cpu")
+
+
+def all_reduce_sum(array: np.ndarray) -> np.ndarray:
+    """Element-wise sum over ranks (same shape and dtype on every rank); returns a new array."""
+    if not info().enabled:
+        return array
+    t = torch.from_numpy(np.ascontiguousarray(array)).to(_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().numpy()
+
+
+def all_reduce_max(value: float) -> float:
+    if not info().enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not info().enabled:
+        return [obj]
+    out: list[Any] = [None] * info().world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if info().enabled:
+        dist.barrier()
