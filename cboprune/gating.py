@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from cboprune.errors import CBOPruneError
 from cboprune.models.architectures import Block, blocks
 
 
@@ -27,9 +28,15 @@ class GateManager:
         self.blocks = list(block_list) if block_list is not None else blocks(model)
         self.gates: torch.Tensor | None = None  # [N] or [B, N]
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        owner: dict[int, str] = {}
         for block in self.blocks:
             for branch in block.branches:
                 module = model.get_submodule(branch)
+                if id(module) in owner:  # a module shared by two blocks would be scaled by both gates
+                    self.remove()
+                    raise CBOPruneError(f"branch {branch} is the same module as {owner[id(module)]}: blocks that "
+                                        "share weights cannot be gated one by one")
+                owner[id(module)] = branch
                 self._handles.append(module.register_forward_hook(self._make_hook(block.index)))
 
     @property
@@ -42,7 +49,7 @@ class GateManager:
             if gates is None:
                 return None
             y = output[0] if isinstance(output, tuple) else output  # [B, S, D]
-            g = gates[..., index].to(y.dtype)
+            g = gates[..., index].to(device=y.device, dtype=y.dtype)
             if g.dim() == 1:  # per-sample gate [B] -> [B, 1, 1]
                 g = g.view(-1, *([1] * (y.dim() - 1)))
             y = y * g

@@ -1,17 +1,37 @@
 """The one place that knows model architectures: a declarative table keyed by `config.model_type`.
 
-Each entry says where the decoder-layer list is, which submodules of a block write into the
-residual stream (the branches the CBO gates scale), what kind of block it is, and which config
-fields describe the layers and must be rewritten when blocks are removed. Unknown model types go
-through a generic discovery of the decoder-layer `ModuleList` (logged once). Nothing else in
-cboprune looks at model names.
+Each `ArchSpec` entry says
+
+- where the decoder-layer `ModuleList` is (`layers`),
+- which submodules of a block write into the residual stream (`branches`, the modules whose
+  outputs the CBO gates scale; a block gates those of them it actually has),
+- what kind each block is (`kinds`: read per block from config fields, see `Kinds`),
+- which config fields describe the layers and must be rewritten when blocks are removed
+  (`count_fields`, per-layer lists/pattern strings in `layer_fields`, lists of layer indices in
+  `index_fields`, and named `relayouts` for layouts that a config expresses by a formula such as
+  Qwen-MoE's `decoder_sparse_step` or Jamba's attention period).
+
+Unknown model types go through a generic discovery of the decoder-layer `ModuleList` (logged once).
+Nothing else in cboprune looks at model names. Adding a family whose blocks look like Llama's is
+one line: `"my_type": DENSE`; see docs/architectures.md.
+
+Block kinds are strings made of parts joined by "+": the mixer (`attention`, `sliding_attention`,
+`linear_attention`, `mamba`, `conv`; absent for layers that are only an FFN) followed by `moe`
+when the block's FFN is a mixture of experts; a layer that is only a dense FFN is `mlp`, one that
+is only an MoE is `moe`. Examples: Llama `attention`, Mixtral `attention+moe`, Gemma 2
+`sliding_attention`, Jamba `mamba+moe`, Falcon-H1 `attention+mamba`, Nemotron-H `mamba`, `moe`,
+`attention`, `mlp`. `--only moe` selects every block with an `moe` part.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass
 from functools import cache
+from types import MappingProxyType
+from typing import Any
 
 from torch import nn
 
@@ -19,36 +39,179 @@ from cboprune.errors import CBOPruneError
 
 log = logging.getLogger(__name__)
 
+#: Every block kind part cboprune uses, with what it means (shown by `cboprune archs`).
+KIND_PARTS: dict[str, str] = {
+    "attention": "full causal self-attention",
+    "sliding_attention": "sliding-window (local) self-attention",
+    "chunked_attention": "chunked (local) self-attention",
+    "linear_attention": "linear attention / gated delta-net mixer",
+    "mamba": "Mamba / Mamba-2 state-space mixer",
+    "conv": "short causal convolution mixer (LFM2)",
+    "moe": "mixture-of-experts FFN (or an MoE-only layer)",
+    "mlp": "a layer that is only a dense FFN",
+}
+
+#: Common values of `layer_types` (transformers' convention) and their kinds. "" = no mixer.
+LAYER_TYPE_KINDS: Mapping[str, str] = MappingProxyType({
+    "full_attention": "attention",
+    "attention": "attention",
+    "sliding_attention": "sliding_attention",
+    "chunked_attention": "chunked_attention",
+    "linear_attention": "linear_attention",
+    "conv": "conv",
+    "mamba": "mamba",
+    "moe": "moe",
+    "mlp": "mlp",
+    "hybrid": "attention+mamba",
+})
+#: Hybrid Mamba families call their Mamba layers "linear_attention" (transformers >= 5) or "mamba".
+MAMBA_LAYER_TYPE_KINDS: Mapping[str, str] = MappingProxyType({**LAYER_TYPE_KINDS, "linear_attention": "mamba"})
+
+
+# --- which blocks have a mixture-of-experts FFN: the few layouts configs express by a formula ---------
+def _moe_all(config: Any, i: int) -> bool:
+    return True
+
+
+def _moe_sparse_step(config: Any, i: int) -> bool:
+    """Qwen2/3-MoE, Qwen3-Next: MoE unless listed in `mlp_only_layers`, on every `decoder_sparse_step`-th layer."""
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    return (i not in (getattr(config, "mlp_only_layers", None) or [])
+            and (getattr(config, "num_experts", 0) or 0) > 0 and (i + 1) % step == 0)
+
+
+def _moe_expert_period(config: Any, i: int) -> bool:
+    """Jamba: `layers_num_experts[i] > 1` (from `expert_layer_period` / `expert_layer_offset`)."""
+    return config.layers_num_experts[i] > 1
+
+
+def _moe_first_k_dense(config: Any, i: int) -> bool:
+    """DeepSeek-V3 style: the first `first_k_dense_replace` layers are dense, the rest MoE."""
+    return i >= (getattr(config, "first_k_dense_replace", 0) or 0)
+
+
+def _moe_if_experts(config: Any, i: int) -> bool:
+    """GraniteMoeHybrid: every layer has an MoE when `num_local_experts > 0`."""
+    return (getattr(config, "num_local_experts", 0) or 0) > 0
+
+
+MOE_LAYOUTS: dict[str, Callable[[Any, int], bool]] = {
+    "all": _moe_all,
+    "sparse_step": _moe_sparse_step,
+    "expert_period": _moe_expert_period,
+    "first_k_dense": _moe_first_k_dense,
+    "if_experts": _moe_if_experts,
+}
+
+
+@dataclass(frozen=True)
+class Kinds:
+    """How to read each block's kind from the config.
+
+    mixer: the mixer kind of every block when `field` is None or missing from the config.
+    field: a per-layer config field (list, or pattern string with one character per layer) naming
+        each block's mixer; its values are translated by `values` (unknown values are used as is).
+    values: field value -> kind ("" for a layer without mixer; may already contain "+moe").
+    moe: name of the MoE layout in MOE_LAYOUTS telling which blocks have an MoE FFN (None: none).
+    """
+
+    mixer: str = "attention"
+    field: str | None = "layer_types"
+    values: Mapping[str, str] = dataclasses.field(default_factory=lambda: LAYER_TYPE_KINDS)
+    moe: str | None = None
+
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """How to find and gate the blocks of one model family.
+    """How to find, gate and remove the blocks of one model family.
 
-    layers: dotted attribute path from the *ForCausalLM module to the decoder-layer ModuleList.
+    layers: dotted path from the *ForCausalLM module to the decoder-layer ModuleList.
     branches: submodule names inside one block whose outputs are added to the residual stream.
-        When a family normalizes a branch output before the residual add (Gemma 2/3's
-        post_*_layernorm), the branch to gate is that norm: RMSNorm(alpha * y) would undo alpha.
-    block_kind: the kind of every block (attention, moe, mamba, ...).
-    count_field: the config field holding the number of blocks.
-    layer_fields: config fields holding one entry per block; entries of removed blocks are dropped.
+        When a family normalizes a branch output before the residual add (Gemma 2/3, OLMo-2,
+        EXAONE-4, GLM-4 post-norms), the branch to gate is that norm: Norm(alpha * y) would undo
+        alpha. Each block gates the branches it has (hybrids have `mamba` or `self_attn`).
+    kinds: how each block's kind is read from the config.
+    block_kinds: the kinds this family can have (documentation; shown by `cboprune archs`).
+    count_fields: config fields holding the number of blocks (all are set to the new count).
+    layer_fields: per-layer config fields (lists, or pattern strings with one character per
+        block); the entries of removed blocks are dropped.
+    index_fields: config fields listing layer indices (`attn_layer_indices`, `mlp_only_layers`);
+        removed indices are dropped and the rest renumbered.
+    relayouts: names of rewrites in `cboprune.models.surgery.RELAYOUTS` for layer layouts a config
+        expresses by a formula (`sparse_step`, `periods`, `first_k_dense`).
     """
 
     layers: str = "model.layers"
     branches: tuple[str, ...] = ("self_attn", "mlp")
-    block_kind: str = "attention"
-    count_field: str = "num_hidden_layers"
+    kinds: Kinds = Kinds()
+    block_kinds: tuple[str, ...] = ("attention",)
+    count_fields: tuple[str, ...] = ("num_hidden_layers",)
     layer_fields: tuple[str, ...] = ("layer_types",)
+    index_fields: tuple[str, ...] = ()
+    relayouts: tuple[str, ...] = ()
 
 
-_DENSE = ArchSpec()
+def _spec(**changes: Any) -> ArchSpec:
+    return ArchSpec(**changes)
 
-# Adding a dense family whose blocks look like Llama's is one line here.
+
+#: Llama-like: model.layers[i].{self_attn, mlp}, pre-norms, optional `layer_types` (sliding windows).
+DENSE = ArchSpec(block_kinds=("attention", "sliding_attention"))
+#: Post-norm families: the branch output is normalized before the residual add, so gate the norm.
+POST_NORM = _spec(branches=("post_attention_layernorm", "post_feedforward_layernorm"),
+                  block_kinds=("attention", "sliding_attention"))
+#: Dense attention + a mixture-of-experts FFN at `mlp` in every block.
+MOE = _spec(kinds=Kinds(moe="all"), block_kinds=("attention+moe", "sliding_attention+moe"))
+#: Qwen-MoE style: MoE on every `decoder_sparse_step`-th layer except `mlp_only_layers`.
+SPARSE_STEP_MOE = _spec(kinds=Kinds(moe="sparse_step"), block_kinds=("attention", "attention+moe"),
+                        index_fields=("mlp_only_layers",), relayouts=("sparse_step",))
+
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": _DENSE,
-    "mistral": _DENSE,
-    "qwen2": _DENSE,
-    "qwen3": _DENSE,
+    # dense, Llama-like (one line per family)
+    "llama": DENSE, "mistral": DENSE, "qwen2": DENSE, "qwen3": DENSE, "gemma": DENSE, "granite": DENSE,
+    "phi3": DENSE, "olmo": DENSE, "starcoder2": DENSE, "stablelm": DENSE, "glm": DENSE, "helium": DENSE,
+    "seed_oss": DENSE, "arcee": DENSE, "internlm3": DENSE, "ernie4_5": DENSE, "hunyuan_v1_dense": DENSE,
+    "apertus": DENSE, "nemotron": DENSE,
+    # parallel attention + FFN on one normalized input: both branches add to the same residual
+    "phi": DENSE, "cohere": DENSE, "cohere2": DENSE,
+    "smollm3": _spec(layer_fields=("layer_types", "no_rope_layers"), block_kinds=("attention",)),
+    # post-norm families
+    "gemma2": POST_NORM, "gemma3_text": POST_NORM, "olmo2": POST_NORM, "olmo3": POST_NORM, "exaone4": POST_NORM,
+    "glm4": _spec(branches=("post_self_attn_layernorm", "post_mlp_layernorm"), block_kinds=("attention",)),
+    # other module layouts
+    "gpt2": _spec(layers="transformer.h", branches=("attn", "mlp"), count_fields=("n_layer",)),
+    "gpt_neox": _spec(layers="gpt_neox.layers", branches=("attention", "mlp")),
+    # mixtures of experts
+    "mixtral": MOE, "olmoe": MOE, "phimoe": MOE, "gpt_oss": MOE,
+    "granitemoe": _spec(branches=("self_attn", "block_sparse_moe"), kinds=Kinds(moe="all"),
+                        block_kinds=("attention+moe",)),
+    "qwen2_moe": SPARSE_STEP_MOE, "qwen3_moe": SPARSE_STEP_MOE,
+    "deepseek_v3": _spec(kinds=Kinds(moe="first_k_dense"), block_kinds=("attention", "attention+moe"),
+                         relayouts=("first_k_dense",)),
+    # hybrids
+    "jamba": _spec(branches=("self_attn", "mamba", "feed_forward"),
+                   kinds=Kinds(field="layers_block_type", values=MAMBA_LAYER_TYPE_KINDS, moe="expert_period"),
+                   block_kinds=("attention", "attention+moe", "mamba", "mamba+moe"), layer_fields=(),
+                   relayouts=("periods",)),
+    "bamba": _spec(branches=("self_attn", "mamba", "feed_forward"),
+                   kinds=Kinds(field="layers_block_type", values=MAMBA_LAYER_TYPE_KINDS),
+                   block_kinds=("attention", "mamba"), layer_fields=(), index_fields=("attn_layer_indices",)),
+    "falcon_h1": _spec(branches=("mamba", "self_attn", "feed_forward"), kinds=Kinds(field=None, mixer="attention+mamba"),
+                       block_kinds=("attention+mamba",), layer_fields=()),
+    "nemotron_h": _spec(branches=("mixer",), kinds=Kinds(field="layers_block_type", values=MAMBA_LAYER_TYPE_KINDS),
+                        block_kinds=("mamba", "attention", "moe", "mlp"), layer_fields=("layers_block_type",)),
+    "granitemoehybrid": _spec(branches=("self_attn", "mamba", "block_sparse_moe", "shared_mlp"),
+                              kinds=Kinds(values=MAMBA_LAYER_TYPE_KINDS, moe="if_experts"),
+                              block_kinds=("attention", "attention+moe", "mamba", "mamba+moe")),
+    "qwen3_next": _spec(branches=("self_attn", "linear_attn", "mlp"), kinds=Kinds(moe="sparse_step"),
+                        block_kinds=("attention", "attention+moe", "linear_attention", "linear_attention+moe"),
+                        index_fields=("mlp_only_layers",), relayouts=("sparse_step",)),
+    "lfm2": _spec(branches=("self_attn", "conv", "feed_forward"), block_kinds=("attention", "conv"),
+                  index_fields=("full_attn_idxs",)),
 }
+
+#: Decoder-only families that are known not to work, with the reason (raised as an error).
+UNSUPPORTED: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -62,20 +225,40 @@ class Block:
 
 def _get_submodule(root: nn.Module, path: str) -> nn.Module | None:
     try:
-        return root.get_submodule(path)
+        module = root.get_submodule(path)
     except AttributeError:
         return None
+    return module if isinstance(module, nn.Module) else None
+
+
+def _text_config(config: Any) -> Any:
+    """The decoder's config (the config itself for text-only models)."""
+    getter = getattr(config, "get_text_config", None)
+    return getter(decoder=True) if callable(getter) else config
+
+
+def decoder_config(model_or_config: Any) -> Any:
+    return _text_config(getattr(model_or_config, "config", model_or_config))
 
 
 @cache
-def _log_fallback_once(model_type: str, path: str) -> None:
-    log.warning("model type %r is not in the architecture table; discovered its decoder layers at %r "
-                "generically (add a table entry to make this explicit)", model_type, path)
+def _log_fallback_once(model_type: str, path: str, branches: tuple[str, ...]) -> None:
+    log.warning("model type %r is not in the architecture table; discovered its decoder layers at %r and "
+                "gated branches %s generically (check gates with docs/architectures.md and add a table entry "
+                "to make this explicit)", model_type, path, list(branches))
+
+
+def arch_spec(model_or_config: Any) -> ArchSpec | None:
+    """The table entry for a model or config, None for an unknown model type."""
+    model_type = getattr(decoder_config(model_or_config), "model_type", "")
+    if model_type in UNSUPPORTED:
+        raise CBOPruneError(f"model type {model_type!r} is not supported: {UNSUPPORTED[model_type]}")
+    return ARCHITECTURES.get(model_type)
 
 
 def _discover_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Find the decoder-layer ModuleList: element class in `_no_split_modules`, length = layer count."""
-    config = model.config
+    config = decoder_config(model)
     n_layers = getattr(config, "num_hidden_layers", None)
     no_split = set(getattr(model, "_no_split_modules", None) or [])
     candidates = []
@@ -86,52 +269,129 @@ def _discover_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             if score:
                 candidates.append((score, len(module), name, module))
     if not candidates:
-        raise CBOPruneError(f"cannot find the decoder layers of model type {config.model_type!r}: "
-                            "add an entry for it to cboprune/models/architectures.py")
+        raise CBOPruneError(f"cannot find the decoder layers of model type {config.model_type!r}: it is not in "
+                            "the architecture table and has no ModuleList of decoder layers; add an entry for it "
+                            "to cboprune/models/architectures.py (see docs/architectures.md)")
     candidates.sort(key=lambda c: (-c[0], -c[1]))
     return candidates[0][2], candidates[0][3]
 
 
-def arch_spec(model: nn.Module) -> ArchSpec | None:
-    return ARCHITECTURES.get(getattr(model.config, "model_type", ""))
+#: Branch names tried for unknown model types, in this order.
+_FALLBACK_BRANCHES = ("self_attn", "attention", "attn", "linear_attn", "mamba", "mixer", "mlp", "feed_forward",
+                      "block_sparse_moe")
+_FALLBACK_POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
 
 
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(qualified name, ModuleList) of the model's decoder blocks."""
+def _fallback_spec(layer: nn.Module) -> ArchSpec:
+    names = {name for name, _ in layer.named_children()}
+    if set(_FALLBACK_POST_NORMS) <= names:  # Gemma-2 style post-norms: gate the norms
+        return POST_NORM
+    return _spec(branches=tuple(b for b in _FALLBACK_BRANCHES if b in names), block_kinds=())
+
+
+def resolve(model: nn.Module) -> tuple[ArchSpec, str, nn.ModuleList]:
+    """(spec, qualified name of the decoder-layer ModuleList, the ModuleList); table first, then discovery."""
     spec = arch_spec(model)
     if spec is not None:
         layers = _get_submodule(model, spec.layers)
         if isinstance(layers, nn.ModuleList):
-            return spec.layers, layers
+            return spec, spec.layers, layers
+        raise CBOPruneError(f"model type {decoder_config(model).model_type!r}: no decoder-layer ModuleList at "
+                            f"{spec.layers!r} (architecture table entry does not match this model class "
+                            f"{type(model).__name__})")
     path, layers = _discover_layers(model)
-    _log_fallback_once(model.config.model_type, path)
+    spec = _fallback_spec(layers[0])
+    _log_fallback_once(decoder_config(model).model_type, path, spec.branches)
+    return spec, path, layers
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(qualified name, ModuleList) of the model's decoder blocks."""
+    _, path, layers = resolve(model)
     return path, layers
+
+
+def _layer_values(config: Any, name: str, n: int) -> list[Any] | None:
+    value = getattr(config, name, None)
+    if isinstance(value, (list, tuple, str)) and len(value) == n:
+        return list(value)
+    return None
+
+
+def block_kinds(config: Any, spec: ArchSpec | None = None, n_blocks: int | None = None) -> list[str]:
+    """Each block's kind, read from the config alone (so surgery can check the rewritten config)."""
+    config = decoder_config(config)
+    spec = spec or arch_spec(config) or DENSE
+    rule = spec.kinds
+    n = n_blocks if n_blocks is not None else _num_blocks(config, spec)
+    mixers = _layer_values(config, rule.field, n) if rule.field else None
+    moe = MOE_LAYOUTS[rule.moe] if rule.moe else None
+    kinds = []
+    for i in range(n):
+        mixer = rule.mixer if mixers is None else rule.values.get(mixers[i], str(mixers[i]))
+        parts = [p for p in mixer.split("+") if p]
+        if moe is not None and moe(config, i) and "moe" not in parts:
+            parts.append("moe")
+        kinds.append("+".join(parts) or "mlp")
+    return kinds
+
+
+def _num_blocks(config: Any, spec: ArchSpec) -> int:
+    for name in (*spec.count_fields, "num_hidden_layers"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise CBOPruneError(f"model type {getattr(config, 'model_type', '?')!r}: the config has none of the block "
+                        f"count fields {spec.count_fields}")
 
 
 def blocks(model: nn.Module) -> list[Block]:
     """The model's decoder blocks in order, with kind and the branch modules to gate."""
-    spec = arch_spec(model) or _DENSE
-    path, layers = decoder_layers(model)
+    spec, path, layers = resolve(model)
+    kinds = block_kinds(model, spec, len(layers))
     out = []
     for i, layer in enumerate(layers):
         branches = tuple(b for b in spec.branches if _get_submodule(layer, b) is not None)
         if not branches:
             raise CBOPruneError(
-                f"block {path}.{i} of model type {model.config.model_type!r} has none of the residual "
+                f"block {path}.{i} of model type {decoder_config(model).model_type!r} has none of the residual "
                 f"branches {spec.branches}: add an entry for this type to cboprune/models/architectures.py")
-        out.append(Block(index=i, name=f"{path}.{i}", kind=spec.block_kind,
+        out.append(Block(index=i, name=f"{path}.{i}", kind=kinds[i],
                          branches=tuple(f"{path}.{i}.{b}" for b in branches), module=layer))
     return out
 
 
-def count_field(model_or_config) -> str:
-    config = getattr(model_or_config, "config", model_or_config)
-    spec = ARCHITECTURES.get(getattr(config, "model_type", ""), _DENSE)
-    return spec.count_field
+def kind_matches(kind: str, only: Iterable[str]) -> bool:
+    """Whether a block kind has one of the parts in `only` ("moe" matches "attention+moe")."""
+    parts = set(kind.split("+"))
+    return any(o == kind or o in parts for o in only)
 
 
-def layer_fields(config) -> tuple[str, ...]:
-    spec = ARCHITECTURES.get(getattr(config, "model_type", ""), _DENSE)
+def removable_blocks(kinds: Sequence[str], only: Sequence[str] | None = None,
+                     keep: Iterable[int] = ()) -> list[int] | None:
+    """Indices of the blocks the solver may remove: of a kind in `only` (None: any) and not in `keep`.
+
+    Returns None when nothing restricts removal. Raises for a kind no block has.
+    """
+    n = len(kinds)
+    keep = {i + n if i < 0 else i for i in keep}
+    if not only:
+        return None if not keep else [i for i in range(n) if i not in keep]
+    present = sorted({p for k in kinds for p in k.split("+")} | set(kinds))
+    unknown = [o for o in only if o not in present]
+    if unknown:
+        raise CBOPruneError(f"no block of kind {', '.join(map(repr, unknown))} in this model: its blocks are of "
+                            f"kinds {', '.join(sorted(set(kinds)))} (parts: {', '.join(present)})")
+    return [i for i, k in enumerate(kinds) if kind_matches(k, only) and i not in keep]
+
+
+def count_field(model_or_config: Any) -> str:
+    spec = arch_spec(model_or_config) or DENSE
+    return spec.count_fields[0]
+
+
+def layer_fields(config: Any) -> tuple[str, ...]:
+    spec = arch_spec(config) or DENSE
     return spec.layer_fields
 
 
@@ -140,9 +400,24 @@ def num_parameters(module: nn.Module) -> int:
 
 
 def describe(model: nn.Module) -> list[dict]:
-    """One row per block for reports: index, name, kind, parameters."""
-    return [{"index": b.index, "name": b.name, "kind": b.kind, "params": num_parameters(b.module)}
-            for b in blocks(model)]
+    """One row per block for reports: index, name, kind, gated branches, parameters."""
+    return [{"index": b.index, "name": b.name, "kind": b.kind, "branches": [n.rsplit(".", 1)[-1] for n in b.branches],
+             "params": num_parameters(b.module)} for b in blocks(model)]
 
 
-__all__ = ["ARCHITECTURES", "ArchSpec", "Block", "blocks", "decoder_layers", "describe"]
+def supported_architectures() -> list[dict[str, Any]]:
+    """One row per table entry: model type, layer path, gated branches, block kinds, rewritten fields."""
+    rows = []
+    for model_type, spec in sorted(ARCHITECTURES.items()):
+        fields = [*spec.count_fields, *spec.layer_fields, *spec.index_fields]
+        if spec.kinds.field and spec.kinds.field not in fields:
+            fields.append(spec.kinds.field)
+        rows.append({"model_type": model_type, "layers": spec.layers, "branches": list(spec.branches),
+                     "block_kinds": list(spec.block_kinds), "config_fields": fields,
+                     "relayouts": list(spec.relayouts)})
+    return rows
+
+
+__all__ = ["ARCHITECTURES", "DENSE", "KIND_PARTS", "MOE_LAYOUTS", "ArchSpec", "Block", "Kinds", "block_kinds",
+           "blocks", "decoder_config", "decoder_layers", "describe", "kind_matches", "removable_blocks", "resolve",
+           "supported_architectures"]
