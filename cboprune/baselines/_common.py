@@ -1,0 +1,194 @@
+"""Shared machinery of the peer criteria: block input/output statistics, calibration loss with
+blocks switched off by gates, and a top-M ranking for per-block (additive) scores.
+
+Removal during a criterion's search is simulated with `GateManager` gates at 0 (exactly the
+model without those blocks, tested equal to surgery), so iterative criteria never copy weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cboprune.data.calibration import CalibrationSet
+from cboprune.errors import CBOPruneError
+from cboprune.gating import GateManager
+from cboprune.hessian import per_sample_loss
+from cboprune.models.architectures import decoder_layers
+from cboprune.ranking import Candidate, Ranking
+
+log = logging.getLogger(__name__)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def n_blocks_of(model: torch.nn.Module) -> int:
+    return len(decoder_layers(model)[1])
+
+
+def check_n_remove(n_remove: int, n_blocks: int, n_fixed: int = 0) -> None:
+    """M must leave at least one block and fit in the blocks not held by `keep`."""
+    limit = min(n_blocks - 1, n_blocks - n_fixed)
+    if not 1 <= n_remove <= limit:
+        raise CBOPruneError(f"cannot remove M = {n_remove} of N = {n_blocks} blocks"
+                            + (f" with {n_fixed} blocks kept" if n_fixed else "")
+                            + f": choose 1 <= M <= {limit}")
+
+
+@contextmanager
+def inference(model: torch.nn.Module):
+    """eval mode and no autograd for the duration; restores the training flag."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def removed_blocks(model: torch.nn.Module, removed: Sequence[int], gates: GateManager | None = None):
+    """Switch blocks off with gates at 0 for the duration (a fresh manager unless one is given)."""
+    own = gates is None
+    gates = gates or GateManager(model)
+    gates.set(gates.removal_gates(list(removed)) if removed else None)
+    try:
+        yield gates
+    finally:
+        gates.set(None)
+        if own:
+            gates.remove()
+
+
+# ----------------------------------------------------------------------------- calibration loss
+
+def calibration_nll(model: torch.nn.Module, calibration: CalibrationSet, *, batch_size: int = 8,
+                    removed: Sequence[int] = (), gates: GateManager | None = None) -> float:
+    """Token-weighted mean next-token NLL over the calibration set with `removed` switched off
+    (log of the calibration perplexity)."""
+    device = model_device(model)
+    total, count = 0.0, 0
+    with inference(model), removed_blocks(model, removed, gates):
+        for _, ids, mask in calibration.batches(batch_size):
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            n_valid = mask[:, 1:].sum(dim=1)
+            total += float((per_sample_loss(logits, ids, mask) * n_valid).sum())
+            count += int(n_valid.sum())
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------- block statistics
+
+@dataclass
+class BlockStats:
+    """Per-block statistics of one calibration pass, from the exact inputs/outputs of the blocks.
+
+    cos_mean: [N] mean over real tokens of cos(x_in, x_out) of block i.
+    norm_ratio_mean: [N] mean over real tokens of ||x_out|| / ||x_in||.
+    last_token: [N+1, m, D] hidden state at each sample's last real token: entry i is block i's
+        input, entry N the last block's output (before the final norm).
+    """
+
+    cos_mean: np.ndarray
+    norm_ratio_mean: np.ndarray
+    last_token: np.ndarray
+    n_tokens: int
+    removed: tuple[int, ...] = ()
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.cos_mean)
+
+
+def _hidden(args, kwargs) -> torch.Tensor:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    h = kwargs.get("hidden_states")
+    if h is None:
+        raise CBOPruneError("cannot find the hidden-state input of a decoder layer: this architecture needs an "
+                            "entry in cboprune/models/architectures.py")
+    return h
+
+
+def collect_block_stats(model: torch.nn.Module, calibration: CalibrationSet, *, batch_size: int = 8,
+                        removed: Sequence[int] = (), gates: GateManager | None = None) -> BlockStats:
+    """One calibration pass with forward hooks on the decoder layers (blocks in `removed` gated off)."""
+    _, layers = decoder_layers(model)
+    n = len(layers)
+    device = model_device(model)
+    cos_sum = np.zeros(n)
+    ratio_sum = np.zeros(n)
+    last: list[list[torch.Tensor]] = [[] for _ in range(n + 1)]
+    state: dict[str, torch.Tensor] = {}
+
+    def make_hook(i: int):
+        def hook(module, args, kwargs, output):
+            x_in = _hidden(args, kwargs).float()  # [B, S, D]
+            x_out = (output[0] if isinstance(output, tuple) else output).float()
+            valid = state["mask"]  # [B, S] bool
+            cos = F.cosine_similarity(x_in, x_out, dim=-1)  # [B, S]
+            ratio = x_out.norm(dim=-1) / x_in.norm(dim=-1).clamp_min(1e-12)
+            cos_sum[i] += float(cos[valid].double().sum())
+            ratio_sum[i] += float(ratio[valid].double().sum())
+            rows = torch.arange(x_in.shape[0], device=x_in.device)
+            last[i].append(x_in[rows, state["last"]].cpu())
+            if i == n - 1:
+                last[n].append(x_out[rows, state["last"]].cpu())
+        return hook
+
+    handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    start = time.perf_counter()
+    n_tokens = 0
+    try:
+        with inference(model), removed_blocks(model, removed, gates):
+            for _, ids, mask in calibration.batches(batch_size):
+                ids, mask = ids.to(device), mask.to(device)
+                state["mask"] = mask.bool()
+                state["last"] = mask.sum(dim=1) - 1
+                n_tokens += int(mask.sum())
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return BlockStats(cos_mean=cos_sum / n_tokens, norm_ratio_mean=ratio_sum / n_tokens,
+                      last_token=torch.stack([torch.cat(x) for x in last]).numpy(), n_tokens=n_tokens,
+                      removed=tuple(sorted(removed)), seconds=round(time.perf_counter() - start, 2))
+
+
+# ----------------------------------------------------------------------------- rankings
+
+def top_m_ranking(method: str, scores: Sequence[float], n_remove: int, top: int = 1, *,
+                  keep: Iterable[int] = (), info: dict | None = None) -> Ranking:
+    """The `top` M-subsets with the lowest sum of per-block scores, in exact order.
+
+    A one-shot criterion removes the M blocks with the lowest score; the next configurations
+    are the next-lowest sums. This is the CBO problem with a diagonal matrix, so the exact K-best
+    solver enumerates them (scores are shifted to be non-negative; the reported candidate score is
+    the sum of the unshifted block scores).
+    """
+    from cboprune.solvers import solve
+
+    s = np.asarray(scores, dtype=np.float64)
+    if not np.all(np.isfinite(s)):
+        raise CBOPruneError(f"{method}: non-finite block scores {s.tolist()}: check the model and calibration data")
+    keep = sorted(set(keep))
+    check_n_remove(n_remove, len(s), len(keep))
+    shift = float(s.min())
+    ranking = solve(np.diag(s - shift), n_remove, top, keep=keep, method="exact")
+    candidates = [Candidate(removed=c.removed, score=float(s[list(c.removed)].sum()), rank=c.rank,
+                            tied_with_previous=c.tied_with_previous) for c in ranking.candidates]
+    return Ranking(method=method, n_blocks=len(s), n_remove=n_remove, candidates=candidates,
+                   exact=ranking.exact, info={"block_scores": s.tolist(), "keep": keep, **(info or {})})
