@@ -32,6 +32,13 @@ class RunConfig:
     solver: str = "auto"
     time_limit: float | None = None  # solver seconds per M; None: exact (auto picks a generous budget)
     gen_max_new_tokens: int = 160  # model-generated calibration: answer length
+    # Hessian pass (see docs/hessian.md)
+    hessian_variant: str = "fisher"  # fisher (the paper's AᵀA/m), centered, or exact (N HVPs, costly)
+    autocast: str | None = None  # None (model dtype), bfloat16 or float16: forward under autocast, A in fp32
+    gradient_checkpointing: bool = False  # recompute decoder layers in the backward: long sequences fit
+    bucket: bool = True  # length-bucketed batches (A's rows stay in sample order)
+    shard_dir: str | None = None  # stream A to shards here; a rerun resumes from them
+    shard_samples: int = 256  # samples per shard (the unit of resume and of distribution)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -61,7 +68,7 @@ class RunConfig:
             errors.append("remove must list at least one number of blocks M")
         elif isinstance(self.remove, list) and any(isinstance(m, int) and m <= 0 for m in self.remove):
             errors.append(f"every M in remove must be >= 1, got {self.remove}")
-        for name in ("n_samples", "seq_len", "batch_size", "top", "gen_max_new_tokens"):
+        for name in ("n_samples", "seq_len", "batch_size", "top", "gen_max_new_tokens", "shard_samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 errors.append(f"{name} must be a positive integer, got {value!r}")
@@ -70,6 +77,12 @@ class RunConfig:
             errors.append(f"save_ranks must lie in 0..top-1 = 0..{self.top - 1}, got {self.save_ranks}")
         if self.time_limit is not None and not (isinstance(self.time_limit, (int, float)) and self.time_limit > 0):
             errors.append(f"time_limit must be a positive number of seconds, got {self.time_limit!r}")
+        from cboprune.hessian import AUTOCAST_DTYPES, VARIANTS
+
+        if self.hessian_variant not in VARIANTS:
+            errors.append(f"hessian_variant must be one of {', '.join(VARIANTS)}, got {self.hessian_variant!r}")
+        if self.autocast not in (None, "none", *AUTOCAST_DTYPES):
+            errors.append(f"autocast must be bfloat16 or float16 (or unset), got {self.autocast!r}")
         from cboprune.solvers import METHODS
 
         if self.solver not in METHODS:

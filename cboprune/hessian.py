@@ -320,7 +320,7 @@ def _batch_gradients(model: torch.nn.Module, gates: GateManager, ids: torch.Tens
         gates.set(alpha)
         amp = (torch.autocast(device.type, dtype=settings.autocast) if settings.autocast is not None
                else contextlib.nullcontext())
-        with torch.enable_grad(), amp, _math_sdpa(exact and device.type == "cuda"):
+        with torch.enable_grad(), amp, _math_sdpa(exact):
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [b, s, V]
             loss = per_sample_loss(logits, ids, mask)  # [b]
             del logits
@@ -340,7 +340,7 @@ def _batch_gradients(model: torch.nn.Module, gates: GateManager, ids: torch.Tens
 
 
 def _math_sdpa(enabled: bool):
-    """Double backward (the exact variant) needs the math attention kernel on GPU."""
+    """Double backward (the exact variant) needs the math attention kernel (flash kernels have none)."""
     if not enabled:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -43,6 +43,13 @@ def pick_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def hessian_options(cfg: RunConfig) -> dict[str, Any]:
+    """The Hessian-pass keywords of `compute_hessian` from a run configuration."""
+    return {"variant": cfg.hessian_variant, "autocast": cfg.autocast,
+            "gradient_checkpointing": cfg.gradient_checkpointing, "bucket": cfg.bucket,
+            "shard_dir": cfg.shard_dir, "shard_samples": cfg.shard_samples}
+
+
 def prepare_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
     """Refuse a non-empty output directory unless overwrite; checked before any work starts."""
     out_dir = Path(out_dir)
@@ -131,7 +138,7 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> RunResult:
     staging.mkdir(parents=True)
     try:
         hessian = compute_hessian(model, calibration, batch_size=cfg.batch_size, model_name=cfg.model,
-                                  progress=progress)
+                                  progress=progress, **hessian_options(cfg))
         save_hessian(hessian, staging / HESSIAN_FILE)
         rankings = solve_rankings(hessian, cfg.remove, cfg.top, keep=keep, method=cfg.solver,
                                   time_limit=cfg.time_limit, seed=cfg.seed)
