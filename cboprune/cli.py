@@ -46,6 +46,22 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="samples per forward/backward pass (default 8)")
 
 
+def _add_hessian_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Hessian pass (docs/hessian.md)")
+    g.add_argument("--variant", dest="hessian_variant", choices=["fisher", "centered", "exact"],
+                   help="fisher: the paper's AᵀA/m (default); centered: AᵀA/m - ḡḡᵀ; exact: the true Hessian "
+                        "of the mean loss by N Hessian-vector products (about N times slower)")
+    g.add_argument("--autocast", choices=["bfloat16", "float16"],
+                   help="run the forward under autocast (GPU); gate gradients and A stay fp32")
+    g.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute decoder layers in the backward: less memory for long sequences")
+    g.add_argument("--no-bucket", dest="bucket", action="store_false", default=None,
+                   help="batches in sample order instead of length-bucketed")
+    g.add_argument("--shard-dir", help="stream A to shards in this directory; rerun with the same "
+                                       "directory to resume a killed run")
+    g.add_argument("--shard-samples", type=int, help="samples per shard (default 256)")
+
+
 def _add_solver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--remove", type=int, nargs="+", metavar="M", help="numbers of blocks to remove")
     p.add_argument("--top", type=int, help="K lowest states per M (default 10)")
@@ -67,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file with run settings (flags override it)")
     _add_model_args(p)
     _add_data_args(p)
+    _add_hessian_args(p)
     _add_solver_args(p)
     p.add_argument("--save-ranks", type=_int_list, help="ranks saved as checkpoints for each M (default 0)")
     p.add_argument("--save-remove", type=_int_list, help="the M values to save checkpoints for (default: all)")
@@ -75,9 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty output directory")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("hessian", help="per-sample gate gradients A and H = AᵀA/m, saved to one file")
+    p = sub.add_parser("hessian", help="per-sample gate gradients A and H = AᵀA/m, saved to one file "
+                                       "(runs data-parallel under torchrun / accelerate launch)")
     _add_model_args(p)
     _add_data_args(p)
+    _add_hessian_args(p)
     p.add_argument("--gen-max-new-tokens", type=int)
     p.add_argument("--output", default="hessian.safetensors", help="file to write (default hessian.safetensors)")
     p.add_argument("--overwrite", action="store_true")
@@ -140,25 +159,34 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_hessian(args: argparse.Namespace) -> int:
+    from cboprune import distributed
     from cboprune.config import RunConfig
     from cboprune.data import GenerationSettings, load_calibration
-    from cboprune.hessian import compute_hessian, save_hessian
+    from cboprune.hessian import compute_hessian, cost_summary, save_hessian
     from cboprune.models import load_model
-    from cboprune.pipeline import pick_device
+    from cboprune.pipeline import hessian_options, pick_device
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise CBOPruneError(f"{out} exists: choose another --output or pass --overwrite")
     cfg = RunConfig.from_sources(None, _overrides(args, RunConfig.field_names()))
-    loaded = load_model(cfg.model, dtype=cfg.dtype, device=pick_device(cfg.device))
-    calibration = load_calibration(cfg.data, loaded.tokenizer, model=loaded.model, n_samples=cfg.n_samples,
-                                   seq_len=cfg.seq_len, seed=cfg.seed,
-                                   generation=GenerationSettings(max_new_tokens=cfg.gen_max_new_tokens, seed=cfg.seed))
+    dist = distributed.init_from_env()  # world size 1 unless launched by torchrun / accelerate
+    device = pick_device(cfg.device) if not dist.enabled else (cfg.device or distributed.local_device())
+    loaded = load_model(cfg.model, dtype=cfg.dtype, device=device)
+    for turn in ("main", "others"):  # rank 0 first: generated calibration is made once, then read from cache
+        if (turn == "main") == dist.is_main:
+            calibration = load_calibration(cfg.data, loaded.tokenizer, model=loaded.model, n_samples=cfg.n_samples,
+                                           seq_len=cfg.seq_len, seed=cfg.seed,
+                                           generation=GenerationSettings(max_new_tokens=cfg.gen_max_new_tokens,
+                                                                         seed=cfg.seed))
+        distributed.barrier()
     result = compute_hessian(loaded.model, calibration, batch_size=cfg.batch_size, model_name=cfg.model,
-                             progress=not args.quiet)
-    save_hessian(result, out)
-    print(f"wrote {out}: A {result.A.shape[0]} x {result.A.shape[1]}, {result.meta['seconds']} s "
-          f"({result.meta['tokens_per_second']} tokens/s)")
+                             progress=not args.quiet, **hessian_options(cfg))
+    if dist.is_main:
+        save_hessian(result, out)
+        print(f"wrote {out}: A {result.A.shape[0]} x {result.A.shape[1]}, variant {result.variant}; "
+              f"{cost_summary(result)}")
+    distributed.barrier()
     return 0
 
 
