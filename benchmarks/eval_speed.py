@@ -6,7 +6,9 @@ For each task (default: arc_easy, hellaswag, piqa, winogrande) both backends sco
 `--limit` items of the local data on the same in-memory model (the built-in evaluator first,
 then lm-eval, task by task, after one warm-up each). Printed per task: items per second of both
 and their ratio, how often both pick the same answer (acc and acc_norm), and the accuracy
-difference. WikiText perplexity is compared on `--ppl-docs` articles. Exit status 1 when an
+difference. Wall time is what a user waits; the process's CPU time is also reported because
+on a shared machine other processes' load shifts wall time between the two phases (use
+`--threads 1` there). WikiText perplexity is compared on `--ppl-docs` articles. Exit status 1 when an
 acceptance figure is missed (agreement < 99%, |acc diff| > 0.5 points, perplexity > 0.5% apart,
 or, with --min-speedup, a slower ratio).
 """
@@ -27,23 +29,24 @@ from cboprune.models import load_model
 log = logging.getLogger(__name__)
 
 
-def _timed(model, tok, task, backend, **kw) -> tuple[dict, float]:
-    t0 = time.perf_counter()
+def _timed(model, tok, task, backend, **kw) -> tuple[dict, float, float]:
+    """Run one backend; return (results, wall seconds, CPU seconds of this process)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     res = evaluate(model, tok, [task], backend=backend, log_samples=True, **kw)
-    return res, time.perf_counter() - t0
+    return res, time.perf_counter() - t0, time.process_time() - c0
 
 
 def compare_task(model, tok, task: str, limit: int, batch_size: int, data_dir: str | None) -> dict:
     kw = {"limit": limit, "batch_size": batch_size, "data_dir": data_dir}
-    b, tb = _timed(model, tok, task, "builtin", progress=False, **kw)
-    lmr, tl = _timed(model, tok, task, "lm-eval", **kw)
+    b, tb, cb = _timed(model, tok, task, "builtin", progress=False, **kw)
+    lmr, tl, cl = _timed(model, tok, task, "lm-eval", **kw)
     sb, sl = b["samples"][task], lmr["samples"][task]
     n = len(sb)
     same = sum(x["pred"] == y["pred"] for x, y in zip(sb, sl)) / n
     same_norm = sum(x["pred_norm"] == y["pred_norm"] for x, y in zip(sb, sl)) / n
     max_ll = max(abs(p - q) for x, y in zip(sb, sl) for p, q in zip(x["lls"], y["lls"]))
     row = {"task": task, "n": n, "builtin_s": tb, "lm_eval_s": tl, "builtin_items_per_s": n / tb,
-           "lm_eval_items_per_s": n / tl, "speedup": tl / tb, "same_pred": same, "same_pred_norm": same_norm,
+           "lm_eval_items_per_s": n / tl, "speedup": tl / tb, "builtin_cpu_s": cb, "lm_eval_cpu_s": cl, "cpu_speedup": cl / cb, "same_pred": same, "same_pred_norm": same_norm,
            "max_abs_ll_diff": max_ll}
     for m in b["results"][task]["metrics"]:
         row[f"{m}_builtin"] = b["results"][task]["metrics"][m]
@@ -53,12 +56,12 @@ def compare_task(model, tok, task: str, limit: int, batch_size: int, data_dir: s
 
 def compare_ppl(model, tok, docs: int, max_length: int, data_dir: str | None) -> dict:
     kw = {"limit": docs, "max_length": max_length, "data_dir": data_dir}
-    b, tb = _timed(model, tok, "wikitext", "builtin", progress=False, **kw)
-    lmr, tl = _timed(model, tok, "wikitext", "lm-eval", **kw)
+    b, tb, cb = _timed(model, tok, "wikitext", "builtin", progress=False, **kw)
+    lmr, tl, cl = _timed(model, tok, "wikitext", "lm-eval", **kw)
     wb = b["results"]["wikitext"]["metrics"]["word_perplexity"]
     wl = lmr["results"]["wikitext"]["metrics"]["word_perplexity"]
     return {"task": "wikitext", "n": docs, "max_length": max_length, "tokens": b["results"]["wikitext"]["config"]["tokens"],
-            "builtin_s": tb, "lm_eval_s": tl, "speedup": tl / tb, "word_ppl_builtin": wb, "word_ppl_lm_eval": wl,
+            "builtin_s": tb, "lm_eval_s": tl, "speedup": tl / tb, "cpu_speedup": cl / cb, "word_ppl_builtin": wb, "word_ppl_lm_eval": wl,
             "rel_diff": abs(wb - wl) / wl}
 
 
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         row = compare_task(model, tok, task, args.limit, args.batch_size, args.data_dir)
         rows.append(row)
         print(f"{task:12s} n={row['n']:4d}  builtin {row['builtin_items_per_s']:6.2f} it/s  lm-eval "
-              f"{row['lm_eval_items_per_s']:6.2f} it/s  x{row['speedup']:.2f}  same answer {row['same_pred']:.1%} "
+              f"{row['lm_eval_items_per_s']:6.2f} it/s  x{row['speedup']:.2f} (CPU time x{row['cpu_speedup']:.2f})  same answer {row['same_pred']:.1%} "
               f"(norm {row['same_pred_norm']:.1%})  acc {row['acc_builtin']:.4f} vs {row['acc_lm_eval']:.4f}  "
               f"max |dll| {row['max_abs_ll_diff']:.1e}", flush=True)
     ppl = None
@@ -100,10 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     total_b = sum(r["builtin_s"] for r in rows)
     total_l = sum(r["lm_eval_s"] for r in rows)
     items = sum(r["n"] for r in rows)
+    cpu_b = sum(r["builtin_cpu_s"] for r in rows)
+    cpu_l = sum(r["lm_eval_cpu_s"] for r in rows)
     summary = {"items": items, "builtin_items_per_s": items / total_b, "lm_eval_items_per_s": items / total_l,
-               "speedup": total_l / total_b, "threads": torch.get_num_threads()}
+               "speedup": total_l / total_b, "cpu_speedup": cpu_l / cpu_b, "threads": torch.get_num_threads()}
     print(f"overall: {items} items, builtin {summary['builtin_items_per_s']:.2f} it/s, lm-eval "
-          f"{summary['lm_eval_items_per_s']:.2f} it/s, speedup x{summary['speedup']:.2f}")
+          f"{summary['lm_eval_items_per_s']:.2f} it/s, speedup x{summary['speedup']:.2f} "
+          f"(CPU time x{summary['cpu_speedup']:.2f}, {summary['threads']} threads)")
     ok = all(r["same_pred"] >= 0.99 and abs(r["acc_builtin"] - r["acc_lm_eval"]) <= 0.005 for r in rows)
     ok = ok and (ppl is None or ppl["rel_diff"] <= 0.005)
     if args.min_speedup is not None:
