@@ -1,0 +1,103 @@
+"""Distillation data: chat records rendered with the chat template, with a loss mask.
+
+Each sample carries input_ids, attention_mask and loss_mask ([S] each). With `loss_on="responses"`
+only the last assistant message's tokens count (the usual convention for instruction tuning);
+with "all" every real token counts (the usual convention for logit distillation, and the only
+choice for plain text). A fixed fraction of records is held out (by seed) for the held-out loss.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cboprune.data.calibration import (MIN_SAMPLE_TOKENS, SUPPORTED_FIELDS, read_records, record_to_messages,
+                                       render_chat)
+from cboprune.errors import CBOPruneError
+
+
+@dataclass
+class TokenizedSet:
+    """input_ids, attention_mask, loss_mask: [n, S], right-padded."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i],
+                "loss_mask": self.loss_mask[i]}
+
+
+def _tokenize(item, tokenizer, seq_len: int, loss_on: str) -> tuple[list[int], int] | None:
+    """(token ids, index of the first token that counts for the loss) or None if too short."""
+    if isinstance(item, str):
+        ids = tokenizer(item, add_special_tokens=False)["input_ids"][:seq_len]
+        start = 0
+    else:
+        ids = tokenizer(render_chat(tokenizer, item), add_special_tokens=False)["input_ids"][:seq_len]
+        start = 0
+        if loss_on == "responses" and item and item[-1]["role"] == "assistant":
+            prompt = item[:-1]
+            if getattr(tokenizer, "chat_template", None):
+                prefix = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            else:
+                prefix = render_chat(tokenizer, prompt) + "\n\n"
+            start = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+    if len(ids) < MIN_SAMPLE_TOKENS or start >= len(ids) - 1:
+        return None
+    return ids, start
+
+
+def load_distillation_data(path: str | Path, tokenizer, *, seq_len: int = 256, heldout_fraction: float = 0.05,
+                           max_samples: int | None = None, heldout_samples: int | None = None,
+                           loss_on: str = "all", seed: int = 0) -> tuple[TokenizedSet, TokenizedSet]:
+    """(train, held-out) sets from a .jsonl/.json/.txt file; held-out records never train."""
+    if loss_on not in ("all", "responses"):
+        raise CBOPruneError(f"loss_on must be 'all' or 'responses', got {loss_on!r}")
+    path = Path(path)
+    items = []
+    for i, record in enumerate(read_records(path)):
+        try:
+            items.append(record_to_messages(record))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CBOPruneError(f"{path}: record {i} is malformed ({exc}); supported record fields: "
+                                f"{', '.join(SUPPORTED_FIELDS)}") from None
+    if len(items) == 1 and isinstance(items[0], str):  # one long text: split into paragraphs
+        items = [p for p in items[0].split("\n\n") if p.strip()]
+    random.Random(seed).shuffle(items)
+    n_heldout = max(1, round(len(items) * heldout_fraction)) if heldout_fraction > 0 and len(items) > 1 else 0
+    held, train = items[:n_heldout], items[n_heldout:]
+    sets = []
+    for part, limit in ((train, max_samples), (held, heldout_samples)):
+        samples = []
+        for item in part:
+            tok = _tokenize(item, tokenizer, seq_len, loss_on)
+            if tok is not None:
+                samples.append(tok)
+            if limit is not None and len(samples) >= limit:
+                break
+        sets.append(samples)
+    if not sets[0]:
+        raise CBOPruneError(f"distillation data {path} has no usable training sample of >= {MIN_SAMPLE_TOKENS} "
+                            "tokens: pass more data")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return tuple(_collate(s, seq_len, pad_id) for s in sets)  # type: ignore[return-value]
+
+
+def _collate(samples: list[tuple[list[int], int]], seq_len: int, pad_id: int) -> TokenizedSet:
+    n = len(samples)
+    ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, seq_len), dtype=torch.long)
+    loss_mask = torch.zeros((n, seq_len), dtype=torch.long)
+    for row, (tokens, start) in enumerate(samples):
+        ids[row, :len(tokens)] = torch.tensor(tokens)
+        mask[row, :len(tokens)] = 1
+        loss_mask[row, start:len(tokens)] = 1
+    return TokenizedSet(ids, mask, loss_mask)
