@@ -5,6 +5,7 @@
     cboprune solve    K lowest CBO states for several M from a saved Hessian
     cboprune prune    remove blocks (a ranked state or explicit indices) and save a checkpoint
     cboprune eval     evaluate a model or checkpoint (perplexity, benchmarks)
+    cboprune heal     distill the original model into a pruned checkpoint (resumable, LoRA option)
     cboprune compare  CBO and its peers (BI, SLEB, SWM, ...) at equal M, evaluated alike
 
 User errors print one line (`cboprune: error: ...`) and exit with status 2.
@@ -88,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-ranks", type=_int_list, help="ranks saved as checkpoints for each M (default 0)")
     p.add_argument("--save-remove", type=_int_list, help="the M values to save checkpoints for (default: all)")
     p.add_argument("--gen-max-new-tokens", type=int, help="answer length for model-generated calibration")
+    p.add_argument("--heal", action="store_true", default=None,
+                   help="distill the original model into every saved checkpoint (-> <checkpoint>-healed)")
+    p.add_argument("--heal-data", help="distillation data for --heal (default: --data)")
+    p.add_argument("--heal-steps", type=int, help="optimizer steps for --heal (default: one epoch)")
     p.add_argument("--output-dir", help="where to write everything (default outputs/run)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty output directory")
     p.set_defaults(func=cmd_run)
@@ -123,14 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_prune)
 
-    try:
-        from cboprune.evaluation.cli import add_eval_arguments, run_eval_command
-    except ImportError:  # evaluation extras not installed
-        pass
-    else:
-        p = sub.add_parser("eval", help="perplexity and benchmarks (built-in or lm-eval backend)")
-        add_eval_arguments(p)
-        p.set_defaults(func=run_eval_command)
+    from cboprune.evaluation.cli import add_eval_arguments, run_eval_command
+
+    p = sub.add_parser("eval", help="perplexity and benchmarks (built-in or lm-eval backend)")
+    add_eval_arguments(p)
+    p.set_defaults(func=run_eval_command)
+
+    from cboprune.heal.cli import add_heal_arguments, run_heal_command
+
+    p = sub.add_parser("heal", help="knowledge-distillation retraining of a pruned checkpoint (LoRA option)")
+    add_heal_arguments(p)
+    p.set_defaults(func=run_heal_command)
 
     from cboprune.compare import add_compare_arguments, run_compare_command
 
@@ -153,7 +161,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = run_pipeline(cfg, progress=not args.quiet)
     print(rankings_markdown(result.rankings, result.hessian.block_kinds))
     for ck in result.checkpoints:
-        print(f"saved M={ck['n_remove']} rank {ck['rank']} (removed {ck['removed']}) -> {ck['path']}")
+        print(f"saved M={ck['n_remove']} rank {ck['rank']} (removed {ck['removed']}) -> {ck['path']}"
+              + (f" (healed: {ck['healed']})" if ck.get("healed") else ""))
     print(f"report: {result.output_dir / 'report.md'}")
     return 0
 

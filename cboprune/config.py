@@ -39,6 +39,10 @@ class RunConfig:
     bucket: bool = True  # length-bucketed batches (A's rows stay in sample order)
     shard_dir: str | None = None  # stream A to shards here; a rerun resumes from them
     shard_samples: int = 256  # samples per shard (the unit of resume and of distribution)
+    # Healing of the saved checkpoints (see `cboprune heal`)
+    heal: bool = False
+    heal_data: str | None = None  # distillation data file (default: `data` when it is a file)
+    heal_steps: int | None = None  # optimizer steps (default: one epoch)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -87,6 +91,10 @@ class RunConfig:
 
         if self.solver not in METHODS:
             errors.append(f"solver must be one of {', '.join(METHODS)}, got {self.solver!r}")
+        if self.heal and not (self.heal_data or self.data):
+            errors.append("heal needs distillation data: pass --heal-data FILE (or --data FILE)")
+        if self.heal_steps is not None and (not isinstance(self.heal_steps, int) or self.heal_steps < 1):
+            errors.append(f"heal_steps must be a positive integer, got {self.heal_steps!r}")
         if errors:
             raise CBOPruneError("invalid configuration: " + "; ".join(errors))
 

@@ -174,7 +174,20 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> RunResult:
         raise
     for ck in checkpoints:
         ck["path"] = str(out_dir / ck["path"])
+        if cfg.heal:
+            ck["healed"] = heal_checkpoint(cfg, ck["path"], progress=progress)
     return RunResult(output_dir=out_dir, hessian=hessian, rankings=rankings, checkpoints=checkpoints)
+
+
+def heal_checkpoint(cfg: RunConfig, checkpoint: str, *, progress: bool = True) -> str:
+    """Distill cfg.model into a saved pruned checkpoint; the healed copy goes beside it."""
+    from cboprune.heal import HealConfig, heal
+
+    out = f"{checkpoint}-healed"
+    heal(HealConfig(student=checkpoint, teacher=cfg.model, data=cfg.heal_data or cfg.data, output_dir=out,
+                    max_steps=cfg.heal_steps, seq_len=cfg.seq_len, seed=cfg.seed, overwrite=cfg.overwrite),
+         progress=progress)
+    return out
 
 
 def _figures(out_dir: Path, hessian: HessianResult, rankings: Sequence[Ranking]) -> dict[str, str]:

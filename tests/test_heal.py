@@ -90,3 +90,17 @@ def test_distillation_loss_is_zero_for_identical_logits_and_positive_otherwise()
     ce_only = DistillationLoss(kd_weight=0.0)(logits, None, ids, mask)
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1))
     assert torch.allclose(ce_only, expected, atol=1e-6)
+
+
+def test_heal_command_line(teacher_and_student, shared_data, tmp_path, capsys):
+    from cboprune.cli import main
+
+    teacher, student = teacher_and_student
+    data = str(shared_data / "calib" / "alpaca_en_demo.json")
+    assert main(["heal", str(student), "--data", data, "--output-dir", str(tmp_path / "h")]) == 2
+    assert "pass --teacher" in capsys.readouterr().err  # the tiny student's removal.json names no source
+    assert main(["-q", "heal", str(student), "--teacher", str(teacher), "--data", data, "--output-dir",
+                 str(tmp_path / "h"), "--steps", "2", "--seq-len", "32", "--max-samples", "8",
+                 "--micro-batch-size", "2", "--global-batch-size", "2"]) == 0
+    assert "healed checkpoint:" in capsys.readouterr().out
+    assert (tmp_path / "h" / HEALING_FILE).is_file()

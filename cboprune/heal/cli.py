@@ -1,0 +1,63 @@
+"""`cboprune heal`: arguments and handler (registered by cboprune.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cboprune.errors import CBOPruneError
+
+
+def add_heal_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("student", help="pruned checkpoint directory (written by `cboprune prune` or `run`)")
+    p.add_argument("--teacher", help="the original model (default: source_model from the student's removal.json)")
+    p.add_argument("--data", required=True, help="distillation data: .jsonl/.json/.txt (chat records use the "
+                                                 "chat template)")
+    p.add_argument("--output-dir", required=True, help="where the healed checkpoint goes")
+    p.add_argument("--steps", type=int, dest="max_steps", help="optimizer steps (default: --epochs over the data)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, dest="learning_rate", default=5e-5)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--global-batch-size", type=int, default=16, help="gradient accumulation reaches this")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--kd-weight", type=float, default=1.0, help="1: pure KL distillation; <1 mixes in cross-entropy")
+    p.add_argument("--loss-on", choices=["all", "responses"], default="all")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) and merge them on save")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (for --resume)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--heldout-fraction", type=float, default=0.05, help="records held out for the before/after loss")
+    p.add_argument("--max-samples", type=int, help="use at most this many training samples")
+    p.add_argument("--teacher-4bit", action="store_true", default=None, help="NF4 teacher (CUDA + bitsandbytes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def teacher_from_removal(student: str) -> str:
+    removal = Path(student) / "removal.json"
+    if removal.is_file():
+        source = json.loads(removal.read_text()).get("source_model")
+        if source:
+            return source
+    raise CBOPruneError(f"{student} has no removal.json naming its source model: pass --teacher")
+
+
+def run_heal_command(args: argparse.Namespace) -> int:
+    from cboprune.heal import HealConfig, heal
+
+    if not Path(args.student).is_dir():
+        raise CBOPruneError(f"student checkpoint not found: {args.student}")
+    names = set(HealConfig.__dataclass_fields__) - {"student", "teacher"}
+    cfg = HealConfig(student=args.student, teacher=args.teacher or teacher_from_removal(args.student),
+                     **{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
+    report = heal(cfg, progress=not args.quiet)
+    before, after = report["heldout_loss_before"], report["heldout_loss_after"]
+    if before:
+        print(f"held-out loss: teacher {before['teacher']:.4f}, student {before['student']:.4f} -> "
+              f"{after['student']:.4f} (gap closed: {report['gap_closed']:.1%})"
+              if report["gap_closed"] is not None else f"held-out loss {before['student']:.4f} -> {after['student']:.4f}")
+    print(f"healed checkpoint: {cfg.output_dir} ({report['steps']} steps, {report['seconds']} s)")
+    return 0
