@@ -168,6 +168,12 @@ def plan_removal(model: nn.Module, removed: Sequence[int]) -> tuple[list[int], A
             f"model type {config.model_type!r}: after removing {removed} the rewritten config would rebuild block "
             f"{kept[bad]} (new index {bad}) as {after[bad]!r} instead of {expected[bad]!r}; its layer layout "
             f"cannot express this removal (see docs/architectures.md)")
+    stateful = {"mamba", "linear_attention", "conv"}
+    had_attention = any("attention" in k.split("+") or "sliding_attention" in k.split("+") for k in before)
+    if had_attention and not any({"attention", "sliding_attention"} & set(k.split("+")) for k in expected) and any(
+            stateful & set(k.split("+")) for k in expected):
+        log.warning("removing %s leaves no attention block in this hybrid model: transformers' generate() needs "
+                    "one to track the cache length", removed)
     return kept, planned
 
 

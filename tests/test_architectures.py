@@ -1,0 +1,335 @@
+"""Every family in the architecture table, on tiny random models built offline from config classes.
+
+For each family: gates at 1 reproduce the logits exactly; gates of a non-contiguous block set S
+(one block of each kind the model has) at 0 equal the logits of the surgically pruned, saved and
+reloaded checkpoint; the reloaded model generates with its cache; the saved config describes the
+remaining blocks; the Hessian pass runs. Plus block kinds, `--only`, the fallback and errors.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from cboprune.data.calibration import CalibrationSet
+from cboprune.errors import CBOPruneError
+from cboprune.gating import GateManager
+from cboprune.hessian import compute_gate_gradients
+from cboprune.models import architectures as arch
+from cboprune.models.architectures import ARCHITECTURES, block_kinds, blocks, removable_blocks
+from cboprune.models.surgery import UnsupportedRemoval, plan_removal, remove_blocks, save_pruned
+
+VOCAB = 128
+BASE: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                            num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+SLIDING = dict(sliding_window=4)  # shorter than the test sequences, so sliding layers differ from full ones
+MAMBA = dict(mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+             mamba_chunk_size=8)
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    n_layers: int = 6
+    removed: tuple[int, ...] | None = None  # None: one block of each kind, non-contiguous
+    kinds: frozenset[str] | None = None  # the kinds the tiny model must have (None: not checked)
+
+
+F = Family
+FAMILIES = [
+    # dense
+    F("llama"), F("mistral", SLIDING), F("qwen2", dict(SLIDING, use_sliding_window=True, max_window_layers=3),
+                                         kinds=frozenset({"attention", "sliding_attention"})),
+    F("qwen3", dict(SLIDING, head_dim=16, use_sliding_window=True, max_window_layers=2),
+      kinds=frozenset({"attention", "sliding_attention"})),
+    F("gemma", dict(head_dim=16)), F("gemma2", dict(SLIDING, head_dim=16), kinds=frozenset({"attention", "sliding_attention"})),
+    F("gemma3_text", dict(SLIDING, head_dim=16, sliding_window_pattern=3), kinds=frozenset({"attention", "sliding_attention"})),
+    F("phi3"), F("gpt2", dict(n_embd=32, n_layer=6, n_head=2, n_positions=64)), F("gpt_neox"), F("olmo2"), F("granite"),
+    F("phi"), F("olmo"), F("olmo3", SLIDING, kinds=frozenset({"attention", "sliding_attention"})), F("cohere"),
+    F("cohere2", SLIDING, kinds=frozenset({"attention", "sliding_attention"})), F("stablelm"), F("starcoder2"),
+    F("smollm3"), F("glm"), F("glm4"), F("helium", dict(head_dim=16)),
+    F("exaone4", SLIDING, kinds=frozenset({"attention", "sliding_attention"})), F("seed_oss"), F("arcee"),
+    F("apertus"), F("internlm3"), F("ernie4_5"), F("hunyuan_v1_dense", dict(head_dim=16)), F("nemotron"),
+    # mixtures of experts
+    F("mixtral", dict(num_local_experts=4, num_experts_per_tok=2), kinds=frozenset({"attention+moe"})),
+    F("qwen2_moe", dict(MOE, shared_expert_intermediate_size=32, decoder_sparse_step=2),
+      kinds=frozenset({"attention", "attention+moe"})),
+    F("qwen3_moe", dict(MOE, head_dim=16, mlp_only_layers=[1, 4]), kinds=frozenset({"attention", "attention+moe"})),
+    F("olmoe", dict(num_experts=4, num_experts_per_tok=2), kinds=frozenset({"attention+moe"})),
+    F("phimoe", dict(num_local_experts=4, num_experts_per_tok=2), kinds=frozenset({"attention+moe"})),
+    F("gpt_oss", dict(SLIDING, num_local_experts=4, num_experts_per_tok=2, head_dim=16),
+      kinds=frozenset({"attention+moe", "sliding_attention+moe"})),
+    F("granitemoe", dict(num_local_experts=4, num_experts_per_tok=2), kinds=frozenset({"attention+moe"})),
+    F("deepseek_v3", dict(num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=1,
+                          topk_group=1, first_k_dense_replace=2, kv_lora_rank=16, q_lora_rank=16,
+                          qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_shared_experts=1),
+      kinds=frozenset({"attention", "attention+moe"})),
+    # hybrids
+    F("jamba", dict(num_experts=4, num_experts_per_tok=2, attn_layer_period=4, attn_layer_offset=1,
+                    expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8), n_layers=8,
+      removed=(0, 1, 3, 4, 6, 7), kinds=frozenset({"mamba", "attention+moe", "mamba+moe"})),
+    F("bamba", dict(MAMBA, attn_layer_indices=[1, 4]), kinds=frozenset({"attention", "mamba"})),
+    F("falcon_h1", dict(MAMBA, mamba_d_ssm=64), kinds=frozenset({"attention+mamba"})),
+    F("nemotron_h", dict(MAMBA, head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                         moe_shared_expert_intermediate_size=32, ssm_state_size=8, n_groups=1, chunk_size=8,
+                         expand=2, mamba_num_heads=4, mamba_head_dim=16,
+                         layers_block_type=["mamba", "moe", "attention", "moe", "mamba", "mlp", "attention", "moe"]),
+      n_layers=8, kinds=frozenset({"mamba", "moe", "attention", "mlp"})),
+    F("granitemoehybrid", dict(MAMBA, num_local_experts=4, num_experts_per_tok=2,
+                               layer_types=["mamba", "attention", "mamba", "mamba", "attention", "mamba"]),
+      kinds=frozenset({"mamba+moe", "attention+moe"})),
+    F("qwen3_next", dict(MOE, head_dim=16, shared_expert_intermediate_size=32, linear_num_value_heads=2,
+                         linear_num_key_heads=1, linear_key_head_dim=8, linear_value_head_dim=8, mlp_only_layers=[1],
+                         layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention",
+                                      "full_attention", "linear_attention"]),
+      kinds=frozenset({"linear_attention+moe", "linear_attention", "attention+moe"})),
+    F("lfm2", dict(layer_types=["conv", "full_attention", "conv", "conv", "full_attention", "conv"], conv_L_cache=3),
+      kinds=frozenset({"attention", "conv"})),
+]
+BY_TYPE = {f.model_type: f for f in FAMILIES}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, above all on a shared, busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@cache
+def _built(model_type: str) -> torch.nn.Module:
+    fam = BY_TYPE[model_type]
+    kwargs = dict(BASE, num_hidden_layers=fam.n_layers, **fam.kwargs)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny(model_type: str) -> torch.nn.Module:
+    """A fresh copy of the family's tiny random model (built once per session)."""
+    return copy.deepcopy(_built(model_type))
+
+
+def _ids(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _pick_removed(kinds: list[str]) -> list[int]:
+    """One block of each kind, interior and non-adjacent where possible, forming a non-contiguous set."""
+    n = len(kinds)
+    chosen: list[int] = []
+    for kind in dict.fromkeys(kinds):
+        cands = [i for i, k in enumerate(kinds) if k == kind]
+        cands.sort(key=lambda i: (any(abs(i - j) <= 1 for j in chosen), i == 0))
+        chosen.append(cands[0])
+    while len(chosen) < 2 or max(chosen) - min(chosen) + 1 == len(chosen):
+        chosen.append(next(i for i in range(n) if all(abs(i - j) > 1 for j in chosen)))
+    if len(chosen) > n - 2:
+        raise AssertionError(f"tiny model too small for {kinds}")
+    return sorted(chosen)
+
+
+@pytest.fixture(params=[f.model_type for f in FAMILIES])
+def family(request) -> Family:
+    return BY_TYPE[request.param]
+
+
+def test_every_table_entry_is_tested():
+    assert sorted(ARCHITECTURES) == sorted(BY_TYPE)
+
+
+def test_gates_at_one_reproduce_the_model(family):
+    model = tiny(family.model_type)
+    found = blocks(model)
+    assert len(found) == family.n_layers
+    kinds = [b.kind for b in found]
+    spec = ARCHITECTURES[family.model_type]
+    assert set(kinds) <= set(spec.block_kinds), (kinds, spec.block_kinds)
+    if family.kinds is not None:
+        assert set(kinds) == family.kinds
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+        with GateManager(model) as gates:
+            gates.set(torch.ones(gates.n_blocks))
+            shared = model(ids).logits
+            gates.set(torch.ones(ids.shape[0], gates.n_blocks))
+            per_sample = model(ids).logits
+    assert (shared - ref).abs().max() <= 1e-6
+    assert (per_sample - ref).abs().max() <= 1e-6
+
+
+def test_gates_at_zero_equal_the_pruned_reloaded_checkpoint(family, tmp_path):
+    model = tiny(family.model_type)
+    kinds = [b.kind for b in blocks(model)]
+    removed = list(family.removed) if family.removed is not None else _pick_removed(kinds)
+    assert set(kinds) == {kinds[i] for i in removed} or family.removed is not None
+    assert max(removed) - min(removed) + 1 > len(removed), "S must be non-contiguous"
+    kept = [i for i in range(len(kinds)) if i not in removed]
+    ids = _ids()
+    with torch.no_grad(), GateManager(model) as gates:
+        full = model(ids).logits
+        gates.set(gates.removal_gates(removed))
+        gated = model(ids).logits
+    assert (gated - full).abs().max() > 1e-3, "removing blocks must change the logits for this test to mean anything"
+
+    remove_blocks(model, removed)
+    with torch.no_grad():
+        in_memory = model(ids).logits
+    assert (in_memory - gated).abs().max() <= 1e-4
+    out = save_pruned(model, None, tmp_path / "ck", {"removed": removed})
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        pruned = reloaded(ids).logits
+    assert (pruned - gated).abs().max() <= 1e-4
+
+    # the saved config describes the remaining blocks: count, kinds, per-layer fields with entries dropped
+    saved = json.loads((out / "config.json").read_text())
+    spec = ARCHITECTURES[family.model_type]
+    for name in spec.count_fields:
+        assert getattr(reloaded.config, name) == len(kept)
+    for name in spec.layer_fields:
+        if name in saved and saved[name] is not None:
+            original = getattr(_built(family.model_type).config, name)
+            assert list(saved[name]) == [original[i] for i in kept], name
+    assert [b.kind for b in blocks(reloaded)] == [kinds[i] for i in kept]
+    for new, layer in enumerate(arch.decoder_layers(reloaded)[1]):
+        assert all(getattr(m, "layer_idx", None) in (None, new) for m in layer.modules())
+
+    # generate with the cache after reload: same tokens as without the cache
+    prompt = _ids(batch=1, seq=5, seed=3)
+    settings = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False, pad_token_id=0,
+                    eos_token_id=None)
+    with_cache = reloaded.generate(prompt, use_cache=True, **settings)
+    without_cache = reloaded.generate(prompt, use_cache=False, **settings)
+    assert with_cache.shape == (1, 11)
+    assert torch.equal(with_cache, without_cache)
+
+
+def test_hessian_runs(family):
+    model = tiny(family.model_type)
+    ids = _ids(batch=3, seq=10, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # a shorter, right-padded sample
+    calibration = CalibrationSet(input_ids=ids, attention_mask=mask, source="random")
+    A, losses = compute_gate_gradients(model, calibration, batch_size=3, progress=False)
+    assert A.shape == (3, family.n_layers)
+    assert np.isfinite(A).all() and np.isfinite(losses).all()
+    assert (np.abs(A).max(axis=0) > 0).all(), "every block's gate must reach the loss"
+
+
+# ------------------------------------------------------------------------------------- kinds and --only
+
+def test_removable_blocks_by_kind_and_index():
+    kinds = ["mamba", "moe", "attention", "moe", "mamba", "mlp", "mamba", "attention+moe"]
+    assert removable_blocks(kinds) is None
+    assert removable_blocks(kinds, ["moe"]) == [1, 3, 7]
+    assert removable_blocks(kinds, ["moe"], keep=[-1]) == [1, 3]
+    assert removable_blocks(kinds, ["mamba", "mlp"]) == [0, 4, 5, 6]
+    assert removable_blocks(kinds, keep=[0, 1]) == [2, 3, 4, 5, 6, 7]
+    with pytest.raises(CBOPruneError, match="sliding_attention"):
+        removable_blocks(kinds, ["sliding_attention"])
+
+
+def test_nemotron_h_kinds_and_pattern_rewrite():
+    model = tiny("nemotron_h")
+    kinds = [b.kind for b in blocks(model)]
+    assert kinds == ["mamba", "moe", "attention", "moe", "mamba", "mlp", "attention", "moe"]
+    assert [b.branches for b in blocks(model)][2] == ("model.layers.2.mixer",)
+    assert removable_blocks(kinds, ["moe"]) == [1, 3, 7]
+    remove_blocks(model, [1, 3, 7])  # the paper's restriction: MoE layers only
+    assert model.config.layers_block_type == ["linear_attention", "full_attention", "linear_attention", "mlp",
+                                              "full_attention"]
+    assert model.config.num_hidden_layers == 5
+
+
+def test_sparse_step_moe_becomes_an_explicit_list():
+    model = tiny("qwen2_moe")  # decoder_sparse_step=2: MoE on layers 1, 3, 5
+    assert [b.kind for b in blocks(model)] == ["attention", "attention+moe"] * 3
+    remove_blocks(model, [0, 3])
+    assert model.config.decoder_sparse_step == 1
+    assert model.config.mlp_only_layers == [1, 2]
+    assert block_kinds(model.config) == ["attention+moe", "attention", "attention", "attention+moe"]
+
+
+def test_jamba_removal_that_breaks_the_period_is_refused_before_touching_the_model():
+    model = tiny("jamba")
+    with pytest.raises(UnsupportedRemoval, match="expert_layer_period"):
+        plan_removal(model, [1])
+    with pytest.raises(UnsupportedRemoval):
+        remove_blocks(model, [1])
+    assert len(arch.decoder_layers(model)[1]) == 8 and model.config.num_hidden_layers == 8
+
+
+def test_bamba_attention_indices_are_renumbered():
+    model = tiny("bamba")
+    remove_blocks(model, [0, 4])
+    assert model.config.attn_layer_indices == [0]
+    assert model.config.num_hidden_layers == 4
+
+
+# ------------------------------------------------------------------------------------- fallback, errors
+
+def test_unknown_type_uses_generic_discovery_and_logs_once(monkeypatch, caplog, tmp_path):
+    monkeypatch.delitem(ARCHITECTURES, "llama")
+    arch._log_fallback_once.cache_clear()
+    model = tiny("llama")
+    with caplog.at_level(logging.WARNING, logger="cboprune.models.architectures"):
+        found = blocks(model)
+        blocks(model)
+    assert [r.message.count("not in the architecture table") for r in caplog.records] == [1]
+    assert found[2].branches == ("model.layers.2.self_attn", "model.layers.2.mlp")
+    ids = _ids()
+    with torch.no_grad(), GateManager(model) as gates:
+        gates.set(gates.removal_gates([1, 4]))
+        gated = model(ids).logits
+    remove_blocks(model, [1, 4])
+    with torch.no_grad():
+        assert (model(ids).logits - gated).abs().max() <= 1e-4
+
+
+def test_model_without_decoder_layers_gets_an_error_naming_it():
+    config = AutoConfig.for_model("llama", **dict(BASE, num_hidden_layers=2))
+
+    class Headless(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = config
+            self.config.model_type = "mystery_lm"
+            self.proj = torch.nn.Linear(4, 4)
+
+    with pytest.raises(CBOPruneError, match="mystery_lm"):
+        blocks(Headless())
+
+
+def test_adding_a_dense_family_is_a_table_entry(monkeypatch):
+    """A family the table does not know, mapped to DENSE by one entry, gets exact gates and surgery."""
+    monkeypatch.setitem(ARCHITECTURES, "my_llama_like", arch.DENSE)
+    model = tiny("llama")
+    model.config.model_type = "my_llama_like"
+    assert arch.arch_spec(model) is arch.DENSE
+    assert [b.kind for b in blocks(model)] == ["attention"] * 6
+
+
+def test_archs_lists_every_type_with_kinds(capsys):
+    from cboprune.cli import main
+
+    assert main(["archs"]) == 0
+    out = capsys.readouterr().out
+    for model_type in ARCHITECTURES:
+        assert model_type in out
+    assert "attention+moe" in out and "mamba" in out
