@@ -21,8 +21,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from cboprune.baselines._common import (calibration_nll, check_n_remove, model_device, n_blocks_of,
-                                        top_m_ranking)
+from cboprune.baselines._common import check_n_remove, inference, model_device, n_blocks_of, top_m_ranking
 from cboprune.data.calibration import CalibrationSet
 from cboprune.gating import GateManager
 from cboprune.hessian import per_sample_loss
@@ -39,21 +38,46 @@ TAYLOR_PLUS_FIRST, TAYLOR_PLUS_LAST = 4, 2
 
 def single_removal_nll(model: torch.nn.Module, calibration: CalibrationSet, *, batch_size: int = 8,
                        removed: Sequence[int] = (), gates: GateManager | None = None,
-                       skip: Iterable[int] = ()) -> dict[int, float]:
-    """Calibration NLL of the model (with `removed` already off) with each other block also removed."""
+                       skip: Iterable[int] = (), rows_per_pass: int | None = None) -> dict[int, float]:
+    """Calibration NLL (token-weighted mean) of the model with `removed` off and each other block
+    also removed, {block: nll}.
+
+    Several candidate removals share one forward pass: the calibration batch is repeated once per
+    candidate and per-sample gates [rows, N] switch off a different block in each copy (exactly
+    the same numbers as separate passes; fewer, larger matrix products). `rows_per_pass` bounds
+    the stacked batch (default 4 * batch_size).
+    """
     n = n_blocks_of(model)
     own = gates is None
     gates = gates or GateManager(model)
-    skip = set(skip) | set(removed)
-    out = {}
+    todo = [j for j in range(n) if j not in set(skip) | set(removed)]
+    rows = rows_per_pass or 4 * batch_size
+    device = model_device(model)
+    total = dict.fromkeys(todo, 0.0)
+    count = 0
     try:
-        for j in range(n):
-            if j not in skip:
-                out[j] = calibration_nll(model, calibration, batch_size=batch_size, removed=[*removed, j], gates=gates)
+        with inference(model):
+            for _, ids, mask in calibration.batches(batch_size):
+                ids, mask = ids.to(device), mask.to(device)
+                b = ids.shape[0]
+                n_valid = mask[:, 1:].sum(dim=1)
+                count += int(n_valid.sum())
+                per = max(1, rows // b)
+                for lo in range(0, len(todo), per):
+                    chunk = todo[lo:lo + per]
+                    g = torch.stack([gates.removal_gates([*removed, j]) for j in chunk])  # [C, N]
+                    gates.set(g.repeat_interleave(b, dim=0).to(device))  # [C*b, N]
+                    logits = model(input_ids=ids.repeat(len(chunk), 1), attention_mask=mask.repeat(len(chunk), 1),
+                                   use_cache=False).logits
+                    loss = per_sample_loss(logits, ids.repeat(len(chunk), 1), mask.repeat(len(chunk), 1))
+                    loss = (loss.view(len(chunk), b) * n_valid).sum(dim=1)
+                    for j, v in zip(chunk, loss.tolist()):
+                        total[j] += v
     finally:
+        gates.set(None)
         if own:
             gates.remove()
-    return out
+    return {j: total[j] / max(count, 1) for j in todo}
 
 
 def perplexity_criterion(model: torch.nn.Module, calibration: CalibrationSet, n_remove: int, *, top: int = 1,
