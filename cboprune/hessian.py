@@ -162,11 +162,9 @@ class _GateMul(torch.autograd.Function):
         y, g = ctx.saved_tensors
         grad_y = dout * _bcast(g, dout) if ctx.needs_input_grad[0] else None
         grad_g = None
-        if ctx.needs_input_grad[1]:
-            if g.dim() == 0:
-                grad_g = (dout.float() * y.float()).sum().to(g.dtype)
-            else:  # one sample at a time bounds the fp32 temporary to [S, D]
-                grad_g = torch.stack([(dout[b].float() * y[b].float()).sum() for b in range(y.shape[0])]).to(g.dtype)
+        if ctx.needs_input_grad[1]:  # products in y's dtype, accumulated and returned in fp32
+            dims = tuple(range(1 if g.dim() == 1 else 0, y.dim()))
+            grad_g = (dout * y).sum(dim=dims, dtype=torch.float32).to(g.dtype)
         return grad_y, grad_g
 
 
@@ -295,6 +293,16 @@ def _checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
                     setattr(layer, name, value)
 
 
+def model_attention_mask(mask: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask to give the model: None when every row is right-padded (ones, then zeros).
+
+    Under causal attention a right-padded sample's real tokens never see its padding, so the plain
+    causal mask gives them the same outputs, and attention can run the fused causal kernels (flash)
+    instead of a masked one. Padding positions then hold garbage that the loss masks out.
+    """
+    return None if bool((mask[:, 1:] <= mask[:, :-1]).all()) else mask
+
+
 def _input_device(model: torch.nn.Module) -> torch.device:
     """Where input_ids go: the input embedding's device (also for device_map="auto" models)."""
     return model.get_input_embeddings().weight.device
@@ -321,7 +329,7 @@ def _batch_gradients(model: torch.nn.Module, gates: GateManager, ids: torch.Tens
         amp = (torch.autocast(device.type, dtype=settings.autocast) if settings.autocast is not None
                else contextlib.nullcontext())
         with torch.enable_grad(), amp, _math_sdpa(exact):
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [b, s, V]
+            logits = model(input_ids=ids, attention_mask=model_attention_mask(mask), use_cache=False).logits
             loss = per_sample_loss(logits, ids, mask)  # [b]
             del logits
             (grad,) = torch.autograd.grad(loss.sum() * scale, alpha, create_graph=exact)
