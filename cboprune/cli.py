@@ -7,6 +7,7 @@
     cboprune eval     evaluate a model or checkpoint (perplexity, benchmarks)
     cboprune heal     distill the original model into a pruned checkpoint (resumable, LoRA option)
     cboprune compare  CBO and its peers (BI, SLEB, SWM, ...) at equal M, evaluated alike
+    cboprune archs    supported model types and their block kinds (or one model's blocks)
 
 User errors print one line (`cboprune: error: ...`) and exit with status 2.
 """
@@ -29,6 +30,13 @@ def _int_list(text: str) -> list[int]:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,-1, got {text!r}") from None
+
+
+def _kind_list(text: str) -> list[str]:
+    kinds = [t for t in text.replace(" ", "").split(",") if t]
+    if not kinds:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block kinds like moe or mamba,moe, got {text!r}")
+    return kinds
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -67,6 +75,8 @@ def _add_solver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--remove", type=int, nargs="+", metavar="M", help="numbers of blocks to remove")
     p.add_argument("--top", type=int, help="K lowest states per M (default 10)")
     p.add_argument("--keep", type=_int_list, help="blocks never removed, e.g. 0,1,-1")
+    p.add_argument("--only", type=_kind_list, metavar="KIND[,KIND]",
+                   help="remove only blocks of these kinds, e.g. moe (see `cboprune archs`)")
     p.add_argument("--solver", help="auto (default: exact; enumeration when small, else branch-and-bound), "
                                     "exact, enumerate, tabu or tempering")
     p.add_argument("--time-limit", type=float, help="solver budget per M in seconds; when it stops the search, "
@@ -123,10 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remove", type=int, metavar="M", help="number of blocks to remove (with --hessian)")
     p.add_argument("--rank", type=int, default=0, help="which state of the ranking (0 = ground state)")
     p.add_argument("--keep", type=_int_list, help="blocks never removed (with --hessian)")
+    p.add_argument("--only", type=_kind_list, metavar="KIND[,KIND]",
+                   help="remove only blocks of these kinds (with --hessian), e.g. moe")
     p.add_argument("--blocks", type=_int_list, help="explicit block indices to remove, e.g. 3,7,12")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("archs", help="supported model types with their block kinds, or the blocks of one model")
+    p.add_argument("--model", help="show this model's blocks (index, kind, gated branches, parameters) instead")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_archs)
 
     from cboprune.evaluation.cli import add_eval_arguments, run_eval_command
 
@@ -208,8 +226,10 @@ def cmd_solve(args: argparse.Namespace) -> int:
         raise CBOPruneError("pass the numbers of blocks to remove, e.g. --remove 4 8")
     hessian = load_hessian(args.hessian)
     keep = [i + hessian.n_blocks if i < 0 else i for i in (args.keep or [])]
+    removable = _removable(hessian, args.only, keep)
     rankings = solve_rankings(hessian, args.remove, args.top or 10, keep=keep, method=args.solver or "auto",
-                              time_limit=args.time_limit, node_limit=args.node_limit, seed=args.seed)
+                              time_limit=args.time_limit, node_limit=args.node_limit, seed=args.seed,
+                              removable=removable)
     print(rankings_markdown(rankings, hessian.block_kinds))
     if args.output_dir:
         print(f"report: {write_solve_outputs(Path(args.output_dir), hessian, rankings)}")
@@ -217,7 +237,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
         from cboprune.solvers import to_qubo
 
         for m in args.remove:
-            qubo = to_qubo(hessian.H, m, keep=keep, k=args.top or 10)
+            qubo = to_qubo(hessian.H, m, keep=keep, removable=removable, k=args.top or 10)
             prefix = Path(f"{args.export_qubo}-M{m}")
             prefix.parent.mkdir(parents=True, exist_ok=True)
             qubo.write_json(prefix.with_suffix(".json"))
@@ -241,7 +261,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if args.remove is None:
             raise CBOPruneError("with --hessian pass --remove M (and optionally --rank R)")
         keep = [i + hessian.n_blocks if i < 0 else i for i in (args.keep or [])]
-        ranking = solve_rankings(hessian, [args.remove], args.rank + 1, keep=keep)[0]
+        ranking = solve_rankings(hessian, [args.remove], args.rank + 1, keep=keep,
+                                 removable=_removable(hessian, args.only, keep))[0]
         if args.rank >= len(ranking.candidates):
             raise CBOPruneError(f"rank {args.rank} does not exist: only {len(ranking.candidates)} states")
         cand = ranking.candidates[args.rank]
@@ -260,6 +281,50 @@ def cmd_prune(args: argparse.Namespace) -> int:
     out = prune_to_checkpoint(loaded.model, loaded.tokenizer, cand.removed, args.output_dir, info,
                               copy_model=False, overwrite=args.overwrite)
     print(f"removed blocks {list(cand.removed)} -> {out}")
+    return 0
+
+
+def _removable(hessian, only: list[str] | None, keep: list[int]) -> list[int] | None:
+    """The blocks of a saved Hessian that `--only` allows to remove (None: no restriction)."""
+    if not only:
+        return None
+    from cboprune.models.architectures import removable_blocks
+
+    if "block_kinds" not in hessian.meta:
+        raise CBOPruneError("this Hessian file records no block kinds: recompute it with `cboprune hessian` to use --only")
+    return removable_blocks(hessian.block_kinds, only, keep)
+
+
+def cmd_archs(args: argparse.Namespace) -> int:
+    import json
+
+    from cboprune.models.architectures import KIND_PARTS, describe, supported_architectures
+
+    if args.model:
+        from cboprune.models import load_model
+
+        rows = describe(load_model(args.model, dtype=args.dtype, device="cpu").model)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        print("| block | kind | gated branches | parameters |\n|---:|---|---|---:|")
+        for r in rows:
+            print(f"| {r['index']} | {r['kind']} | {', '.join(r['branches'])} | {r['params']:,} |")
+        return 0
+    rows = supported_architectures()
+    if args.json:
+        print(json.dumps({"architectures": rows, "kind_parts": KIND_PARTS}, indent=2))
+        return 0
+    print("| model_type | block kinds | decoder layers | gated branches | config fields rewritten on removal |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        fields = ", ".join(r["config_fields"] + [f"{x} (relayout)" for x in r["relayouts"]])
+        print(f"| {r['model_type']} | {', '.join(r['block_kinds'])} | {r['layers']} | {', '.join(r['branches'])} "
+              f"| {fields} |")
+    print("\nKind parts (a block's kind joins them with '+'; --only KIND matches any part):")
+    for part, meaning in KIND_PARTS.items():
+        print(f"  {part:18s} {meaning}")
+    print("\nOther model types: the decoder layers are discovered generically (a warning says so).")
     return 0
 
 

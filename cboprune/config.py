@@ -22,6 +22,7 @@ class RunConfig:
     remove: list[int] = field(default_factory=lambda: [4, 8])  # values of M
     top: int = 10  # K lowest states per M
     keep: list[int] = field(default_factory=list)  # blocks never removed; negative counts from the end
+    only: list[str] = field(default_factory=list)  # remove only blocks of these kinds (e.g. ["moe"]); empty: any
     save_ranks: list[int] = field(default_factory=lambda: [0])  # states saved as checkpoints, per M
     save_remove: list[int] | None = None  # the M values to save checkpoints for (None: all)
     output_dir: str = "outputs/run"
@@ -68,6 +69,10 @@ class RunConfig:
         for name, value in int_lists.items():
             if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
                 errors.append(f"{name} must be a list of integers, got {value!r}")
+        if isinstance(self.only, str):  # YAML `only: moe` or `only: moe,mamba`
+            self.only = [k for k in self.only.replace(" ", "").split(",") if k]
+        if not isinstance(self.only, list) or not all(isinstance(k, str) and k for k in self.only):
+            errors.append(f"only must be a list of block kinds such as [moe], got {self.only!r}")
         if isinstance(self.remove, list) and not self.remove:
             errors.append("remove must list at least one number of blocks M")
         elif isinstance(self.remove, list) and any(isinstance(m, int) and m <= 0 for m in self.remove):
@@ -98,8 +103,9 @@ class RunConfig:
         if errors:
             raise CBOPruneError("invalid configuration: " + "; ".join(errors))
 
-    def check_against_model(self, n_blocks: int) -> list[int]:
-        """Validate M values and keep indices for a model with n_blocks; return keep normalized."""
+    def check_against_model(self, n_blocks: int, block_kinds: list[str] | None = None) -> list[int]:
+        """Validate M values, keep indices and `only` kinds for a model with n_blocks (of kinds
+        `block_kinds`); return keep normalized."""
         errors = []
         keep = []
         for i in self.keep:
@@ -108,11 +114,22 @@ class RunConfig:
                 errors.append(f"keep index {i} is outside the model's {n_blocks} blocks")
             keep.append(j)
         removable = n_blocks - len(set(keep))
+        restriction = f"keep={self.keep}"
+        if self.only and block_kinds is not None:
+            from cboprune.models.architectures import removable_blocks
+
+            try:
+                allowed = removable_blocks(block_kinds, self.only, keep=[j for j in keep if 0 <= j < n_blocks])
+            except CBOPruneError as exc:
+                errors.append(str(exc))
+            else:
+                removable = len(allowed)
+                restriction = f"only={','.join(self.only)}" + (f", keep={self.keep}" if self.keep else "")
         for m in self.remove:
             if m >= n_blocks:
                 errors.append(f"M = {m} removes the whole model: M must be below N = {n_blocks}")
             elif m > removable:
-                errors.append(f"M = {m} exceeds the {removable} removable blocks left after keep={self.keep}")
+                errors.append(f"M = {m} exceeds the {removable} removable blocks left after {restriction}")
         if errors:
             raise CBOPruneError("; ".join(errors))
         return sorted(set(keep))

@@ -24,8 +24,8 @@ from cboprune.data import GenerationSettings, load_calibration
 from cboprune.errors import CBOPruneError
 from cboprune.hessian import HessianResult, compute_hessian, save_hessian
 from cboprune.models import load_model
-from cboprune.models.architectures import decoder_layers
-from cboprune.models.surgery import remove_blocks, save_pruned, validate_removal
+from cboprune.models.architectures import blocks, decoder_layers, removable_blocks
+from cboprune.models.surgery import UnsupportedRemoval, remove_blocks, save_pruned, validate_removal
 from cboprune.ranking import Candidate, Ranking
 from cboprune.report import plot_hessian, plot_removal_frequency, write_report
 from cboprune.solvers import solve
@@ -62,8 +62,11 @@ def prepare_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
 
 def solve_rankings(hessian: HessianResult, remove: Sequence[int], top: int, *, keep: Sequence[int] = (),
                    method: str = "auto", time_limit: float | None = None, node_limit: int | None = None,
-                   seed: int = 0) -> list[Ranking]:
-    """The `top` lowest CBO states for each M in `remove` from one Hessian (time_limit per M)."""
+                   seed: int = 0, removable: Sequence[int] | None = None) -> list[Ranking]:
+    """The `top` lowest CBO states for each M in `remove` from one Hessian (time_limit per M).
+
+    removable: the only blocks that may be removed (e.g. those of one kind, see
+    `removable_blocks`); None: every block not in `keep`."""
     n = hessian.n_blocks
     rankings = []
     H = hessian.H
@@ -71,11 +74,13 @@ def solve_rankings(hessian: HessianResult, remove: Sequence[int], top: int, *, k
         if not 0 < m < n:
             raise CBOPruneError(f"M = {m} is impossible for a model with N = {n} blocks: choose 1 <= M <= {n - 1}")
         try:
-            ranking = solve(H, m, top, keep=keep, method=method, time_limit=time_limit, node_limit=node_limit,
-                            seed=seed)
+            ranking = solve(H, m, top, keep=keep, removable=removable, method=method, time_limit=time_limit,
+                            node_limit=node_limit, seed=seed)
         except ValueError as exc:  # the solver validates constraints against M
             raise CBOPruneError(f"cannot solve for M = {m}: {exc}") from None
         ranking.info.setdefault("hessian", hessian.fingerprint)
+        if removable is not None:
+            ranking.info["removable"] = sorted(int(i) for i in removable)
         rankings.append(ranking)
     return rankings
 
@@ -93,6 +98,8 @@ def provenance(candidate: Candidate, ranking: Ranking, hessian_meta: dict[str, A
         "kept": [i for i in range(n) if i not in set(candidate.removed)],
         "removed_names": [hessian_meta.get("block_names", [])[i] for i in candidate.removed]
         if hessian_meta.get("block_names") else [],
+        "removed_kinds": [hessian_meta["block_kinds"][i] for i in candidate.removed]
+        if hessian_meta.get("block_kinds") else [],
         "state_rank": candidate.rank,
         "energy": candidate.score,
         "ranking_exact": ranking.exact,
@@ -125,8 +132,13 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> RunResult:
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.model, dtype=cfg.dtype, device=device)
     model, tokenizer = loaded.model, loaded.tokenizer
-    n_blocks = len(decoder_layers(model)[1])
-    keep = cfg.check_against_model(n_blocks)
+    kinds = [b.kind for b in blocks(model)]
+    n_blocks = len(kinds)
+    keep = cfg.check_against_model(n_blocks, kinds)
+    removable = removable_blocks(kinds, cfg.only, keep) if cfg.only else None
+    log.info("%d blocks: %s", n_blocks, ", ".join(f"{i}:{k}" for i, k in enumerate(kinds)))
+    if removable is not None:
+        log.info("removal restricted to %d blocks of kind %s: %s", len(removable), ",".join(cfg.only), removable)
 
     calibration = load_calibration(cfg.data, tokenizer, model=model, n_samples=cfg.n_samples,
                                    seq_len=cfg.seq_len, seed=cfg.seed,
@@ -141,7 +153,7 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> RunResult:
                                   progress=progress, **hessian_options(cfg))
         save_hessian(hessian, staging / HESSIAN_FILE)
         rankings = solve_rankings(hessian, cfg.remove, cfg.top, keep=keep, method=cfg.solver,
-                                  time_limit=cfg.time_limit, seed=cfg.seed)
+                                  time_limit=cfg.time_limit, seed=cfg.seed, removable=removable)
         rankings_dir = staging / "rankings"
         rankings_dir.mkdir()
         for ranking in rankings:
@@ -158,8 +170,12 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> RunResult:
                     continue
                 cand = ranking.candidates[rank]
                 rel = f"pruned/M{ranking.n_remove}-rank{rank}"
-                prune_to_checkpoint(model, tokenizer, cand.removed, staging / rel,
-                                    provenance(cand, ranking, hessian.meta, cfg.model, hessian.fingerprint))
+                try:
+                    prune_to_checkpoint(model, tokenizer, cand.removed, staging / rel,
+                                        provenance(cand, ranking, hessian.meta, cfg.model, hessian.fingerprint))
+                except UnsupportedRemoval as exc:  # the family's config cannot describe what is left
+                    log.warning("not saving M=%d rank %d: %s", ranking.n_remove, rank, exc)
+                    continue
                 checkpoints.append({"n_remove": ranking.n_remove, "rank": rank, "removed": list(cand.removed),
                                     "path": rel})
         write_report(staging, rankings, meta=hessian.meta, figures=figures, checkpoints=checkpoints)

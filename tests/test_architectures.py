@@ -333,3 +333,39 @@ def test_archs_lists_every_type_with_kinds(capsys):
     for model_type in ARCHITECTURES:
         assert model_type in out
     assert "attention+moe" in out and "mamba" in out
+
+
+def test_solve_only_moe_restricts_the_solver(tmp_path, capsys):
+    """`cboprune solve --only moe` (the paper's Nemotron setting) removes MoE blocks only."""
+    from cboprune.cli import main
+    from cboprune.hessian import HESSIAN_FORMAT, HessianResult, save_hessian
+
+    kinds = ["mamba", "moe", "attention", "moe", "mamba", "mlp", "attention", "moe"]
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(16, 8)).astype(np.float32)
+    A[:, [1, 3, 7]] *= 5.0  # MoE blocks look expensive: an unrestricted solver would avoid them
+    meta = {"format": HESSIAN_FORMAT, "n_blocks": 8, "block_kinds": kinds,
+            "block_names": [f"model.layers.{i}" for i in range(8)]}
+    path = save_hessian(HessianResult(A=A, losses=np.zeros(16), meta=meta), tmp_path / "h.safetensors")
+    assert main(["solve", "--hessian", str(path), "--remove", "2", "--top", "3", "--only", "moe",
+                 "--output-dir", str(tmp_path / "out")]) == 0
+    ranking = json.loads((tmp_path / "out" / "rankings" / "M2.json").read_text())
+    removed = [set(c["removed"]) for c in ranking["candidates"]]
+    assert removed and all(r <= {1, 3, 7} for r in removed)
+    assert main(["solve", "--hessian", str(path), "--remove", "2", "--only", "moe", "--keep", "-1"]) == 0
+    assert "1, 3" in capsys.readouterr().out
+    assert main(["solve", "--hessian", str(path), "--remove", "2", "--only", "sliding_attention"]) == 2
+    assert "no block of kind 'sliding_attention'" in capsys.readouterr().err
+
+
+def test_run_config_only_is_validated_against_the_model_kinds():
+    from cboprune.config import RunConfig
+
+    cfg = RunConfig.from_sources(None, {"only": "moe", "remove": [2], "keep": [-1]})
+    assert cfg.only == ["moe"]
+    kinds = ["mamba", "moe", "attention", "moe", "mamba", "mlp", "attention", "moe"]
+    assert cfg.check_against_model(8, kinds) == [7]
+    with pytest.raises(CBOPruneError, match="exceeds the 2 removable blocks left after only=moe"):
+        RunConfig.from_sources(None, {"only": ["moe"], "remove": [3], "keep": [-1]}).check_against_model(8, kinds)
+    with pytest.raises(CBOPruneError, match="no block of kind 'conv'"):
+        RunConfig.from_sources(None, {"only": ["conv"], "remove": [1]}).check_against_model(8, kinds)

@@ -410,8 +410,6 @@ def supported_architectures() -> list[dict[str, Any]]:
     rows = []
     for model_type, spec in sorted(ARCHITECTURES.items()):
         fields = [*spec.count_fields, *spec.layer_fields, *spec.index_fields]
-        if spec.kinds.field and spec.kinds.field not in fields:
-            fields.append(spec.kinds.field)
         rows.append({"model_type": model_type, "layers": spec.layers, "branches": list(spec.branches),
                      "block_kinds": list(spec.block_kinds), "config_fields": fields,
                      "relayouts": list(spec.relayouts)})
