@@ -95,6 +95,10 @@ FAMILIES = [
                          layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention",
                                       "full_attention", "linear_attention"]),
       kinds=frozenset({"linear_attention+moe", "linear_attention", "attention+moe"})),
+    F("mamba", dict(state_size=8, expand=2, conv_kernel=4), kinds=frozenset({"mamba"})),
+    F("mamba2", dict(state_size=8, expand=2, num_heads=4, head_dim=16, n_groups=1, chunk_size=8),
+      kinds=frozenset({"mamba"})),
+    F("falcon_mamba", dict(state_size=8, expand=2, conv_kernel=4), kinds=frozenset({"mamba"})),
     F("lfm2", dict(layer_types=["conv", "full_attention", "conv", "conv", "full_attention", "conv"], conv_L_cache=3),
       kinds=frozenset({"attention", "conv"})),
 ]
@@ -369,3 +373,16 @@ def test_run_config_only_is_validated_against_the_model_kinds():
         RunConfig.from_sources(None, {"only": ["moe"], "remove": [3], "keep": [-1]}).check_against_model(8, kinds)
     with pytest.raises(CBOPruneError, match="no block of kind 'conv'"):
         RunConfig.from_sources(None, {"only": ["conv"], "remove": [1]}).check_against_model(8, kinds)
+
+
+def test_heterogeneous_per_layer_config_is_rekeyed():
+    """transformers' sparse `per_layer_config` (keyed by layer index) follows the kept layers."""
+    from transformers import LlamaConfig
+
+    from cboprune.models.surgery import _rewrite_config
+
+    config = LlamaConfig(**dict(BASE, num_hidden_layers=4),
+                         per_layer_config={0: {"intermediate_size": 40}, 2: {"intermediate_size": 48}})
+    _rewrite_config(config, ARCHITECTURES["llama"], [1, 2, 3], 4)
+    assert config.num_hidden_layers == 3
+    assert [layer.intermediate_size for layer in config.per_layer_config] == [64, 48, 64]

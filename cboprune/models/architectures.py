@@ -165,6 +165,9 @@ MOE = _spec(kinds=Kinds(moe="all"), block_kinds=("attention+moe", "sliding_atten
 #: Qwen-MoE style: MoE on every `decoder_sparse_step`-th layer except `mlp_only_layers`.
 SPARSE_STEP_MOE = _spec(kinds=Kinds(moe="sparse_step"), block_kinds=("attention", "attention+moe"),
                         index_fields=("mlp_only_layers",), relayouts=("sparse_step",))
+#: Pure state-space models: backbone.layers[i].mixer, `layer_types` derived from the count.
+MAMBA_ONLY = _spec(layers="backbone.layers", branches=("mixer",), kinds=Kinds(field=None, mixer="mamba"),
+                   block_kinds=("mamba",), layer_fields=())
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     # dense, Llama-like (one line per family)
@@ -206,6 +209,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen3_next": _spec(branches=("self_attn", "linear_attn", "mlp"), kinds=Kinds(moe="sparse_step"),
                         block_kinds=("attention", "attention+moe", "linear_attention", "linear_attention+moe"),
                         index_fields=("mlp_only_layers",), relayouts=("sparse_step",)),
+    "mamba": MAMBA_ONLY, "mamba2": MAMBA_ONLY, "falcon_mamba": MAMBA_ONLY,
     "lfm2": _spec(branches=("self_attn", "conv", "feed_forward"), block_kinds=("attention", "conv"),
                   index_fields=("full_attn_idxs",)),
 }

@@ -172,8 +172,8 @@ def plan_removal(model: nn.Module, removed: Sequence[int]) -> tuple[list[int], A
     had_attention = any("attention" in k.split("+") or "sliding_attention" in k.split("+") for k in before)
     if had_attention and not any({"attention", "sliding_attention"} & set(k.split("+")) for k in expected) and any(
             stateful & set(k.split("+")) for k in expected):
-        log.warning("removing %s leaves no attention block in this hybrid model: transformers' generate() needs "
-                    "one to track the cache length", removed)
+        log.warning("removing %s leaves no attention block in this hybrid model: transformers' generate() may fail "
+                    "(its hybrid cache reads the sequence length from attention layers)", removed)
     return kept, planned
 
 
