@@ -47,3 +47,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA} (set CBOPRUNE_DATA_DIR)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_models(request):
+    """Tiny models run faster on one thread (and far faster on a loaded machine, where OpenMP
+    threads spin against each other); real-model tests keep every core."""
+    if request.node.get_closest_marker("real_model") or request.node.get_closest_marker("slow"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -52,6 +52,7 @@ def test_run_writes_every_artifact(run_dir):
     assert all(0 not in c.removed and 5 not in c.removed and len(c.removed) == 3 for c in ranking.candidates)
     report = (run_dir / "report.md").read_text()
     assert "M = 2 of N = 6" in report and "removal_frequency.png" in report
+    assert "| 5 | `model.layers.5` | attention |" in report  # the per-block kind table
 
 
 def test_saved_state_matches_its_ranking_and_reloads(run_dir):

@@ -47,6 +47,20 @@ def rankings_markdown(rankings: Sequence[Ranking], block_kinds: Sequence[str] | 
     return "\n".join(ranking_markdown(r, block_kinds) for r in rankings)
 
 
+def blocks_markdown(meta: dict[str, Any]) -> list[str]:
+    """One row per block: index, module, kind, parameters."""
+    names, kinds = meta.get("block_names") or [], meta.get("block_kinds") or []
+    params = meta.get("block_params") or [None] * len(names)
+    if not names:
+        return []
+    lines = ["## Blocks", "", "| block | module | kind | parameters |", "|---:|---|---|---:|"]
+    for i, name in enumerate(names):
+        kind = kinds[i] if i < len(kinds) else ""
+        n = f"{params[i] / 1e6:.2f} M" if params[i] else ""
+        lines.append(f"| {i} | `{name}` | {kind} | {n} |")
+    return lines + [""]
+
+
 def write_report(out_dir: str | Path, rankings: Sequence[Ranking], *, meta: dict[str, Any],
                  figures: dict[str, str], checkpoints: Sequence[dict[str, Any]] = ()) -> Path:
     """report.md: what was computed, the ranked states per M, the figures and saved checkpoints."""
@@ -65,6 +79,7 @@ def write_report(out_dir: str | Path, rankings: Sequence[Ranking], *, meta: dict
         "",
         rankings_markdown(rankings, meta.get("block_kinds")),
     ]
+    lines += blocks_markdown(meta)
     for title, rel in figures.items():
         lines += [f"## {title}", "", f"![{title}]({rel})", ""]
     if checkpoints:
