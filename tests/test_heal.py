@@ -104,3 +104,9 @@ def test_heal_command_line(teacher_and_student, shared_data, tmp_path, capsys):
                  "--micro-batch-size", "2", "--global-batch-size", "2"]) == 0
     assert "healed checkpoint:" in capsys.readouterr().out
     assert (tmp_path / "h" / HEALING_FILE).is_file()
+
+
+def test_time_budget_stops_early_and_still_saves(teacher_and_student, shared_data, tmp_path):
+    report = heal(_cfg(teacher_and_student, shared_data, tmp_path / "budget", max_minutes=0.0), progress=False)
+    assert report["stopped_by_time_budget"] and report["steps"] == 0 and report["planned_steps"] == 6
+    assert (tmp_path / "budget" / HEALING_FILE).is_file()

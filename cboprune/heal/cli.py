@@ -28,6 +28,7 @@ def add_heal_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (for --resume)")
+    p.add_argument("--max-minutes", type=float, help="training time budget; stops early and saves when spent")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--heldout-fraction", type=float, default=0.05, help="records held out for the before/after loss")
     p.add_argument("--max-samples", type=int, help="use at most this many training samples")

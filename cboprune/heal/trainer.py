@@ -67,6 +67,7 @@ class HealConfig:
     seed: int = 0
     teacher_4bit: bool | None = None  # None: NF4 when a CUDA GPU and bitsandbytes are present
     overwrite: bool = False
+    max_minutes: float | None = None  # wall-clock budget for training; stops early and saves when spent
     stop_after_steps: int | None = None  # stop (as if killed) after this many steps; for tests
 
     def validate(self) -> None:
@@ -256,7 +257,13 @@ def heal(cfg: HealConfig, *, progress: bool = True) -> dict[str, Any]:
     start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=step, desc="healing (distillation)", unit="step",
                disable=not progress or not accelerator.is_main_process)
+    stopped_early = False
     while step < total_steps:
+        if cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes:
+            log.warning("time budget of %.1f min spent after %d of %d steps: saving", cfg.max_minutes, step,
+                        total_steps)
+            stopped_early = True
+            break
         if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps:
             bar.close()
             return {"stopped_at_step": step}
@@ -301,7 +308,9 @@ def heal(cfg: HealConfig, *, progress: bool = True) -> dict[str, Any]:
         "teacher": cfg.teacher,
         "teacher_precision": teacher_precision,
         "config": asdict(cfg),
-        "steps": total_steps,
+        "steps": step,
+        "planned_steps": total_steps,
+        "stopped_by_time_budget": stopped_early,
         "train_samples": len(train),
         "heldout_samples": len(held),
         "heldout_loss_before": before,
