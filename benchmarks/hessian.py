@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cboprune.data.calibration import CalibrationSet
@@ -124,7 +123,9 @@ def time_trick_vs_naive(model, cal: CalibrationSet, batch_size: int, device: tor
             _sync(device)
             t0 = time.perf_counter()
             with amp:
-                loss = per_sample_loss(model(input_ids=ids, attention_mask=model_attention_mask(mask), use_cache=False).logits, ids, mask)
+                logits = model(input_ids=ids, attention_mask=model_attention_mask(mask), use_cache=False).logits
+                loss = per_sample_loss(logits, ids, mask)
+                del logits
             _sync(device)
             t1 = time.perf_counter()
             (a_trick,) = torch.autograd.grad(loss.sum(), alpha)
@@ -138,7 +139,9 @@ def time_trick_vs_naive(model, cal: CalibrationSet, batch_size: int, device: tor
             _sync(device)
             t0 = time.perf_counter()
             with amp:
-                loss = per_sample_loss(model(input_ids=ids, attention_mask=model_attention_mask(mask), use_cache=False).logits, ids, mask)
+                logits = model(input_ids=ids, attention_mask=model_attention_mask(mask), use_cache=False).logits
+                loss = per_sample_loss(logits, ids, mask)
+                del logits
             _sync(device)
             t1 = time.perf_counter()
             rows = [torch.autograd.grad(loss[b], alpha, retain_graph=b < batch_size - 1)[0]
