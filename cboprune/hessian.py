@@ -474,7 +474,8 @@ def gate_gradient_pass(model: torch.nn.Module, calibration: CalibrationSet, *, b
                 done = _load_shard(_shard_path(shard_path, k), plan.digest()) \
                     if shard_path is not None and _shard_path(shard_path, k).is_file() else None
                 if done is None:
-                    done = _compute_shard(model, gates, calibration, plan.shard(k), device, settings, stats)
+                    done = _compute_shard(model, gates, calibration, plan.shard(k), device, settings, stats,
+                                          on_batch=bar.update)
                     stats["computed_shards"] += 1
                     if shard_path is not None:
                         _save_shard(_shard_path(shard_path, k), done, plan.digest())
@@ -482,12 +483,12 @@ def gate_gradient_pass(model: torch.nn.Module, calibration: CalibrationSet, *, b
                         on_shard(k, stats["computed_shards"])
                 else:
                     stats["resumed_shards"] += 1
+                    bar.update(len(done["index"]))
                 idx = done["index"].astype(np.int64)
                 A[idx] = done["A"]
                 losses[idx] = done["losses"]
                 if hsums is not None:
                     hsums[k] = done["hsum"]
-                bar.update(len(idx))
             bar.close()
     finally:
         gates.set(None)
@@ -516,7 +517,7 @@ def gate_gradient_pass(model: torch.nn.Module, calibration: CalibrationSet, *, b
 
 def _compute_shard(model: torch.nn.Module, gates: GateManager, calibration: CalibrationSet,
                    batches: list[np.ndarray], device: torch.device, settings: _PassSettings,
-                   stats: dict[str, Any]) -> dict[str, np.ndarray]:
+                   stats: dict[str, Any], on_batch=None) -> dict[str, np.ndarray]:
     rows, grads, losses = [], [], []
     hsum = torch.zeros(gates.n_blocks, gates.n_blocks, dtype=torch.float64)
     for idx in batches:
@@ -533,6 +534,8 @@ def _compute_shard(model: torch.nn.Module, gates: GateManager, calibration: Cali
             hsum += h.cpu()
         stats["tokens"] += int(mask.sum())
         stats["padded_tokens"] += int(mask.numel())
+        if on_batch is not None:  # progress per batch, not per shard
+            on_batch(len(idx))
     out = {"index": np.concatenate(rows), "A": np.concatenate(grads).astype(np.float32),
            "losses": np.concatenate(losses)}
     if settings.variant == "exact":
