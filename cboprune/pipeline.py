@@ -36,6 +36,10 @@ HESSIAN_FILE = "hessian.safetensors"
 
 
 def pick_device(device: str | None) -> str:
+    if device == "auto":  # device_map="auto": the model spread over every visible GPU
+        if not torch.cuda.is_available():
+            raise CBOPruneError("--device auto spreads the model over GPUs but none is available: use --device cpu")
+        return device
     if device:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise CBOPruneError(f"device {device!r} requested but no CUDA GPU is available: use --device cpu")

