@@ -242,6 +242,10 @@ def run_compare(*, model: str = "default", data: str | None = None, n_samples: i
                             + (" (swm never merges the last block)" if "swm" in methods else ""))
     calibration = load_calibration(data, tokenizer, model=net, n_samples=n_samples, seq_len=seq_len, seed=seed,
                                    generation=GenerationSettings(max_new_tokens=gen_max_new_tokens, seed=seed))
+    if "cbo" in methods and calibration.n_samples < n_blocks:
+        log.warning("compare: %d calibration samples for N = %d blocks: the CBO matrix H = AᵀA/m has rank <= %d, "
+                    "so the solver can pick states in its null space (energy ~0, real loss large). Use "
+                    "--n-samples >= N (the paper uses 2048)", calibration.n_samples, n_blocks, calibration.n_samples)
     log.info("compare: %s (N = %d), calibration %s, methods %s, M = %s", model, n_blocks,
              calibration.describe(), methods, remove)
 
@@ -300,7 +304,7 @@ def run_compare(*, model: str = "default", data: str | None = None, n_samples: i
     eval_seconds = round(time.perf_counter() - t0, 2)
 
     meta = {"model": model, "n_blocks": n_blocks, "methods": methods, "remove": remove, "cbo_ranks": cbo_ranks,
-            "tasks": ppl_tasks + other_tasks, "limit": limit, "ppl_limit": ppl_limit, "max_length": max_length,
+            "tasks": ppl_tasks + other_tasks, "ppl_tasks": ppl_tasks, "limit": limit, "ppl_limit": ppl_limit, "max_length": max_length,
             "calibration": calibration.describe(), "batch_size": batch_size, "seed": seed, "device": dev,
             "dtype": dtype, "torch_threads": torch.get_num_threads(), "swm_rule": swm_rule,
             "swm_threshold": swm_threshold, "seconds": {"selection": selection_seconds, "evaluation": eval_seconds,
@@ -355,9 +359,10 @@ def block_rows(result: CompareResult) -> tuple[list[str], list[list[str]]]:
     rows = []
     for e in result.entries:
         info = e.ranking.info
-        if "order_shrunk" in info:
+        base = e.method.partition(":")[0]
+        if base == "bi-iter":
             order = f"{_fmt_list(info['order_shrunk'])} (original: {_fmt_list(info['order'])})"
-        elif "order" in info:
+        elif base == "sleb":
             order = _fmt_list(info["order"])
         else:
             order = ""
@@ -437,7 +442,9 @@ def write_outputs(result: CompareResult) -> dict[str, Path]:
     cal = result.meta["calibration"]
     footer = (f"\nModel {result.meta['model']} (N = {result.meta['n_blocks']}); calibration {cal.get('source')} "
               f"({cal.get('n_samples')} samples, {cal.get('n_tokens')} tokens); tasks limited to "
-              f"{result.meta['limit']} items ({result.meta['ppl_limit']} documents for perplexity); no retraining. "
+              f"{result.meta['limit']} items"
+              + (f" ({result.meta['ppl_limit']} documents for perplexity)" if result.meta.get("ppl_tasks") else "")
+              + "; no retraining. "
               f"Time: selection {secs['selection']} s, evaluation {secs['evaluation']} s, total {secs['total']} s.\n")
     paths["table_md"].write_text(_markdown(h1, r1) + footer, encoding="utf-8")
     _csv(paths["table_csv"], h1, r1)
