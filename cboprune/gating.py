@@ -17,6 +17,12 @@ from cboprune.errors import CBOPruneError
 from cboprune.models.architectures import Block, blocks
 
 
+def broadcast_gate(gate: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A gate [] or per-sample [B] as like's device and dtype, shaped to multiply like [B, S, D]."""
+    g = gate.to(device=like.device, dtype=like.dtype)
+    return g.view(-1, *([1] * (like.dim() - 1))) if g.dim() == 1 else g
+
+
 class GateManager:
     """Owns the gate hooks of one model. Use as a context manager, or call `remove()`.
 
@@ -43,16 +49,17 @@ class GateManager:
     def n_blocks(self) -> int:
         return len(self.blocks)
 
+    def scale(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Branch output y [B, S, D] times its gate: a scalar [] or per-sample [B]."""
+        return y * broadcast_gate(gate, y)
+
     def _make_hook(self, index: int):
         def hook(module: nn.Module, args, output):
             gates = self.gates
             if gates is None:
                 return None
             y = output[0] if isinstance(output, tuple) else output  # [B, S, D]
-            g = gates[..., index].to(device=y.device, dtype=y.dtype)
-            if g.dim() == 1:  # per-sample gate [B] -> [B, 1, 1]
-                g = g.view(-1, *([1] * (y.dim() - 1)))
-            y = y * g
+            y = self.scale(y, gates[..., index])
             return (y, *output[1:]) if isinstance(output, tuple) else y
 
         return hook

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from cboprune import distributed
 from cboprune.data.calibration import CalibrationSet
 from cboprune.errors import CBOPruneError
-from cboprune.gating import GateManager
+from cboprune.gating import GateManager, broadcast_gate
 
 log = logging.getLogger(__name__)
 
@@ -155,22 +155,17 @@ class _GateMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(y, g)
-        return y * _bcast(g, y)
+        return y * broadcast_gate(g, y)
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         y, g = ctx.saved_tensors
-        grad_y = dout * _bcast(g, dout) if ctx.needs_input_grad[0] else None
+        grad_y = dout * broadcast_gate(g, dout) if ctx.needs_input_grad[0] else None
         grad_g = None
         if ctx.needs_input_grad[1]:  # products in y's dtype, accumulated and returned in fp32
             dims = tuple(range(1 if g.dim() == 1 else 0, y.dim()))
             grad_g = (dout * y).sum(dim=dims, dtype=torch.float32).to(g.dtype)
         return grad_y, grad_g
-
-
-def _bcast(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    g = g.to(device=like.device, dtype=like.dtype)
-    return g.view(-1, *([1] * (like.dim() - 1))) if g.dim() == 1 else g
 
 
 class Fp32GateManager(GateManager):
@@ -180,16 +175,8 @@ class Fp32GateManager(GateManager):
     under autocast and gates follow the activations across GPUs (device_map="auto").
     """
 
-    def _make_hook(self, index: int):
-        def hook(module: torch.nn.Module, args, output):
-            gates = self.gates
-            if gates is None:
-                return None
-            y = output[0] if isinstance(output, tuple) else output  # [B, S, D]
-            y = _GateMul.apply(y, gates[..., index])
-            return (y, *output[1:]) if isinstance(output, tuple) else y
-
-        return hook
+    def scale(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return _GateMul.apply(y, gate)
 
 
 # ----------------------------------------------------------------------------- work plan
