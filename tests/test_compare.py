@@ -9,22 +9,12 @@ import pytest
 
 from cboprune.cli import main
 
-from conftest import tiny_llama
+from conftest import save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    """An 8-block random Llama with the default model's tokenizer, saved like any HF checkpoint."""
-    from transformers import AutoTokenizer
-
-    from cboprune.models.loading import resolve_model_source
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source("default")[0])
-    model = tiny_llama(n_layers=8, vocab_size=len(tokenizer))
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", n_layers=8)
 
 
 @pytest.fixture(scope="module")

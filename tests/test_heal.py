@@ -12,23 +12,18 @@ from cboprune.errors import CBOPruneError
 from cboprune.heal import HEALING_FILE, DistillationLoss, HealConfig, heal
 from cboprune.models.surgery import REMOVAL_FILE, remove_blocks, save_pruned
 
-from conftest import tiny_llama
+from conftest import save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def teacher_and_student(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from cboprune.models.loading import resolve_model_source
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source("default")[0])
     root = tmp_path_factory.mktemp("heal")
-    teacher = tiny_llama(n_layers=4, vocab_size=len(tokenizer))
-    teacher.save_pretrained(root / "teacher")
-    tokenizer.save_pretrained(root / "teacher")
-    student = remove_blocks(teacher, [1, 2])
-    save_pruned(student, tokenizer, root / "student", {"removed": [1, 2], "energy": 0.5})
-    return root / "teacher", root / "student"
+    teacher = save_tiny_checkpoint(root / "teacher", n_layers=4)
+    student = remove_blocks(AutoModelForCausalLM.from_pretrained(teacher), [1, 2])
+    save_pruned(student, AutoTokenizer.from_pretrained(teacher), root / "student", {"removed": [1, 2], "energy": 0.5})
+    return teacher, root / "student"
 
 
 def _cfg(pair, shared_data, out, **kw):
