@@ -242,6 +242,22 @@ def _state_energy(W, u, x):
 
 
 @nb.njit(**_JIT)
+def _split_in_out(x, ins, outs, where):
+    """List the removed (ins) and kept (outs) blocks of x; where[j] = j's position in its list."""
+    a = 0
+    b = 0
+    for j in range(x.shape[0]):
+        if x[j]:
+            ins[a] = j
+            where[j] = a
+            a += 1
+        else:
+            outs[b] = j
+            where[j] = b
+            b += 1
+
+
+@nb.njit(**_JIT)
 def tabu_kbest(W, u, m, x0, n_iter, tenure, n_restarts, seed, topE, topM, ts):
     """Swap-move tabu search from `x0` (bool (n,), sum m), with perturbation restarts.
 
@@ -263,17 +279,7 @@ def tabu_kbest(W, u, m, x0, n_iter, tenure, n_restarts, seed, topE, topM, ts):
     ins = np.empty(m, np.int64)
     outs = np.empty(n - m, np.int64)
     where = np.empty(n, np.int64)  # position of j in ins or outs
-    a = 0
-    b = 0
-    for j in range(n):
-        if x[j]:
-            ins[a] = j
-            where[j] = a
-            a += 1
-        else:
-            outs[b] = j
-            where[j] = b
-            b += 1
+    _split_in_out(x, ins, outs, where)
     g = np.zeros(n)
     for j in range(n):
         if x[j]:
@@ -296,17 +302,7 @@ def tabu_kbest(W, u, m, x0, n_iter, tenure, n_restarts, seed, topE, topM, ts):
             # perturb the best state found so far by a few random swaps
             x[:] = best_x
             n_kick = 1 + np.random.randint(0, max(1, min(m, n - m) // 2 + 1))
-            a = 0
-            b = 0
-            for j in range(n):
-                if x[j]:
-                    ins[a] = j
-                    where[j] = a
-                    a += 1
-                else:
-                    outs[b] = j
-                    where[j] = b
-                    b += 1
+            _split_in_out(x, ins, outs, where)
             for _ in range(n_kick):
                 pi = np.random.randint(0, m)
                 po = np.random.randint(0, n - m)
