@@ -137,6 +137,18 @@ def record_to_messages(record: Any) -> list[dict[str, str]] | str:
     raise ValueError(f"no known fields (found {sorted(record)[:6]})")
 
 
+def records_to_messages(records: list[Any], source: str) -> list[list[dict[str, str]] | str]:
+    """record_to_messages for every record; a malformed one is a one-line error naming it."""
+    converted = []
+    for i, record in enumerate(records):
+        try:
+            converted.append(record_to_messages(record))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CBOPruneError(f"{source}: record {i} is malformed ({exc}); supported record fields: "
+                                f"{', '.join(SUPPORTED_FIELDS)}") from None
+    return converted
+
+
 def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False)
@@ -145,7 +157,7 @@ def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
 
 # ----------------------------------------------------------------------------- building samples
 
-def _pad(samples: list[list[int]], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_samples(samples: list[list[int]], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.full((len(samples), seq_len), pad_id, dtype=torch.long)
     mask = torch.zeros((len(samples), seq_len), dtype=torch.long)
     for row, sample in enumerate(samples):
@@ -159,13 +171,7 @@ def build_calibration(records: list[Any], tokenizer, *, n_samples: int, seq_len:
     """Tokenize records into at most `n_samples` samples of at most `seq_len` tokens."""
     if n_samples < 1 or seq_len < MIN_SAMPLE_TOKENS:
         raise CBOPruneError(f"need n_samples >= 1 and seq_len >= {MIN_SAMPLE_TOKENS}, got {n_samples} and {seq_len}")
-    converted = []
-    for i, record in enumerate(records):
-        try:
-            converted.append(record_to_messages(record))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CBOPruneError(f"{source}: record {i} is malformed ({exc}); supported record fields: "
-                                f"{', '.join(SUPPORTED_FIELDS)}") from None
+    converted = records_to_messages(records, source)
     texts = [c for c in converted if isinstance(c, str) and c.strip()]
     chats = [c for c in converted if not isinstance(c, str)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -196,7 +202,7 @@ def build_calibration(records: list[Any], tokenizer, *, n_samples: int, seq_len:
                             "Pass more data or a smaller --seq-len")
     if len(samples) < n_samples:
         log.warning("calibration data %s gave %d samples, fewer than the %d requested", source, len(samples), n_samples)
-    ids, mask = _pad(samples, seq_len, pad_id)
+    ids, mask = pad_samples(samples, seq_len, pad_id)
     return CalibrationSet(ids, mask, source=source, info={"kind": kind, "seed": seed})
 
 

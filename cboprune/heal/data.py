@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cboprune.data.calibration import (MIN_SAMPLE_TOKENS, SUPPORTED_FIELDS, read_records, record_to_messages,
+from cboprune.data.calibration import (MIN_SAMPLE_TOKENS, pad_samples, read_records, records_to_messages,
                                        render_chat)
 from cboprune.errors import CBOPruneError
 
@@ -62,13 +62,7 @@ def load_distillation_data(path: str | Path, tokenizer, *, seq_len: int = 256, h
     if loss_on not in ("all", "responses"):
         raise CBOPruneError(f"loss_on must be 'all' or 'responses', got {loss_on!r}")
     path = Path(path)
-    items = []
-    for i, record in enumerate(read_records(path)):
-        try:
-            items.append(record_to_messages(record))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CBOPruneError(f"{path}: record {i} is malformed ({exc}); supported record fields: "
-                                f"{', '.join(SUPPORTED_FIELDS)}") from None
+    items = records_to_messages(read_records(path), str(path))
     if len(items) == 1 and isinstance(items[0], str):  # one long text: split into paragraphs
         items = [p for p in items[0].split("\n\n") if p.strip()]
     random.Random(seed).shuffle(items)
@@ -92,12 +86,8 @@ def load_distillation_data(path: str | Path, tokenizer, *, seq_len: int = 256, h
 
 
 def _collate(samples: list[tuple[list[int], int]], seq_len: int, pad_id: int) -> TokenizedSet:
-    n = len(samples)
-    ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, seq_len), dtype=torch.long)
-    loss_mask = torch.zeros((n, seq_len), dtype=torch.long)
-    for row, (tokens, start) in enumerate(samples):
-        ids[row, :len(tokens)] = torch.tensor(tokens)
-        mask[row, :len(tokens)] = 1
-        loss_mask[row, start:len(tokens)] = 1
+    ids, mask = pad_samples([tokens for tokens, _ in samples], seq_len, pad_id)
+    loss_mask = mask.clone()
+    for row, (_, start) in enumerate(samples):
+        loss_mask[row, :start] = 0
     return TokenizedSet(ids, mask, loss_mask)
