@@ -7,6 +7,7 @@
     cboprune eval     evaluate a model or checkpoint (perplexity, benchmarks)
     cboprune heal     distill the original model into a pruned checkpoint (resumable, LoRA option)
     cboprune compare  CBO and its peers (BI, SLEB, SWM, ...) at equal M, evaluated alike
+    cboprune study    every energy model and peer: energy vs real loss, which configuration wins
     cboprune archs    supported model types and their block kinds (or one model's blocks)
 
 User errors print one line (`cboprune: error: ...`) and exit with status 2.
@@ -97,6 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_hessian_args(p)
     _add_solver_args(p)
+    g = p.add_argument_group("which states (docs/study.md); the paper's method: --energy fisher --no-verify "
+                             "--refine-sweeps 0")
+    g.add_argument("--energy", help="energy model: fisher (the paper), fisher-linear, exact, measured (default) "
+                                    "or relinearized")
+    g.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-rank the K lowest states by measured held-out calibration loss (default: on)")
+    g.add_argument("--refine-sweeps", type=int, help="swap-search sweeps on the real loss from the verified pick "
+                                                     "(default 8; 0: off)")
+    g.add_argument("--heldout-samples", type=int, help="calibration samples held out for verification (default 16)")
+    g.add_argument("--pool", type=int, help="measured energy: measure pairs only among the P blocks cheapest "
+                                            "to remove alone (fewer forward passes)")
+    g.add_argument("--relin-step", type=int, help="relinearized energy: removals between expansions (default 4)")
     p.add_argument("--save-ranks", type=_int_list, help="ranks saved as checkpoints for each M (default 0)")
     p.add_argument("--save-remove", type=_int_list, help="the M values to save checkpoints for (default: all)")
     p.add_argument("--gen-max-new-tokens", type=int, help="answer length for model-generated calibration")
@@ -164,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="CBO and its peers at equal M on the same calibration data, evaluated alike")
     add_compare_arguments(p)
     p.set_defaults(func=run_compare_command)
+
+    from cboprune.study import add_study_arguments, run_study_command
+
+    p = sub.add_parser("study", help="every energy model and peer on one model: energy vs held-out loss, "
+                                     "verified picks, evaluated alike")
+    add_study_arguments(p)
+    p.set_defaults(func=run_study_command)
     return parser
 
 

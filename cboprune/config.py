@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from cboprune.energy import ENERGY_MODELS, RECOMMENDED
 from cboprune.errors import CBOPruneError
 
 
@@ -33,6 +34,14 @@ class RunConfig:
     solver: str = "auto"
     time_limit: float | None = None  # solver seconds per M; None: exact (auto picks a generous budget)
     gen_max_new_tokens: int = 160  # model-generated calibration: answer length
+    # Which states (docs/study.md). Defaults: the approach that measured best; the paper's method is
+    # energy fisher, verify false, refine_sweeps 0.
+    energy: str = RECOMMENDED.energy  # fisher, fisher-linear, exact, measured or relinearized
+    verify: bool = RECOMMENDED.verify  # re-rank the K lowest states by measured held-out loss
+    refine_sweeps: int = RECOMMENDED.refine_sweeps  # swap search on the real loss from the verified pick
+    heldout_samples: int = 16  # extra calibration samples held out for verification and refinement
+    pool: int | None = None  # measured energy: pairs only among the P blocks cheapest to remove alone
+    relin_step: int = 4  # relinearized energy: removals between expansions
     # Hessian pass (see docs/hessian.md)
     hessian_variant: str = "fisher"  # fisher (the paper's AᵀA/m), centered, or exact (N HVPs, costly)
     autocast: str | None = None  # None (model dtype), bfloat16 or float16: forward under autocast, A in fp32
@@ -77,7 +86,16 @@ class RunConfig:
             errors.append("remove must list at least one number of blocks M")
         elif isinstance(self.remove, list) and any(isinstance(m, int) and m <= 0 for m in self.remove):
             errors.append(f"every M in remove must be >= 1, got {self.remove}")
-        for name in ("n_samples", "seq_len", "batch_size", "top", "gen_max_new_tokens", "shard_samples"):
+        if self.energy not in ENERGY_MODELS:
+            errors.append(f"energy must be one of {', '.join(ENERGY_MODELS)}, got {self.energy!r}")
+        if not isinstance(self.verify, bool):
+            errors.append(f"verify must be true or false, got {self.verify!r}")
+        if not isinstance(self.refine_sweeps, int) or self.refine_sweeps < 0:
+            errors.append(f"refine_sweeps must be an integer >= 0, got {self.refine_sweeps!r}")
+        if self.pool is not None and (not isinstance(self.pool, int) or self.pool < max(self.remove or [1])):
+            errors.append(f"pool must be an integer >= the largest M, got {self.pool!r}")
+        for name in ("n_samples", "seq_len", "batch_size", "top", "gen_max_new_tokens", "shard_samples",
+                     "heldout_samples", "relin_step"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 errors.append(f"{name} must be a positive integer, got {value!r}")

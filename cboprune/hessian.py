@@ -34,7 +34,7 @@ import math
 import os
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -300,18 +300,21 @@ class _PassSettings:
     variant: str = "fisher"
     autocast: torch.dtype | None = None
     gradient_checkpointing: bool = False
+    at_removed: tuple[int, ...] = ()  # expansion point: these gates at 0, the others at 1
 
 
 def _batch_gradients(model: torch.nn.Module, gates: GateManager, ids: torch.Tensor, mask: torch.Tensor,
                      settings: _PassSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(per-sample gate gradients [b, N] fp32, losses [b] fp64, summed per-sample Hessians [N, N]
-    fp64 or None) for one batch, at alpha = 1."""
+    fp64 or None) for one batch, at alpha = 1 (gates of `settings.at_removed` at 0)."""
     device = ids.device
     n = gates.n_blocks
     exact = settings.variant == "exact"
     scale = _FP16_LOSS_SCALE if settings.autocast == torch.float16 else 1.0
     for _ in range(3):
-        alpha = torch.ones(ids.shape[0], n, device=device, dtype=torch.float32, requires_grad=True)
+        alpha = torch.ones(ids.shape[0], n, device=device, dtype=torch.float32)
+        alpha[:, list(settings.at_removed)] = 0.0
+        alpha.requires_grad_(True)
         gates.set(alpha)
         amp = (torch.autocast(device.type, dtype=settings.autocast) if settings.autocast is not None
                else contextlib.nullcontext())
@@ -407,7 +410,8 @@ def gate_gradient_pass(model: torch.nn.Module, calibration: CalibrationSet, *, b
                        autocast: str | torch.dtype | None = None, gradient_checkpointing: bool = False,
                        bucket: bool = True, shard_dir: str | Path | None = None,
                        shard_samples: int = DEFAULT_SHARD_SAMPLES, distributed_run: bool | None = None,
-                       on_shard: Callable[[int, int], None] | None = None) -> PassOutput:
+                       on_shard: Callable[[int, int], None] | None = None,
+                       at_removed: Sequence[int] = ()) -> PassOutput:
     """The gate-gradient pass with every option; `compute_hessian` is the usual entry point.
 
     variant: "fisher" / "centered" (same pass) or "exact" (adds N HVPs per batch).
@@ -416,11 +420,13 @@ def gate_gradient_pass(model: torch.nn.Module, calibration: CalibrationSet, *, b
     shard_dir: stream each finished shard of `shard_samples` samples there and resume from it.
     distributed_run: None = when launched by torchrun/accelerate (the process group is joined).
     on_shard: called as on_shard(shard index, shards finished by this rank) after each new shard.
+    at_removed: blocks already switched off: the expansion point of re-linearization (default alpha = 1).
     """
     if variant not in VARIANTS:
         raise CBOPruneError(f"unknown Hessian variant {variant!r}: choose one of {', '.join(VARIANTS)}")
     settings = _PassSettings(variant=variant, autocast=_resolve_autocast(autocast),
-                             gradient_checkpointing=gradient_checkpointing)
+                             gradient_checkpointing=gradient_checkpointing,
+                             at_removed=tuple(sorted(int(i) for i in at_removed)))
     dinfo = distributed.init_from_env() if (distributed_run or (distributed_run is None and distributed.launched())) \
         else distributed.DistInfo()
     own_gates = gates is None
@@ -441,7 +447,7 @@ def gate_gradient_pass(model: torch.nn.Module, calibration: CalibrationSet, *, b
             "n_samples": m, "n_blocks": n, "block_names": [b.name for b in gates.blocks], "variant": variant,
             "batch_size": batch_size, "bucket": bucket, "shard_samples": shard_samples,
             "autocast": str(settings.autocast) if settings.autocast else None,
-            "model_type": getattr(model.config, "model_type", ""),
+            "at_removed": list(settings.at_removed), "model_type": getattr(model.config, "model_type", ""),
             "model_params": sum(p.numel() for p in model.parameters())})
 
     A = np.zeros((m, n), dtype=np.float32)
@@ -597,6 +603,7 @@ def compute_hessian(model: torch.nn.Module, calibration: CalibrationSet, *, batc
         if options.get("autocast") else None,
         "gradient_checkpointing": bool(options.get("gradient_checkpointing", False)),
         "bucket": bool(options.get("bucket", True)),
+        "at_removed": sorted(int(i) for i in options.get("at_removed", ())),
         "world_size": s["world_size"],
         "seconds": round(s["seconds"], 2),
         "tokens_per_second": round(s["tokens_per_second"], 1),

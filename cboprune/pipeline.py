@@ -1,6 +1,8 @@
 """The whole CBO job and its steps as library functions; the CLI only wraps these.
 
-    run_pipeline(cfg)           model -> calibration -> Hessian -> K lowest states per M -> report -> checkpoints
+    run_pipeline(cfg)           model -> calibration -> Hessian -> energy model -> K lowest states per M
+                                (verified on held-out samples, refined) -> report -> checkpoints
+    rank_states(...)            the K best states per M by any energy model, verification and refinement
     solve_rankings(hessian, ...) K lowest states per M from a saved Hessian
     prune_to_checkpoint(...)    remove blocks from a model and save a normal HF checkpoint
 """
@@ -21,6 +23,7 @@ import torch
 from cboprune import __version__
 from cboprune.config import RunConfig
 from cboprune.data import GenerationSettings, load_calibration
+from cboprune.data.calibration import CalibrationSet
 from cboprune.errors import CBOPruneError
 from cboprune.hessian import HessianResult, compute_hessian, save_hessian
 from cboprune.models import load_model
@@ -49,7 +52,8 @@ def pick_device(device: str | None) -> str:
 
 def hessian_options(cfg: RunConfig) -> dict[str, Any]:
     """The Hessian-pass keywords of `compute_hessian` from a run configuration."""
-    return {"variant": cfg.hessian_variant, "autocast": cfg.autocast,
+    variant = "exact" if cfg.energy == "exact" else cfg.hessian_variant  # the exact energy needs the HVPs
+    return {"variant": variant, "autocast": cfg.autocast,
             "gradient_checkpointing": cfg.gradient_checkpointing, "bucket": cfg.bucket,
             "shard_dir": cfg.shard_dir, "shard_samples": cfg.shard_samples}
 
@@ -89,6 +93,61 @@ def solve_rankings(hessian: HessianResult, remove: Sequence[int], top: int, *, k
     return rankings
 
 
+def rank_states(model: torch.nn.Module, fit: CalibrationSet, heldout: CalibrationSet | None, hessian: HessianResult,
+                remove: Sequence[int], top: int, *, energy: str, verify: bool, refine_sweeps: int,
+                pool: int | None = None, relin_step: int = 4, keep: Sequence[int] = (),
+                removable: Sequence[int] | None = None, batch_size: int = 8, progress: bool = True,
+                **solve_options: Any) -> list[Ranking]:
+    """The `top` best states per M: the energy model's lowest states, re-ranked by held-out loss when
+    `verify`, with the swap-refined state first when `refine_sweeps` (docs/study.md).
+    solve_options: method, time_limit, node_limit, seed."""
+    from cboprune.energy import HESSIAN_MODELS, from_hessian, measure_losses, relinearized_rankings
+    from cboprune.verify import refine, verify as verify_ranking, with_refined
+
+    n = hessian.n_blocks
+    for m in remove:
+        if not 0 < m < n:
+            raise CBOPruneError(f"M = {m} is impossible for a model with N = {n} blocks: choose 1 <= M <= {n - 1}")
+    if (verify or refine_sweeps) and heldout is None:
+        raise CBOPruneError("verification needs held-out calibration samples: set heldout_samples >= 1")
+    kw = {"keep": keep, "removable": removable, **solve_options}
+    if energy in HESSIAN_MODELS:
+        model_ = from_hessian(hessian, energy)
+        by_m = {m: model_.rank(m, top, **kw) for m in remove}
+    elif energy == "measured":
+        model_ = measure_losses(model, fit, pool_size=pool, keep=keep, batch_size=batch_size).energy_model()
+        by_m = {m: model_.rank(m, top, **kw) for m in remove}
+    else:
+        model_ = None
+        by_m = relinearized_rankings(model, fit, remove, top, step=relin_step, first=hessian, batch_size=batch_size,
+                                     progress=progress, **kw)
+    rankings = []
+    for m in remove:
+        ranking = by_m[m]
+        ranking.info.setdefault("hessian", hessian.fingerprint)
+        if removable is not None:
+            ranking.info["removable"] = sorted(int(i) for i in removable)
+        if verify or refine_sweeps:
+            ranking = verify_ranking(model, heldout, ranking, batch_size=batch_size)
+        if refine_sweeps:
+            allowed = sorted(set(removable if removable is not None else range(n)) - set(keep))
+            refined = refine(model, fit, heldout, ranking, removable=allowed, keep=keep, max_sweeps=refine_sweeps,
+                             batch_size=batch_size)
+            energy_of = model_.energy(refined.best.removed) if model_ is not None else float("nan")
+            ranking = with_refined(ranking, refined, energy_of)
+        rankings.append(ranking)
+    return rankings
+
+
+def _scores_of(candidate: Candidate, ranking: Ranking) -> dict[str, Any]:
+    """The state's energy, and its measured held-out NLL when the ranking was verified."""
+    ver = ranking.info.get("verification")
+    if not ver:
+        return {"energy": candidate.score}
+    return {"energy": ver["energies"][candidate.rank], "heldout_nll": candidate.score,
+            "found_by": "solver" if ver["energy_ranks"][candidate.rank] is not None else "swap search"}
+
+
 def provenance(candidate: Candidate, ranking: Ranking, hessian_meta: dict[str, Any], source_model: str,
                hessian_fingerprint: str) -> dict[str, Any]:
     n = ranking.n_blocks
@@ -105,7 +164,8 @@ def provenance(candidate: Candidate, ranking: Ranking, hessian_meta: dict[str, A
         "removed_kinds": [hessian_meta["block_kinds"][i] for i in candidate.removed]
         if hessian_meta.get("block_kinds") else [],
         "state_rank": candidate.rank,
-        "energy": candidate.score,
+        "energy_model": ranking.info.get("energy_model", "fisher"),
+        **_scores_of(candidate, ranking),
         "ranking_exact": ranking.exact,
         "hessian_fingerprint": hessian_fingerprint,
         "calibration": hessian_meta.get("calibration", {}),
@@ -144,20 +204,29 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> RunResult:
     if removable is not None:
         log.info("removal restricted to %d blocks of kind %s: %s", len(removable), ",".join(cfg.only), removable)
 
-    calibration = load_calibration(cfg.data, tokenizer, model=model, n_samples=cfg.n_samples,
+    checks = cfg.verify or cfg.refine_sweeps > 0
+    calibration = load_calibration(cfg.data, tokenizer, model=model,
+                                   n_samples=cfg.n_samples + (cfg.heldout_samples if checks else 0),
                                    seq_len=cfg.seq_len, seed=cfg.seed,
                                    generation=GenerationSettings(max_new_tokens=cfg.gen_max_new_tokens,
                                                                  seed=cfg.seed))
+    fit, heldout = calibration.split(cfg.n_samples) if checks else (calibration, None)
+    log.info("selection: energy model %s%s%s", cfg.energy, ", verified on %d held-out samples" % heldout.n_samples
+             if heldout is not None else "", f", refined by up to {cfg.refine_sweeps} swap sweeps"
+             if cfg.refine_sweeps else "")
     # Everything that can be wrong with the input has been checked: now write.
     staging = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        hessian = compute_hessian(model, calibration, batch_size=cfg.batch_size, model_name=cfg.model,
+        hessian = compute_hessian(model, fit, batch_size=cfg.batch_size, model_name=cfg.model,
                                   progress=progress, **hessian_options(cfg))
         save_hessian(hessian, staging / HESSIAN_FILE)
-        rankings = solve_rankings(hessian, cfg.remove, cfg.top, keep=keep, method=cfg.solver,
-                                  time_limit=cfg.time_limit, seed=cfg.seed, removable=removable)
+        rankings = rank_states(model, fit, heldout, hessian, cfg.remove, cfg.top, energy=cfg.energy,
+                               verify=cfg.verify, refine_sweeps=cfg.refine_sweeps, pool=cfg.pool,
+                               relin_step=cfg.relin_step, keep=keep, removable=removable,
+                               batch_size=cfg.batch_size, progress=progress, method=cfg.solver,
+                               time_limit=cfg.time_limit, seed=cfg.seed)
         rankings_dir = staging / "rankings"
         rankings_dir.mkdir()
         for ranking in rankings:

@@ -24,7 +24,8 @@ def run_dir(tiny_checkpoint, shared_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
     rc = main(["-q", "run", "--model", str(tiny_checkpoint), "--data", str(shared_data / "calib" / "alpaca_en_demo.json"),
                "--n-samples", "8", "--seq-len", "48", "--batch-size", "4", "--remove", "2", "3", "--top", "5",
-               "--keep", "0,-1", "--save-ranks", "0,1", "--save-remove", "2", "--output-dir", str(out)])
+               "--keep", "0,-1", "--save-ranks", "0,1", "--save-remove", "2", "--output-dir", str(out),
+               "--energy", "fisher", "--no-verify", "--refine-sweeps", "0"])  # the paper's method, by name
     assert rc == 0
     return out
 

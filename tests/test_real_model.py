@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def test_gates_at_one_reproduce_the_real_model(default_model):
 def test_pipeline_on_the_real_model(shared_data, tmp_path):
     cfg = RunConfig(model="default", data=str(shared_data / "calib" / "alpaca_en_demo.json"), n_samples=16,
                     seq_len=128, batch_size=8, remove=[4, 8], top=5, save_ranks=[0], save_remove=[8],
-                    output_dir=str(tmp_path / "run"))
+                    output_dir=str(tmp_path / "run"), energy="fisher", verify=False, refine_sweeps=0)
     result = run_pipeline(cfg, progress=False)
     assert result.hessian.A.shape == (16, 30)
     assert [r.n_remove for r in result.rankings] == [4, 8] and all(r.exact for r in result.rankings)
@@ -43,3 +44,16 @@ def test_pipeline_on_the_real_model(shared_data, tmp_path):
                                      return_tensors="pt", return_dict=True)
     out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     assert out.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_recommended_selection_on_the_real_model(shared_data, tmp_path):
+    """The default path (measured energy, verification, swap refinement), kept small: pairs among 8 blocks."""
+    cfg = RunConfig(model="default", data=str(shared_data / "calib" / "alpaca_en_demo.json"), n_samples=4,
+                    heldout_samples=4, seq_len=64, batch_size=4, remove=[2], top=4, pool=8, refine_sweeps=1,
+                    save_remove=[], output_dir=str(tmp_path / "run"))
+    result = run_pipeline(cfg, progress=False)
+    (ranking,) = result.rankings
+    assert ranking.method == "cbo-measured" and ranking.info["energy_configurations"] == 1 + 30 + 28
+    heldout = [c.score for c in ranking.candidates]
+    assert heldout[0] == min(heldout) and all(math.isfinite(v) for v in heldout)
+    assert ranking.info["refine"]["evaluations"] >= 2 * 28  # one full sweep of swaps

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from cboprune.baselines._common import BlockStats, calibration_nll, collect_block_stats, top_m_ranking
-from cboprune.baselines.loss_based import (perplexity_criterion, single_removal_nll, sleb, taylor_plus,
+from cboprune.baselines.loss_based import (configurations_nll, perplexity_criterion, single_removal_nll, sleb, taylor_plus,
                                            taylor_scores)
 from cboprune.baselines.similarity import (angular_distance, angular_distances, block_influence,
                                            block_influence_iterative, block_influence_scores, norm_ratio)
@@ -85,5 +85,5 @@ def run_criterion(name: str, model: torch.nn.Module, calibration: CalibrationSet
 
 __all__ = ["CRITERIA", "BlockStats", "angular_distance", "angular_distances", "block_influence",
            "block_influence_iterative", "block_influence_scores", "calibration_nll", "check_names",
-           "collect_block_stats", "norm_ratio", "perplexity_criterion", "run_criterion", "single_removal_nll",
+           "collect_block_stats", "configurations_nll", "norm_ratio", "perplexity_criterion", "run_criterion", "single_removal_nll",
            "sleb", "sliding_window_merging", "taylor_plus", "taylor_scores", "top_m_ranking"]

@@ -36,24 +36,23 @@ SLEB_REFERENCE = "Song et al., SLEB (arXiv:2402.09025)"
 TAYLOR_PLUS_FIRST, TAYLOR_PLUS_LAST = 4, 2
 
 
-def single_removal_nll(model: torch.nn.Module, calibration: CalibrationSet, *, batch_size: int = 8,
-                       removed: Sequence[int] = (), gates: GateManager | None = None,
-                       skip: Iterable[int] = (), rows_per_pass: int | None = None) -> dict[int, float]:
-    """Calibration NLL (token-weighted mean) of the model with `removed` off and each other block
-    also removed, {block: nll}.
+def configurations_nll(model: torch.nn.Module, calibration: CalibrationSet, configs: Sequence[Sequence[int]], *,
+                       batch_size: int = 8, gates: GateManager | None = None,
+                       rows_per_pass: int | None = None) -> np.ndarray:
+    """Calibration NLL (token-weighted mean) of the model with each configuration's blocks switched
+    off, one value per configuration.
 
-    Several candidate removals share one forward pass: the calibration batch is repeated once per
-    candidate and per-sample gates [rows, N] switch off a different block in each copy (exactly
+    Several configurations share one forward pass: the calibration batch is repeated once per
+    configuration and per-sample gates [rows, N] switch off different blocks in each copy (exactly
     the same numbers as separate passes; fewer, larger matrix products). `rows_per_pass` bounds
     the stacked batch (default 4 * batch_size).
     """
-    n = n_blocks_of(model)
+    configs = [tuple(int(i) for i in c) for c in configs]
     own = gates is None
     gates = gates or GateManager(model)
-    todo = [j for j in range(n) if j not in set(skip) | set(removed)]
     rows = rows_per_pass or 4 * batch_size
     device = model_device(model)
-    total = dict.fromkeys(todo, 0.0)
+    total = np.zeros(len(configs))
     count = 0
     try:
         with inference(model):
@@ -63,21 +62,31 @@ def single_removal_nll(model: torch.nn.Module, calibration: CalibrationSet, *, b
                 n_valid = mask[:, 1:].sum(dim=1)
                 count += int(n_valid.sum())
                 per = max(1, rows // b)
-                for lo in range(0, len(todo), per):
-                    chunk = todo[lo:lo + per]
-                    g = torch.stack([gates.removal_gates([*removed, j]) for j in chunk])  # [C, N]
+                for lo in range(0, len(configs), per):
+                    chunk = configs[lo:lo + per]
+                    g = torch.stack([gates.removal_gates(list(c)) for c in chunk])  # [C, N]
                     gates.set(g.repeat_interleave(b, dim=0).to(device))  # [C*b, N]
-                    logits = model(input_ids=ids.repeat(len(chunk), 1), attention_mask=mask.repeat(len(chunk), 1),
-                                   use_cache=False).logits
-                    loss = per_sample_loss(logits, ids.repeat(len(chunk), 1), mask.repeat(len(chunk), 1))
-                    loss = (loss.view(len(chunk), b) * n_valid).sum(dim=1)
-                    for j, v in zip(chunk, loss.tolist()):
-                        total[j] += v
+                    c_ids, c_mask = ids.repeat(len(chunk), 1), mask.repeat(len(chunk), 1)
+                    logits = model(input_ids=c_ids, attention_mask=c_mask, use_cache=False).logits
+                    loss = per_sample_loss(logits, c_ids, c_mask)
+                    total[lo:lo + len(chunk)] += (loss.view(len(chunk), b) * n_valid).sum(dim=1).double().cpu().numpy()
     finally:
         gates.set(None)
         if own:
             gates.remove()
-    return {j: total[j] / max(count, 1) for j in todo}
+    return total / max(count, 1)
+
+
+def single_removal_nll(model: torch.nn.Module, calibration: CalibrationSet, *, batch_size: int = 8,
+                       removed: Sequence[int] = (), gates: GateManager | None = None,
+                       skip: Iterable[int] = (), rows_per_pass: int | None = None) -> dict[int, float]:
+    """Calibration NLL (token-weighted mean) of the model with `removed` off and each other block
+    also removed, {block: nll} (see `configurations_nll`)."""
+    n = n_blocks_of(model)
+    todo = [j for j in range(n) if j not in set(skip) | set(removed)]
+    nll = configurations_nll(model, calibration, [[*removed, j] for j in todo], batch_size=batch_size,
+                             gates=gates, rows_per_pass=rows_per_pass)
+    return {j: float(v) for j, v in zip(todo, nll)}
 
 
 def perplexity_criterion(model: torch.nn.Module, calibration: CalibrationSet, n_remove: int, *, top: int = 1,

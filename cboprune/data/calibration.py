@@ -71,6 +71,17 @@ class CalibrationSet:
             width = int(mask.sum(dim=1).max())
             yield lo, self.input_ids[lo:lo + batch_size, :width], mask[:, :width]
 
+    def split(self, n_first: int) -> tuple[CalibrationSet, CalibrationSet]:
+        """(the first `n_first` samples, the rest): a fitting set and a held-out set."""
+        if not 0 < n_first < self.n_samples:
+            raise CBOPruneError(f"cannot split {self.n_samples} calibration samples after {n_first}: "
+                                "load more samples (--n-samples) or hold out fewer")
+        parts = []
+        for lo, hi, role in ((0, n_first, "fit"), (n_first, self.n_samples, "held-out")):
+            parts.append(CalibrationSet(self.input_ids[lo:hi], self.attention_mask[lo:hi], self.source,
+                                        {**self.info, "part": role, "samples": [lo, hi]}))
+        return parts[0], parts[1]
+
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "n_samples": self.n_samples, "n_tokens": self.n_tokens,
                 "seq_len": int(self.input_ids.shape[1]), "fingerprint": self.fingerprint, **self.info}

@@ -1,0 +1,246 @@
+"""Energy models, verification by held-out loss, swap refinement and the `study` command."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cboprune.baselines import calibration_nll, configurations_nll
+from cboprune.cli import main
+from cboprune.data.calibration import CalibrationSet
+from cboprune.energy import EnergyModel, from_hessian, measure_losses, relinearized_rankings, spearman
+from cboprune.gating import GateManager
+from cboprune.hessian import compute_hessian, per_sample_loss
+from cboprune.ranking import Candidate, Ranking
+from cboprune.verify import diverse, jaccard, refine, verify, with_refined
+
+from conftest import save_tiny_checkpoint, tiny_llama
+
+
+def _calibration(n: int, seq: int = 12, vocab: int = 128, seed: int = 0) -> CalibrationSet:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, seq), generator=g)
+    mask = torch.ones(n, seq, dtype=torch.long)
+    mask[::3, seq - 3:] = 0  # some right padding
+    return CalibrationSet(ids, mask, "random")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(n_layers=6)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return _calibration(6)
+
+
+def test_configurations_nll_equals_one_pass_per_configuration(model, calib):
+    configs = [(), (1,), (0, 4), (2, 3, 5)]
+    batched = configurations_nll(model, calib, configs, batch_size=4, rows_per_pass=8)
+    for c, v in zip(configs, batched):
+        assert v == pytest.approx(calibration_nll(model, calib, removed=c, batch_size=2), rel=1e-5)
+    assert len(set(np.round(batched, 6))) == len(configs)  # the configurations really differ
+
+
+def test_measured_model_is_exact_on_single_and_pair_removals(model, calib):
+    measured = measure_losses(model, calib, batch_size=3)
+    em = measured.energy_model()
+    base = calibration_nll(model, calib)
+    for removed in [(2,), (5,), (1, 4), (0, 3)]:
+        true = calibration_nll(model, calib, removed=removed)
+        assert em.energy(removed) == pytest.approx(true - base, abs=1e-5)
+    assert measured.configurations == 1 + 6 + 15
+
+
+def test_measured_pool_restricts_pairs_and_removable_blocks(model, calib):
+    measured = measure_losses(model, calib, pool_size=3, keep=[0])
+    cheapest = [i for i in np.argsort(measured.single) if i != 0][:3]
+    assert measured.pool == sorted(int(i) for i in cheapest)
+    assert measured.configurations == 1 + 6 + 3
+    ranking = measured.energy_model().rank(2, 3)
+    assert all(set(c.removed) <= set(measured.pool) for c in ranking.candidates)
+
+
+def test_fisher_linear_is_the_taylor_expansion(model, calib):
+    h = compute_hessian(model, calib, batch_size=3, progress=False)
+    fl = from_hessian(h, "fisher-linear")
+    fisher = from_hessian(h, "fisher")
+    np.testing.assert_allclose(fl.Q, 0.5 * h.matrix("fisher"))
+    np.testing.assert_allclose(fl.linear, -h.grad_mean)
+    x = np.zeros(6)
+    x[[1, 3]] = 1
+    assert fisher.energy((1, 3)) == pytest.approx(x @ h.matrix("fisher") @ x)
+    assert fl.energy((1, 3)) == pytest.approx(-h.grad_mean @ x + 0.5 * x @ h.matrix("fisher") @ x)
+    assert fisher.rank(2, 3).method == "cbo" and fl.rank(2, 3).method == "cbo-fisher-linear"
+
+
+def test_gradient_at_a_removed_point_matches_finite_differences(model, calib):
+    """Re-linearization expands at alpha with block 2 off: its gradient is the derivative there."""
+    h = compute_hessian(model, calib, batch_size=6, progress=False, at_removed=[2])
+    assert h.meta["at_removed"] == [2]
+    gates = GateManager(model)
+    ids, mask = calib.input_ids, calib.attention_mask
+
+    def loss(alpha):
+        gates.set(alpha)
+        with torch.no_grad():
+            return float(per_sample_loss(model(input_ids=ids, attention_mask=mask).logits, ids, mask).double().mean())
+
+    try:
+        base = torch.ones(6, dtype=torch.float64)
+        base[2] = 0
+        for i in (0, 4):
+            eps = 1e-3
+            up, down = base.clone(), base.clone()
+            up[i] += eps
+            down[i] -= eps
+            fd = (loss(up.float()) - loss(down.float())) / (2 * eps)
+            assert h.grad_mean[i] == pytest.approx(fd, rel=2e-2, abs=1e-4)
+    finally:
+        gates.remove()
+
+
+def test_relinearized_path_keeps_earlier_removals(model, calib):
+    rankings = relinearized_rankings(model, calib, [1, 3], 4, step=1, batch_size=3)
+    first = rankings[1].best.removed
+    assert all(set(first) <= set(c.removed) for c in rankings[3].candidates)
+    assert rankings[3].method == "cbo-relinearized"
+    assert len(rankings[3].info["energy_expansion_points"]) == 3
+
+
+def test_verify_reorders_by_measured_heldout_loss(model, calib):
+    heldout = _calibration(4, seed=1)
+    em = EnergyModel("test", np.eye(6), np.arange(6.0))
+    ranking = em.rank(2, 6)
+    verified = verify(model, heldout, ranking, batch_size=2)
+    scores = [c.score for c in verified.candidates]
+    assert scores == sorted(scores) and [c.rank for c in verified.candidates] == list(range(6))
+    for c in verified.candidates:
+        assert c.score == pytest.approx(calibration_nll(model, heldout, removed=c.removed), rel=1e-5)
+    v = verified.info["verification"]
+    assert sorted(v["energy_ranks"]) == list(range(6))
+    assert v["energies"] == [ranking.candidates[r].score for r in v["energy_ranks"]]
+    assert -1 <= v["spearman"] <= 1
+
+
+def test_refine_never_ends_worse_and_finds_the_best_swap(model, calib):
+    heldout = _calibration(4, seed=1)
+    bad = Ranking("cbo", 6, 2, [Candidate((0, 1), 0.0, 0)])  # blocks 0 and 1: a poor start on purpose
+    verified = verify(model, heldout, bad)
+    refined = refine(model, calib, heldout, verified, max_sweeps=5)
+    r = refined.info["refine"]
+    assert r["fitting_nll"] == sorted(r["fitting_nll"], reverse=True)  # every accepted swap improved
+    assert refined.best.score <= verified.best.score
+    if r["sweeps"] < 5:  # converged: no single swap improves the fitting loss
+        current = set(r["path"][-1])
+        swaps = [tuple(sorted(current - {i} | {j})) for i in current for j in set(range(6)) - current]
+        assert min(configurations_nll(model, calib, swaps)) >= r["fitting_nll"][-1] - 1e-9
+    merged = with_refined(verified, refined, 1.5)
+    assert merged.best.removed == refined.best.removed and [c.rank for c in merged.candidates] == list(
+        range(len(merged.candidates)))
+    assert len(merged.info["verification"]["energies"]) == len(merged.candidates)
+
+
+def test_diverse_keeps_ground_state_and_bounds_jaccard():
+    cands = [Candidate(tuple(c), float(i), i) for i, c in enumerate([(0, 1, 2), (0, 1, 3), (4, 5, 6), (0, 4, 5),
+                                                                    (7, 8, 9)])]
+    ranking = Ranking("cbo", 10, 3, cands)
+    d = diverse(ranking, 3, max_jaccard=0.25)
+    assert d.best.removed == (0, 1, 2)
+    assert all(jaccard(a.removed, b.removed) <= 0.25 for i, a in enumerate(d.candidates) for b in d.candidates[:i])
+    assert [c.removed for c in d.candidates] == [(0, 1, 2), (4, 5, 6), (7, 8, 9)]
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(spearman([1, 2], [1, 2]))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", n_layers=8)
+
+
+def test_study_end_to_end(tiny_checkpoint, shared_data, tmp_path):
+    out = tmp_path / "study"
+    text = tmp_path / "text.txt"
+    text.write_text("The cat sat on the mat. It was a sunny day, and the children played in the park. " * 3)
+    rc = main(["-q", "study", "--model", str(tiny_checkpoint), "--data",
+               str(shared_data / "calib" / "alpaca_en_demo.json"), "--n-samples", "6", "--n-heldout", "4",
+               "--seq-len", "32", "--batch-size", "4", "--remove", "2", "3", "--k", "4", "--max-sweeps", "2",
+               "--exact-samples", "3", "--peers", "bi,sleb,swm", "--tasks", f"file:{text},arc_easy", "--limit", "2",
+               "--ppl-limit", "1", "--max-length", "64", "--output-dir", str(out)])
+    assert rc == 0
+    for name in ("study.md", "study.csv", "results.json", "energy_vs_loss.png", "frequency_measured.png",
+                 "frequency_fisher.png"):
+        assert (out / name).is_file(), name
+    data = json.loads((out / "results.json").read_text())
+    methods = {(e["method"], e["n_remove"]) for e in data["entries"]}
+    for m in (2, 3):
+        for name in ("fisher", "fisher-linear", "exact", "measured", "relinearized"):
+            assert (f"{name}:0", m) in methods and (f"{name}+verify", m) in methods
+        assert ("measured+refine", m) in methods and ("sleb", m) in methods
+    for e in data["entries"]:
+        assert len(e["candidate"]["removed"]) == e["n_remove"]
+        assert e["heldout_nll"] is not None and "results" in e["eval"]
+    by = {(e["method"], e["n_remove"]): e for e in data["entries"]}
+    for name in data["correlations"]:
+        for m in (2, 3):  # the verified pick is the best of the K verified states, ground state included
+            assert by[(f"{name}+verify", m)]["heldout_nll"] <= by[(f"{name}:0", m)]["heldout_nll"] + 1e-12
+            assert by[("measured+refine", m)]["heldout_nll"] <= by[("measured+verify", m)]["heldout_nll"] + 1e-12
+    md = (out / "study.md").read_text()
+    assert "Spearman" in md and "[recommended]" in md and "beats every peer" in md
+
+
+def test_study_bad_input_gives_one_line_errors(tiny_checkpoint, tmp_path, capsys):
+    cases = [(["--energies", "fisher,curvature"], "unknown energy model"),
+             (["--peers", "sleeb"], "did you mean 'sleb'"),
+             (["--remove", "0"], "M >= 1"),
+             (["--diverse", "1.5"], "--diverse")]
+    for extra, fragment in cases:
+        rc = main(["-q", "study", "--model", str(tiny_checkpoint), "--output-dir", str(tmp_path / "x")] + extra)
+        err = capsys.readouterr().err
+        assert rc == 2 and fragment in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert not (tmp_path / "x").exists()
+
+
+def test_run_default_is_the_recommended_approach_and_paper_stays_available(tiny_checkpoint, shared_data, tmp_path):
+    from cboprune.energy import PAPER, RECOMMENDED
+
+    data = str(shared_data / "calib" / "alpaca_en_demo.json")
+    common = ["-q", "run", "--model", str(tiny_checkpoint), "--data", data, "--n-samples", "6", "--seq-len", "32",
+              "--batch-size", "3", "--remove", "2", "--top", "4", "--save-remove", "2", "--heldout-samples", "3"]
+    assert main(common + ["--output-dir", str(tmp_path / "rec"), "--refine-sweeps", "1"]) == 0
+    ranking = json.loads((tmp_path / "rec" / "rankings" / "M2.json").read_text())
+    assert ranking["method"] == f"cbo-{RECOMMENDED.energy}"
+    assert "verification" in ranking["info"] and "refine" in ranking["info"]
+    scores = [c["score"] for c in ranking["candidates"][1:]]
+    assert scores == sorted(scores)  # verified states by held-out NLL (the refined state, if any, first)
+    removal = json.loads((tmp_path / "rec" / "pruned" / "M2-rank0" / "removal.json").read_text())
+    assert removal["removed"] == ranking["candidates"][0]["removed"]
+    assert "held-out NLL" in (tmp_path / "rec" / "report.md").read_text()
+
+    assert PAPER.energy == "fisher" and not PAPER.verify and PAPER.refine_sweeps == 0
+    assert main(common + ["--output-dir", str(tmp_path / "paper"), "--energy", "fisher", "--no-verify",
+                          "--refine-sweeps", "0"]) == 0
+    paper = json.loads((tmp_path / "paper" / "rankings" / "M2.json").read_text())
+    assert paper["method"] == "cbo" and "verification" not in paper["info"]
+    energies = [c["score"] for c in paper["candidates"]]
+    assert energies == sorted(energies)
+
+
+def test_run_rejects_unknown_energy_and_bad_selection_settings(tmp_path, capsys):
+    for extra, fragment in [(["--energy", "curvature"], "energy must be one of"),
+                            (["--refine-sweeps", "-1"], "refine_sweeps must be"),
+                            (["--heldout-samples", "0"], "heldout_samples must be"),
+                            (["--pool", "3", "--remove", "4"], "pool must be")]:
+        rc = main(["-q", "run", "--output-dir", str(tmp_path / "x")] + extra)
+        err = capsys.readouterr().err
+        assert rc == 2 and fragment in err and len(err.strip().splitlines()) == 1, (extra, err)
+    assert not (tmp_path / "x").exists()
