@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("solve", help="K lowest CBO states for several M from a saved Hessian")
     p.add_argument("--hessian", required=True, help="file written by `cboprune hessian` or `run`")
+    p.add_argument("--energy", default="fisher", choices=["fisher", "fisher-linear", "exact"],
+                   help="energy model from the Hessian file: fisher (the paper, default), fisher-linear (adds "
+                        "the first-order term), exact (needs a Hessian computed with --variant exact)")
     _add_solver_args(p)
     p.add_argument("--node-limit", type=int, help="branch-and-bound node budget per M")
     p.add_argument("--seed", type=int, default=0)
@@ -250,15 +253,18 @@ def cmd_solve(args: argparse.Namespace) -> int:
     removable = _removable(hessian, args.only, keep)
     rankings = solve_rankings(hessian, args.remove, args.top or 10, keep=keep, method=args.solver or "auto",
                               time_limit=args.time_limit, node_limit=args.node_limit, seed=args.seed,
-                              removable=removable)
+                              removable=removable, energy=args.energy)
     print(rankings_markdown(rankings, hessian.block_kinds))
     if args.output_dir:
         print(f"report: {write_solve_outputs(Path(args.output_dir), hessian, rankings)}")
     if args.export_qubo:
+        from cboprune.energy import from_hessian
         from cboprune.solvers import to_qubo
 
+        energy = from_hessian(hessian, args.energy)  # the QUBO of the model that was solved
+
         for m in args.remove:
-            qubo = to_qubo(hessian.H, m, keep=keep, removable=removable, k=args.top or 10)
+            qubo = to_qubo(energy.Q, m, linear=energy.linear, keep=keep, removable=removable, k=args.top or 10)
             prefix = Path(f"{args.export_qubo}-M{m}")
             prefix.parent.mkdir(parents=True, exist_ok=True)
             qubo.write_json(prefix.with_suffix(".json"))

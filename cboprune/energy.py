@@ -4,7 +4,8 @@ Every model has the form  E(x) = xᵀQx + cᵀx  over the removal indicator x (x
 removed), so every solver in `cboprune.solvers` lists its K lowest states under sum(x) = M.
 
     name           Q, c                                                   cost
-    fisher         AᵀA/m, 0 (the paper's model, kept faithfully)          one gate-gradient pass
+    fisher         AᵀA/m, 0 (the paper's model, kept faithfully; with       one gate-gradient pass
+                   --variant centered/exact, that matrix instead)
     fisher-linear  ½ AᵀA/m, −ḡ: the second-order Taylor expansion of       the same pass
                    L(α = 1 − x) with the empirical Fisher as Hessian
     exact          ½ H, −ḡ with H the exact gate Hessian (N HVPs)        the pass + N HVPs per batch
@@ -125,9 +126,9 @@ class EnergyModel:
 
 def from_hessian(hessian: HessianResult, name: str) -> EnergyModel:
     """`fisher`, `fisher-linear` or `exact` (the last needs a Hessian computed with variant "exact")."""
-    if name == "fisher":  # the paper's form, with the centered matrix when the Hessian was computed so
-        H = hessian.H if hessian.variant in ("fisher", "centered") else hessian.matrix("fisher")
-        return EnergyModel(name, H, np.zeros(hessian.n_blocks), info={"hessian": hessian.fingerprint})
+    if name == "fisher":  # the paper's form xᵀHx with the file's own matrix (AᵀA/m unless another --variant)
+        return EnergyModel(name, hessian.H, np.zeros(hessian.n_blocks),
+                           info={"hessian": hessian.fingerprint, "variant": hessian.variant})
     if name in ("fisher-linear", "exact"):
         H = hessian.matrix("fisher" if name == "fisher-linear" else "exact")
         return EnergyModel(name, 0.5 * H, -hessian.grad_mean, info={"hessian": hessian.fingerprint})

@@ -31,7 +31,6 @@ from cboprune.models.architectures import blocks, decoder_layers, removable_bloc
 from cboprune.models.surgery import UnsupportedRemoval, remove_blocks, save_pruned, validate_removal
 from cboprune.ranking import Candidate, Ranking
 from cboprune.report import plot_hessian, plot_removal_frequency, write_report
-from cboprune.solvers import solve
 
 log = logging.getLogger(__name__)
 
@@ -70,22 +69,22 @@ def prepare_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
 
 def solve_rankings(hessian: HessianResult, remove: Sequence[int], top: int, *, keep: Sequence[int] = (),
                    method: str = "auto", time_limit: float | None = None, node_limit: int | None = None,
-                   seed: int = 0, removable: Sequence[int] | None = None) -> list[Ranking]:
-    """The `top` lowest CBO states for each M in `remove` from one Hessian (time_limit per M).
+                   seed: int = 0, removable: Sequence[int] | None = None, energy: str = "fisher") -> list[Ranking]:
+    """The `top` lowest states for each M in `remove` of a Hessian-based energy model (time_limit per M).
 
-    removable: the only blocks that may be removed (e.g. those of one kind, see
-    `removable_blocks`); None: every block not in `keep`."""
+    energy: "fisher" (the paper's xᵀHx with the Hessian's own variant), "fisher-linear" or "exact"
+    (see `cboprune.energy`). removable: the only blocks that may be removed (e.g. those of one kind,
+    see `removable_blocks`); None: every block not in `keep`."""
+    from cboprune.energy import from_hessian
+
     n = hessian.n_blocks
+    model_ = from_hessian(hessian, energy)
     rankings = []
-    H = hessian.H
     for m in remove:
         if not 0 < m < n:
             raise CBOPruneError(f"M = {m} is impossible for a model with N = {n} blocks: choose 1 <= M <= {n - 1}")
-        try:
-            ranking = solve(H, m, top, keep=keep, removable=removable, method=method, time_limit=time_limit,
-                            node_limit=node_limit, seed=seed)
-        except ValueError as exc:  # the solver validates constraints against M
-            raise CBOPruneError(f"cannot solve for M = {m}: {exc}") from None
+        ranking = model_.rank(m, top, keep=keep, removable=removable, method=method, time_limit=time_limit,
+                              node_limit=node_limit, seed=seed)
         ranking.info.setdefault("hessian", hessian.fingerprint)
         if removable is not None:
             ranking.info["removable"] = sorted(int(i) for i in removable)
@@ -111,9 +110,10 @@ def rank_states(model: torch.nn.Module, fit: CalibrationSet, heldout: Calibratio
     if (verify or refine_sweeps) and heldout is None:
         raise CBOPruneError("verification needs held-out calibration samples: set heldout_samples >= 1")
     kw = {"keep": keep, "removable": removable, **solve_options}
+    _warn_about_cost(model, fit, n, max(remove), energy, pool, refine_sweeps)
     if energy in HESSIAN_MODELS:
         model_ = from_hessian(hessian, energy)
-        by_m = {m: model_.rank(m, top, **kw) for m in remove}
+        by_m = dict(zip(remove, solve_rankings(hessian, remove, top, energy=energy, **kw)))
     elif energy == "measured":
         model_ = measure_losses(model, fit, pool_size=pool, keep=keep, batch_size=batch_size).energy_model()
         by_m = {m: model_.rank(m, top, **kw) for m in remove}
@@ -137,6 +137,24 @@ def rank_states(model: torch.nn.Module, fit: CalibrationSet, heldout: Calibratio
             ranking = with_refined(ranking, refined, energy_of)
         rankings.append(ranking)
     return rankings
+
+
+#: forward tokens above which the selection warns on CPU (2 cores run the default model at ~300 tokens/s)
+CPU_TOKEN_WARNING = 2_000_000
+
+
+def _warn_about_cost(model: torch.nn.Module, fit: CalibrationSet, n: int, m: int, energy: str, pool: int | None,
+                     refine_sweeps: int) -> None:
+    """Forward configurations of the fitting set the selection needs; a warning when that is hours on CPU."""
+    p = pool or n
+    configs = (1 + n + p * (p - 1) // 2 if energy == "measured" else 0) + refine_sweeps * m * (n - m)
+    tokens = configs * fit.n_tokens
+    log.info("selection: up to %d forward configurations of the %d fitting tokens", configs, fit.n_tokens)
+    if tokens > CPU_TOKEN_WARNING and next(model.parameters()).device.type == "cpu":
+        log.warning("selection: the %s energy%s needs up to %d forward configurations (%.1f M tokens): hours on a "
+                    "few CPU cores. Use a GPU, or --pool P, fewer --n-samples, --refine-sweeps 0, or --energy "
+                    "fisher-linear (docs/study.md)", energy, " with refinement" if refine_sweeps else "", configs,
+                    tokens / 1e6)
 
 
 def _scores_of(candidate: Candidate, ranking: Ranking) -> dict[str, Any]:

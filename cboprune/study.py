@@ -154,16 +154,20 @@ def run_study(*, model: str = "default", data: str | None = None, n_samples: int
     for name in energies:
         t0 = time.perf_counter()
         if name in ("fisher", "fisher-linear"):
-            rankings = {m: from_hessian(hessian, name).rank(m, pool_k, **solve_kw) for m in remove}
+            energy_model = from_hessian(hessian, name)
+            rankings = {m: energy_model.rank(m, pool_k, **solve_kw) for m in remove}
         elif name == "exact":
             sub = fit if exact_samples is None or exact_samples >= fit.n_samples else fit.split(exact_samples)[0]
             exact_h = compute_hessian(net, sub, batch_size=batch_size, model_name=model, progress=progress,
                                       variant="exact")
-            rankings = {m: from_hessian(exact_h, name).rank(m, pool_k, **solve_kw) for m in remove}
+            energy_model = from_hessian(exact_h, name)
+            rankings = {m: energy_model.rank(m, pool_k, **solve_kw) for m in remove}
         elif name == "measured":
             measured = measure_losses(net, fit, pool_size=pool, batch_size=batch_size)
-            rankings = {m: measured.energy_model().rank(m, pool_k, **solve_kw) for m in remove}
+            energy_model = measured.energy_model()
+            rankings = {m: energy_model.rank(m, pool_k, **solve_kw) for m in remove}
         else:
+            energy_model = None  # one local model per expansion point
             rankings = relinearized_rankings(net, fit, remove, pool_k, step=relin_step, first=hessian,
                                              batch_size=batch_size, progress=progress, **solve_kw)
         build = time.perf_counter() - t0
@@ -196,6 +200,9 @@ def run_study(*, model: str = "default", data: str | None = None, n_samples: int
                                        max_sweeps=max_sweeps, batch_size=batch_size)
                 entries.append(StudyEntry(f"{name}+refine", m, refined.best, refined,
                                           round(seconds + time.perf_counter() - t2, 2), heldout_nll=refined.best.score))
+                correlations[name][m]["refined"] = {
+                    "removed": list(refined.best.removed), "heldout_nll": refined.best.score,
+                    "energy": energy_model.energy(refined.best.removed) if energy_model is not None else None}
                 log.info("study: %s M = %d refined to %s, held-out NLL %.4f (%d evaluations, accepted %s)", name,
                          m, list(refined.best.removed), refined.best.score, refined.info["refine"]["evaluations"],
                          refined.info["refine"]["accepted"])
@@ -381,6 +388,11 @@ def plot_energy_vs_loss(result: StudyResult, path: Path) -> Path:
             ax.scatter(d["energies"], d["heldout_nll"], s=14, c="C0")
             if d["energies"]:
                 ax.scatter([d["energies"][0]], [d["heldout_nll"][0]], s=40, c="C3", label="verified pick")
+            refined = d.get("refined")
+            if refined and refined["energy"] is not None:
+                ax.scatter([refined["energy"]], [refined["heldout_nll"]], s=40, c="C2", marker="*",
+                           label="refined")
+                ax.legend(fontsize=6)
             peers = [e.heldout_nll for e in result.entries if e.n_remove == m and e.kind == "peer"
                      and e.heldout_nll is not None]
             if peers:

@@ -143,12 +143,15 @@ def with_refined(verified: Ranking, refined: Ranking, refined_energy: float) -> 
     cands = list(verified.candidates)
     energies, energy_ranks = list(vinfo["energies"]), list(vinfo["energy_ranks"])
     if refined.info["refine"]["accepted"]:
-        old = [i for i, c in enumerate(cands) if c.removed == state.removed]
-        for i in reversed(old):
+        listed = [i for i, c in enumerate(cands) if c.removed == state.removed]
+        e_rank = None  # found by the swap search, not listed by the solver
+        if listed:
+            (i,) = listed
+            e_rank, refined_energy = energy_ranks[i], energies[i]
             del cands[i], energies[i], energy_ranks[i]
         cands.insert(0, state)
         energies.insert(0, refined_energy)
-        energy_ranks.insert(0, None)  # found by the swap search, not listed by the solver
+        energy_ranks.insert(0, e_rank)
     cands = [replace(c, rank=r) for r, c in enumerate(cands)]
     vinfo.update(energies=energies, energy_ranks=energy_ranks)
     info = {**verified.info, "verification": vinfo, "refine": refined.info["refine"]}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from cboprune.baselines import (CRITERIA, angular_distance, angular_distances, block_influence,
+from cboprune.baselines import (CRITERIA, angular_distance, block_influence,
                                 block_influence_iterative, block_influence_scores, calibration_nll,
                                 collect_block_stats, norm_ratio, perplexity_criterion, run_criterion, sleb,
                                 sliding_window_merging, taylor_plus, taylor_scores, top_m_ranking)

@@ -244,3 +244,22 @@ def test_run_rejects_unknown_energy_and_bad_selection_settings(tmp_path, capsys)
         err = capsys.readouterr().err
         assert rc == 2 and fragment in err and len(err.strip().splitlines()) == 1, (extra, err)
     assert not (tmp_path / "x").exists()
+
+
+def test_solve_command_builds_any_hessian_energy(tmp_path, capsys):
+    from cboprune.hessian import save_hessian
+
+    model = tiny_llama(n_layers=6)
+    h = compute_hessian(model, _calibration(5), batch_size=5, progress=False)
+    path = save_hessian(h, tmp_path / "h.safetensors")
+    out = tmp_path / "solve"
+    assert main(["solve", "--hessian", str(path), "--remove", "2", "--top", "3", "--energy", "fisher-linear",
+                 "--output-dir", str(out), "--export-qubo", str(tmp_path / "q")]) == 0
+    ranking = json.loads((out / "rankings" / "M2.json").read_text())
+    fl = from_hessian(h, "fisher-linear")
+    assert ranking["method"] == "cbo-fisher-linear"
+    assert ranking["candidates"][0]["score"] == pytest.approx(min(
+        fl.energy((a, b)) for a in range(6) for b in range(a + 1, 6)))
+    qubo = json.loads((tmp_path / "q-M2.json").read_text())
+    assert qubo  # the penalty QUBO of the same model was written
+    capsys.readouterr()

@@ -392,7 +392,7 @@ def test_problem_reduction_energy_consistency():
 
 @pytest.mark.parametrize("node_limit", [20, 300, 3000])
 def test_anytime_with_best_first_phase_is_sound(node_limit):
-    H, n, m, k = wishart(22, 30, 12), 22, 9, 30
+    H, m, k = wishart(22, 30, 12), 9, 30
     full = enumerate_exhaustive(H, m, k)
     r = solve(H, m, k, method="exact", node_limit=node_limit)
     if r.exact:

@@ -128,7 +128,6 @@ def enumerate_kbest(W, u, m, topE, topM, ts, max_states):
     n = u.shape[0]
     words = topM.shape[1]
     mask = np.zeros(words, np.uint64)
-    inf = np.inf
     if m == 0:
         topk_insert(topE, topM, ts, 0.0, mask, False)
         return 1
