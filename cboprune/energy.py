@@ -163,9 +163,10 @@ class MeasuredLosses:
 
 
 def measure_losses(model: torch.nn.Module, calibration: CalibrationSet, *, pool_size: int | None = None,
-                   keep: Sequence[int] = (), batch_size: int = 8, rows_per_pass: int | None = None) -> MeasuredLosses:
+                   keep: Sequence[int] = (), removable: Sequence[int] | None = None, batch_size: int = 8,
+                   rows_per_pass: int | None = None) -> MeasuredLosses:
     """Single removals of every block, then all pairs among the `pool_size` blocks whose single removal
-    costs least (default: every block not kept), several configurations per forward pass."""
+    costs least (default: every removable block not kept), several configurations per forward pass."""
     from cboprune.baselines import configurations_nll
     from cboprune.baselines._common import n_blocks_of
 
@@ -174,7 +175,8 @@ def measure_losses(model: torch.nn.Module, calibration: CalibrationSet, *, pool_
     kw = {"batch_size": batch_size, "rows_per_pass": rows_per_pass}
     base, *single = configurations_nll(model, calibration, [()] + [(i,) for i in range(n)], **kw)
     single = np.asarray(single)
-    candidates = [i for i in np.argsort(single, kind="stable") if i not in set(keep)]
+    allowed = set(range(n) if removable is None else removable) - set(keep)
+    candidates = [int(i) for i in np.argsort(single, kind="stable") if int(i) in allowed]
     pool = sorted(int(i) for i in candidates[: pool_size or n])
     pairs = [(a, b) for ai, a in enumerate(pool) for b in pool[ai + 1:]]
     pair = np.full((n, n), np.nan)

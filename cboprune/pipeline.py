@@ -115,7 +115,8 @@ def rank_states(model: torch.nn.Module, fit: CalibrationSet, heldout: Calibratio
         model_ = from_hessian(hessian, energy)
         by_m = dict(zip(remove, solve_rankings(hessian, remove, top, energy=energy, **kw)))
     elif energy == "measured":
-        model_ = measure_losses(model, fit, pool_size=pool, keep=keep, batch_size=batch_size).energy_model()
+        model_ = measure_losses(model, fit, pool_size=pool, keep=keep, removable=removable,
+                                batch_size=batch_size).energy_model()
         by_m = {m: model_.rank(m, top, **kw) for m in remove}
     else:
         model_ = None
