@@ -229,6 +229,10 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> RunResult:
                                    seq_len=cfg.seq_len, seed=cfg.seed,
                                    generation=GenerationSettings(max_new_tokens=cfg.gen_max_new_tokens,
                                                                  seed=cfg.seed))
+    if checks and calibration.n_samples <= cfg.n_samples:
+        raise CBOPruneError(f"the calibration data gave {calibration.n_samples} samples, not enough for {cfg.n_samples} "
+                            f"fitting + {cfg.heldout_samples} held-out ones: lower --n-samples, or pass --no-verify "
+                            "--refine-sweeps 0")
     fit, heldout = calibration.split(cfg.n_samples) if checks else (calibration, None)
     log.info("selection: energy model %s%s%s", cfg.energy, ", verified on %d held-out samples" % heldout.n_samples
              if heldout is not None else "", f", refined by up to {cfg.refine_sweeps} swap sweeps"

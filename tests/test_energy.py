@@ -263,3 +263,14 @@ def test_solve_command_builds_any_hessian_energy(tmp_path, capsys):
     qubo = json.loads((tmp_path / "q-M2.json").read_text())
     assert qubo  # the penalty QUBO of the same model was written
     capsys.readouterr()
+
+
+def test_run_says_when_data_is_too_small_to_hold_samples_out(tiny_checkpoint, tmp_path, capsys):
+    data = tmp_path / "few.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {i} things about cats.",
+                                        "output": "Cats are small carnivorous mammals. " * 3}) + "\n" for i in range(3)))
+    rc = main(["-q", "run", "--model", str(tiny_checkpoint), "--data", str(data), "--n-samples", "3",
+               "--seq-len", "32", "--remove", "2", "--output-dir", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not enough for 3 fitting + 16 held-out" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
