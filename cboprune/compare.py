@@ -147,13 +147,17 @@ def select(method: str, model, calibration, remove: Sequence[int], shared: _Shar
 
 # ----------------------------------------------------------------------------- evaluation
 
-def _split_tasks(tasks: str) -> tuple[list[str], list[str]]:
-    """(perplexity tasks, other tasks) by task kind; unknown names fail here, before any work."""
+def _split_tasks(tasks: str, data_dir: str | None) -> tuple[list[str], list[str]]:
+    """(perplexity tasks, other tasks) by task kind; unknown names and missing evaluation data fail
+    here, before any work."""
     from cboprune.evaluation import resolve_tasks
+    from cboprune.evaluation.data import resolve_eval_dir
 
     specs = resolve_tasks(tasks)
     if not specs:
         raise CBOPruneError("no evaluation task given: pass --tasks, e.g. --tasks wikitext,arc_easy")
+    if any(not s.name.startswith("file:") for s in specs):
+        resolve_eval_dir(data_dir)
     ppl = [s.name for s in specs if s.kind == "rolling"]
     other = [s.name for s in specs if s.kind != "rolling"]
     return ppl, other
@@ -174,6 +178,24 @@ def _evaluate(model, tokenizer, ppl_tasks, other_tasks, *, limit, ppl_limit, bat
         out["config"].setdefault("seconds", 0.0)
         out["config"]["seconds"] = round(out["config"]["seconds"] + res["config"].get("seconds", 0.0), 2)
     return out
+
+
+def evaluate_candidate(net, tokenizer, candidate: Candidate, merge_rule: str, calibration, ppl_tasks, other_tasks,
+                       ev: dict[str, Any], *, batch_size: int, with_nll: bool = True) -> tuple[dict[str, Any], float | None]:
+    """Apply one configuration (removal or merging) to a copy of the model; its evaluation and, when
+    `with_nll`, its NLL on `calibration`. The original model stays intact for the next one."""
+    from cboprune.baselines import calibration_nll
+    from cboprune.models.merging import apply_candidate
+
+    pruned = copy.deepcopy(net)
+    apply_candidate(pruned, candidate, merge_rule=merge_rule)
+    nll = calibration_nll(pruned, calibration, batch_size=batch_size) if with_nll else None
+    return _evaluate(pruned, tokenizer, ppl_tasks, other_tasks, **ev), nll
+
+
+def configuration_key(candidate: Candidate, merge_rule: str) -> tuple:
+    """Configurations with equal keys give the same pruned model (evaluated once)."""
+    return candidate.removed, candidate.merged, merge_rule if candidate.merged else None
 
 
 def primary_metric(task: str, entry: dict[str, Any]) -> tuple[str, float]:
@@ -220,12 +242,7 @@ def run_compare(*, model: str = "default", data: str | None = None, n_samples: i
     for name, value in (("--limit", limit), ("--ppl-limit", ppl_limit)):
         if value is not None and value < 1:
             raise CBOPruneError(f"{name} must be a positive number of items, got {value}")
-    ppl_tasks, other_tasks = _split_tasks(tasks)
-    if ppl_tasks or other_tasks:
-        from cboprune.evaluation.data import resolve_eval_dir
-
-        if any(not t.startswith("file:") for t in ppl_tasks + other_tasks):
-            resolve_eval_dir(data_dir)  # missing evaluation data fails before the model loads
+    ppl_tasks, other_tasks = _split_tasks(tasks, data_dir)
     out_dir = prepare_output_dir(output_dir, overwrite)
     ppl_limit = ppl_limit if ppl_limit is not None else limit
 
@@ -283,22 +300,19 @@ def run_compare(*, model: str = "default", data: str | None = None, n_samples: i
     ev = dict(limit=limit, ppl_limit=ppl_limit, batch_size=eval_batch_size, data_dir=data_dir,
               max_length=max_length, seed=seed, progress=progress)
     from cboprune.baselines import calibration_nll
-    from cboprune.models.merging import apply_candidate
 
     baseline = _evaluate(net, tokenizer, ppl_tasks, other_tasks, **ev)
     baseline["calib_ppl"] = math.exp(calibration_nll(net, calibration, batch_size=batch_size))
     done: dict[tuple, Entry] = {}
     for entry in entries:
         rule = entry.ranking.info.get("merge_rule", DEFAULT_MERGE_RULE)
-        key = (entry.candidate.removed, entry.candidate.merged, rule if entry.candidate.merged else None)
+        key = configuration_key(entry.candidate, rule)
         if key in done:
             entry.eval, entry.calib_ppl, entry.same_as = done[key].eval, done[key].calib_ppl, done[key].method
             continue
-        pruned = copy.deepcopy(net)  # the original stays intact for the next configuration
-        apply_candidate(pruned, entry.candidate, merge_rule=rule)
-        entry.calib_ppl = math.exp(calibration_nll(pruned, calibration, batch_size=batch_size))
-        entry.eval = _evaluate(pruned, tokenizer, ppl_tasks, other_tasks, **ev)
-        del pruned
+        entry.eval, nll = evaluate_candidate(net, tokenizer, entry.candidate, rule, calibration, ppl_tasks,
+                                             other_tasks, ev, batch_size=batch_size)
+        entry.calib_ppl = math.exp(nll)
         done[key] = entry
         log.info("compare: evaluated %s at M = %d", entry.method, entry.n_remove)
     eval_seconds = round(time.perf_counter() - t0, 2)

@@ -113,7 +113,7 @@ def rank_states(model: torch.nn.Module, fit: CalibrationSet, heldout: Calibratio
     _warn_about_cost(model, fit, n, max(remove), energy, pool, refine_sweeps)
     if energy in HESSIAN_MODELS:
         model_ = from_hessian(hessian, energy)
-        by_m = dict(zip(remove, solve_rankings(hessian, remove, top, energy=energy, **kw)))
+        by_m = {m: model_.rank(m, top, **kw) for m in remove}
     elif energy == "measured":
         model_ = measure_losses(model, fit, pool_size=pool, keep=keep, removable=removable,
                                 batch_size=batch_size).energy_model()
@@ -131,9 +131,8 @@ def rank_states(model: torch.nn.Module, fit: CalibrationSet, heldout: Calibratio
         if verify or refine_sweeps:
             ranking = verify_ranking(model, heldout, ranking, batch_size=batch_size)
         if refine_sweeps:
-            allowed = sorted(set(removable if removable is not None else range(n)) - set(keep))
-            refined = refine(model, fit, heldout, ranking, removable=allowed, keep=keep, max_sweeps=refine_sweeps,
-                             batch_size=batch_size)
+            refined = refine(model, fit, heldout, ranking, removable=removable, keep=keep,
+                             max_sweeps=refine_sweeps, batch_size=batch_size)
             energy_of = model_.energy(refined.best.removed) if model_ is not None else float("nan")
             ranking = with_refined(ranking, refined, energy_of)
         rankings.append(ranking)

@@ -19,7 +19,6 @@ For one model and several M, on one calibration set split into a fitting part an
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
@@ -86,14 +85,14 @@ def run_study(*, model: str = "default", data: str | None = None, n_samples: int
               dtype: str = "float32", progress: bool = True) -> StudyResult:
     import torch
 
-    from cboprune.baselines import check_names, configurations_nll
-    from cboprune.compare import _evaluate, _Shared, _split_tasks, select
+    from cboprune.baselines import calibration_nll, check_names
+    from cboprune.compare import (DEFAULT_MERGE_RULE, _evaluate, _Shared, _split_tasks, configuration_key,
+                                  evaluate_candidate, select)
     from cboprune.data import load_calibration
     from cboprune.energy import check_energy_names, from_hessian, measure_losses, relinearized_rankings
     from cboprune.hessian import compute_hessian
     from cboprune.models import load_model
     from cboprune.models.architectures import blocks
-    from cboprune.models.merging import apply_candidate
     from cboprune.pipeline import pick_device, prepare_output_dir
     from cboprune.verify import diverse as diverse_set
     from cboprune.verify import refine as refine_state
@@ -112,11 +111,7 @@ def run_study(*, model: str = "default", data: str | None = None, n_samples: int
             raise CBOPruneError(f"{name} must be >= 1, got {value}")
     if diverse is not None and not 0 <= diverse < 1:
         raise CBOPruneError(f"--diverse is a Jaccard similarity in [0, 1), got {diverse}")
-    ppl_tasks, other_tasks = _split_tasks(tasks)
-    if any(not t.startswith("file:") for t in ppl_tasks + other_tasks):
-        from cboprune.evaluation.data import resolve_eval_dir
-
-        resolve_eval_dir(data_dir)  # missing evaluation data fails before the model loads
+    ppl_tasks, other_tasks = _split_tasks(tasks, data_dir)
     out_dir = prepare_output_dir(output_dir, overwrite)
     ppl_limit = ppl_limit if ppl_limit is not None else limit
 
@@ -148,7 +143,7 @@ def run_study(*, model: str = "default", data: str | None = None, n_samples: int
     costs: dict[str, float] = {}
     hessian = None
     t0 = time.perf_counter()
-    if any(e in ("fisher", "fisher-linear", "exact", "relinearized") for e in energies):
+    if any(e in ("fisher", "fisher-linear", "relinearized") for e in energies):  # exact makes its own
         hessian = compute_hessian(net, fit, batch_size=batch_size, model_name=model, progress=progress)
     costs["gate gradients"] = time.perf_counter() - t0
     for name in energies:
@@ -226,21 +221,20 @@ def run_study(*, model: str = "default", data: str | None = None, n_samples: int
     ev = dict(limit=limit, ppl_limit=ppl_limit, batch_size=eval_batch_size, data_dir=data_dir,
               max_length=max_length, seed=seed, progress=progress)
     baseline = _evaluate(net, tokenizer, ppl_tasks, other_tasks, **ev)
-    baseline["heldout_nll"] = float(configurations_nll(net, heldout, [()], batch_size=batch_size)[0])
+    baseline["heldout_nll"] = calibration_nll(net, heldout, batch_size=batch_size)
     done: dict[tuple, StudyEntry] = {}
     for entry in entries:
-        key = (entry.candidate.removed, entry.candidate.merged)
+        rule = entry.ranking.info.get("merge_rule", DEFAULT_MERGE_RULE)
+        key = configuration_key(entry.candidate, rule)
         if key in done:
             first = done[key]
             entry.eval, entry.same_as = first.eval, first.method
             entry.heldout_nll = first.heldout_nll if entry.heldout_nll is None else entry.heldout_nll
             continue
-        pruned = copy.deepcopy(net)
-        apply_candidate(pruned, entry.candidate, merge_rule=entry.ranking.info.get("merge_rule", "difference"))
+        entry.eval, nll = evaluate_candidate(net, tokenizer, entry.candidate, rule, heldout, ppl_tasks, other_tasks,
+                                             ev, batch_size=batch_size, with_nll=entry.heldout_nll is None)
         if entry.heldout_nll is None:
-            entry.heldout_nll = float(configurations_nll(pruned, heldout, [()], batch_size=batch_size)[0])
-        entry.eval = _evaluate(pruned, tokenizer, ppl_tasks, other_tasks, **ev)
-        del pruned
+            entry.heldout_nll = nll
         done[key] = entry
         log.info("study: evaluated %s at M = %d: removed %s, held-out NLL %.4f, %s", entry.method, entry.n_remove,
                  list(entry.candidate.removed), entry.heldout_nll,
