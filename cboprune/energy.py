@@ -44,14 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: name -> one-line description (the order used in tables).
-ENERGY_MODELS: dict[str, str] = {
-    "fisher": "the paper: xᵀ(AᵀA/m)x",
-    "fisher-linear": "second-order Taylor with the Fisher: −ḡᵀx + ½xᵀ(AᵀA/m)x",
-    "exact": "second-order Taylor with the exact gate Hessian: −ḡᵀx + ½xᵀHx",
-    "measured": "measured single and pair removal losses (exact up to pairs)",
-    "relinearized": "fisher-linear re-expanded at the current point every few removals",
-}
 #: the models that need only the gate-gradient pass at alpha = 1
 HESSIAN_MODELS = ("fisher", "fisher-linear", "exact")
 
@@ -67,14 +59,6 @@ class Recommendation:
 #: (docs/study.md). The paper's method is PAPER.
 RECOMMENDED = Recommendation("measured", verify=True, refine_sweeps=8)
 PAPER = Recommendation("fisher", verify=False, refine_sweeps=0)
-
-
-def check_energy_names(names: Iterable[str]) -> list[str]:
-    names = [n.strip() for n in names if n.strip()]
-    bad = [n for n in names if n not in ENERGY_MODELS]
-    if bad:
-        raise CBOPruneError(f"unknown energy model(s) {bad}: choose from {', '.join(ENERGY_MODELS)}")
-    return names
 
 
 @dataclass
@@ -167,11 +151,10 @@ def measure_losses(model: torch.nn.Module, calibration: CalibrationSet, *, pool_
                    rows_per_pass: int | None = None) -> MeasuredLosses:
     """Single removals of every block, then all pairs among the `pool_size` blocks whose single removal
     costs least (default: every removable block not kept), several configurations per forward pass."""
-    from cboprune.baselines import configurations_nll
-    from cboprune.baselines._common import n_blocks_of
+    from cboprune.masked import configurations_nll, n_blocks
 
     start = time.perf_counter()
-    n = n_blocks_of(model)
+    n = n_blocks(model)
     kw = {"batch_size": batch_size, "rows_per_pass": rows_per_pass}
     base, *single = configurations_nll(model, calibration, [()] + [(i,) for i in range(n)], **kw)
     single = np.asarray(single)

@@ -49,6 +49,7 @@ from cboprune import distributed
 from cboprune.data.calibration import CalibrationSet
 from cboprune.errors import CBOPruneError
 from cboprune.gating import GateManager, broadcast_gate
+from cboprune.masked import per_sample_loss
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +64,6 @@ AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16"
                    "fp16": torch.float16}
 DEFAULT_SHARD_SAMPLES = 256
 _FP16_LOSS_SCALE = 2.0 ** 12
-
-
-def per_sample_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of each sample over its real tokens.
-
-    logits: [B, S, V]; input_ids, attention_mask: [B, S] -> [B] (fp32 at least)
-    """
-    B, S, V = logits.shape
-    # Flat [B*S, V] rows keep a contiguous logits tensor uncopied; the last position of every
-    # sample has no target and is ignored.
-    targets = torch.cat([input_ids[:, 1:], input_ids.new_full((B, 1), -100)], dim=1)  # [B, S]
-    valid = torch.cat([attention_mask[:, 1:], attention_mask.new_zeros((B, 1))], dim=1)
-    targets = targets.masked_fill(valid == 0, -100)
-    logits = logits.reshape(B * S, V).to(torch.promote_types(logits.dtype, torch.float32))
-    nll = F.cross_entropy(logits, targets.reshape(-1), reduction="none", ignore_index=-100).view(B, S)
-    valid = valid.to(nll.dtype)
-    return (nll * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1)
 
 
 # ----------------------------------------------------------------------------- result

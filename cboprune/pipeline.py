@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import logging
 import shutil
 from collections.abc import Sequence
@@ -21,10 +22,11 @@ from typing import Any
 import torch
 
 from cboprune import __version__
-from cboprune.config import RunConfig
+from cboprune.config import Config
 from cboprune.data import GenerationSettings, load_calibration
 from cboprune.data.calibration import CalibrationSet
 from cboprune.errors import CBOPruneError
+from cboprune.experiment import SelectionContext
 from cboprune.hessian import HessianResult, compute_hessian, save_hessian
 from cboprune.models import load_model
 from cboprune.models.architectures import blocks, decoder_layers, removable_blocks
@@ -49,7 +51,7 @@ def pick_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def hessian_options(cfg: RunConfig) -> dict[str, Any]:
+def hessian_options(cfg: Config) -> dict[str, Any]:
     """The Hessian-pass keywords of `compute_hessian` from a run configuration."""
     variant = "exact" if cfg.energy == "exact" else cfg.hessian_variant  # the exact energy needs the HVPs
     return {"variant": variant, "autocast": cfg.autocast,
@@ -92,49 +94,39 @@ def solve_rankings(hessian: HessianResult, remove: Sequence[int], top: int, *, k
     return rankings
 
 
-def rank_states(model: torch.nn.Module, fit: CalibrationSet, heldout: CalibrationSet | None, hessian: HessianResult,
-                remove: Sequence[int], top: int, *, energy: str, verify: bool, refine_sweeps: int,
-                pool: int | None = None, relin_step: int = 4, keep: Sequence[int] = (),
-                removable: Sequence[int] | None = None, batch_size: int = 8, progress: bool = True,
-                **solve_options: Any) -> list[Ranking]:
-    """The `top` best states per M: the energy model's lowest states, re-ranked by held-out loss when
-    `verify`, with the swap-refined state first when `refine_sweeps` (docs/study.md).
-    solve_options: method, time_limit, node_limit, seed."""
-    from cboprune.energy import HESSIAN_MODELS, from_hessian, measure_losses, relinearized_rankings
+def rank_states(context, remove: Sequence[int], top: int, *, energy: str, verify: bool,
+                refine_sweeps: int) -> list[Ranking]:
+    """The `top` best states per M of a registered energy model (`cboprune.methods`) on
+    `context.fit`: its lowest states, re-ranked by held-out loss when `verify`, with the swap-refined
+    state first when `refine_sweeps` (docs/study.md)."""
+    from cboprune import methods
+    from cboprune.experiment import select
     from cboprune.verify import refine, verify as verify_ranking, with_refined
 
-    n = hessian.n_blocks
-    for m in remove:
-        if not 0 < m < n:
-            raise CBOPruneError(f"M = {m} is impossible for a model with N = {n} blocks: choose 1 <= M <= {n - 1}")
-    if (verify or refine_sweeps) and heldout is None:
+    if methods.get(energy).kind != methods.ENERGY:
+        raise CBOPruneError(f"{energy!r} is a peer criterion, not an energy model: use `cboprune compare`")
+    if (verify or refine_sweeps) and context.heldout is None:
         raise CBOPruneError("verification needs held-out calibration samples: set heldout_samples >= 1")
-    kw = {"keep": keep, "removable": removable, **solve_options}
-    _warn_about_cost(model, fit, n, max(remove), energy, pool, refine_sweeps)
-    if energy in HESSIAN_MODELS:
-        model_ = from_hessian(hessian, energy)
-        by_m = {m: model_.rank(m, top, **kw) for m in remove}
-    elif energy == "measured":
-        model_ = measure_losses(model, fit, pool_size=pool, keep=keep, removable=removable,
-                                batch_size=batch_size).energy_model()
-        by_m = {m: model_.rank(m, top, **kw) for m in remove}
-    else:
-        model_ = None
-        by_m = relinearized_rankings(model, fit, remove, top, step=relin_step, first=hessian, batch_size=batch_size,
-                                     progress=progress, **kw)
+    _warn_about_cost(context.model, context.fit, context.n_blocks, max(remove), energy,
+                     context.options.get("pool"), refine_sweeps)
+    context.top = top
+    by_m = select(energy, context, remove)
+    hessian = context.cache.get("hessian")
     rankings = []
-    for m in remove:
+    for m in sorted(by_m):
         ranking = by_m[m]
-        ranking.info.setdefault("hessian", hessian.fingerprint)
-        if removable is not None:
-            ranking.info["removable"] = sorted(int(i) for i in removable)
+        if hessian is not None:
+            ranking.info.setdefault("hessian", hessian.fingerprint)
+        if context.removable is not None:
+            ranking.info["removable"] = sorted(int(i) for i in context.removable)
         if verify or refine_sweeps:
-            ranking = verify_ranking(model, heldout, ranking, batch_size=batch_size)
+            ranking = verify_ranking(context.model, context.heldout, ranking, batch_size=context.batch_size)
         if refine_sweeps:
-            refined = refine(model, fit, heldout, ranking, removable=removable, keep=keep,
-                             max_sweeps=refine_sweeps, batch_size=batch_size)
-            energy_of = model_.energy(refined.best.removed) if model_ is not None else float("nan")
-            ranking = with_refined(ranking, refined, energy_of)
+            refined = refine(context.model, context.fit, context.heldout, ranking, removable=context.removable,
+                             keep=context.keep, max_sweeps=refine_sweeps, batch_size=context.batch_size)
+            model_ = context.energy_models.get(energy)
+            ranking = with_refined(ranking, refined,
+                                   model_.energy(refined.best.removed) if model_ is not None else float("nan"))
         rankings.append(ranking)
     return rankings
 
@@ -161,7 +153,7 @@ def _scores_of(candidate: Candidate, ranking: Ranking) -> dict[str, Any]:
     """The state's energy, and its measured held-out NLL when the ranking was verified."""
     ver = ranking.info.get("verification")
     if not ver:
-        return {"energy": candidate.score}
+        return {"energy": candidate.score if math.isfinite(candidate.score) else None}
     return {"energy": ver["energies"][candidate.rank], "heldout_nll": candidate.score,
             "found_by": "solver" if ver["energy_ranks"][candidate.rank] is not None else "swap search"}
 
@@ -208,7 +200,7 @@ class RunResult:
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
 
 
-def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> RunResult:
+def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
     out_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -244,11 +236,12 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> RunResult:
         hessian = compute_hessian(model, fit, batch_size=cfg.batch_size, model_name=cfg.model,
                                   progress=progress, **hessian_options(cfg))
         save_hessian(hessian, staging / HESSIAN_FILE)
-        rankings = rank_states(model, fit, heldout, hessian, cfg.remove, cfg.top, energy=cfg.energy,
-                               verify=cfg.verify, refine_sweeps=cfg.refine_sweeps, pool=cfg.pool,
-                               relin_step=cfg.relin_step, keep=keep, removable=removable,
-                               batch_size=cfg.batch_size, progress=progress, method=cfg.solver,
-                               time_limit=cfg.time_limit, seed=cfg.seed)
+        context = SelectionContext(model, fit, heldout, batch_size=cfg.batch_size, keep=tuple(keep),
+                                   removable=removable, seed=cfg.seed, solver=cfg.solver, time_limit=cfg.time_limit,
+                                   node_limit=cfg.node_limit, options={"pool": cfg.pool, "relin_step": cfg.relin_step},
+                                   model_name=cfg.model, progress=progress, cache={"hessian": hessian})
+        rankings = rank_states(context, cfg.remove, cfg.top, energy=cfg.energy, verify=cfg.verify,
+                               refine_sweeps=cfg.refine_sweeps)
         rankings_dir = staging / "rankings"
         rankings_dir.mkdir()
         for ranking in rankings:
@@ -290,7 +283,7 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> RunResult:
     return RunResult(output_dir=out_dir, hessian=hessian, rankings=rankings, checkpoints=checkpoints)
 
 
-def heal_checkpoint(cfg: RunConfig, checkpoint: str, *, progress: bool = True) -> str:
+def heal_checkpoint(cfg: Config, checkpoint: str, *, progress: bool = True) -> str:
     """Distill cfg.model into a saved pruned checkpoint; the healed copy goes beside it."""
     from cboprune.heal import HealConfig, heal
 

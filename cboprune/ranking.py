@@ -96,3 +96,26 @@ class Ranking:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def check_n_remove(n_remove: int, n_blocks: int, n_fixed: int = 0, *, leave: int = 1) -> None:
+    """The one check that M is valid: M >= 1, at least `leave` blocks stay, and M fits in the blocks
+    not held by `keep` (n_fixed of them)."""
+    from cboprune.errors import CBOPruneError
+
+    limit = min(n_blocks - leave, n_blocks - n_fixed)
+    if isinstance(n_remove, bool) or not isinstance(n_remove, int) or not 1 <= n_remove <= limit:
+        raise CBOPruneError(f"cannot remove M = {n_remove} of N = {n_blocks} blocks"
+                            + (f" with {n_fixed} blocks kept" if n_fixed else "")
+                            + f": choose 1 <= M <= {limit}")
+
+
+def prefix_ranking(ranking: Ranking, m: int, score: float) -> Ranking:
+    """The ranking of a prefix-consistent greedy method (bi-iter, sleb) for a smaller M: the first M
+    removals of its order."""
+    info = dict(ranking.info)
+    for key in ("order", "order_shrunk", "step_scores", "step_ppl", "step_block_scores"):
+        if key in info:
+            info[key] = info[key][:m]
+    cand = Candidate(removed=tuple(sorted(info["order"])), score=score, rank=0)
+    return Ranking(method=ranking.method, n_blocks=ranking.n_blocks, n_remove=m, candidates=[cand], info=info)

@@ -65,7 +65,7 @@ def verify(model: torch.nn.Module, heldout: CalibrationSet, ranking: Ranking, *,
     candidate's energy and its rank in the energy order, and the Spearman correlation between
     energy and held-out NLL over all verified candidates. `nll` passes losses already measured.
     """
-    from cboprune.baselines import configurations_nll
+    from cboprune.masked import configurations_nll
 
     cands = ranking.candidates
     if nll is None:
@@ -96,7 +96,7 @@ def refine(model: torch.nn.Module, fit: CalibrationSet, heldout: CalibrationSet,
     held-out NLL is lower than the starting state's, else the starting state; info["refine"] holds
     the path, the losses and the number of evaluations.
     """
-    from cboprune.baselines import configurations_nll
+    from cboprune.masked import configurations_nll
 
     n = verified.n_blocks
     allowed = set(range(n) if removable is None else removable) - set(keep)

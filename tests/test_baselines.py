@@ -11,11 +11,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from cboprune.baselines import (CRITERIA, angular_distance, block_influence,
-                                block_influence_iterative, block_influence_scores, calibration_nll,
-                                collect_block_stats, norm_ratio, perplexity_criterion, run_criterion, sleb,
-                                sliding_window_merging, taylor_plus, taylor_scores, top_m_ranking)
-from cboprune.baselines.swm import MergeSimilarity, sweep
+from cboprune import methods
+from cboprune.baselines._common import collect_block_stats, top_m_ranking
+from cboprune.baselines._loss_based import perplexity_criterion, sleb, taylor_plus, taylor_scores
+from cboprune.baselines._similarity import (angular_distance, block_influence, block_influence_iterative,
+                                            block_influence_scores, norm_ratio)
+from cboprune.baselines._swm import MergeSimilarity, sliding_window_merging, sweep
+from cboprune.experiment import SelectionContext, select
+from cboprune.masked import calibration_nll
 from cboprune.data.calibration import CalibrationSet
 from cboprune.errors import CBOPruneError
 from cboprune.models.merging import apply_candidate, merge_blocks, save_candidate
@@ -284,14 +287,37 @@ def test_merge_rules_and_candidate_validation(model):
 # ----------------------------------------------------------------------------- registry
 
 def test_every_criterion_returns_a_ranking_of_m_blocks(model, calib):
-    for name in CRITERIA:
-        r = run_criterion(name, model, calib, 2, top=2, batch_size=4)
-        assert r.method == name and r.n_blocks == 6 and r.n_remove == 2
-        assert all(len(c.removed) == 2 for c in r) and r.info.get("reference")
+    for name in methods.names(methods.PEER):
+        context = SelectionContext(model, calib, batch_size=4, top=2)
+        by_m = select(name, context, [2, 3])
+        for m, r in by_m.items():
+            assert r.method == name and r.n_blocks == 6 and r.n_remove == m
+            assert all(len(c.removed) == m for c in r) and r.info.get("reference" if name != "last-m" else "criterion")
+
+
+def test_last_m_removes_the_blocks_before_the_final_one(model, calib):
+    by_m = select("last-m", SelectionContext(model, calib, keep=(3,)), [2, 4])
+    assert by_m[2].best.removed == (2, 4) and by_m[4].best.removed == (0, 1, 2, 4)
+    with pytest.raises(CBOPruneError, match="choose 1 <= M <= 4"):
+        select("last-m", SelectionContext(model, calib), [5])
+
+
+def test_registry_lists_methods_without_torch_and_suggests_names():
+    import subprocess
+    import sys
+
+    code = ("import sys; from cboprune import methods; names = methods.names(); "
+            "assert 'last-m' in names and 'measured' in names, names; print(int('torch' in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"
+    with pytest.raises(CBOPruneError, match="did you mean 'sleb'"):
+        methods.parse_names("bi,sleeb", methods.PEER)
+    assert methods.get("sleb").cost(30, 8) == 8 * 30 - 28 and methods.get("bi-iter").cost(30, 8) == 8
+    assert "`last-m`" in methods.method_table()
 
 
 def test_unknown_criterion_and_bad_m_are_user_errors(model, calib):
     with pytest.raises(CBOPruneError, match="did you mean 'sleb'"):
-        run_criterion("sleeb", model, calib, 2)
-    with pytest.raises(CBOPruneError, match="1 <= M"):
-        block_influence_iterative(model, calib, 6)
+        select("sleeb", SelectionContext(model, calib), [2])
+    with pytest.raises(CBOPruneError, match="choose 1 <= M"):
+        select("bi", SelectionContext(model, calib), [6])

@@ -85,7 +85,7 @@ def test_bad_input_gives_one_line_errors_and_writes_nothing(tiny_checkpoint, sha
     data = str(shared_data / "calib" / "alpaca_en_demo.json")
     common = ["-q", "run", "--n-samples", "4", "--seq-len", "32", "--output-dir", str(out)]
     _fails(common + ["--model", str(tmp_path / "missing_model"), "--data", data], capsys, "model path not found")
-    _fails(common + ["--model", str(tiny_checkpoint), "--data", data, "--remove", "0"], capsys, "must be >= 1")
+    _fails(common + ["--model", str(tiny_checkpoint), "--data", data, "--remove", "0"], capsys, "M >= 1")
     _fails(common + ["--model", str(tiny_checkpoint), "--data", data, "--remove", "6"], capsys, "must be below N = 6")
     _fails(common + ["--model", str(tiny_checkpoint), "--data", data, "--keep", "9", "--remove", "2"], capsys, "outside the model")
     empty = tmp_path / "empty.jsonl"

@@ -87,10 +87,9 @@ def test_compare_rejects_too_large_m(tiny_checkpoint, shared_data, tmp_path, cap
     assert rc == 2 and "too large" in capsys.readouterr().err
 
 
-def test_method_lists_agree_with_the_library():
-    from cboprune.baselines import CRITERIA
-    from cboprune.compare import MERGE_RULES, METHODS
-    from cboprune.models import merging
+def test_compare_offers_every_registered_method():
+    from cboprune import methods
+    from cboprune.config import Config
 
-    assert METHODS == ("cbo", *CRITERIA)
-    assert MERGE_RULES == merging.MERGE_RULES
+    assert Config().methods.split(",") == ["cbo", *methods.names(methods.PEER)]
+    assert "last-m" in Config().methods

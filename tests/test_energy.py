@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cboprune.baselines import calibration_nll, configurations_nll
+from cboprune.masked import calibration_nll, configurations_nll
 from cboprune.cli import main
 from cboprune.data.calibration import CalibrationSet
 from cboprune.energy import EnergyModel, from_hessian, measure_losses, relinearized_rankings, spearman
@@ -172,8 +172,8 @@ def test_study_end_to_end(tiny_checkpoint, shared_data, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("The cat sat on the mat. It was a sunny day, and the children played in the park. " * 3)
     rc = main(["-q", "study", "--model", str(tiny_checkpoint), "--data",
-               str(shared_data / "calib" / "alpaca_en_demo.json"), "--n-samples", "6", "--n-heldout", "4",
-               "--seq-len", "32", "--batch-size", "4", "--remove", "2", "3", "--k", "4", "--max-sweeps", "2",
+               str(shared_data / "calib" / "alpaca_en_demo.json"), "--n-samples", "6", "--heldout-samples", "4",
+               "--seq-len", "32", "--batch-size", "4", "--remove", "2", "3", "--top", "4", "--refine-sweeps", "2",
                "--exact-samples", "3", "--peers", "bi,sleb,swm", "--tasks", f"file:{text},arc_easy", "--limit", "2",
                "--ppl-limit", "1", "--max-length", "64", "--output-dir", str(out)])
     assert rc == 0
@@ -237,8 +237,8 @@ def test_run_default_is_the_recommended_approach_and_paper_stays_available(tiny_
 
 def test_run_rejects_unknown_energy_and_bad_selection_settings(tmp_path, capsys):
     for extra, fragment in [(["--energy", "curvature"], "energy must be one of"),
-                            (["--refine-sweeps", "-1"], "refine_sweeps must be"),
-                            (["--heldout-samples", "0"], "heldout_samples must be"),
+                            (["--refine-sweeps", "-1"], "--refine-sweeps must be"),
+                            (["--heldout-samples", "0"], "--heldout-samples must be"),
                             (["--pool", "3", "--remove", "4"], "pool must be")]:
         rc = main(["-q", "run", "--output-dir", str(tmp_path / "x")] + extra)
         err = capsys.readouterr().err

@@ -1,8 +1,5 @@
-"""Shared machinery of the peer criteria: block input/output statistics, calibration loss with
-blocks switched off by gates, and a top-M ranking for per-block (additive) scores.
-
-Removal during a criterion's search is simulated with `GateManager` gates at 0 (exactly the
-model without those blocks, tested equal to surgery), so iterative criteria never copy weights.
+"""Shared machinery of the peer criteria: block input/output statistics and a top-M ranking for
+per-block (additive) scores. Losses with blocks switched off live in `cboprune.masked`.
 """
 
 from __future__ import annotations
@@ -10,7 +7,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,72 +16,11 @@ import torch.nn.functional as F
 from cboprune.data.calibration import CalibrationSet
 from cboprune.errors import CBOPruneError
 from cboprune.gating import GateManager
-from cboprune.hessian import per_sample_loss
+from cboprune.masked import inference, model_device, removed_blocks
 from cboprune.models.architectures import decoder_layers
-from cboprune.ranking import Candidate, Ranking
+from cboprune.ranking import Candidate, Ranking, check_n_remove
 
 log = logging.getLogger(__name__)
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def n_blocks_of(model: torch.nn.Module) -> int:
-    return len(decoder_layers(model)[1])
-
-
-def check_n_remove(n_remove: int, n_blocks: int, n_fixed: int = 0) -> None:
-    """M must leave at least one block and fit in the blocks not held by `keep`."""
-    limit = min(n_blocks - 1, n_blocks - n_fixed)
-    if not 1 <= n_remove <= limit:
-        raise CBOPruneError(f"cannot remove M = {n_remove} of N = {n_blocks} blocks"
-                            + (f" with {n_fixed} blocks kept" if n_fixed else "")
-                            + f": choose 1 <= M <= {limit}")
-
-
-@contextmanager
-def inference(model: torch.nn.Module):
-    """eval mode and no autograd for the duration; restores the training flag."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-@contextmanager
-def removed_blocks(model: torch.nn.Module, removed: Sequence[int], gates: GateManager | None = None):
-    """Switch blocks off with gates at 0 for the duration (a fresh manager unless one is given)."""
-    own = gates is None
-    gates = gates or GateManager(model)
-    gates.set(gates.removal_gates(list(removed)) if removed else None)
-    try:
-        yield gates
-    finally:
-        gates.set(None)
-        if own:
-            gates.remove()
-
-
-# ----------------------------------------------------------------------------- calibration loss
-
-def calibration_nll(model: torch.nn.Module, calibration: CalibrationSet, *, batch_size: int = 8,
-                    removed: Sequence[int] = (), gates: GateManager | None = None) -> float:
-    """Token-weighted mean next-token NLL over the calibration set with `removed` switched off
-    (log of the calibration perplexity)."""
-    device = model_device(model)
-    total, count = 0.0, 0
-    with inference(model), removed_blocks(model, removed, gates):
-        for _, ids, mask in calibration.batches(batch_size):
-            ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            n_valid = mask[:, 1:].sum(dim=1)
-            total += float((per_sample_loss(logits, ids, mask) * n_valid).sum())
-            count += int(n_valid.sum())
-    return total / max(count, 1)
 
 
 # ----------------------------------------------------------------------------- block statistics

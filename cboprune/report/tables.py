@@ -102,3 +102,18 @@ def write_report(out_dir: str | Path, rankings: Sequence[Ranking], *, meta: dict
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    import csv
+
+    with Path(path).open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)

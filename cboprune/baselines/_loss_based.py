@@ -21,12 +21,12 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from cboprune.baselines._common import check_n_remove, inference, model_device, n_blocks_of, top_m_ranking
+from cboprune.baselines._common import top_m_ranking
 from cboprune.data.calibration import CalibrationSet
 from cboprune.gating import GateManager
-from cboprune.hessian import per_sample_loss
+from cboprune.masked import model_device, n_blocks, per_sample_loss, single_removal_nll
 from cboprune.models.architectures import blocks
-from cboprune.ranking import Candidate, Ranking
+from cboprune.ranking import Candidate, Ranking, check_n_remove
 
 log = logging.getLogger(__name__)
 
@@ -36,59 +36,6 @@ SLEB_REFERENCE = "Song et al., SLEB (arXiv:2402.09025)"
 TAYLOR_PLUS_FIRST, TAYLOR_PLUS_LAST = 4, 2
 
 
-def configurations_nll(model: torch.nn.Module, calibration: CalibrationSet, configs: Sequence[Sequence[int]], *,
-                       batch_size: int = 8, gates: GateManager | None = None,
-                       rows_per_pass: int | None = None) -> np.ndarray:
-    """Calibration NLL (token-weighted mean) of the model with each configuration's blocks switched
-    off, one value per configuration.
-
-    Several configurations share one forward pass: the calibration batch is repeated once per
-    configuration and per-sample gates [rows, N] switch off different blocks in each copy (exactly
-    the same numbers as separate passes; fewer, larger matrix products). `rows_per_pass` bounds
-    the stacked batch (default 4 * batch_size).
-    """
-    configs = [tuple(int(i) for i in c) for c in configs]
-    own = gates is None
-    gates = gates or GateManager(model)
-    rows = rows_per_pass or 4 * batch_size
-    device = model_device(model)
-    total = np.zeros(len(configs))
-    count = 0
-    try:
-        with inference(model):
-            for _, ids, mask in calibration.batches(batch_size):
-                ids, mask = ids.to(device), mask.to(device)
-                b = ids.shape[0]
-                n_valid = mask[:, 1:].sum(dim=1)
-                count += int(n_valid.sum())
-                per = max(1, rows // b)
-                for lo in range(0, len(configs), per):
-                    chunk = configs[lo:lo + per]
-                    g = torch.stack([gates.removal_gates(list(c)) for c in chunk])  # [C, N]
-                    gates.set(g.repeat_interleave(b, dim=0).to(device))  # [C*b, N]
-                    c_ids, c_mask = ids.repeat(len(chunk), 1), mask.repeat(len(chunk), 1)
-                    logits = model(input_ids=c_ids, attention_mask=c_mask, use_cache=False).logits
-                    loss = per_sample_loss(logits, c_ids, c_mask)
-                    total[lo:lo + len(chunk)] += (loss.view(len(chunk), b) * n_valid).sum(dim=1).double().cpu().numpy()
-    finally:
-        gates.set(None)
-        if own:
-            gates.remove()
-    return total / max(count, 1)
-
-
-def single_removal_nll(model: torch.nn.Module, calibration: CalibrationSet, *, batch_size: int = 8,
-                       removed: Sequence[int] = (), gates: GateManager | None = None,
-                       skip: Iterable[int] = (), rows_per_pass: int | None = None) -> dict[int, float]:
-    """Calibration NLL (token-weighted mean) of the model with `removed` off and each other block
-    also removed, {block: nll} (see `configurations_nll`)."""
-    n = n_blocks_of(model)
-    todo = [j for j in range(n) if j not in set(skip) | set(removed)]
-    nll = configurations_nll(model, calibration, [[*removed, j] for j in todo], batch_size=batch_size,
-                             gates=gates, rows_per_pass=rows_per_pass)
-    return {j: float(v) for j, v in zip(todo, nll)}
-
-
 def perplexity_criterion(model: torch.nn.Module, calibration: CalibrationSet, n_remove: int, *, top: int = 1,
                          batch_size: int = 8, keep: Iterable[int] = (),
                          single_nll: dict[int, float] | None = None) -> Ranking:
@@ -96,7 +43,7 @@ def perplexity_criterion(model: torch.nn.Module, calibration: CalibrationSet, n_
     Candidate score: the sum of the removed blocks' perplexities. `single_nll` reuses
     `single_removal_nll` (SLEB's first step computes the same numbers)."""
     start = time.perf_counter()
-    n = n_blocks_of(model)
+    n = n_blocks(model)
     single_nll = single_nll if single_nll is not None else single_removal_nll(model, calibration,
                                                                                batch_size=batch_size)
     ppl = np.array([math.exp(single_nll[j]) for j in range(n)])
@@ -114,7 +61,7 @@ def sleb(model: torch.nn.Module, calibration: CalibrationSet, n_remove: int, *, 
     Prefix-consistent: the selection for a smaller M is `info["order"][:M]`. `first_step` reuses
     `single_removal_nll` of the full model (the PPL criterion's numbers).
     """
-    n = n_blocks_of(model)
+    n = n_blocks(model)
     keep = set(keep)
     check_n_remove(n_remove, n, len(keep))
     start = time.perf_counter()
@@ -191,7 +138,7 @@ def taylor_plus(model: torch.nn.Module, calibration: CalibrationSet, n_remove: i
     four or the last two (`plus=False`: plain Taylor). Candidate score: the sum of the removed
     blocks' importance."""
     start = time.perf_counter()
-    n = n_blocks_of(model)
+    n = n_blocks(model)
     s = scores if scores is not None else taylor_scores(model, calibration, batch_size=batch_size)
     fixed = set(keep)
     if plus:

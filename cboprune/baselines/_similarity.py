@@ -14,11 +14,11 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from cboprune.baselines._common import (BlockStats, check_n_remove, collect_block_stats, n_blocks_of,
-                                        top_m_ranking)
+from cboprune.baselines._common import BlockStats, collect_block_stats, top_m_ranking
+from cboprune.masked import n_blocks
 from cboprune.data.calibration import CalibrationSet
 from cboprune.gating import GateManager
-from cboprune.ranking import Candidate, Ranking
+from cboprune.ranking import Candidate, Ranking, check_n_remove
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def block_influence_iterative(model: torch.nn.Module, calibration: CalibrationSe
     score: the sum of those step scores. The removal order is a prefix-consistent path, so the
     ranking for a smaller M is the prefix of a larger one (`info["order"][:M]`).
     """
-    n = n_blocks_of(model)
+    n = n_blocks(model)
     keep = set(keep)
     check_n_remove(n_remove, n, len(keep))
     start = time.perf_counter()
@@ -108,7 +108,7 @@ def angular_distance(model: torch.nn.Module, calibration: CalibrationSet, n_remo
                      batch_size: int = 8, keep: Iterable[int] = (), stats: BlockStats | None = None) -> Ranking:
     """Gromov et al.: remove the contiguous window of n = M blocks whose input and output are
     closest in angle at the last token. Candidates: windows by increasing distance (score = d)."""
-    n = n_blocks_of(model)
+    n = n_blocks(model)
     keep = set(keep)
     check_n_remove(n_remove, n, len(keep))
     stats = stats or collect_block_stats(model, calibration, batch_size=batch_size)

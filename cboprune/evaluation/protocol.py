@@ -1,0 +1,94 @@
+"""The comparison protocol: which tasks, how many items, which number a table shows.
+
+`compare` and `study` (through `cboprune.experiment`) evaluate the original model and every
+distinct pruned configuration with one `EvalProtocol`, so every method is judged alike.
+Perplexity tasks (kind "rolling") take `ppl_limit` documents, the others `limit` items.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cboprune.errors import CBOPruneError
+
+DEFAULT_TASKS = "wikitext,arc_easy,hellaswag,piqa,winogrande"
+#: the metric a table cell shows, in order of preference
+PRIMARY_METRICS = ("word_perplexity", "acc_norm", "acc", "exact_match")
+
+
+@dataclass
+class EvalProtocol:
+    tasks: str = DEFAULT_TASKS
+    limit: int | None = None
+    ppl_limit: int | None = None  # None: `limit`
+    batch_size: int = 32
+    data_dir: str | None = None
+    max_length: int | None = None
+    seed: int = 0
+    progress: bool = False
+    ppl_tasks: list[str] = field(init=False, default_factory=list)
+    other_tasks: list[str] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        """Unknown task names, bad limits and missing evaluation data fail here, before any work."""
+        from cboprune.evaluation import resolve_tasks
+        from cboprune.evaluation.data import resolve_eval_dir
+
+        for name, value in (("--limit", self.limit), ("--ppl-limit", self.ppl_limit)):
+            if value is not None and value < 1:
+                raise CBOPruneError(f"{name} must be a positive number of items, got {value}")
+        specs = resolve_tasks(self.tasks)
+        if not specs:
+            raise CBOPruneError("no evaluation task given: pass --tasks, e.g. --tasks wikitext,arc_easy")
+        if any(not s.name.startswith("file:") for s in specs):
+            resolve_eval_dir(self.data_dir)
+        self.ppl_tasks = [s.name for s in specs if s.kind == "rolling"]
+        self.other_tasks = [s.name for s in specs if s.kind != "rolling"]
+        if self.ppl_limit is None:
+            self.ppl_limit = self.limit
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.ppl_tasks + self.other_tasks
+
+    def evaluate(self, model, tokenizer) -> dict[str, Any]:
+        """{"results": {task: entry}, "groups": ..., "config": {"seconds": ...}} for one model."""
+        from cboprune.evaluation import evaluate
+
+        out: dict[str, Any] = {"results": {}, "groups": {}, "config": {}}
+        for names, lim in ((self.ppl_tasks, self.ppl_limit), (self.other_tasks, self.limit)):
+            if not names:
+                continue
+            res = evaluate(model, tokenizer, names, limit=lim, batch_size=self.batch_size, data_dir=self.data_dir,
+                           max_length=self.max_length, seed=self.seed, progress=self.progress)
+            out["results"].update(res["results"])
+            out["groups"].update(res.get("groups", {}))
+            out["config"]["seconds"] = round(out["config"].get("seconds", 0.0) + res["config"].get("seconds", 0.0), 2)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"tasks": self.task_names, "ppl_tasks": self.ppl_tasks, "limit": self.limit,
+                "ppl_limit": self.ppl_limit, "max_length": self.max_length}
+
+
+def primary_metric(task: str, entry: dict[str, Any]) -> tuple[str, float]:
+    """The number a table cell shows: word perplexity for perplexity tasks, else acc_norm when
+    the task reports it (HellaSwag, ARC), else acc, else the first metric."""
+    metrics = entry["metrics"]
+    for name in PRIMARY_METRICS:
+        if name in metrics:
+            return name, float(metrics[name])
+    name = next(iter(metrics))
+    return name, float(metrics[name])
+
+
+def primary_scores(evaluation: dict[str, Any]) -> dict[str, float]:
+    return {t: primary_metric(t, e)[1] for t, e in evaluation.get("results", {}).items()}
+
+
+def mean_accuracy(evaluation: dict[str, Any], accuracy_tasks: list[str]) -> float | None:
+    """The mean primary metric over the accuracy tasks present (None when there are none)."""
+    values = primary_scores(evaluation)
+    accs = [values[t] for t in accuracy_tasks if t in values]
+    return sum(accs) / len(accs) if accs else None

@@ -1,0 +1,269 @@
+"""The experiment engine behind `compare` and `study` (and the selection step of `run`):
+
+    select with any set of registered methods on one calibration split
+      -> dedupe configurations -> evaluate each distinct configuration once -> tables and figures
+
+    SelectionContext      the model, the fitting (and held-out) samples, the constraints, and the
+                          passes several methods share (block statistics, single-removal losses,
+                          the gate-gradient Hessian), each computed once
+    select(name, ctx, M)  any registered method by name (`cboprune.methods`) -> {M: Ranking}
+    energy_entries(...)   an energy model's states: ground state / ranks, verified pick, refined pick
+    peer_entries(...)     a peer criterion's configuration per M
+    evaluate_entries(...) every distinct configuration evaluated once with one `EvalProtocol`
+
+Front ends (`cboprune.compare`, `cboprune.study`) choose the methods, the split and the tables.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from cboprune import methods as registry
+from cboprune.errors import CBOPruneError
+
+if TYPE_CHECKING:
+    import torch
+
+    from cboprune.data.calibration import CalibrationSet
+    from cboprune.evaluation.protocol import EvalProtocol
+    from cboprune.ranking import Candidate, Ranking
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SelectionContext:
+    """Everything a method's `select(context, remove)` may use. `options` holds method settings
+    (pool, relin_step, exact_samples, swm_threshold, swm_rule); `cache` the shared passes."""
+
+    model: torch.nn.Module
+    fit: CalibrationSet
+    heldout: CalibrationSet | None = None
+    batch_size: int = 8
+    top: int = 1  # K states per M for ranked methods
+    keep: tuple[int, ...] = ()
+    removable: list[int] | None = None
+    seed: int = 0
+    solver: str = "auto"
+    time_limit: float | None = None
+    node_limit: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    hessian_options: dict[str, Any] = field(default_factory=dict)
+    model_name: str = ""
+    progress: bool = False
+    cache: dict[str, Any] = field(default_factory=dict)
+    energy_models: dict[str, Any] = field(default_factory=dict)  # energy name -> EnergyModel (None: several)
+
+    @property
+    def n_blocks(self) -> int:
+        from cboprune.masked import n_blocks
+
+        return self.cached("n_blocks", lambda: n_blocks(self.model))
+
+    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
+
+    def solve_options(self) -> dict[str, Any]:
+        return {"keep": list(self.keep), "removable": self.removable, "method": self.solver,
+                "time_limit": self.time_limit, "node_limit": self.node_limit, "seed": self.seed}
+
+    def block_stats(self):
+        from cboprune.baselines._common import collect_block_stats
+
+        return self.cached("block_stats", lambda: collect_block_stats(self.model, self.fit,
+                                                                      batch_size=self.batch_size))
+
+    def single_removal_nll(self) -> dict[int, float]:
+        from cboprune.masked import single_removal_nll
+
+        return self.cached("single_removal_nll", lambda: single_removal_nll(self.model, self.fit,
+                                                                            batch_size=self.batch_size))
+
+    def hessian(self):
+        """The gate-gradient pass on the fitting samples (with `hessian_options`)."""
+        from cboprune.hessian import compute_hessian
+
+        return self.cached("hessian", lambda: compute_hessian(self.model, self.fit, batch_size=self.batch_size,
+                                                              model_name=self.model_name, progress=self.progress,
+                                                              **self.hessian_options))
+
+    def exact_hessian(self):
+        """The Hessian with the exact gate Hessian (N HVPs): the main one when it is exact, else its own
+        pass on the first `exact_samples` fitting samples."""
+        from cboprune.hessian import compute_hessian
+
+        main = self.cache.get("hessian")
+        if main is not None and main.H_exact is not None:
+            return main
+        n = self.options.get("exact_samples")
+        sub = self.fit if n is None or n >= self.fit.n_samples else self.fit.split(n)[0]
+        opts = {**self.hessian_options, "variant": "exact"}
+        return self.cached("hessian:exact", lambda: compute_hessian(self.model, sub, batch_size=self.batch_size,
+                                                                    model_name=self.model_name,
+                                                                    progress=self.progress, **opts))
+
+
+def select(name: str, context: SelectionContext, remove: Sequence[int]) -> dict[int, Ranking]:
+    """Run one registered method for every M (greedy methods run once, to the largest M)."""
+    from cboprune.ranking import check_n_remove
+
+    method = registry.get(name)
+    remove = sorted({int(m) for m in remove})
+    for m in remove:
+        check_n_remove(m, context.n_blocks, len(context.keep), leave=method.min_kept)
+    return method.select(context, remove)
+
+
+@dataclass
+class Entry:
+    """One row of a comparison: a method's configuration at one M and its evaluation.
+
+    method: "fisher:0", "measured+verify", "cbo:1", "bi-iter", ...; nll: the mean NLL on the set the
+    front end judges by (compare: the calibration samples; study: the held-out samples)."""
+
+    method: str
+    n_remove: int
+    candidate: Candidate
+    ranking: Ranking
+    selection_seconds: float
+    nll: float | None = None
+    eval: dict[str, Any] = field(default_factory=dict)
+    same_as: str | None = None
+
+    @property
+    def base(self) -> str:
+        return self.method.split(":")[0].split("+")[0]
+
+
+@dataclass
+class EnergyResult:
+    entries: list[Entry]
+    rankings: dict[int, Ranking]  # the (thinned) energy rankings per M, before verification
+    correlations: dict[int, dict[str, Any]]  # M -> spearman, energies, held-out NLL, energy ranks, refined
+    seconds: float
+
+
+def energy_entries(name: str, context: SelectionContext, remove: Sequence[int], *, ranks: Sequence[int] = (0,),
+                   verify: bool = False, refine_sweeps: int = 0, diverse: float | None = None,
+                   k: int | None = None, alias: str | None = None) -> EnergyResult:
+    """The states of one energy model: entries `<alias>:<rank>` for `ranks`, `+verify` (the best of
+    the K states on the held-out samples) and `+refine` (swap search from it) when asked.
+    `diverse`: thin the list to states with Jaccard similarity at most this (from 5K states)."""
+    from cboprune.verify import diverse as diverse_set
+    from cboprune.verify import refine, verify as verify_ranking
+
+    alias = alias or name
+    k = k or context.top
+    t0 = time.perf_counter()
+    context.top = k * 5 if diverse is not None else k
+    by_m = select(name, context, remove)
+    build = time.perf_counter() - t0
+    result = EnergyResult([], {}, {}, 0.0)
+    for m in sorted(by_m):
+        ranking = diverse_set(by_m[m], k, diverse) if diverse is not None else by_m[m]
+        result.rankings[m] = ranking
+        if not verify:
+            result.entries += [Entry(f"{alias}:{r}", m, ranking.candidates[r], ranking, round(build, 2))
+                               for r in ranks if r < len(ranking.candidates)]
+            continue
+        if context.heldout is None:
+            raise CBOPruneError("verification needs held-out calibration samples: set heldout_samples >= 1")
+        t1 = time.perf_counter()
+        verified = verify_ranking(context.model, context.heldout, ranking, batch_size=context.batch_size)
+        vinfo = verified.info["verification"]
+        result.correlations[m] = {"spearman": vinfo["spearman"], "energies": vinfo["energies"],
+                                  "heldout_nll": [c.score for c in verified.candidates],
+                                  "energy_ranks": vinfo["energy_ranks"]}
+        by_removed = {c.removed: c.score for c in verified.candidates}
+        seconds = round(build + time.perf_counter() - t1, 2)
+        result.entries.append(Entry(f"{alias}:0", m, ranking.best, ranking, round(build, 2),
+                                    nll=by_removed[ranking.best.removed]))
+        result.entries.append(Entry(f"{alias}+verify", m, verified.best, verified, seconds, nll=verified.best.score))
+        log.info("%s M = %d: ground state %s held-out NLL %.4f; verified pick %s (energy rank %d) %.4f; Spearman %.2f",
+                 name, m, list(ranking.best.removed), by_removed[ranking.best.removed], list(verified.best.removed),
+                 vinfo["energy_ranks"][0], verified.best.score, vinfo["spearman"])
+        if refine_sweeps:
+            t2 = time.perf_counter()
+            refined = refine(context.model, context.fit, context.heldout, verified, removable=context.removable,
+                             keep=context.keep, max_sweeps=refine_sweeps, batch_size=context.batch_size)
+            result.entries.append(Entry(f"{alias}+refine", m, refined.best, refined,
+                                        round(seconds + time.perf_counter() - t2, 2), nll=refined.best.score))
+            model = context.energy_models.get(name)
+            result.correlations[m]["refined"] = {
+                "removed": list(refined.best.removed), "heldout_nll": refined.best.score,
+                "energy": model.energy(refined.best.removed) if model is not None else None}
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def peer_entries(name: str, context: SelectionContext, remove: Sequence[int]) -> list[Entry]:
+    """A peer criterion's configuration per M (shared passes charged to the first method that needs them)."""
+    t0 = time.perf_counter()
+    context.top = 1
+    by_m = select(name, context, remove)
+    seconds = round(time.perf_counter() - t0, 2)
+    log.info("%s selected in %.1f s", name, seconds)
+    return [Entry(name, m, by_m[m].best, by_m[m], seconds) for m in sorted(by_m)]
+
+
+def configuration_key(candidate: Candidate, merge_rule: str | None) -> tuple:
+    """Configurations with equal keys give the same pruned model (evaluated once)."""
+    return candidate.removed, candidate.merged, merge_rule if candidate.merged else None
+
+
+def merge_rule_of(entry: Entry) -> str:
+    from cboprune.models.merging import DEFAULT_MERGE_RULE
+
+    return entry.ranking.info.get("merge_rule", DEFAULT_MERGE_RULE)
+
+
+def apply_configuration(model: torch.nn.Module, candidate: Candidate, merge_rule: str) -> torch.nn.Module:
+    """A pruned copy (removal or merging); the original stays intact for the next configuration."""
+    from cboprune.models.merging import apply_candidate
+
+    pruned = copy.deepcopy(model)
+    apply_candidate(pruned, candidate, merge_rule=merge_rule)
+    return pruned
+
+
+def evaluate_entries(entries: Sequence[Entry], model: torch.nn.Module, tokenizer, protocol: EvalProtocol, *,
+                     nll_samples: CalibrationSet, batch_size: int = 8) -> None:
+    """Evaluate every distinct configuration once (entries with an equal configuration share the
+    result and name the first in `same_as`); an entry's `nll` is measured on `nll_samples` when the
+    selection did not already measure it there."""
+    from cboprune.masked import calibration_nll
+
+    done: dict[tuple, Entry] = {}
+    for entry in entries:
+        rule = merge_rule_of(entry)
+        key = configuration_key(entry.candidate, rule)
+        if key in done:
+            first = done[key]
+            entry.eval, entry.same_as = first.eval, first.method
+            entry.nll = first.nll if entry.nll is None else entry.nll
+            continue
+        pruned = apply_configuration(model, entry.candidate, rule)
+        if entry.nll is None:
+            entry.nll = calibration_nll(pruned, nll_samples, batch_size=batch_size)
+        entry.eval = protocol.evaluate(pruned, tokenizer)
+        del pruned
+        done[key] = entry
+        log.info("evaluated %s at M = %d: removed %s, NLL %.4f", entry.method, entry.n_remove,
+                 list(entry.candidate.removed), entry.nll)
+
+
+def entry_dict(entry: Entry, nll_key: str) -> dict[str, Any]:
+    """An entry as results.json stores it (`nll_key`: "calib_ppl" stores exp(nll), else the NLL)."""
+    import math
+
+    value = (math.exp(entry.nll) if entry.nll is not None else None) if nll_key == "calib_ppl" else entry.nll
+    return {"method": entry.method, "n_remove": entry.n_remove, "candidate": entry.candidate.to_dict(),
+            "ranking": entry.ranking.to_dict(), "selection_seconds": entry.selection_seconds, nll_key: value,
+            "same_as": entry.same_as, "eval": entry.eval}

@@ -1,0 +1,82 @@
+"""The start of every command that works on a model: device, model, block count and kinds, the M
+checks that need N, and the calibration samples (split into fitting and held-out parts).
+
+Cheap checks come first: the data file exists before the model loads; M against N right after."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cboprune.errors import CBOPruneError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    model: Any  # torch.nn.Module
+    tokenizer: Any
+    device: str
+    block_kinds: list[str]
+    fit: Any  # CalibrationSet
+    heldout: Any | None
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.block_kinds)
+
+    @property
+    def calibration(self):
+        return self.fit
+
+
+def check_data_path(data: str | None) -> None:
+    """A local-looking calibration path that does not exist fails before the model loads."""
+    if data and (Path(data).suffix in (".json", ".jsonl", ".txt") or "/" in data and Path(data).parent.is_dir()):
+        path = Path(data)
+        if not path.exists():
+            raise CBOPruneError(f"calibration data not found: {data}: pass an existing .jsonl/.json/.txt file")
+        if path.is_dir():
+            raise CBOPruneError(f"calibration data {data} is a directory: pass a .jsonl/.json/.txt file")
+
+
+def check_remove(remove: Sequence[int], n_blocks: int, min_kept: int = 1) -> None:
+    limit = n_blocks - min_kept
+    bad = [m for m in remove if m > limit]
+    if bad:
+        raise CBOPruneError(f"M = {bad} is too large for N = {n_blocks} blocks: choose M <= {limit}"
+                            + (" (a selected method never removes the last block)" if min_kept > 1 else ""))
+
+
+def load_session(cfg, *, remove: Sequence[int] = (), min_kept: int = 1, heldout: int = 0) -> Session:
+    """Model and calibration for `cfg` (a `Config`): `cfg.n_samples` fitting samples and `heldout`
+    held-out ones after them."""
+    import torch
+
+    from cboprune.data import GenerationSettings, load_calibration
+    from cboprune.models import load_model
+    from cboprune.models.architectures import blocks
+    from cboprune.pipeline import pick_device
+
+    check_data_path(cfg.data)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    loaded = load_model(cfg.model, dtype=cfg.dtype, device=device)
+    kinds = [b.kind for b in blocks(loaded.model)]
+    check_remove(remove, len(kinds), min_kept)
+    calibration = load_calibration(cfg.data, loaded.tokenizer, model=loaded.model, n_samples=cfg.n_samples + heldout,
+                                   seq_len=cfg.seq_len, seed=cfg.seed,
+                                   generation=GenerationSettings(max_new_tokens=cfg.gen_max_new_tokens, seed=cfg.seed))
+    if heldout:
+        if calibration.n_samples <= cfg.n_samples:
+            raise CBOPruneError(f"the calibration data gave {calibration.n_samples} samples, not enough for "
+                                f"{cfg.n_samples} fitting + {heldout} held-out ones: lower --n-samples or "
+                                "--heldout-samples")
+        fit, held = calibration.split(cfg.n_samples)
+    else:
+        fit, held = calibration, None
+    return Session(loaded.model, loaded.tokenizer, device, kinds, fit, held)
