@@ -158,9 +158,14 @@ class Config:
         allowed = command_fields(command)
         unknown = sorted(set(values) - set(allowed))
         if unknown:
-            raise CBOPruneError(f"unknown config keys for `{command}` {unknown}: valid keys are {', '.join(allowed)}")
-        if values.get("output_dir") is None and command in COMMAND_OUTPUT_DIRS:
-            values["output_dir"] = COMMAND_OUTPUT_DIRS[command]
+            import difflib
+
+            hints = [f"{k!r} -> {c[0]!r}" for k in unknown if (c := difflib.get_close_matches(k, allowed, n=1))]
+            raise CBOPruneError(f"unknown config keys {unknown} for `{command}`"
+                                + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+                                + f": valid keys are {', '.join(allowed)}")
+        for key, value in COMMAND_DEFAULTS.get(command, {}).items():
+            values.setdefault(key, value)
         cfg = cls(**values)
         cfg.validate(command)
         return cfg
@@ -326,7 +331,12 @@ COMMANDS.update({
                    "output_dir", "overwrite"), ()),
     "prune": ((), ("model", "dtype", "device", "remove", "keep", "only", "output_dir", "overwrite"), ()),
 })
-COMMAND_OUTPUT_DIRS = {"run": "outputs/run", "compare": "outputs/compare", "study": "outputs/study"}
+#: the only defaults that differ by command: where outputs go, and `solve` (a saved Hessian holds
+#: only the gradient-based energies)
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {"run": {"output_dir": "outputs/run"},
+                                               "compare": {"output_dir": "outputs/compare"},
+                                               "study": {"output_dir": "outputs/study"},
+                                               "solve": {"energy": "fisher"}}
 
 
 def command_fields(command: str) -> list[str]:

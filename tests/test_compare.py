@@ -37,7 +37,7 @@ def test_compare_writes_tables_plot_and_json(compare_dir, capsys):
     header, body = rows[0], rows[1:]
     assert header[:3] == ["# br", "method", "calib ppl"] and header[3].endswith("(word_perplexity)")
     methods = ["CBO:0", "CBO:1", "BI one-shot", "BI iterative", "Angular distance", "Norm ratio", "SLEB", "PPL",
-               "Taylor+", "SWM"]
+               "Taylor+", "SWM", "Last M before final"]
     assert body[0][0] == "0"
     for m in ("2", "3"):
         labels = [r[1].split(" (= ")[0] for r in body if r[0] == m]
