@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cboprune.errors import CBOPruneError
 from cboprune.evaluation.protocol import primary_metric
 from cboprune.experiment import Entry
 from cboprune.report.tables import markdown_table, write_csv

@@ -23,13 +23,11 @@ import torch
 
 from cboprune import __version__
 from cboprune.config import Config
-from cboprune.data import GenerationSettings, load_calibration
 from cboprune.data.calibration import CalibrationSet
 from cboprune.errors import CBOPruneError
 from cboprune.experiment import SelectionContext
 from cboprune.hessian import HessianResult, compute_hessian, save_hessian
-from cboprune.models import load_model
-from cboprune.models.architectures import blocks, decoder_layers, removable_blocks
+from cboprune.models.architectures import decoder_layers, removable_blocks
 from cboprune.models.surgery import UnsupportedRemoval, remove_blocks, save_pruned, validate_removal
 from cboprune.ranking import Candidate, Ranking
 from cboprune.report import plot_hessian, plot_removal_frequency, write_report
@@ -201,30 +199,19 @@ class RunResult:
 
 
 def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
+    from cboprune.session import load_session
+
     out_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    loaded = load_model(cfg.model, dtype=cfg.dtype, device=device)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    kinds = [b.kind for b in blocks(model)]
-    n_blocks = len(kinds)
-    keep = cfg.check_against_model(n_blocks, kinds)
+    checks = cfg.verify or cfg.refine_sweeps > 0
+    session = load_session(cfg, heldout=cfg.heldout_samples if checks else 0,
+                           heldout_hint="or pass --no-verify --refine-sweeps 0")
+    kinds = session.block_kinds
+    keep = cfg.check_against_model(session.n_blocks, kinds)
     removable = removable_blocks(kinds, cfg.only, keep) if cfg.only else None
-    log.info("%d blocks: %s", n_blocks, ", ".join(f"{i}:{k}" for i, k in enumerate(kinds)))
+    log.info("%d blocks: %s", session.n_blocks, ", ".join(f"{i}:{k}" for i, k in enumerate(kinds)))
     if removable is not None:
         log.info("removal restricted to %d blocks of kind %s: %s", len(removable), ",".join(cfg.only), removable)
-
-    checks = cfg.verify or cfg.refine_sweeps > 0
-    calibration = load_calibration(cfg.data, tokenizer, model=model,
-                                   n_samples=cfg.n_samples + (cfg.heldout_samples if checks else 0),
-                                   seq_len=cfg.seq_len, seed=cfg.seed,
-                                   generation=GenerationSettings(max_new_tokens=cfg.gen_max_new_tokens,
-                                                                 seed=cfg.seed))
-    if checks and calibration.n_samples <= cfg.n_samples:
-        raise CBOPruneError(f"the calibration data gave {calibration.n_samples} samples, not enough for {cfg.n_samples} "
-                            f"fitting + {cfg.heldout_samples} held-out ones: lower --n-samples, or pass --no-verify "
-                            "--refine-sweeps 0")
-    fit, heldout = calibration.split(cfg.n_samples) if checks else (calibration, None)
+    fit, heldout = session.fit, session.heldout
     log.info("selection: energy model %s%s%s", cfg.energy, ", verified on %d held-out samples" % heldout.n_samples
              if heldout is not None else "", f", refined by up to {cfg.refine_sweeps} swap sweeps"
              if cfg.refine_sweeps else "")
@@ -233,10 +220,10 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        hessian = compute_hessian(model, fit, batch_size=cfg.batch_size, model_name=cfg.model,
+        hessian = compute_hessian(session.model, fit, batch_size=cfg.batch_size, model_name=cfg.model,
                                   progress=progress, **hessian_options(cfg))
         save_hessian(hessian, staging / HESSIAN_FILE)
-        context = SelectionContext(model, fit, heldout, batch_size=cfg.batch_size, keep=tuple(keep),
+        context = SelectionContext(session.model, fit, heldout, batch_size=cfg.batch_size, keep=tuple(keep),
                                    removable=removable, seed=cfg.seed, solver=cfg.solver, time_limit=cfg.time_limit,
                                    node_limit=cfg.node_limit, options={"pool": cfg.pool, "relin_step": cfg.relin_step},
                                    model_name=cfg.model, progress=progress, cache={"hessian": hessian})
@@ -246,26 +233,9 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
         rankings_dir.mkdir()
         for ranking in rankings:
             (rankings_dir / f"M{ranking.n_remove}.json").write_text(ranking.to_json() + "\n")
-        (staging / "config.yaml").write_text(_yaml(cfg.to_dict()))
+        (staging / "config.yaml").write_text(_yaml(cfg.to_dict("run")))
         figures = _figures(staging, hessian, rankings)
-        checkpoints = []
-        save_ms = cfg.remove if cfg.save_remove is None else cfg.save_remove
-        for ranking in rankings:
-            if ranking.n_remove not in save_ms:
-                continue
-            for rank in cfg.save_ranks:
-                if rank >= len(ranking.candidates):
-                    continue
-                cand = ranking.candidates[rank]
-                rel = f"pruned/M{ranking.n_remove}-rank{rank}"
-                try:
-                    prune_to_checkpoint(model, tokenizer, cand.removed, staging / rel,
-                                        provenance(cand, ranking, hessian.meta, cfg.model, hessian.fingerprint))
-                except UnsupportedRemoval as exc:  # the family's config cannot describe what is left
-                    log.warning("not saving M=%d rank %d: %s", ranking.n_remove, rank, exc)
-                    continue
-                checkpoints.append({"n_remove": ranking.n_remove, "rank": rank, "removed": list(cand.removed),
-                                    "path": rel})
+        checkpoints = _save_checkpoints(cfg, session, rankings, hessian, staging)
         write_report(staging, rankings, meta=hessian.meta, figures=figures, checkpoints=checkpoints)
         (staging / "summary.json").write_text(json.dumps(
             {"rankings": {r.n_remove: r.to_dict() for r in rankings}, "checkpoints": checkpoints,
@@ -281,6 +251,30 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
         if cfg.heal:
             ck["healed"] = heal_checkpoint(cfg, ck["path"], progress=progress)
     return RunResult(output_dir=out_dir, hessian=hessian, rankings=rankings, checkpoints=checkpoints)
+
+
+def _save_checkpoints(cfg: Config, session, rankings: Sequence[Ranking], hessian: HessianResult,
+                      staging: Path) -> list[dict[str, Any]]:
+    """The states `save_ranks` of the M values `save_remove` as checkpoints under staging/pruned/."""
+    checkpoints = []
+    save_ms = cfg.remove if cfg.save_remove is None else cfg.save_remove
+    for ranking in rankings:
+        if ranking.n_remove not in save_ms:
+            continue
+        for rank in cfg.save_ranks:
+            if rank >= len(ranking.candidates):
+                continue
+            cand = ranking.candidates[rank]
+            rel = f"pruned/M{ranking.n_remove}-rank{rank}"
+            try:
+                prune_to_checkpoint(session.model, session.tokenizer, cand.removed, staging / rel,
+                                    provenance(cand, ranking, hessian.meta, cfg.model, hessian.fingerprint))
+            except UnsupportedRemoval as exc:  # the family's config cannot describe what is left
+                log.warning("not saving M=%d rank %d: %s", ranking.n_remove, rank, exc)
+                continue
+            checkpoints.append({"n_remove": ranking.n_remove, "rank": rank, "removed": list(cand.removed),
+                                "path": rel})
+    return checkpoints
 
 
 def heal_checkpoint(cfg: Config, checkpoint: str, *, progress: bool = True) -> str:

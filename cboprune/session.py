@@ -52,7 +52,8 @@ def check_remove(remove: Sequence[int], n_blocks: int, min_kept: int = 1) -> Non
                             + (" (a selected method never removes the last block)" if min_kept > 1 else ""))
 
 
-def load_session(cfg, *, remove: Sequence[int] = (), min_kept: int = 1, heldout: int = 0) -> Session:
+def load_session(cfg, *, remove: Sequence[int] = (), min_kept: int = 1, heldout: int = 0,
+                 heldout_hint: str = "or --heldout-samples") -> Session:
     """Model and calibration for `cfg` (a `Config`): `cfg.n_samples` fitting samples and `heldout`
     held-out ones after them."""
     import torch
@@ -74,8 +75,7 @@ def load_session(cfg, *, remove: Sequence[int] = (), min_kept: int = 1, heldout:
     if heldout:
         if calibration.n_samples <= cfg.n_samples:
             raise CBOPruneError(f"the calibration data gave {calibration.n_samples} samples, not enough for "
-                                f"{cfg.n_samples} fitting + {heldout} held-out ones: lower --n-samples or "
-                                "--heldout-samples")
+                                f"{cfg.n_samples} fitting + {heldout} held-out ones: lower --n-samples, {heldout_hint}")
         fit, held = calibration.split(cfg.n_samples)
     else:
         fit, held = calibration, None
