@@ -57,6 +57,7 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
     from cboprune import methods as registry
     from cboprune.evaluation.protocol import EvalProtocol
     from cboprune.experiment import SelectionContext, energy_entries, evaluate_entries, peer_entries
+    from cboprune.healing_study import cost_of, heal_entries
     from cboprune.masked import calibration_nll
     from cboprune.pipeline import prepare_output_dir
     from cboprune.session import load_session
@@ -92,13 +93,22 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
     baseline = protocol.evaluate(net, tokenizer=session.tokenizer)
     baseline["calib_ppl"] = math.exp(calibration_nll(net, calibration, batch_size=cfg.batch_size))
     evaluate_entries(entries, net, session.tokenizer, protocol, nll_samples=calibration, batch_size=cfg.batch_size)
+    for e in entries:
+        e.cost = cost_of(e, session.n_blocks, fit_tokens=calibration.n_tokens)
+    eval_seconds = round(time.perf_counter() - t0, 2)
+    recipe = cfg.heal_recipe(out_dir)
+    if recipe is not None:
+        heal_entries(entries, net, session.tokenizer, recipe, protocol, nll_samples=calibration,
+                     batch_size=cfg.batch_size, workdir=out_dir.with_name(out_dir.name + ".heal-work"),
+                     progress=progress)
     hessian = context.cache.get("hessian")
     meta = {"model": cfg.model, "n_blocks": session.n_blocks, "methods": names, "remove": cfg.remove,
             "cbo_ranks": sorted(set(cfg.cbo_ranks)), **protocol.describe(), "calibration": calibration.describe(),
             "batch_size": cfg.batch_size, "seed": cfg.seed, "device": session.device, "dtype": cfg.dtype,
             "torch_threads": torch.get_num_threads(), "swm_rule": cfg.swm_rule, "swm_threshold": cfg.swm_threshold,
-            "seconds": {"selection": selection_seconds, "evaluation": round(time.perf_counter() - t0, 2),
+            "seconds": {"selection": selection_seconds, "evaluation": eval_seconds,
                         "total": round(time.perf_counter() - started, 2)},
+            "healing": recipe.describe() if recipe is not None else None,
             "hessian": {k: v for k, v in hessian.meta.items() if k != "block_names"} if hessian else {}}
     result = CompareResult(output_dir=out_dir, entries=entries, baseline=baseline, meta=meta)
     write_outputs(result)
@@ -122,7 +132,7 @@ def table_rows(result: CompareResult) -> tuple[list[str], list[list[str]]]:
     for t in tasks:
         metric, _ = primary_metric(t, result.baseline["results"][t])
         header.append(f"{t} ({metric})")
-    header.append("selection s")
+    header += ["cost (fwd passes)", "selection s"]
 
     def cells(evaluation: dict, calib_ppl: float | None) -> list[str]:
         row = [f"{calib_ppl:.2f}" if calib_ppl is not None else "—"]
@@ -135,10 +145,12 @@ def table_rows(result: CompareResult) -> tuple[list[str], list[list[str]]]:
             row.append(f"{value:.2f}" if "perplexity" in metric else f"{value:.3f}")
         return row
 
-    rows = [["0", f"original ({result.meta['model']})", *cells(result.baseline, result.baseline.get("calib_ppl")), "—"]]
+    rows = [["0", f"original ({result.meta['model']})", *cells(result.baseline, result.baseline.get("calib_ppl")), "—",
+             "—"]]
     for e in result.entries:
         rows.append([str(e.n_remove), label(e.method) + (f" (= {e.same_as})" if e.same_as else ""),
-                     *cells(e.eval, _calib_ppl(e)), f"{e.selection_seconds:.1f}"])
+                     *cells(e.eval, _calib_ppl(e)), "—" if e.cost is None else f"{e.cost:g}",
+                     f"{e.selection_seconds:.1f}"])
     return header, rows
 
 
@@ -214,6 +226,7 @@ def plot_comparison(result: CompareResult, path: str | Path) -> Path:
 
 def write_outputs(result: CompareResult) -> dict[str, Path]:
     from cboprune.experiment import entry_dict
+    from cboprune.healing_study import healing_markdown
 
     out = result.output_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -227,13 +240,17 @@ def write_outputs(result: CompareResult) -> dict[str, Path]:
               f"({cal.get('n_samples')} samples, {cal.get('n_tokens')} tokens); tasks limited to "
               f"{result.meta['limit']} items"
               + (f" ({result.meta['ppl_limit']} documents for perplexity)" if result.meta.get("ppl_tasks") else "")
-              + "; no retraining. "
+              + ("; no retraining. " if not result.meta.get("healing") else "; before healing (after: healing.md). ")
+              + f"Cost: forward passes of the fitting set (a backward counts as two). "
               f"Time: selection {secs['selection']} s, evaluation {secs['evaluation']} s, total {secs['total']} s.\n")
     paths["table_md"].write_text(markdown_table(h1, r1) + footer, encoding="utf-8")
     write_csv(paths["table_csv"], h1, r1)
     paths["blocks_md"].write_text(markdown_table(h2, r2), encoding="utf-8")
     write_csv(paths["blocks_csv"], h2, r2)
     plot_comparison(result, paths["plot"])
+    if result.meta.get("healing"):
+        paths["healing_md"] = out / "healing.md"
+        paths["healing_md"].write_text(healing_markdown(result.entries, result.meta, label), encoding="utf-8")
     data = {"meta": result.meta, "baseline": result.baseline,
             "entries": [entry_dict(e, "calib_ppl") for e in result.entries]}
     paths["json"].write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")

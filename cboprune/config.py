@@ -10,7 +10,8 @@ option has one name, one help text and one default everywhere.
                  diverse, solver, time_limit, node_limit
     comparison   methods, energies, peers, refine, cbo_ranks, swm_threshold, swm_rule
     evaluation   tasks, limit, ppl_limit, eval_batch_size, data_dir, max_length
-    healing      heal, heal_data, heal_steps
+    healing      heal, heal_data, heal_steps, heal_lr, heal_seq_len, heal_micro_batch_size,
+                 heal_global_batch_size, heal_lora, heal_keep, heal_states, heal_candidates
     output       output_dir, overwrite, save_ranks, save_remove
 
 `COMMANDS` says which sections (and fields) each subcommand takes. All problems are collected and
@@ -133,8 +134,26 @@ class Config:
     heal: bool = _opt(False, "distill the original model into every saved checkpoint (-> <checkpoint>-healed)",
                       "healing", kind="flag")
     heal_data: str | None = _opt(None, "distillation data for --heal (default: --data)", "healing", kind="str")
-    heal_steps: int | None = _opt(None, "optimizer steps for --heal (default: one epoch)", "healing", kind="int",
-                                  minimum=1)
+    heal_steps: list[int] | None = _opt(None, "optimizer steps of healing; compare/study: one or several budgets, "
+                                              "e.g. 30 120, each configuration healed alike for each (run "
+                                              "default: one epoch)", "healing", kind="steps")
+    heal_lr: float = _opt(5e-5, "healing learning rate (default 5e-5)", "healing", kind="float")
+    heal_seq_len: int | None = _opt(None, "healing tokens per sample (default: --seq-len)", "healing", kind="int",
+                                    minimum=1)
+    heal_micro_batch_size: int = _opt(4, "healing samples per forward pass (default 4)", "healing", kind="int",
+                                      minimum=1)
+    heal_global_batch_size: int = _opt(16, "healing samples per optimizer step (default 16)", "healing",
+                                       kind="int", minimum=1)
+    heal_lora: bool = _opt(False, "heal LoRA adapters (merged on save) instead of all weights", "healing",
+                           kind="flag")
+    heal_keep: bool = _opt(False, "compare/study: keep the healed checkpoints under <output-dir>/healed (disk)",
+                           "healing", kind="flag")
+    heal_states: int = _opt(0, "study: also heal the K lowest states of every energy model, for the Spearman "
+                               "correlation of energy and post-heal loss (default 0)", "healing", kind="int",
+                            minimum=0)
+    heal_candidates: int = _opt(0, "run: heal the C most diverse verified low-energy states alike (--heal-steps "
+                                   "each) and save the best after healing (default 0: off)", "healing", kind="int",
+                                minimum=0)
     # output
     output_dir: str | None = _opt(None, "where to write everything (default outputs/<command>)", "output",
                                   kind="str")
@@ -173,6 +192,8 @@ class Config:
     def validate(self, command: str = "run") -> None:
         """Every problem of the fields `command` uses, reported together in one line."""
         errors = []
+        if isinstance(self.heal_steps, int) and not isinstance(self.heal_steps, bool):  # YAML `heal_steps: 200`
+            self.heal_steps = [self.heal_steps]
         used = set(command_fields(command))
         for f in fields(self):
             if f.name in used:
@@ -217,8 +238,15 @@ class Config:
 
             if self.swm_rule not in MERGE_RULES:
                 errors.append(f"swm_rule must be one of {', '.join(MERGE_RULES)}, got {self.swm_rule!r}")
-        if "heal" in used and self.heal and not (self.heal_data or self.data):
-            errors.append("heal needs distillation data: pass --heal-data FILE (or --data FILE)")
+        heals = (self.heal or self.heal_candidates) if "heal" in used else bool(self.heal_steps)
+        if "heal_steps" in used and heals and not (self.heal_data or self.data):
+            errors.append("healing needs distillation data: pass --heal-data FILE (or --data FILE)")
+        if "heal" in used and self.heal_steps is not None and len(self.heal_steps) > 1:
+            errors.append(f"run heals with one budget: pass one --heal-steps value, got {self.heal_steps}")
+        if "heal" in used and self.heal_candidates and not self.heal_steps:
+            errors.append("--heal-candidates needs the budget of each heal: pass --heal-steps S")
+        if "heal_states" in used and self.heal_states and not self.heal_steps:
+            errors.append("--heal-states needs --heal-steps")
         for name, kind, extra in (("methods", None, ("cbo",)), ("energies", methods.ENERGY, ()),
                                   ("peers", methods.PEER, ()), ("refine", methods.ENERGY, ())):
             if name in used:
@@ -260,6 +288,20 @@ class Config:
             raise CBOPruneError("; ".join(errors))
         return sorted(set(keep))
 
+    def heal_recipe(self, output_dir: Path | None = None):
+        """The healing recipe of compare/study (None without --heal-steps)."""
+        if not self.heal_steps:
+            return None
+        from cboprune.healing_study import HealRecipe
+
+        out = Path(output_dir or self.output_dir)
+        return HealRecipe(steps=list(self.heal_steps), data=self.heal_data or self.data or "", teacher=self.model,
+                          learning_rate=self.heal_lr, seq_len=self.heal_seq_len or self.seq_len,
+                          micro_batch_size=self.heal_micro_batch_size, global_batch_size=self.heal_global_batch_size,
+                          lora=self.heal_lora, seed=self.seed,
+                          keep_checkpoints=out / "healed" if self.heal_keep else None,
+                          cache_dir=out.with_name(out.name + ".heal-cache"))
+
     def to_dict(self, command: str | None = None) -> dict[str, Any]:
         data = asdict(self)
         return data if command is None else {k: v for k, v in data.items() if k in command_fields(command)}
@@ -292,6 +334,9 @@ def _check_field(f, value: Any) -> str | None:
         return f"{name} must be a number, got {value!r}"
     if kind in ("bool", "flag") and not isinstance(value, bool):
         return f"{name} must be true or false, got {value!r}"
+    if kind == "steps" and (not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
+        return f"{name} must be positive numbers of optimizer steps, got {value!r}"
     if kind in ("ints", "Ms") and (not isinstance(value, list) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in value)):
         return f"{name} must be a list of integers, got {value!r}"
@@ -317,14 +362,15 @@ SECTIONS = ("model", "calibration", "hessian", "selection", "comparison", "evalu
 
 #: command -> (sections, extra fields, fields left out)
 COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "run": (("model", "calibration", "hessian", "selection", "healing", "output"), (), ("exact_samples", "diverse")),
+    "run": (("model", "calibration", "hessian", "selection", "healing", "output"), (),
+            ("exact_samples", "diverse", "heal_keep", "heal_states")),
     "hessian": (("model", "calibration", "hessian"), (), ("heldout_samples",)),
-    "compare": (("model", "calibration", "evaluation", "output"),
+    "compare": (("model", "calibration", "evaluation", "healing", "output"),
                 ("remove", "methods", "cbo_ranks", "swm_threshold", "swm_rule", "time_limit"),
-                ("heldout_samples", "save_ranks", "save_remove")),
-    "study": (("model", "calibration", "evaluation", "output"),
+                ("heldout_samples", "save_ranks", "save_remove", "heal", "heal_states", "heal_candidates")),
+    "study": (("model", "calibration", "evaluation", "healing", "output"),
               ("remove", "energies", "peers", "top", "refine", "refine_sweeps", "diverse", "pool", "relin_step",
-               "exact_samples", "time_limit"), ("save_ranks", "save_remove")),
+               "exact_samples", "time_limit"), ("save_ranks", "save_remove", "heal", "heal_candidates")),
 }
 COMMANDS.update({
     "solve": ((), ("remove", "top", "keep", "only", "energy", "solver", "time_limit", "node_limit", "seed",
@@ -378,9 +424,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, command: str, *, only:
             group.add_argument(flag, action="store_true", **kw)
         elif kind == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif kind == "Ms":
-            group.add_argument(flag, type=int, nargs="+", metavar="M", **{k: v for k, v in kw.items()
-                                                                          if k != "metavar"})
+        elif kind in ("Ms", "steps"):
+            kw.setdefault("metavar", "M" if kind == "Ms" else "STEPS")
+            group.add_argument(flag, type=int, nargs="+", **kw)
         elif kind == "energy":  # names checked by validate (one line, a suggestion), listed in the help
             kw["help"] = f"{help_}: {', '.join(_energy_names())}"
             group.add_argument(flag, **kw)

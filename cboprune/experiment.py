@@ -136,6 +136,8 @@ class Entry:
     nll: float | None = None
     eval: dict[str, Any] = field(default_factory=dict)
     same_as: str | None = None
+    healed: dict[int, dict[str, Any]] = field(default_factory=dict)  # steps -> nll, eval, heal CE after healing
+    cost: float | None = None  # selection cost in forward passes of the fitting set
 
     @property
     def base(self) -> str:
@@ -266,4 +268,5 @@ def entry_dict(entry: Entry, nll_key: str) -> dict[str, Any]:
     value = (math.exp(entry.nll) if entry.nll is not None else None) if nll_key == "calib_ppl" else entry.nll
     return {"method": entry.method, "n_remove": entry.n_remove, "candidate": entry.candidate.to_dict(),
             "ranking": entry.ranking.to_dict(), "selection_seconds": entry.selection_seconds, nll_key: value,
-            "same_as": entry.same_as, "eval": entry.eval}
+            "same_as": entry.same_as, "eval": entry.eval, "cost_forward_passes": entry.cost,
+            "healed": {str(k): v for k, v in entry.healed.items()}}

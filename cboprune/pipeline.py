@@ -283,8 +283,10 @@ def heal_checkpoint(cfg: Config, checkpoint: str, *, progress: bool = True) -> s
 
     out = f"{checkpoint}-healed"
     heal(HealConfig(student=checkpoint, teacher=cfg.model, data=cfg.heal_data or cfg.data, output_dir=out,
-                    max_steps=cfg.heal_steps, seq_len=cfg.seq_len, seed=cfg.seed, overwrite=cfg.overwrite),
-         progress=progress)
+                    max_steps=cfg.heal_steps[0] if cfg.heal_steps else None, seq_len=cfg.heal_seq_len or cfg.seq_len,
+                    learning_rate=cfg.heal_lr, micro_batch_size=cfg.heal_micro_batch_size,
+                    global_batch_size=cfg.heal_global_batch_size, lora=cfg.heal_lora, seed=cfg.seed,
+                    overwrite=cfg.overwrite), progress=progress)
     return out
 
 

@@ -64,6 +64,7 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
 
     from cboprune.evaluation.protocol import EvalProtocol
     from cboprune.experiment import SelectionContext, energy_entries, evaluate_entries, peer_entries
+    from cboprune.healing_study import cost_of, heal_entries
     from cboprune.masked import calibration_nll
     from cboprune.pipeline import prepare_output_dir
     from cboprune.session import load_session
@@ -99,6 +100,9 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
         result = energy_entries(name, context, cfg.remove, k=cfg.top, verify=True, diverse=cfg.diverse,
                                 refine_sweeps=cfg.refine_sweeps if name in refine else 0)
         entries += result.entries
+        for m, ranking in result.rankings.items():  # more low-energy states, healed for ρ(energy, post-heal)
+            entries += [Entry(f"{name}:{r}", m, c, ranking, result.entries[0].selection_seconds)
+                        for r, c in enumerate(ranking.candidates[:cfg.heal_states]) if r > 0]
         correlations[name] = result.correlations
         rankings_by_model[name] = [result.rankings[m] for m in cfg.remove]
         costs[name] = result.seconds
@@ -108,7 +112,8 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
     for method in peers:
         entries += peer_entries(method, context, cfg.remove)
     order = [f"{e}{s}" for e in energies for s in (":0", "+verify", "+refine")] + list(peers)
-    entries.sort(key=lambda e: (e.n_remove, order.index(e.method)))
+    entries.sort(key=lambda e: (e.n_remove, order.index(e.method) if e.method in order
+                                else order.index(f"{e.base}+refine") + int(e.method.split(":")[1]) / 1e3))
     selection_seconds = round(time.perf_counter() - started, 2)
 
     # 3. evaluation of every distinct configuration
@@ -116,13 +121,23 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
     baseline = protocol.evaluate(net, session.tokenizer)
     baseline["heldout_nll"] = calibration_nll(net, heldout, batch_size=cfg.batch_size)
     evaluate_entries(entries, net, session.tokenizer, protocol, nll_samples=heldout, batch_size=cfg.batch_size)
+    opts = {"pool": cfg.pool, "relin_step": cfg.relin_step}
+    for e in entries:
+        e.cost = cost_of(e, session.n_blocks, fit_tokens=fit.n_tokens, heldout_tokens=heldout.n_tokens, options=opts)
+    eval_seconds = round(time.perf_counter() - t0, 2)
+    recipe = cfg.heal_recipe(out_dir)
+    if recipe is not None:
+        heal_entries(entries, net, session.tokenizer, recipe, protocol, nll_samples=heldout,
+                     batch_size=cfg.batch_size, workdir=out_dir.with_name(out_dir.name + ".heal-work"),
+                     progress=progress)
     meta = {"model": cfg.model, "n_blocks": session.n_blocks, "block_kinds": session.block_kinds,
             "remove": cfg.remove, "energies": energies, "peers": peers, "k": cfg.top, "refine": refine,
             "max_sweeps": cfg.refine_sweeps, "diverse": cfg.diverse, "pool": cfg.pool, "relin_step": cfg.relin_step,
             "exact_samples": cfg.exact_samples, **protocol.describe(), "fit": fit.describe(),
             "heldout": heldout.describe(), "batch_size": cfg.batch_size, "seed": cfg.seed, "device": session.device,
             "dtype": cfg.dtype, "torch_threads": torch.get_num_threads(), "recommended": recommended_method(),
-            "seconds": {"selection": selection_seconds, "evaluation": round(time.perf_counter() - t0, 2),
+            "healing": recipe.describe() if recipe is not None else None, "heal_states": cfg.heal_states,
+            "seconds": {"selection": selection_seconds, "evaluation": eval_seconds,
                         "total": round(time.perf_counter() - started, 2),
                         **{f"build {k_}": round(v, 2) for k_, v in costs.items()}}}
     result = StudyResult(out_dir, entries, baseline, correlations, meta)
@@ -145,8 +160,9 @@ def _label(method: str) -> str:
     base = method.split(":")[0].split("+")[0]
     m = registry.get(base)
     if m.kind == registry.ENERGY:
+        rank = method.partition(":")[2]
         suffix = (" + verify" if "+verify" in method else " + verify + refine" if "+refine" in method
-                  else " (ground state)")
+                  else " (ground state)" if rank == "0" else f" (state {rank})")
         return f"{m.label}{suffix}"
     return m.label
 
@@ -155,7 +171,7 @@ def table_rows(result: StudyResult) -> tuple[list[str], list[list[str]]]:
     tasks = list(result.baseline["results"])
     header = ["M", "method", "removed", "held-out calib ppl"]
     header += [f"{t} ({primary_metric(t, result.baseline['results'][t])[0]})" for t in tasks]
-    header += ["mean acc", "selection s"]
+    header += ["mean acc", "cost (fwd passes)", "selection s"]
     rec = recommended_method()
 
     def cells(evaluation: dict, nll: float | None) -> list[str]:
@@ -168,12 +184,12 @@ def table_rows(result: StudyResult) -> tuple[list[str], list[list[str]]]:
         return row
 
     rows = [["0", f"original ({result.meta['model']})", "", *cells(result.baseline, result.baseline["heldout_nll"]),
-             "—"]]
+             "—", "—"]]
     for e in result.entries:
         label = _label(e.method) + (" **[recommended]**" if e.method == rec else "")
         rows.append([str(e.n_remove), label + (f" (= {_label(e.same_as)})" if e.same_as else ""),
                      "[" + ", ".join(map(str, e.candidate.removed)) + "]", *cells(e.eval, e.nll),
-                     f"{e.selection_seconds:.1f}"])
+                     "—" if e.cost is None else f"{e.cost:.4g}", f"{e.selection_seconds:.1f}"])
     return header, rows
 
 
@@ -302,6 +318,12 @@ def write_outputs(result: StudyResult, rankings_by_model: dict[str, list]) -> di
             f"## The recommended approach ({_label(meta['recommended'])}) against the peers\n",
             markdown_table(h3, r3) if r3 else "(the recommended approach or the peers were not part of this study)\n",
             "## Figures\n", *[f"![{p.stem}]({p.name})\n" for key, p in paths.items() if p.suffix == ".png"]]
+    if meta.get("healing"):
+        from cboprune.healing_study import healing_markdown
+
+        paths["healing_md"] = out / "healing.md"
+        paths["healing_md"].write_text(healing_markdown(result.entries, meta, _label), encoding="utf-8")
+        text.insert(-1, "## After healing\n\nSee [healing.md](healing.md).\n")
     paths["md"].write_text("\n".join(text), encoding="utf-8")
     write_csv(paths["csv"], h1, r1)
     data = {"meta": meta, "baseline": result.baseline, "correlations": {n: {str(m): v for m, v in d.items()}

@@ -8,11 +8,15 @@ import json
 from pathlib import Path
 
 
-def _csv_rows(path: Path, root: Path, drop: str = "selection s") -> list[list[str]]:
+#: columns added after the capture (new information, not a changed result) and timings
+DROPPED = ("selection s", "cost (fwd passes)")
+
+
+def _csv_rows(path: Path, root: Path) -> list[list[str]]:
     rows = list(csv.reader(path.open(encoding="utf-8")))
     rows = [[cell.replace(str(root), "ROOT") for cell in r] for r in rows]
     header = rows[0]
-    keep = [i for i, h in enumerate(header) if h != drop]
+    keep = [i for i, h in enumerate(header) if h not in DROPPED]
     return [[r[i] for i in keep] for r in rows]
 
 

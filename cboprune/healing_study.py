@@ -1,0 +1,285 @@
+"""Judging configurations after healing, as the paper does: every distinct configuration gets the
+same distillation recipe (data and order, seed, steps, learning rate, teacher), then the same
+evaluation as before healing.
+
+    HealRecipe            the recipe, one or several step budgets (each healed from the pruned model)
+    heal_entries(...)     heal and evaluate every distinct configuration once per budget; results
+                          are cached on disk by a fingerprint of (model, configuration, recipe,
+                          evaluation), so an interrupted study continues where it stopped
+    heal_table / heal_correlations   before/after tables and Spearman correlations per M
+    cost_of(entry, ...)   a method's selection cost in forward passes of the fitting set
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cboprune.errors import CBOPruneError
+
+if TYPE_CHECKING:
+    from cboprune.evaluation.protocol import EvalProtocol
+    from cboprune.experiment import Entry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HealRecipe:
+    steps: list[int]
+    data: str
+    teacher: str  # model spec of the original model
+    learning_rate: float = 5e-5
+    seq_len: int = 256
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    lora: bool = False
+    seed: int = 0
+    max_samples: int | None = None
+    keep_checkpoints: Path | None = None  # healed checkpoints are kept here when given (disk)
+    cache_dir: Path | None = None  # finished heals (results only) for resume
+
+    def __post_init__(self) -> None:
+        if not self.steps or any(not isinstance(s, int) or s < 1 for s in self.steps):
+            raise CBOPruneError(f"--heal-steps needs positive numbers of optimizer steps, got {self.steps}")
+        if not Path(self.data).is_file():
+            raise CBOPruneError(f"healing data not found: {self.data}: pass --heal-data FILE (or --data FILE)")
+        self.steps = sorted(set(self.steps))
+
+    def describe(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k not in ("keep_checkpoints", "cache_dir")}
+        d["tokens_per_step"] = self.global_batch_size * self.seq_len
+        return d
+
+
+def _key(entry: Entry, recipe: HealRecipe, steps: int, protocol: EvalProtocol, nll_fingerprint: str) -> str:
+    from cboprune.experiment import merge_rule_of
+
+    text = json.dumps({"removed": list(entry.candidate.removed), "merged": [list(g) for g in entry.candidate.merged],
+                       "rule": merge_rule_of(entry) if entry.candidate.merged else None,
+                       "recipe": {**recipe.describe(), "steps": steps}, "eval": protocol.describe(),
+                       "nll_samples": nll_fingerprint}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe, protocol: EvalProtocol, *,
+                 nll_samples, batch_size: int = 8, workdir: Path, progress: bool = False) -> None:
+    """entry.healed[S] = {"nll", "eval", "heal_ce", "heal_kl", "seconds"} for every budget S; entries
+    with the same configuration share one heal."""
+    from cboprune.experiment import apply_configuration, configuration_key, merge_rule_of
+    from cboprune.heal import HealConfig, heal
+    from cboprune.masked import calibration_nll
+    from cboprune.models import load_model
+    from cboprune.models.surgery import save_pruned
+
+    cache = recipe.cache_dir
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    done: dict[tuple, Entry] = {}
+    for entry in entries:
+        key = configuration_key(entry.candidate, merge_rule_of(entry))
+        if key in done:
+            entry.healed = done[key].healed
+            continue
+        done[key] = entry
+        for steps in recipe.steps:
+            digest = _key(entry, recipe, steps, protocol, nll_samples.fingerprint)
+            cached = cache / f"{digest}.json" if cache is not None else None
+            if cached is not None and cached.is_file():
+                entry.healed[steps] = json.loads(cached.read_text())
+                log.info("healing: %s at M = %d, %d steps: reused %s", entry.method, entry.n_remove, steps, cached)
+                continue
+            t0 = time.perf_counter()
+            student = workdir / f"{digest}-student"
+            healed_dir = (recipe.keep_checkpoints / f"M{entry.n_remove}-{entry.method.replace(':', '-')}-S{steps}"
+                          if recipe.keep_checkpoints is not None else workdir / f"{digest}-healed")
+            shutil.rmtree(student, ignore_errors=True)
+            save_pruned(apply_configuration(model, entry.candidate, merge_rule_of(entry)), tokenizer, student,
+                        {"source_model": recipe.teacher, "removed": list(entry.candidate.removed),
+                         "merged": [list(g) for g in entry.candidate.merged], "method": entry.method})
+            report = heal(HealConfig(student=str(student), teacher=recipe.teacher, data=recipe.data,
+                                     output_dir=str(healed_dir), max_steps=steps, learning_rate=recipe.learning_rate,
+                                     seq_len=recipe.seq_len, micro_batch_size=recipe.micro_batch_size,
+                                     global_batch_size=recipe.global_batch_size, lora=recipe.lora, seed=recipe.seed,
+                                     max_samples=recipe.max_samples, save_every=max(steps, 1), overwrite=True),
+                          progress=progress)
+            healed = load_model(str(healed_dir), dtype="float32", device=str(next(model.parameters()).device)).model
+            result = {"nll": calibration_nll(healed, nll_samples, batch_size=batch_size),
+                      "eval": protocol.evaluate(healed, tokenizer),
+                      "heal_ce": (report.get("heldout_loss_after") or {}).get("student"),
+                      "heal_kl": (report.get("heldout_loss_after") or {}).get("kl"),
+                      "heal_ce_before": (report.get("heldout_loss_before") or {}).get("student"),
+                      "teacher_ce": (report.get("heldout_loss_before") or {}).get("teacher"),
+                      "steps": report.get("steps"), "seconds": round(time.perf_counter() - t0, 1)}
+            del healed
+            shutil.rmtree(student, ignore_errors=True)
+            if recipe.keep_checkpoints is None:
+                shutil.rmtree(healed_dir, ignore_errors=True)
+            entry.healed[steps] = result
+            if cached is not None:
+                tmp = cached.with_suffix(".tmp")
+                tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
+                tmp.replace(cached)  # atomic: a kill never leaves a half-written result
+            log.info("healing: %s at M = %d, %d steps: NLL %.4f -> %.4f (%.0f s)", entry.method, entry.n_remove,
+                     steps, entry.nll if entry.nll is not None else math.nan, result["nll"], result["seconds"])
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- cost
+
+def cost_of(entry: Entry, n_blocks: int, *, fit_tokens: int, heldout_tokens: int = 0,
+            options: dict[str, Any] | None = None) -> float:
+    """Selection cost in forward passes of the fitting set (tokens processed / fitting tokens): the
+    method's cost model plus, for `+verify`, the K held-out evaluations and, for `+refine`, the swap
+    search's evaluations (measured, from the ranking's info)."""
+    from cboprune import methods
+
+    base = "fisher" if entry.base == "cbo" else entry.base
+    cost = methods.get(base).cost(n_blocks, entry.n_remove, **(options or {}))
+    ratio = heldout_tokens / max(fit_tokens, 1)
+    ver = entry.ranking.info.get("verification")
+    if ("+verify" in entry.method or "+refine" in entry.method) and ver:
+        cost += len(ver["energies"]) * ratio
+    ref = entry.ranking.info.get("refine")
+    if "+refine" in entry.method and ref:
+        cost += ref["evaluations"] - 1 + ratio  # swaps on the fitting set, the final check held out
+    return float(cost)
+
+
+# ----------------------------------------------------------------------------- tables
+
+def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    from cboprune.energy import spearman
+
+    return spearman(list(a), list(b))
+
+
+def heal_correlations(entries: Sequence[Entry], steps: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """Per M: Spearman between pre-heal and post-heal NLL over the distinct configurations, for every
+    budget; and between the first and the last budget's post-heal NLL (does the order converge?)."""
+    out: dict[int, dict[str, Any]] = {}
+    for m in sorted({e.n_remove for e in entries}):
+        rows = [e for e in entries if e.n_remove == m and e.same_as is None and e.healed and e.nll is not None]
+        d: dict[str, Any] = {"n": len(rows)}
+        for s in steps:
+            d[f"pre_vs_post_{s}"] = _spearman([e.nll for e in rows], [e.healed[s]["nll"] for e in rows])
+        if len(steps) > 1:
+            d["post_first_vs_last"] = _spearman([e.healed[steps[0]]["nll"] for e in rows],
+                                                [e.healed[steps[-1]]["nll"] for e in rows])
+        out[m] = d
+    return out
+
+
+def energy_heal_correlations(entries: Sequence[Entry], steps: Sequence[int]) -> dict[str, dict[int, dict]]:
+    """Per energy model and M: Spearman between the energy and the post-heal NLL over its healed
+    low-energy states (entries `<energy>:<rank>`)."""
+    from cboprune import methods
+
+    out: dict[str, dict[int, dict]] = {}
+    for e in entries:
+        base, _, rank = e.method.partition(":")
+        if not rank or not e.healed or methods.get(base).kind != methods.ENERGY:
+            continue
+        out.setdefault(base, {}).setdefault(e.n_remove, []).append(e)
+    result: dict[str, dict[int, dict]] = {}
+    for name, by_m in out.items():
+        for m, rows in by_m.items():
+            if len(rows) < 3:
+                continue
+            energies = [r.candidate.score for r in rows]
+            result.setdefault(name, {})[m] = {"n": len(rows), **{
+                f"energy_vs_post_{s}": _spearman(energies, [r.healed[s]["nll"] for r in rows]) for s in steps},
+                "energy_vs_pre": _spearman(energies, [r.nll for r in rows])}
+    return result
+
+
+def heal_table(entries: Sequence[Entry], steps: Sequence[int], label, ppl_task: str | None,
+               accuracy_tasks: list[str]) -> tuple[list[str], list[list[str]]]:
+    """One row per entry: NLL before and after each budget, the perplexity task and mean accuracy
+    after, heal seconds."""
+    from cboprune.evaluation.protocol import mean_accuracy, primary_scores
+
+    header = ["M", "method", "removed", "NLL before"]
+    for s in steps:
+        header += [f"NLL after {s}", f"heal CE after {s}"] + ([f"{ppl_task} after {s}"] if ppl_task else []) \
+            + [f"mean acc after {s}"]
+    header.append("heal s")
+    rows = []
+    for e in entries:
+        if not e.healed:
+            continue
+        row = [str(e.n_remove), label(e.method) + (f" (= {label(e.same_as)})" if e.same_as else ""),
+               "[" + ", ".join(map(str, e.candidate.removed)) + "]", "—" if e.nll is None else f"{e.nll:.4f}"]
+        seconds = 0.0
+        for s in steps:
+            h = e.healed[s]
+            ce = h.get("heal_ce")
+            row += [f"{h['nll']:.4f}", "—" if ce is None else f"{ce:.4f}"]
+            if ppl_task:
+                v = primary_scores(h["eval"]).get(ppl_task)
+                row.append("—" if v is None else f"{v:.2f}")
+            acc = mean_accuracy(h["eval"], accuracy_tasks)
+            row.append("—" if acc is None else f"{acc:.4f}")
+            seconds += h.get("seconds") or 0.0
+        row.append("0" if e.same_as else f"{seconds:.0f}")
+        rows.append(row)
+    return header, rows
+
+
+def correlation_table(corr: dict[int, dict[str, Any]], steps: Sequence[int]) -> tuple[list[str], list[list[str]]]:
+    header = ["M", "configurations", *[f"ρ(pre, post {s})" for s in steps]]
+    if len(steps) > 1:
+        header.append(f"ρ(post {steps[0]}, post {steps[-1]})")
+
+    def f(x):
+        return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.2f}"
+
+    rows = []
+    for m, d in corr.items():
+        row = [str(m), str(d["n"]), *[f(d[f"pre_vs_post_{s}"]) for s in steps]]
+        if len(steps) > 1:
+            row.append(f(d["post_first_vs_last"]))
+        rows.append(row)
+    return header, rows
+
+
+def healing_markdown(entries: Sequence[Entry], meta: dict[str, Any], label) -> str:
+    """The before/after page of a comparison: the recipe, the table, the Spearman correlations."""
+    from cboprune.report.tables import markdown_table
+
+    recipe = meta["healing"]
+    steps = recipe["steps"]
+    ppl_task = meta["ppl_tasks"][0] if meta.get("ppl_tasks") else None
+    accuracy = [t for t in meta["tasks"] if t not in meta.get("ppl_tasks", [])]
+    h1, r1 = heal_table(entries, steps, label, ppl_task, accuracy)
+    corr = heal_correlations(entries, steps)
+    h2, r2 = correlation_table(corr, steps)
+    text = [f"# After healing: {meta['model']} (N = {meta['n_blocks']})\n",
+            f"Every distinct configuration distilled from the original model with one recipe: {steps} optimizer "
+            f"steps (each budget healed from the pruned model), {recipe['global_batch_size']} x "
+            f"{recipe['seq_len']} tokens per step of {recipe['data']}, learning rate {recipe['learning_rate']}, "
+            f"seed {recipe['seed']}{', LoRA' if recipe['lora'] else ', all weights'}. NLL: the comparison's own "
+            "samples (compare: calibration; study: held-out); heal CE: the healing data's held-out records "
+            "(never trained on). Lower is better.\n",
+            markdown_table(h1, r1),
+            "## Does the loss before healing predict the loss after? (Spearman ρ over the distinct configurations)\n",
+            markdown_table(h2, r2)]
+    by_energy = energy_heal_correlations(entries, steps)
+    if by_energy:
+        def f(x):
+            return "—" if x is None or math.isnan(x) else f"{x:+.2f}"
+
+        header = ["energy model", "M", "states", "ρ(energy, pre)", *[f"ρ(energy, post {s})" for s in steps]]
+        rows = [[name, str(m), str(d["n"]), f(d["energy_vs_pre"]), *[f(d[f"energy_vs_post_{s}"]) for s in steps]]
+                for name, by_m in by_energy.items() for m, d in sorted(by_m.items())]
+        text += ["## Does the energy predict the loss after healing? (its lowest states)\n", markdown_table(header, rows)]
+    return "\n".join(text)
