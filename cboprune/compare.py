@@ -67,8 +67,7 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
                             cfg.seed, progress)
     out_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
     started = time.perf_counter()
-    session = load_session(cfg, remove=cfg.remove, min_kept=max(registry.get("fisher" if n == "cbo" else n).min_kept
-                                                                 for n in names))
+    session = load_session(cfg, remove=cfg.remove, min_kept=max(registry.get(n).min_kept for n in names))
     net, calibration = session.model, session.calibration
     if "cbo" in names and calibration.n_samples < session.n_blocks:
         log.warning("compare: %d calibration samples for N = %d blocks: the CBO matrix H = AᵀA/m has rank <= %d, "

@@ -143,8 +143,7 @@ def cost_of(entry: Entry, n_blocks: int, *, fit_tokens: int, heldout_tokens: int
     search's evaluations (measured, from the ranking's info)."""
     from cboprune import methods
 
-    base = "fisher" if entry.base == "cbo" else entry.base
-    cost = methods.get(base).cost(n_blocks, entry.n_remove, **(options or {}))
+    cost = methods.get(entry.base).cost(n_blocks, entry.n_remove, **(options or {}))
     ratio = heldout_tokens / max(fit_tokens, 1)
     ver = entry.ranking.info.get("verification")
     if ("+verify" in entry.method or "+refine" in entry.method) and ver:

@@ -55,6 +55,8 @@ class Method:
 
 
 _REGISTRY: dict[str, Method] = {}
+#: other names of a method: `compare` calls the paper's energy "cbo"
+ALIASES = {"cbo": "fisher"}
 _LOADED = False
 
 
@@ -92,6 +94,7 @@ def names(kind: str | None = None) -> list[str]:
 
 def get(name: str) -> Method:
     _load()
+    name = ALIASES.get(name, name)
     if name not in _REGISTRY:
         raise CBOPruneError(unknown_message(name, names()))
     return _REGISTRY[name]

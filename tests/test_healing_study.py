@@ -1,0 +1,69 @@
+"""Judging after healing: compare/study heal every distinct configuration with one recipe, tables
+before/after, Spearman, resume from the cache; `run --heal-candidates` picks a state after healing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cboprune.cli import main
+
+from conftest import save_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", n_layers=6)
+
+
+def _compare(ck, data, text, out, *extra):
+    return main(["-q", "compare", "--model", str(ck), "--data", data, "--n-samples", "4", "--seq-len", "32",
+                 "--batch-size", "4", "--remove", "2", "--methods", "cbo,bi,sleb,last-m", "--tasks", f"file:{text}",
+                 "--ppl-limit", "1", "--max-length", "64", "--heal-steps", "1", "2", "--heal-seq-len", "32",
+                 "--heal-micro-batch-size", "2", "--heal-global-batch-size", "2", "--heal-lr", "1e-3",
+                 "--output-dir", str(out), *extra])
+
+
+def test_compare_heals_every_distinct_configuration_alike_and_resumes(tiny_checkpoint, shared_data, tmp_path,
+                                                                      monkeypatch):
+    data = str(shared_data / "calib" / "alpaca_en_demo.json")
+    text = tmp_path / "text.txt"
+    text.write_text("The cat sat on the mat. It was a sunny day, and the children played in the park. " * 3)
+    out = tmp_path / "cmp"
+    assert _compare(tiny_checkpoint, data, text, out) == 0
+    results = json.loads((out / "results.json").read_text())
+    entries = results["entries"]
+    assert results["meta"]["healing"]["steps"] == [1, 2]
+    distinct = {}
+    for e in entries:
+        assert set(e["healed"]) == {"1", "2"}, e["method"]
+        for h in e["healed"].values():
+            assert h["nll"] > 0 and h["heal_ce"] > 0 and "results" in h["eval"]
+        distinct.setdefault(tuple(e["candidate"]["removed"]), e["healed"])
+    for e in entries:  # configurations equal across methods share one heal
+        assert e["healed"] == distinct[tuple(e["candidate"]["removed"])]
+    md = (out / "healing.md").read_text()
+    assert "NLL after 2" in md and "ρ(pre, post 1)" in md and "Last M before final" in md
+    assert "cost (fwd passes)" in (out / "table.md").read_text()
+    cache = out.with_name(out.name + ".heal-cache")
+    assert len(list(cache.glob("*.json"))) == 2 * len(distinct)
+    assert not out.with_name(out.name + ".heal-work").exists()
+
+    def no_heal(*args, **kwargs):
+        raise AssertionError("a cached configuration was healed again")
+
+    monkeypatch.setattr("cboprune.heal.heal", no_heal)
+    assert _compare(tiny_checkpoint, data, text, out, "--overwrite") == 0  # resumed entirely from the cache
+    again = json.loads((out / "results.json").read_text())["entries"]
+    assert [e["healed"] for e in again] == [e["healed"] for e in entries]
+
+
+def test_heal_options_are_checked_before_any_work(tiny_checkpoint, tmp_path, capsys):
+    for extra, fragment in [(["--heal-steps", "0"], "--heal-steps must be positive"),
+                            (["--heal-steps", "5", "--data", str(tmp_path / "none.json")], "not found")]:
+        rc = main(["-q", "compare", "--model", str(tiny_checkpoint), "--remove", "2", "--methods", "bi",
+                   "--output-dir", str(tmp_path / "x"), *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "x").exists()
