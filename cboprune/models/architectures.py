@@ -11,7 +11,11 @@ Each `ArchSpec` entry says
   `index_fields`, and named `relayouts` for layouts that a config expresses by a formula such as
   Qwen-MoE's `decoder_sparse_step` or Jamba's attention period).
 
-Unknown model types go through a generic discovery of the decoder-layer `ModuleList` (logged once).
+Unknown model types go through a generic discovery of the decoder-layer `ModuleList`, and their
+gates are checked on the real model (`gating.check_gates`: all gates at 0 give the identity, all at
+1 reproduce the logits): the branches the layer's child names suggest if they pass, else each
+layer's whole residual update h + alpha * (layer(h) - h), exact at 0 and 1 for any layer; a layer
+that passes neither is refused. Which one was used is logged once and shown by `archs --model`.
 Nothing else in cboprune looks at model names. Adding a family whose blocks look like Llama's is
 one line: `"my_type": DENSE`; see docs/architectures.md.
 
