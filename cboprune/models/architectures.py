@@ -226,6 +226,38 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 #: Decoder-only families that are known not to work, with the reason (raised as an error).
 UNSUPPORTED: dict[str, str] = {}
 
+#: Encoder-only families that transformers can also build as a causal LM (with `is_decoder`): they are
+#: bidirectional encoders, so a block-removal study of them as causal LMs would be meaningless.
+ENCODER_ONLY: frozenset[str] = frozenset({
+    "bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "electra", "ernie", "bert-generation",
+    "data2vec-text", "megatron-bert", "rembert", "roformer", "xmod", "big_bird", "roc_bert", "qdqbert", "nezha",
+    "modernbert", "distilbert", "albert", "deberta", "deberta-v2", "mpnet", "funnel", "layoutlm", "squeezebert",
+})
+#: `config.architectures` suffixes of heads that continue a text left to right.
+_CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def check_decoder_only(config: Any, name: str = "") -> None:
+    """Refuse, from the config alone, a model that is not a decoder-only causal LM (T5, BART, BERT ...)."""
+    what = f"model {name!r}" if name else "the model"
+    model_type = getattr(config, "model_type", "?")
+    architectures = list(getattr(config, "architectures", None) or [])
+    if getattr(config, "is_encoder_decoder", False):
+        reason = "it is an encoder-decoder model"
+    elif model_type in ENCODER_ONLY:
+        reason = "it is an encoder-only model"
+    elif architectures and not any(a.endswith(_CAUSAL_HEADS) for a in architectures):
+        reason = f"its checkpoint is a {', '.join(architectures)}"
+    else:
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING or "AutoModelForCausalLM" in (getattr(config, "auto_map", None)
+                                                                                   or {}):
+            return
+        reason = "transformers has no causal-LM class for it"
+    raise CBOPruneError(f"{what} (model type {model_type!r}) is not a decoder-only causal LM: {reason}; cboprune "
+                        "removes blocks from decoder-only language models (Llama, Qwen, Mistral, ...)")
+
 
 #: The generic fallback's last resort: gate the whole residual update of each layer.
 WHOLE_LAYER = ArchSpec(branches=(), block_kinds=(), gating="layer")
@@ -493,6 +525,6 @@ def supported_architectures() -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["ARCHITECTURES", "DENSE", "KIND_PARTS", "MOE_LAYOUTS", "ArchSpec", "Block", "Kinds", "block_kinds",
+__all__ = ["ARCHITECTURES", "DENSE", "ENCODER_ONLY", "check_decoder_only", "KIND_PARTS", "MOE_LAYOUTS", "ArchSpec", "Block", "Kinds", "block_kinds",
            "blocks", "decoder_config", "decoder_layers", "describe", "gating_summary", "kind_matches", "removable_blocks", "resolve",
            "supported_architectures"]
