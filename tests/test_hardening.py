@@ -73,7 +73,8 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     (root / "latin1.jinja").write_bytes("caf\xe9 {{ messages }}".encode("latin-1"))
     (root / "broken.jinja").write_text("{% for m in messages %}{{ m.content }")
     (root / "empty.jinja").write_text("  \n")
-    a["latin1_tpl"], a["broken_tpl"], a["empty_tpl"] = root / "latin1.jinja", root / "broken.jinja", root / "empty.jinja"
+    for name in ("latin1", "broken", "empty"):
+        a[f"{name}_tpl"] = root / f"{name}.jinja"
     return a
 
 

@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cboprune.errors import CBOPruneError
+from cboprune.outputs import staged_file
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,8 @@ def load_chat_template(path: str | Path) -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise CBOPruneError(f"cannot read chat template {path} ({type(exc).__name__}): pass a UTF-8 Jinja file") from None
+        raise CBOPruneError(f"cannot read chat template {path} ({type(exc).__name__}): "
+                            "pass a UTF-8 Jinja file") from None
     if path.suffix.lower() == ".json":
         try:
             text = json.loads(text)["chat_template"]
@@ -353,10 +354,8 @@ def generate_calibration(model, tokenizer, settings: GenerationSettings = Genera
                     {"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": answer}]})
     finally:
         tokenizer.padding_side = old_side
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, cache_file)
+    with staged_file(cache_file) as stage:
+        stage.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return records
 
 

@@ -525,6 +525,6 @@ def supported_architectures() -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["ARCHITECTURES", "DENSE", "ENCODER_ONLY", "check_decoder_only", "KIND_PARTS", "MOE_LAYOUTS", "ArchSpec", "Block", "Kinds", "block_kinds",
-           "blocks", "decoder_config", "decoder_layers", "describe", "gating_summary", "kind_matches", "removable_blocks", "resolve",
-           "supported_architectures"]
+__all__ = ["ARCHITECTURES", "DENSE", "ENCODER_ONLY", "KIND_PARTS", "MOE_LAYOUTS", "WHOLE_LAYER", "ArchSpec", "Block",
+           "Kinds", "block_kinds", "blocks", "check_decoder_only", "decoder_config", "decoder_layers", "describe",
+           "gating_summary", "kind_matches", "removable_blocks", "resolve", "supported_architectures"]
