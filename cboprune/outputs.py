@@ -91,9 +91,10 @@ def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
 def check_output_file(path: str | Path, overwrite: bool = False) -> Path:
     """Refuse, before any work, an output file path that is a directory, exists without overwrite,
     or lies in a read-only or non-directory parent. Stale staging of this target is cleaned up."""
+    raw = str(path)
     path = Path(path).expanduser()
-    if path.is_dir() or str(path).endswith(os.sep):
-        raise CBOPruneError(f"output file {path} is a directory: pass a file path such as {path / 'out'}")
+    if path.is_dir() or raw.endswith(("/", os.sep)):
+        raise CBOPruneError(f"output file {raw} is a directory: pass a file path such as {path / 'out'}")
     clean_stale_staging(path)
     if path.exists() and not overwrite:
         raise CBOPruneError(f"output file {path} exists: choose another or pass --overwrite")

@@ -142,6 +142,7 @@ LIBRARY_CASES = {
     "dir read-only": (lambda w, a, mp: (_readonly(mp), outputs.check_output_dir(w / "out", False)), "not writable"),
     "file is a dir": (lambda w, a, mp: outputs.check_output_file(_dir_with_file(w), True), "is a directory"),
     "file exists": (lambda w, a, mp: outputs.check_output_file(_file(w), False), "exists"),
+    "file path ends with a slash": (lambda w, a, mp: outputs.check_output_file(f"{w}/newdir/"), "is a directory"),
     "file parent is a file": (lambda w, a, mp: outputs.check_output_file(_file(w) / "h.safetensors"), "is a file"),
     "file read-only": (lambda w, a, mp: (_readonly(mp), outputs.check_output_file(w / "h.safetensors")),
                        "not writable"),
