@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +49,7 @@ from cboprune.data.calibration import CalibrationSet
 from cboprune.errors import CBOPruneError
 from cboprune.gating import GateManager, broadcast_gate
 from cboprune.masked import per_sample_loss
+from cboprune.outputs import check_output_file, dumps_strict, staged_file
 
 log = logging.getLogger(__name__)
 
@@ -350,20 +350,16 @@ def _prepare_shard_dir(shard_dir: Path, plan_info: dict[str, Any]) -> None:
             raise CBOPruneError(f"shard directory {shard_dir} holds shards of a different run ({', '.join(diff)} "
                                 "differ): pass a new --shard-dir, or delete it to start over")
         return
-    tmp = plan_file.with_name(f".plan.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(plan_info, indent=1) + "\n")
-    os.replace(tmp, plan_file)
+    with staged_file(plan_file) as stage:
+        stage.write_text(json.dumps(plan_info, indent=1) + "\n")
 
 
 def _save_shard(path: Path, tensors: dict[str, np.ndarray], plan_digest: str) -> None:
     from safetensors.numpy import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
-              metadata={"plan": plan_digest})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # the rename is the commit: a shard file on disk is complete
+    with staged_file(path) as stage:  # the rename is the commit: a shard file on disk is complete
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(stage),
+                  metadata={"plan": plan_digest})
 
 
 def _load_shard(path: Path, plan_digest: str) -> dict[str, np.ndarray] | None:
@@ -622,20 +618,23 @@ def cost_summary(result: HessianResult) -> str:
 
 # ----------------------------------------------------------------------------- file
 
-def save_hessian(result: HessianResult, path: str | Path) -> Path:
-    """One safetensors file: A, H, grad_mean, losses (and H_exact), metadata as JSON in its header."""
+def save_hessian(result: HessianResult, path: str | Path, *, overwrite: bool = True) -> Path:
+    """One safetensors file: A, H, grad_mean, losses (and H_exact), metadata as JSON in its header.
+
+    Written atomically through a staging file next to `path` (`cboprune.outputs.staged_file`): a
+    directory at `path`, or an existing file without overwrite, is refused before anything is
+    written; an interrupted save leaves the previous file (or nothing), never a partial one.
+    """
     from safetensors.numpy import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_output_file(path, overwrite)
     tensors = {"A": result.A.astype(np.float32), "H": result.H, "grad_mean": result.grad_mean,
                "losses": result.losses}
     if result.H_exact is not None:
         tensors["H_exact"] = result.H_exact.astype(np.float64)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
-              metadata={"cboprune": json.dumps(result.meta)})
-    os.replace(tmp, path)
+    metadata = {"cboprune": dumps_strict(result.meta)}
+    with staged_file(path, overwrite=overwrite) as stage:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(stage), metadata=metadata)
     return path
 
 

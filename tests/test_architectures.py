@@ -3,7 +3,8 @@
 For each family: gates at 1 reproduce the logits exactly; gates of a non-contiguous block set S
 (one block of each kind the model has) at 0 equal the logits of the surgically pruned, saved and
 reloaded checkpoint; the reloaded model generates with its cache; the saved config describes the
-remaining blocks; the Hessian pass runs. Plus block kinds, `--only`, the fallback and errors.
+remaining blocks; the Hessian pass runs. Plus block kinds, `--only`, the fallback and errors, and the
+checked generic fallback on families outside the table (OPT, GPT-J, BLOOM).
 """
 
 from __future__ import annotations
@@ -386,3 +387,107 @@ def test_heterogeneous_per_layer_config_is_rekeyed():
     _rewrite_config(config, ARCHITECTURES["llama"], [1, 2, 3], 4)
     assert config.num_hidden_layers == 3
     assert [layer.intermediate_size for layer in config.per_layer_config] == [64, 48, 64]
+
+
+# ------------------------------------------------------------------------------------- checked generic fallback
+
+#: Families outside the table: OPT (fc1/fc2, no `mlp` module), GPT-J (parallel attn + mlp), BLOOM (its
+#: attention and MLP modules add the residual themselves, so scaling them would scale the residual).
+OUTSIDE = {
+    "opt": (dict(hidden_size=32, ffn_dim=64, num_attention_heads=2, word_embed_proj_dim=32,
+                 max_position_embeddings=64), "layer"),
+    "gptj": (dict(n_embd=32, n_head=2, rotary_dim=8, n_positions=64), "branches"),
+    "bloom": (dict(hidden_size=32, n_head=2), "layer"),
+}
+
+
+@cache
+def _built_outside(model_type: str) -> torch.nn.Module:
+    assert model_type not in ARCHITECTURES
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, num_hidden_layers=5, initializer_range=0.2,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, **OUTSIDE[model_type][0])
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type", sorted(OUTSIDE))
+def test_fallback_is_exact_at_zero_and_one_and_matches_the_saved_model(model_type, tmp_path):
+    model = copy.deepcopy(_built_outside(model_type))
+    found = blocks(model)
+    assert {b.gating for b in found} == {OUTSIDE[model_type][1]}
+    assert model_type in arch.gating_summary(model) and "check" in arch.gating_summary(model)
+    if OUTSIDE[model_type][1] == "layer":
+        assert arch.describe(model)[0]["branches"] == [arch.WHOLE_LAYER_TEXT]
+    ids = _ids()
+    removed = [1, 3]
+    with torch.no_grad(), GateManager(model) as gates:
+        full = model(ids).logits
+        gates.set(torch.ones(gates.n_blocks))
+        ones = model(ids).logits
+        gates.set(gates.removal_gates(removed, batch=ids.shape[0]))  # per-sample gates too
+        gated = model(ids).logits
+    assert torch.equal(ones, full), "gates at 1 must reproduce the model bit for bit"
+    assert (gated - full).abs().max() > 1e-3
+    remove_blocks(model, removed)
+    out = save_pruned(model, None, tmp_path / "ck", {"removed": removed})
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert (reloaded(ids).logits - gated).abs().max() <= 1e-4, "energies must describe the model prune saves"
+    prompt = _ids(batch=1, seq=5, seed=3)
+    settings = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False, pad_token_id=0,
+                    eos_token_id=None)
+    assert torch.equal(reloaded.generate(prompt, use_cache=True, **settings),
+                       reloaded.generate(prompt, use_cache=False, **settings))
+
+
+@pytest.mark.parametrize("model_type", sorted(OUTSIDE))
+def test_fallback_gate_gradients_flow(model_type):
+    """The per-sample gate gradients of the Hessian pass reach every block, also through the whole-layer gate,
+    and equal a finite difference of the loss in alpha."""
+    from cboprune.hessian import per_sample_loss
+
+    model = copy.deepcopy(_built_outside(model_type))
+    ids = _ids(batch=3, seq=10, seed=5)
+    calibration = CalibrationSet(input_ids=ids, attention_mask=torch.ones_like(ids), source="random")
+    A, _ = compute_gate_gradients(model, calibration, batch_size=3, progress=False)
+    assert A.shape == (3, 5) and np.isfinite(A).all() and (np.abs(A).max(axis=0) > 0).all()
+    model = model.double()
+    eps = 1e-4
+    with torch.no_grad(), GateManager(model) as gates:
+        losses = []
+        for delta in (eps, -eps):
+            g = torch.ones(5, dtype=torch.float64)
+            g[2] += delta
+            gates.set(g)
+            losses.append(per_sample_loss(model(ids).logits, ids, torch.ones_like(ids)))
+    numeric = ((losses[0] - losses[1]) / (2 * eps)).numpy()
+    assert np.allclose(A[:, 2], numeric, rtol=2e-3, atol=1e-4), (A[:, 2], numeric)
+
+
+def test_partial_branch_gates_fail_the_check():
+    """Gating OPT's attention alone (the old fallback) is caught: gates at 0 are not the identity."""
+    from cboprune.gating import check_gates
+
+    model = copy.deepcopy(_built_outside("opt"))
+    partial = arch._make_blocks(model, arch._spec(branches=("self_attn",)), *arch.decoder_layers(model))
+    assert "gates at 0 leave block 0 changing the hidden state" in check_gates(model, partial)
+    whole = arch._make_blocks(model, arch.WHOLE_LAYER, *arch.decoder_layers(model))
+    assert check_gates(model, whole) is None
+
+
+def test_fallback_refuses_a_layer_that_cannot_be_gated(monkeypatch):
+    """A layer that overwrites its input in place cannot be gated at all: one line, naming the type."""
+    model = copy.deepcopy(_built_outside("opt"))
+    layer_cls = type(model.model.decoder.layers[0])  # not via cboprune: its verdict is cached per layer list
+    original = layer_cls.forward
+
+    def in_place(self, hidden_states, *args, **kwargs):
+        out = original(self, hidden_states, *args, **kwargs)
+        y = out[0] if isinstance(out, tuple) else out
+        hidden_states.mul_(2.0)  # corrupts the residual the whole-layer gate would mix back in
+        return out if isinstance(out, tuple) else y
+
+    monkeypatch.setattr(layer_cls, "forward", in_place)
+    with pytest.raises(CBOPruneError, match="cannot be gated generically") as err:
+        blocks(model)
+    assert "\n" not in str(err.value)

@@ -8,14 +8,18 @@ Two shapes of data, two treatments:
 
 Without a data argument the default is model-generated calibration: the built-in prompts in
 `prompts.json` answered by the model itself with a fixed seed, cached under the cache directory.
+
+A tokenizer without a chat template joins a record's messages as plain text, with a warning once;
+`chat_template=FILE` (a Jinja template, or a tokenizer_config.json holding one) renders them
+instead. A `seq_len` beyond the model's context (`max_position_embeddings`) is refused.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -27,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cboprune.errors import CBOPruneError
+from cboprune.outputs import staged_file
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +165,77 @@ def records_to_messages(records: list[Any], source: str) -> list[list[dict[str, 
     return converted
 
 
-def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False)
+#: Config fields that hold a model's context length, in the order they are read.
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def model_context(model_or_config: Any) -> tuple[int, str] | None:
+    """(context length, the config field holding it), or None for a model without one (Mamba)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    getter = getattr(config, "get_text_config", None)
+    config = getter(decoder=True) if callable(getter) else config
+    for name in CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, name
+    return None
+
+
+def check_seq_len(seq_len: int, model_or_config: Any) -> None:
+    """Refuse a calibration length beyond the model's context: positions past it are untrained (or
+    out of range), so the gradients would describe a model nobody runs."""
+    context = model_context(model_or_config)
+    if context is not None and seq_len > context[0]:
+        raise CBOPruneError(f"--seq-len {seq_len} exceeds the model's context of {context[0]} tokens "
+                            f"({context[1]}): pass --seq-len {context[0]} or less")
+
+
+def load_chat_template(path: str | Path) -> str:
+    """A chat template from a file: Jinja text, or a JSON file (tokenizer_config.json) with "chat_template"."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CBOPruneError(f"chat template file not found: {path}. Pass a Jinja template file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CBOPruneError(f"cannot read chat template {path} ({type(exc).__name__}): "
+                            "pass a UTF-8 Jinja file") from None
+    if path.suffix.lower() == ".json":
+        try:
+            text = json.loads(text)["chat_template"]
+        except (ValueError, KeyError, TypeError):
+            raise CBOPruneError(f"{path} holds no \"chat_template\" string: pass a Jinja template file") from None
+        if isinstance(text, list):  # the named-template form [{"name": ..., "template": ...}]
+            text = next((t.get("template") for t in text if isinstance(t, dict) and t.get("name") == "default"), None)
+    if not isinstance(text, str) or not text.strip():
+        raise CBOPruneError(f"chat template {path} is empty: pass a Jinja template file")
+    return text
+
+
+def check_chat_template(tokenizer, template: str, source: str = "the chat template") -> None:
+    """Render two messages once, so a broken template fails before any work."""
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}],
+                                      tokenize=False, chat_template=template)
+    except Exception as exc:  # jinja2 raises TemplateSyntaxError, UndefinedError, ...
+        raise CBOPruneError(f"{source} does not render: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+@functools.cache
+def _warn_no_template_once(name: str) -> None:
+    log.warning("tokenizer %s has no chat template: chat records are joined as plain text (messages separated by "
+                "blank lines); pass a chat template file (--chat-template FILE) to render them as the model "
+                "expects", name or "(unnamed)")
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]], chat_template: str | None = None) -> str:
+    """The messages rendered with `chat_template` or the tokenizer's template; without either,
+    joined as plain text (warned once per tokenizer)."""
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template)
+    _warn_no_template_once(str(getattr(tokenizer, "name_or_path", "")))
     return "\n\n".join(m["content"] for m in messages)
 
 
@@ -178,8 +251,10 @@ def pad_samples(samples: list[list[int]], seq_len: int, pad_id: int) -> tuple[to
 
 
 def build_calibration(records: list[Any], tokenizer, *, n_samples: int, seq_len: int, seed: int,
-                      source: str) -> CalibrationSet:
-    """Tokenize records into at most `n_samples` samples of at most `seq_len` tokens."""
+                      source: str, chat_template: str | None = None) -> CalibrationSet:
+    """Tokenize records into at most `n_samples` samples of at most `seq_len` tokens.
+
+    chat_template: Jinja text used instead of the tokenizer's template for chat records."""
     if n_samples < 1 or seq_len < MIN_SAMPLE_TOKENS:
         raise CBOPruneError(f"need n_samples >= 1 and seq_len >= {MIN_SAMPLE_TOKENS}, got {n_samples} and {seq_len}")
     converted = records_to_messages(records, source)
@@ -191,7 +266,8 @@ def build_calibration(records: list[Any], tokenizer, *, n_samples: int, seq_len:
         rng.shuffle(chats)
         samples = []
         for messages in chats:
-            ids = tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"][:seq_len]
+            text = render_chat(tokenizer, messages, chat_template)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"][:seq_len]
             if len(ids) >= MIN_SAMPLE_TOKENS:
                 samples.append(ids)
             if len(samples) == n_samples:
@@ -243,11 +319,13 @@ def model_fingerprint(model) -> str:
 
 @torch.no_grad()
 def generate_calibration(model, tokenizer, settings: GenerationSettings = GenerationSettings(),
-                         prompts: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
+                         prompts: list[dict[str, str]] | None = None,
+                         chat_template: str | None = None) -> list[dict[str, Any]]:
     """The model answers the prompts (sampling with a fixed seed); returns chat records, cached."""
     prompts = prompts if prompts is not None else builtin_prompts()
-    key = hashlib.sha256(json.dumps([model_fingerprint(model), prompts, asdict(settings)],
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    parts = [model_fingerprint(model), prompts, asdict(settings)] + ([chat_template] if chat_template else [])
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    template = chat_template or getattr(tokenizer, "chat_template", None)
     from cboprune.models.loading import cache_dir
 
     cache_file = cache_dir() / "calibration" / f"generated-{key}.jsonl"
@@ -264,8 +342,9 @@ def generate_calibration(model, tokenizer, settings: GenerationSettings = Genera
                        unit="batch"):
             chunk = prompts[lo:lo + settings.batch_size]
             messages = [[{"role": "user", "content": p["prompt"]}] for p in chunk]
-            texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
-                     if getattr(tokenizer, "chat_template", None) else m[0]["content"] for m in messages]
+            texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True,
+                                                   chat_template=template)
+                     if template else m[0]["content"] for m in messages]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             out = model.generate(**enc, do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
                                  max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
@@ -275,10 +354,8 @@ def generate_calibration(model, tokenizer, settings: GenerationSettings = Genera
                     {"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": answer}]})
     finally:
         tokenizer.padding_side = old_side
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, cache_file)
+    with staged_file(cache_file) as stage:
+        stage.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return records
 
 
@@ -288,30 +365,61 @@ def _looks_like_hub_dataset(spec: str) -> bool:
     return not spec.startswith((".", "/", "~")) and spec.count("/") <= 1 and not Path(spec).suffix
 
 
+def check_data(data: str | None) -> int | None:
+    """Validate a local calibration file without a model or tokenizer (readable, valid JSON, known
+    record fields), so that a bad file fails before the model loads. Returns its record count, or
+    None for generated data and hub dataset names (checked when loaded)."""
+    if data in (None, "", GENERATED):
+        return None
+    path = Path(data).expanduser()
+    if not path.exists() and _looks_like_hub_dataset(data):
+        return None
+    records = read_records(path)
+    records_to_messages(records, str(path))
+    if not records:
+        raise CBOPruneError(f"calibration data {path} holds no records: pass a non-empty file")
+    return len(records)
+
+
 def load_calibration(data: str | None, tokenizer, *, model=None, n_samples: int = 64, seq_len: int = 256,
                      seed: int = 0, generation: GenerationSettings | None = None,
-                     split: str = "train") -> CalibrationSet:
+                     split: str = "train", chat_template: str | Path | None = None) -> CalibrationSet:
     """Calibration samples from `data`: None / "generated" (the model answers built-in prompts),
-    a local .jsonl/.json/.txt file, or a hub dataset name (online only)."""
+    a local .jsonl/.json/.txt file, or a hub dataset name (online only).
+
+    chat_template: a template file (see `load_chat_template`) for tokenizers without one, or to
+    override it. With `model`, a `seq_len` beyond its context is refused before any work.
+    """
+    if model is not None:
+        check_seq_len(seq_len, model)
+    template = None
+    if chat_template is not None:
+        template = load_chat_template(chat_template)
+        check_chat_template(tokenizer, template, f"chat template {chat_template}")
+    build = functools.partial(build_calibration, tokenizer=tokenizer, n_samples=n_samples, seq_len=seq_len,
+                              seed=seed, chat_template=template)
     if data in (None, "", GENERATED):
         if model is None:
             raise CBOPruneError("model-generated calibration needs the model: pass --data FILE instead")
-        records = generate_calibration(model, tokenizer, generation or GenerationSettings(seed=seed))
-        return build_calibration(records, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed,
-                                 source=GENERATED)
+        records = generate_calibration(model, tokenizer, generation or GenerationSettings(seed=seed),
+                                       chat_template=template)
+        return build(records, source=GENERATED)
     path = Path(data).expanduser()
     if path.exists() or not _looks_like_hub_dataset(data):
-        return build_calibration(read_records(path), tokenizer, n_samples=n_samples, seq_len=seq_len,
-                                 seed=seed, source=str(path))
+        return build(read_records(path), source=str(path))
     try:
         import datasets  # optional: only for hub dataset names
     except ImportError:
         raise CBOPruneError(f"{data!r} is not a local file and the `datasets` package is not installed "
                             "to fetch it from the hub: pass a local .jsonl/.json/.txt file") from None
+    from cboprune.models.loading import hub_reachable
+
+    if not hub_reachable():
+        raise CBOPruneError(f"calibration data {data!r}: the path does not exist and the hub is unreachable "
+                            "(offline): pass a local .jsonl/.json/.txt file")
     try:
         ds = datasets.load_dataset(data, split=split)
     except Exception as exc:  # hub errors come in many types; the message is what matters
         raise CBOPruneError(f"cannot load dataset {data!r} from the hub ({type(exc).__name__}); offline? "
                             "pass a local .jsonl/.json/.txt file") from None
-    return build_calibration(list(ds), tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed,
-                             source=f"hub:{data}:{split}")
+    return build(list(ds), source=f"hub:{data}:{split}")

@@ -11,7 +11,11 @@ Each `ArchSpec` entry says
   `index_fields`, and named `relayouts` for layouts that a config expresses by a formula such as
   Qwen-MoE's `decoder_sparse_step` or Jamba's attention period).
 
-Unknown model types go through a generic discovery of the decoder-layer `ModuleList` (logged once).
+Unknown model types go through a generic discovery of the decoder-layer `ModuleList`, and their
+gates are checked on the real model (`gating.check_gates`: all gates at 0 give the identity, all at
+1 reproduce the logits): the branches the layer's child names suggest if they pass, else each
+layer's whole residual update h + alpha * (layer(h) - h), exact at 0 and 1 for any layer; a layer
+that passes neither is refused. Which one was used is logged once and shown by `archs --model`.
 Nothing else in cboprune looks at model names. Adding a family whose blocks look like Llama's is
 one line: `"my_type": DENSE`; see docs/architectures.md.
 
@@ -26,6 +30,7 @@ is only an MoE is `moe`. Examples: Llama `attention`, Mixtral `attention+moe`, G
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 import dataclasses
 from dataclasses import dataclass
@@ -139,6 +144,9 @@ class ArchSpec:
         removed indices are dropped and the rest renumbered.
     relayouts: names of rewrites in `cboprune.models.surgery.RELAYOUTS` for layer layouts a config
         expresses by a formula (`sparse_step`, `periods`, `first_k_dense`).
+    gating: "branches" (scale each branch output: the paper's gates) or "layer" (gate the block's
+        whole residual update, h + alpha * (layer(h) - h): exact at 0 and 1 for any layer; the
+        generic fallback uses it when gating the named branches fails the check on the real model).
     """
 
     layers: str = "model.layers"
@@ -149,6 +157,7 @@ class ArchSpec:
     layer_fields: tuple[str, ...] = ("layer_types",)
     index_fields: tuple[str, ...] = ()
     relayouts: tuple[str, ...] = ()
+    gating: str = "branches"
 
 
 def _spec(**changes: Any) -> ArchSpec:
@@ -217,14 +226,52 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 #: Decoder-only families that are known not to work, with the reason (raised as an error).
 UNSUPPORTED: dict[str, str] = {}
 
+#: Encoder-only families that transformers can also build as a causal LM (with `is_decoder`): they are
+#: bidirectional encoders, so a block-removal study of them as causal LMs would be meaningless.
+ENCODER_ONLY: frozenset[str] = frozenset({
+    "bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "electra", "ernie", "bert-generation",
+    "data2vec-text", "megatron-bert", "rembert", "roformer", "xmod", "big_bird", "roc_bert", "qdqbert", "nezha",
+    "modernbert", "distilbert", "albert", "deberta", "deberta-v2", "mpnet", "funnel", "layoutlm", "squeezebert",
+})
+#: `config.architectures` suffixes of heads that continue a text left to right.
+_CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def check_decoder_only(config: Any, name: str = "") -> None:
+    """Refuse, from the config alone, a model that is not a decoder-only causal LM (T5, BART, BERT ...)."""
+    what = f"model {name!r}" if name else "the model"
+    model_type = getattr(config, "model_type", "?")
+    architectures = list(getattr(config, "architectures", None) or [])
+    if getattr(config, "is_encoder_decoder", False):
+        reason = "it is an encoder-decoder model"
+    elif model_type in ENCODER_ONLY:
+        reason = "it is an encoder-only model"
+    elif architectures and not any(a.endswith(_CAUSAL_HEADS) for a in architectures):
+        reason = f"its checkpoint is a {', '.join(architectures)}"
+    else:
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING or "AutoModelForCausalLM" in (getattr(config, "auto_map", None)
+                                                                                   or {}):
+            return
+        reason = "transformers has no causal-LM class for it"
+    raise CBOPruneError(f"{what} (model type {model_type!r}) is not a decoder-only causal LM: {reason}; cboprune "
+                        "removes blocks from decoder-only language models (Llama, Qwen, Mistral, ...)")
+
+
+#: The generic fallback's last resort: gate the whole residual update of each layer.
+WHOLE_LAYER = ArchSpec(branches=(), block_kinds=(), gating="layer")
+WHOLE_LAYER_TEXT = "whole layer: h + α·(layer(h) − h)"
+
 
 @dataclass(frozen=True)
 class Block:
     index: int
     name: str  # qualified module name, e.g. "model.layers.3"
     kind: str
-    branches: tuple[str, ...]  # qualified names of the gated branch modules
+    branches: tuple[str, ...]  # qualified names of the gated branch modules (the layer itself: gating "layer")
     module: nn.Module
+    gating: str = "branches"  # "branches": scale each branch output; "layer": h + g * (layer(h) - h)
 
 
 def _get_submodule(root: nn.Module, path: str) -> nn.Module | None:
@@ -246,10 +293,9 @@ def decoder_config(model_or_config: Any) -> Any:
 
 
 @cache
-def _log_fallback_once(model_type: str, path: str, branches: tuple[str, ...]) -> None:
-    log.warning("model type %r is not in the architecture table; discovered its decoder layers at %r and "
-                "gated branches %s generically (check gates with docs/architectures.md and add a table entry "
-                "to make this explicit)", model_type, path, list(branches))
+def _log_fallback_once(model_type: str, note: str) -> None:
+    log.warning("model type %r is not in the architecture table: %s (add a table entry to make this explicit, see "
+                "docs/architectures.md)", model_type, note)
 
 
 def arch_spec(model_or_config: Any) -> ArchSpec | None:
@@ -286,15 +332,55 @@ _FALLBACK_BRANCHES = ("self_attn", "attention", "attn", "linear_attn", "mamba", 
 _FALLBACK_POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
 
 
-def _fallback_spec(layer: nn.Module) -> ArchSpec:
+def _named_branch_spec(layer: nn.Module) -> ArchSpec | None:
+    """The branches an unknown layer's child names suggest (None: no known branch name)."""
     names = {name for name, _ in layer.named_children()}
     if set(_FALLBACK_POST_NORMS) <= names:  # Gemma-2 style post-norms: gate the norms
         return POST_NORM
-    return _spec(branches=tuple(b for b in _FALLBACK_BRANCHES if b in names), block_kinds=())
+    branches = tuple(b for b in _FALLBACK_BRANCHES if b in names)
+    return _spec(branches=branches, block_kinds=()) if branches else None
+
+
+#: Verdicts of the fallback check, per decoder-layer ModuleList: (spec, one-line note).
+_FALLBACK_VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fallback_spec(model: nn.Module, path: str, layers: nn.ModuleList) -> tuple[ArchSpec, str]:
+    """Gate the named branches if that passes the check on the real model, else the whole layer."""
+    if layers in _FALLBACK_VERDICTS:
+        return _FALLBACK_VERDICTS[layers]
+    from cboprune.gating import check_gates  # gating builds on this module
+
+    named = _named_branch_spec(layers[0])
+    where = f"decoder layers discovered at {path!r}"
+    verdict = None
+    if named is not None:
+        problem = check_gates(model, _make_blocks(model, named, path, layers))
+        if problem is None:
+            verdict = named, (f"{where}; gating branches {list(named.branches)} passed the check (all gates at 0 "
+                              "give the identity, all at 1 reproduce the model)")
+        else:
+            reason = f"gating branches {list(named.branches)} failed the check ({problem})"
+    else:
+        reason = "no residual branch has a known name"
+    if verdict is None:
+        problem = check_gates(model, _make_blocks(model, WHOLE_LAYER, path, layers))
+        if problem is not None:
+            raise CBOPruneError(f"model type {decoder_config(model).model_type!r} is not in the architecture table "
+                                f"and cannot be gated generically: {reason}, and gating the whole layer failed too "
+                                f"({problem}); add an entry to cboprune/models/architectures.py")
+        verdict = WHOLE_LAYER, (f"{where}; {reason}, so each layer's whole residual update h + α·(layer(h) − h) is "
+                                "gated (exact at α = 0 and 1, checked)")
+    _FALLBACK_VERDICTS[layers] = verdict
+    return verdict
 
 
 def resolve(model: nn.Module) -> tuple[ArchSpec, str, nn.ModuleList]:
-    """(spec, qualified name of the decoder-layer ModuleList, the ModuleList); table first, then discovery."""
+    """(spec, qualified name of the decoder-layer ModuleList, the ModuleList); table first, then discovery.
+
+    For a model type not in the table the decoder layers are discovered, and the gates are checked
+    on the real model (`gating.check_gates`): the named branches if they pass, else the whole layer.
+    """
     spec = arch_spec(model)
     if spec is not None:
         layers = _get_submodule(model, spec.layers)
@@ -304,9 +390,19 @@ def resolve(model: nn.Module) -> tuple[ArchSpec, str, nn.ModuleList]:
                             f"{spec.layers!r} (architecture table entry does not match this model class "
                             f"{type(model).__name__})")
     path, layers = _discover_layers(model)
-    spec = _fallback_spec(layers[0])
-    _log_fallback_once(decoder_config(model).model_type, path, spec.branches)
+    spec, note = _fallback_spec(model, path, layers)
+    _log_fallback_once(decoder_config(model).model_type, note)
     return spec, path, layers
+
+
+def gating_summary(model: nn.Module) -> str:
+    """One line: where the gates of `model` come from (table entry or checked fallback) and what they scale."""
+    spec, path, layers = resolve(model)
+    model_type = decoder_config(model).model_type
+    if arch_spec(model) is not None:
+        return (f"model type {model_type!r} from the architecture table: decoder layers at {path!r}, gated branches "
+                f"{list(spec.branches)}")
+    return f"model type {model_type!r} not in the architecture table: {_FALLBACK_VERDICTS[layers][1]}"
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -349,20 +445,28 @@ def _num_blocks(config: Any, spec: ArchSpec) -> int:
                         f"count fields {spec.count_fields}")
 
 
-def blocks(model: nn.Module) -> list[Block]:
-    """The model's decoder blocks in order, with kind and the branch modules to gate."""
-    spec, path, layers = resolve(model)
+def _make_blocks(model: nn.Module, spec: ArchSpec, path: str, layers: nn.ModuleList) -> list[Block]:
     kinds = block_kinds(model, spec, len(layers))
     out = []
     for i, layer in enumerate(layers):
-        branches = tuple(b for b in spec.branches if _get_submodule(layer, b) is not None)
+        if spec.gating == "layer":
+            branches: tuple[str, ...] = ("",)
+        else:
+            branches = tuple(b for b in spec.branches if _get_submodule(layer, b) is not None)
         if not branches:
             raise CBOPruneError(
                 f"block {path}.{i} of model type {decoder_config(model).model_type!r} has none of the residual "
                 f"branches {spec.branches}: add an entry for this type to cboprune/models/architectures.py")
         out.append(Block(index=i, name=f"{path}.{i}", kind=kinds[i],
-                         branches=tuple(f"{path}.{i}.{b}" for b in branches), module=layer))
+                         branches=tuple(f"{path}.{i}.{b}".rstrip(".") for b in branches), module=layer,
+                         gating=spec.gating))
     return out
+
+
+def blocks(model: nn.Module) -> list[Block]:
+    """The model's decoder blocks in order, with kind and the branch modules to gate."""
+    spec, path, layers = resolve(model)
+    return _make_blocks(model, spec, path, layers)
 
 
 def kind_matches(kind: str, only: Iterable[str]) -> bool:
@@ -404,8 +508,9 @@ def num_parameters(module: nn.Module) -> int:
 
 
 def describe(model: nn.Module) -> list[dict]:
-    """One row per block for reports: index, name, kind, gated branches, parameters."""
-    return [{"index": b.index, "name": b.name, "kind": b.kind, "branches": [n.rsplit(".", 1)[-1] for n in b.branches],
+    """One row per block for reports: index, name, kind, gating mode, gated branches, parameters."""
+    return [{"index": b.index, "name": b.name, "kind": b.kind, "gating": b.gating,
+             "branches": [WHOLE_LAYER_TEXT] if b.gating == "layer" else [n.rsplit(".", 1)[-1] for n in b.branches],
              "params": num_parameters(b.module)} for b in blocks(model)]
 
 
@@ -420,6 +525,6 @@ def supported_architectures() -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["ARCHITECTURES", "DENSE", "KIND_PARTS", "MOE_LAYOUTS", "ArchSpec", "Block", "Kinds", "block_kinds",
-           "blocks", "decoder_config", "decoder_layers", "describe", "kind_matches", "removable_blocks", "resolve",
-           "supported_architectures"]
+__all__ = ["ARCHITECTURES", "DENSE", "ENCODER_ONLY", "KIND_PARTS", "MOE_LAYOUTS", "WHOLE_LAYER", "ArchSpec", "Block",
+           "Kinds", "block_kinds", "blocks", "check_decoder_only", "decoder_config", "decoder_layers", "describe",
+           "gating_summary", "kind_matches", "removable_blocks", "resolve", "supported_architectures"]

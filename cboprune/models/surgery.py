@@ -8,11 +8,7 @@ every per-layer index attribute (`layer_idx` of attention, Mamba and cache-aware
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from cboprune.errors import CBOPruneError
+from cboprune.outputs import check_output_dir, dumps_strict, staged_dir
 from cboprune.models.architectures import (
     MOE_LAYOUTS,
     ArchSpec,
@@ -41,7 +38,13 @@ class UnsupportedRemoval(CBOPruneError):
 
 
 def validate_removal(removed: Sequence[int], n_blocks: int) -> list[int]:
-    removed = sorted({int(i) for i in removed})
+    """The block indices to remove, sorted; refuses duplicates, indices outside 0..N-1 and removing all."""
+    given = [int(i) for i in removed]
+    duplicates = sorted({i for i in given if given.count(i) > 1})
+    if duplicates:
+        raise CBOPruneError(f"block {', '.join(map(str, duplicates))} is listed more than once: list each block to "
+                            "remove once")
+    removed = sorted(given)
     if not removed:
         raise CBOPruneError("no blocks to remove: pass at least one block index")
     if removed[0] < 0 or removed[-1] >= n_blocks:
@@ -215,23 +218,18 @@ def remove_blocks(model: nn.Module, removed: Sequence[int]) -> nn.Module:
 
 def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, provenance: dict[str, Any],
                 *, overwrite: bool = False) -> Path:
-    """save_pretrained the (already pruned) model and tokenizer plus `removal.json`, atomically:
-    everything is written into a temporary sibling directory that is renamed at the end."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise CBOPruneError(f"output directory {out_dir} is not empty: choose another or pass --overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp)
+    """save_pretrained the (already pruned) model and tokenizer plus `removal.json`, atomically.
+
+    Everything is written into a staging directory next to `out_dir` that is renamed at the end
+    (`cboprune.outputs.staged_dir`): an exception or Ctrl-C leaves nothing, a SIGKILL leaves a
+    staging directory that the next run for `out_dir` removes. removal.json is strict JSON: a
+    score that is not a number (a manual `--blocks` removal has no energy) is written as null.
+    """
+    out_dir = check_output_dir(out_dir, overwrite)
+    text = dumps_strict(provenance, indent=2) + "\n"  # before the save: a bad value fails at once
+    with staged_dir(out_dir, overwrite=overwrite) as stage:
+        model.save_pretrained(stage)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / REMOVAL_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            tokenizer.save_pretrained(stage)
+        (stage / REMOVAL_FILE).write_text(text, encoding="utf-8")
     return out_dir
