@@ -130,9 +130,9 @@ def cmd_hessian(args: argparse.Namespace) -> int:
     from cboprune.models import load_model
     from cboprune.pipeline import hessian_options, pick_device
 
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise CBOPruneError(f"{out} exists: choose another --output or pass --overwrite")
+    from cboprune.outputs import check_output_file
+
+    out = check_output_file(args.output, args.overwrite)
     cfg = config_from_args(args, "hessian")
     dist = distributed.init_from_env()  # world size 1 unless launched by torchrun / accelerate
     device = pick_device(cfg.device) if not dist.enabled else (cfg.device or distributed.local_device())
@@ -166,6 +166,12 @@ def cmd_solve(args: argparse.Namespace) -> int:
         raise CBOPruneError(f"solve builds its energy from the Hessian file: --energy fisher (the paper, default), "
                             f"fisher-linear or exact, not {cfg.energy!r} (use `cboprune run` for it)")
     out_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite) if cfg.output_dir else None
+    if args.export_qubo:
+        from cboprune.outputs import check_output_file
+
+        for m in cfg.remove:
+            for suffix in (".json", ".qubo"):
+                check_output_file(f"{args.export_qubo}-M{m}{suffix}", cfg.overwrite)
     hessian = load_hessian(args.hessian)
     keep = cfg.check_against_model(hessian.n_blocks, hessian.block_kinds if "block_kinds" in hessian.meta else None)
     removable = _removable(hessian, cfg.only, keep)
@@ -180,11 +186,13 @@ def cmd_solve(args: argparse.Namespace) -> int:
 
         energy = from_hessian(hessian, cfg.energy)  # the QUBO of the model that was solved
         for m in cfg.remove:
+            from cboprune.outputs import staged_file
+
             qubo = to_qubo(energy.Q, m, linear=energy.linear, keep=keep, removable=removable, k=cfg.top)
             prefix = Path(f"{args.export_qubo}-M{m}")
-            prefix.parent.mkdir(parents=True, exist_ok=True)
-            qubo.write_json(prefix.with_suffix(".json"))
-            qubo.write_qubo(prefix.with_suffix(".qubo"))
+            for suffix, write in ((".json", qubo.write_json), (".qubo", qubo.write_qubo)):
+                with staged_file(Path(f"{prefix}{suffix}"), overwrite=cfg.overwrite) as tmp:
+                    write(tmp)
             print(f"QUBO for M={m}: {prefix}.json, {prefix}.qubo")
     return 0
 
@@ -202,8 +210,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise CBOPruneError("pass --output-dir DIR for the pruned checkpoint")
     if args.rank < 0:
         raise CBOPruneError(f"--rank must be >= 0, got {args.rank}")
-    if args.blocks is not None and len(set(args.blocks)) != len(args.blocks):
-        raise CBOPruneError(f"--blocks lists a block twice: {args.blocks}")
     if args.hessian is not None and (args.remove is None or len(args.remove) != 1):
         raise CBOPruneError("with --hessian pass one --remove M (and optionally --rank R)")
     cfg = config_from_args(args, "prune")
@@ -219,6 +225,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         cand = ranking.candidates[args.rank]
         meta, fingerprint = hessian.meta, hessian.fingerprint
     else:
+        from cboprune.models.surgery import validate_removal
+
+        validate_removal(args.blocks, 10**9)  # duplicates refused here; the range once the model is known
         cand = Candidate(removed=tuple(sorted(args.blocks)), score=float("nan"), rank=0)
         ranking = Ranking(method="manual", n_blocks=0, n_remove=len(cand.removed), candidates=[cand])
         meta, fingerprint = {}, ""
@@ -269,10 +278,14 @@ def cmd_archs(args: argparse.Namespace) -> int:
     if args.model:
         from cboprune.models import load_model
 
-        rows = describe(load_model(args.model, dtype=args.dtype, device="cpu").model)
+        from cboprune.models.architectures import gating_summary
+
+        model = load_model(args.model, dtype=args.dtype, device="cpu").model
+        rows = describe(model)
         if args.json:
             print(json.dumps(rows, indent=2))
             return 0
+        print(f"gating: {gating_summary(model)}\n")
         print("| block | kind | gated branches | parameters |\n|---:|---|---|---:|")
         for r in rows:
             print(f"| {r['index']} | {r['kind']} | {', '.join(r['branches'])} | {r['params']:,} |")

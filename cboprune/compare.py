@@ -59,6 +59,7 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
     from cboprune.experiment import SelectionContext, energy_entries, evaluate_entries, peer_entries
     from cboprune.healing_study import cost_of, heal_entries
     from cboprune.masked import calibration_nll
+    from cboprune.outputs import staged_dir
     from cboprune.pipeline import prepare_output_dir
     from cboprune.session import load_session
 
@@ -110,7 +111,8 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
             "healing": recipe.describe() if recipe is not None else None,
             "hessian": {k: v for k, v in hessian.meta.items() if k != "block_names"} if hessian else {}}
     result = CompareResult(output_dir=out_dir, entries=entries, baseline=baseline, meta=meta)
-    write_outputs(result)
+    with staged_dir(out_dir, overwrite=cfg.overwrite) as stage:  # all of it or nothing
+        write_outputs(result, stage)
     return result
 
 
@@ -223,11 +225,11 @@ def plot_comparison(result: CompareResult, path: str | Path) -> Path:
     return path
 
 
-def write_outputs(result: CompareResult) -> dict[str, Path]:
+def write_outputs(result: CompareResult, directory: Path | None = None) -> dict[str, Path]:
     from cboprune.experiment import entry_dict
     from cboprune.healing_study import healing_markdown
 
-    out = result.output_dir
+    out = Path(directory or result.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     h1, r1 = table_rows(result)
     h2, r2 = block_rows(result)

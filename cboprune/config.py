@@ -4,7 +4,7 @@ option has one name, one help text and one default everywhere.
 
     section      fields
     model        model, dtype, device, seed
-    calibration  data, n_samples, seq_len, batch_size, heldout_samples, gen_max_new_tokens
+    calibration  data, n_samples, seq_len, batch_size, heldout_samples, chat_template, gen_max_new_tokens
     hessian      hessian_variant, autocast, gradient_checkpointing, bucket, shard_dir, shard_samples
     selection    remove, top, keep, only, energy, verify, refine_sweeps, pool, relin_step, exact_samples,
                  diverse, solver, time_limit, node_limit
@@ -61,6 +61,8 @@ class Config:
     batch_size: int = _opt(8, "samples per forward/backward pass (default 8)", "calibration", kind="int", minimum=1)
     heldout_samples: int = _opt(16, "extra calibration samples held out for verification, refinement and "
                                     "the study's held-out loss (default 16)", "calibration", kind="int", minimum=1)
+    chat_template: str | None = _opt(None, "Jinja chat template file (or a tokenizer_config.json holding one) "
+                                           "for chat records when the tokenizer has none", "calibration", kind="str")
     gen_max_new_tokens: int = _opt(160, "answer length for model-generated calibration (default 160)",
                                    "calibration", kind="int", minimum=1)
     # Hessian pass (docs/hessian.md)
@@ -214,6 +216,13 @@ class Config:
         from cboprune.solvers import METHODS as SOLVERS
 
         errors = []
+        if "device" in used and isinstance(self.device, str):
+            from cboprune.models.loading import check_device
+
+            try:
+                check_device(self.device)
+            except CBOPruneError as exc:
+                errors.append(str(exc))
         if "energy" in used and self.energy not in methods.names(methods.ENERGY):
             errors.append(f"energy must be one of {', '.join(methods.names(methods.ENERGY))}, got {self.energy!r}")
         if "pool" in used and self.pool is not None and isinstance(self.pool, int) and self.remove \

@@ -10,10 +10,8 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import logging
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,13 +56,11 @@ def hessian_options(cfg: Config) -> dict[str, Any]:
 
 
 def prepare_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
-    """Refuse a non-empty output directory unless overwrite; checked before any work starts."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CBOPruneError(f"output path {out_dir} is a file: pass a directory with --output-dir")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise CBOPruneError(f"output directory {out_dir} is not empty: choose another with --output-dir or pass --overwrite")
-    return out_dir
+    """Refuse an output directory that cannot be written atomically, before any work starts
+    (`cboprune.outputs.check_output_dir`)."""
+    from cboprune.outputs import check_output_dir
+
+    return check_output_dir(out_dir, overwrite)
 
 
 def solve_rankings(hessian: HessianResult, remove: Sequence[int], top: int, *, keep: Sequence[int] = (),
@@ -215,11 +211,10 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
     log.info("selection: energy model %s%s%s", cfg.energy, ", verified on %d held-out samples" % heldout.n_samples
              if heldout is not None else "", f", refined by up to {cfg.refine_sweeps} swap sweeps"
              if cfg.refine_sweeps else "")
-    # Everything that can be wrong with the input has been checked: now write.
-    staging = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    # Everything that can be wrong with the input has been checked: now write, staged next to out_dir.
+    from cboprune.outputs import dumps_strict, staged_dir
+
+    with staged_dir(out_dir, overwrite=cfg.overwrite) as staging:
         hessian = compute_hessian(session.model, fit, batch_size=cfg.batch_size, model_name=cfg.model,
                                   progress=progress, **hessian_options(cfg))
         save_hessian(hessian, staging / HESSIAN_FILE)
@@ -232,20 +227,14 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
         rankings_dir = staging / "rankings"
         rankings_dir.mkdir()
         for ranking in rankings:
-            (rankings_dir / f"M{ranking.n_remove}.json").write_text(ranking.to_json() + "\n")
+            (rankings_dir / f"M{ranking.n_remove}.json").write_text(dumps_strict(ranking.to_dict(), indent=2) + "\n")
         (staging / "config.yaml").write_text(_yaml(cfg.to_dict("run")))
         figures = _figures(staging, hessian, rankings)
         checkpoints = _save_checkpoints(cfg, session, rankings, hessian, staging)
         write_report(staging, rankings, meta=hessian.meta, figures=figures, checkpoints=checkpoints)
-        (staging / "summary.json").write_text(json.dumps(
+        (staging / "summary.json").write_text(dumps_strict(
             {"rankings": {r.n_remove: r.to_dict() for r in rankings}, "checkpoints": checkpoints,
              "hessian": hessian.meta}, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     for ck in checkpoints:
         ck["path"] = str(out_dir / ck["path"])
         if cfg.heal:

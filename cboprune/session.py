@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cboprune.errors import CBOPruneError
@@ -34,16 +33,6 @@ class Session:
         return self.fit
 
 
-def check_data_path(data: str | None) -> None:
-    """A local-looking calibration path that does not exist fails before the model loads."""
-    if data and (Path(data).suffix in (".json", ".jsonl", ".txt") or "/" in data and Path(data).parent.is_dir()):
-        path = Path(data)
-        if not path.exists():
-            raise CBOPruneError(f"calibration data not found: {data}: pass an existing .jsonl/.json/.txt file")
-        if path.is_dir():
-            raise CBOPruneError(f"calibration data {data} is a directory: pass a .jsonl/.json/.txt file")
-
-
 def check_remove(remove: Sequence[int], n_blocks: int, min_kept: int = 1) -> None:
     limit = n_blocks - min_kept
     bad = [m for m in remove if m > limit]
@@ -63,14 +52,18 @@ def load_session(cfg, *, remove: Sequence[int] = (), min_kept: int = 1, heldout:
     from cboprune.models.architectures import blocks
     from cboprune.pipeline import pick_device
 
-    check_data_path(cfg.data)
+    from cboprune.data.calibration import check_data, check_seq_len
+    from cboprune.models.loading import load_config
+
+    check_data(cfg.data)  # a bad data file fails before the model loads
+    check_seq_len(cfg.seq_len, load_config(cfg.model))  # and a length beyond the context, from the config
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     loaded = load_model(cfg.model, dtype=cfg.dtype, device=device)
     kinds = [b.kind for b in blocks(loaded.model)]
     check_remove(remove, len(kinds), min_kept)
     calibration = load_calibration(cfg.data, loaded.tokenizer, model=loaded.model, n_samples=cfg.n_samples + heldout,
-                                   seq_len=cfg.seq_len, seed=cfg.seed,
+                                   seq_len=cfg.seq_len, seed=cfg.seed, chat_template=cfg.chat_template,
                                    generation=GenerationSettings(max_new_tokens=cfg.gen_max_new_tokens, seed=cfg.seed))
     if heldout:
         if calibration.n_samples <= cfg.n_samples:

@@ -66,6 +66,7 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
     from cboprune.experiment import SelectionContext, energy_entries, evaluate_entries, peer_entries
     from cboprune.healing_study import cost_of, heal_entries
     from cboprune.masked import calibration_nll
+    from cboprune.outputs import staged_dir
     from cboprune.pipeline import prepare_output_dir
     from cboprune.session import load_session
 
@@ -141,7 +142,8 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
                         "total": round(time.perf_counter() - started, 2),
                         **{f"build {k_}": round(v, 2) for k_, v in costs.items()}}}
     result = StudyResult(out_dir, entries, baseline, correlations, meta)
-    write_outputs(result, rankings_by_model)
+    with staged_dir(out_dir, overwrite=cfg.overwrite) as stage:  # all of it or nothing
+        write_outputs(result, rankings_by_model, stage)
     return result
 
 
@@ -285,11 +287,12 @@ def plot_energy_vs_loss(result: StudyResult, path: Path) -> Path:
     return path
 
 
-def write_outputs(result: StudyResult, rankings_by_model: dict[str, list]) -> dict[str, Path]:
+def write_outputs(result: StudyResult, rankings_by_model: dict[str, list],
+                  directory: Path | None = None) -> dict[str, Path]:
     from cboprune.experiment import entry_dict
     from cboprune.report.plots import plot_removal_frequency
 
-    out = result.output_dir
+    out = Path(directory or result.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     h1, r1 = table_rows(result)
     h2, r2 = correlation_rows(result)

@@ -375,8 +375,6 @@ def test_cli_bad_input_is_one_line(case, assets, tmp_path, capsys, monkeypatch, 
     _check_cli_case(argv, fragment, watched, tmp_path / "w", capsys, monkeypatch)
 
 
-@pytest.mark.xfail(reason="cli.py dedupes --blocks with set() before validate_removal sees it (lead: pass "
-                          "args.blocks as given)", strict=False)
 @pytest.mark.parametrize("case", list(NEEDS_CLI))
 def test_cli_bad_input_needing_the_command_layer(case, assets, tmp_path, capsys, monkeypatch):
     argv, fragment, watched = NEEDS_CLI[case]
