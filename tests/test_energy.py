@@ -274,3 +274,22 @@ def test_run_says_when_data_is_too_small_to_hold_samples_out(tiny_checkpoint, tm
     err = capsys.readouterr().err
     assert rc == 2 and "not enough for 3 fitting + 16 held-out" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_hybrid_energy_is_exact_on_single_removals_and_takes_fisher_pairs(model, calib):
+    from cboprune import methods
+    from cboprune.experiment import SelectionContext, select
+
+    context = SelectionContext(model, calib, batch_size=3, top=4, options={"single_samples": 4})
+    by_m = select("hybrid", context, [1, 2])
+    energy = context.energy_models["hybrid"]
+    subset = calib.split(4)[0]
+    base, *single = configurations_nll(model, subset, [()] + [(i,) for i in range(6)], batch_size=3)
+    for i in range(6):  # every single removal is the measured loss increase on the subset
+        assert energy.energy([i]) == pytest.approx(single[i] - base, abs=1e-9)
+    F = context.hessian().matrix("fisher")
+    pair = energy.energy([1, 4]) - energy.energy([1]) - energy.energy([4])
+    assert pair == pytest.approx(F[1, 4], rel=1e-9)  # the interaction is the Fisher's
+    assert by_m[1].best.removed == (int(np.argmin(np.asarray(single) - base)),)
+    assert [c.score for c in by_m[2].candidates] == sorted(c.score for c in by_m[2].candidates)
+    assert methods.get("hybrid").cost(30, 8) == pytest.approx(3 + 31 * 0.25)
