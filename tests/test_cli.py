@@ -93,7 +93,7 @@ def test_bad_input_gives_one_line_errors_and_writes_nothing(tiny_checkpoint, sha
     _fails(common + ["--model", str(tiny_checkpoint), "--data", str(empty), "--remove", "2"], capsys, "holds no records")
     short = tmp_path / "short.txt"
     short.write_text("just a few words")
-    _fails(common + ["--model", str(tiny_checkpoint), "--data", str(short), "--remove", "2"], capsys, "holds no records")
+    _fails(common + ["--model", str(tiny_checkpoint), "--data", str(short), "--remove", "2"], capsys, "empty or too short")
     bad = tmp_path / "bad.safetensors"
     bad.write_text("garbage")
     _fails(["solve", "--hessian", str(bad), "--remove", "2"], capsys, "not a readable cboprune Hessian")
