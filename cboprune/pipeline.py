@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -198,6 +199,8 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
     from cboprune.session import load_session
 
     out_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    if cfg.heal_candidates:
+        cfg.heal_recipe(out_dir)  # the healing data is checked before any work
     checks = cfg.verify or cfg.refine_sweeps > 0
     session = load_session(cfg, heldout=cfg.heldout_samples if checks else 0,
                            heldout_hint="or pass --no-verify --refine-sweeps 0")
@@ -222,8 +225,13 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
                                    removable=removable, seed=cfg.seed, solver=cfg.solver, time_limit=cfg.time_limit,
                                    node_limit=cfg.node_limit, options={"pool": cfg.pool, "relin_step": cfg.relin_step},
                                    model_name=cfg.model, progress=progress, cache={"hessian": hessian})
+        t0 = time.perf_counter()
         rankings = rank_states(context, cfg.remove, cfg.top, energy=cfg.energy, verify=cfg.verify,
                                refine_sweeps=cfg.refine_sweeps)
+        sections = [_cost_section(cfg, rankings, session, hessian, time.perf_counter() - t0)]
+        if cfg.heal_candidates:
+            rankings, judged = judge_by_healing(cfg, session, rankings, staging)
+            sections.append(judged)
         rankings_dir = staging / "rankings"
         rankings_dir.mkdir()
         for ranking in rankings:
@@ -231,7 +239,8 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
         (staging / "config.yaml").write_text(_yaml(cfg.to_dict("run")))
         figures = _figures(staging, hessian, rankings)
         checkpoints = _save_checkpoints(cfg, session, rankings, hessian, staging)
-        write_report(staging, rankings, meta=hessian.meta, figures=figures, checkpoints=checkpoints)
+        write_report(staging, rankings, meta=hessian.meta, figures=figures, checkpoints=checkpoints,
+                     sections=sections)
         (staging / "summary.json").write_text(dumps_strict(
             {"rankings": {r.n_remove: r.to_dict() for r in rankings}, "checkpoints": checkpoints,
              "hessian": hessian.meta}, indent=2) + "\n")
@@ -240,6 +249,82 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
         if cfg.heal:
             ck["healed"] = heal_checkpoint(cfg, ck["path"], progress=progress)
     return RunResult(output_dir=out_dir, hessian=hessian, rankings=rankings, checkpoints=checkpoints)
+
+
+def _cost_section(cfg: Config, rankings: Sequence[Ranking], session, hessian: HessianResult,
+                  seconds: float) -> str:
+    """The selection's cost in forward passes of the fitting set and its wall time, per M."""
+    from cboprune.experiment import Entry
+    from cboprune.healing_study import cost_of
+
+    suffix = "+refine" if cfg.refine_sweeps else "+verify" if cfg.verify else ":0"
+    heldout = session.heldout.n_tokens if session.heldout is not None else 0
+    rows = []
+    for r in rankings:
+        entry = Entry(f"{cfg.energy}{suffix}", r.n_remove, r.best, r, 0.0)
+        rows.append(f"| {r.n_remove} | {cost_of(entry, session.n_blocks, fit_tokens=session.fit.n_tokens, heldout_tokens=heldout, options={'pool': cfg.pool, 'relin_step': cfg.relin_step}):.1f} |")
+    grad = hessian.meta.get("seconds", 0)
+    return "\n".join([
+        "## Selection cost", "",
+        f"Energy `{cfg.energy}`{', verified' if cfg.verify else ''}"
+        f"{f', refined ({cfg.refine_sweeps} sweeps at most)' if cfg.refine_sweeps else ''}, on "
+        f"{session.fit.n_samples} fitting samples ({session.fit.n_tokens} tokens). Cost in forward passes of the "
+        "fitting set (a backward counts as two; held-out passes by their tokens); the gradient pass is shared by "
+        "every M and counted in each.", "",
+        "| M | forward passes |", "|---:|---:|", *rows, "",
+        f"Wall time: gradient pass {grad} s, states for all M {seconds:.1f} s.", ""])
+
+
+def judge_by_healing(cfg: Config, session, rankings: Sequence[Ranking], staging: Path) -> tuple[list[Ranking], str]:
+    """Heal the `heal_candidates` most diverse states of each M alike (`heal_steps` each) and put them
+    first, ordered by held-out NLL after healing: the short heal chooses the state that is saved."""
+    from dataclasses import replace
+
+    from cboprune.experiment import Entry
+    from cboprune.healing_study import heal_entries
+    from cboprune.report.tables import markdown_table
+    from cboprune.verify import diverse
+
+    recipe = cfg.heal_recipe(staging)
+    recipe.cache_dir = None  # a run's heals are its own
+    judged_set = session.heldout or session.fit
+    out, rows = [], []
+    for ranking in rankings:
+        picks = diverse(ranking, cfg.heal_candidates, 0.6).candidates
+        entries = [Entry(f"rank{c.rank}", ranking.n_remove, c, ranking, 0.0, nll=c.score if ranking.info.get(
+            "verification") else None) for c in picks]
+        heal_entries(entries, session.model, session.tokenizer, recipe, _NoEval(), nll_samples=judged_set,
+                     batch_size=cfg.batch_size, workdir=staging / ".heal-judge")
+        steps = recipe.steps[0]
+        entries.sort(key=lambda e: e.healed[steps]["nll"])
+        for place, e in enumerate(entries):
+            rows.append([str(ranking.n_remove), str(place), str(e.candidate.rank), str(list(e.candidate.removed)),
+                         "—" if e.nll is None else f"{e.nll:.4f}", f"{e.healed[steps]['nll']:.4f}",
+                         f"{e.healed[steps]['seconds']:.0f}"])
+        chosen = [e.candidate for e in entries]
+        rest = [c for c in ranking.candidates if c.removed not in {p.removed for p in chosen}]
+        info = {**ranking.info, "heal_judge": {"steps": steps, "recipe": recipe.describe(),
+                                               "order": [list(c.removed) for c in chosen],
+                                               "healed_nll": [e.healed[steps]["nll"] for e in entries]}}
+        out.append(replace(ranking, candidates=[replace(c, rank=r) for r, c in enumerate(chosen + rest)],
+                           exact=False, info=info))
+    text = ["## Chosen after a short heal", "",
+            f"The {cfg.heal_candidates} most diverse states of each M (Jaccard <= 0.6) were each healed alike "
+            f"({recipe.steps[0]} steps of {recipe.global_batch_size} x {recipe.seq_len} tokens, lr "
+            f"{recipe.learning_rate}, seed {recipe.seed}); they now lead the ranking in their order after healing "
+            "(held-out calibration NLL), so rank 0 is the winner and rank 1 the runner-up.", "",
+            markdown_table(["M", "place", "rank before", "removed", "NLL before", "NLL after", "heal s"], rows)]
+    return out, "\n".join(text)
+
+
+class _NoEval:
+    """The judge needs only the held-out loss, not the benchmarks."""
+
+    def evaluate(self, model, tokenizer):
+        return {"results": {}}
+
+    def describe(self):
+        return {}
 
 
 def _save_checkpoints(cfg: Config, session, rankings: Sequence[Ranking], hessian: HessianResult,

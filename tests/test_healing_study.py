@@ -67,3 +67,22 @@ def test_heal_options_are_checked_before_any_work(tiny_checkpoint, tmp_path, cap
         err = capsys.readouterr().err
         assert rc == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "x").exists()
+
+
+def test_run_chooses_the_saved_state_after_a_short_heal(tiny_checkpoint, shared_data, tmp_path):
+    out = tmp_path / "run"
+    data = str(shared_data / "calib" / "alpaca_en_demo.json")
+    assert main(["-q", "run", "--model", str(tiny_checkpoint), "--data", data, "--n-samples", "6", "--seq-len", "32",
+                 "--batch-size", "3", "--remove", "2", "--top", "6", "--heldout-samples", "3", "--energy", "fisher",
+                 "--refine-sweeps", "0", "--heal-candidates", "3", "--heal-steps", "2", "--heal-seq-len", "32",
+                 "--heal-micro-batch-size", "2", "--heal-global-batch-size", "2", "--heal-lr", "1e-3",
+                 "--output-dir", str(out)]) == 0
+    ranking = json.loads((out / "rankings" / "M2.json").read_text())
+    judge = ranking["info"]["heal_judge"]
+    assert len(judge["order"]) == 3 and judge["healed_nll"] == sorted(judge["healed_nll"])
+    assert [c["removed"] for c in ranking["candidates"][:3]] == judge["order"]
+    removal = json.loads((out / "pruned" / "M2-rank0" / "removal.json").read_text())
+    assert removal["removed"] == judge["order"][0]  # the winner after healing is the saved state
+    report = (out / "report.md").read_text()
+    assert "Chosen after a short heal" in report and "Selection cost" in report
+    assert not list(out.rglob(".heal-judge"))

@@ -72,8 +72,10 @@ def blocks_markdown(meta: dict[str, Any]) -> list[str]:
 
 
 def write_report(out_dir: str | Path, rankings: Sequence[Ranking], *, meta: dict[str, Any],
-                 figures: dict[str, str], checkpoints: Sequence[dict[str, Any]] = ()) -> Path:
-    """report.md: what was computed, the ranked states per M, the figures and saved checkpoints."""
+                 figures: dict[str, str], checkpoints: Sequence[dict[str, Any]] = (),
+                 sections: Sequence[str] = ()) -> Path:
+    """report.md: what was computed, the ranked states per M, `sections` (markdown: cost, the judge by
+    healing), the figures and saved checkpoints."""
     out_dir = Path(out_dir)
     cal = meta.get("calibration", {})
     lines = [
@@ -92,6 +94,7 @@ def write_report(out_dir: str | Path, rankings: Sequence[Ranking], *, meta: dict
         rankings_markdown(rankings, meta.get("block_kinds")),
     ]
     lines += blocks_markdown(meta)
+    lines += list(sections)
     for title, rel in figures.items():
         lines += [f"## {title}", "", f"![{title}]({rel})", ""]
     if checkpoints:
