@@ -82,7 +82,7 @@ def test_compare_bad_input_gives_one_line_errors(tiny_checkpoint, tmp_path, caps
 
 
 def test_compare_rejects_too_large_m(tiny_checkpoint, shared_data, tmp_path, capsys):
-    rc = main(["-q", "compare", "--model", str(tiny_checkpoint), "--remove", "7", "--tasks", "arc_easy",
+    rc = main(["-q", "compare", "--model", str(tiny_checkpoint), "--remove", "7", "--tasks", "arc_easy", "--seq-len", "32",
                "--data", str(shared_data / "calib" / "alpaca_en_demo.json"), "--output-dir", str(tmp_path / "y")])
     assert rc == 2 and "too large" in capsys.readouterr().err
 
