@@ -169,6 +169,9 @@ def cmd_solve(args: argparse.Namespace) -> int:
     if args.export_qubo:
         from cboprune.outputs import check_output_file
 
+        if args.export_qubo.endswith(("/", "\\")) or Path(args.export_qubo).is_dir():
+            raise CBOPruneError(f"--export-qubo takes a file name prefix such as out/qubo (files PREFIX-M8.json, "
+                                f"PREFIX-M8.qubo), not the directory {args.export_qubo}")
         for m in cfg.remove:
             for suffix in (".json", ".qubo"):
                 check_output_file(f"{args.export_qubo}-M{m}{suffix}", cfg.overwrite)
