@@ -128,19 +128,20 @@ def cmd_hessian(args: argparse.Namespace) -> int:
     from cboprune.data import GenerationSettings, load_calibration
     from cboprune.hessian import compute_hessian, cost_summary, save_hessian
     from cboprune.models import load_model
-    from cboprune.pipeline import hessian_options, pick_device
-
+    from cboprune.data.calibration import check_data
     from cboprune.outputs import check_output_file
+    from cboprune.pipeline import hessian_options, pick_device
 
     out = check_output_file(args.output, args.overwrite)
     cfg = config_from_args(args, "hessian")
+    check_data(cfg.data)  # before the model loads
     dist = distributed.init_from_env()  # world size 1 unless launched by torchrun / accelerate
     device = pick_device(cfg.device) if not dist.enabled else (cfg.device or distributed.local_device())
     loaded = load_model(cfg.model, dtype=cfg.dtype, device=device)
     for turn in ("main", "others"):  # rank 0 first: generated calibration is made once, then read from cache
         if (turn == "main") == dist.is_main:
             calibration = load_calibration(cfg.data, loaded.tokenizer, model=loaded.model, n_samples=cfg.n_samples,
-                                           seq_len=cfg.seq_len, seed=cfg.seed,
+                                           seq_len=cfg.seq_len, seed=cfg.seed, chat_template=cfg.chat_template,
                                            generation=GenerationSettings(max_new_tokens=cfg.gen_max_new_tokens,
                                                                          seed=cfg.seed))
         distributed.barrier()
