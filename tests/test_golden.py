@@ -17,8 +17,9 @@ GOLDEN = Path(__file__).parent / "golden"
 sys.path.insert(0, str(GOLDEN))
 from normalize import normalize  # noqa: E402
 
-#: the methods `compare` offered when the golden outputs were captured
+#: the methods `compare` and the energies `study` offered when the golden outputs were captured
 METHODS_THEN = "cbo,bi,bi-iter,angular,norm-ratio,sleb,ppl,taylor,swm"
+ENERGIES_THEN = "fisher,fisher-linear,exact,measured,relinearized"
 
 
 @pytest.mark.slow
@@ -39,7 +40,7 @@ def test_run_compare_and_study_match_the_golden_outputs(shared_data, tmp_path):
                  "--output-dir", str(tmp_path / "compare")]) == 0
     assert main(["-q", "study", "--model", str(ck), "--data", data, "--n-samples", "6", "--heldout-samples", "4",
                  "--seq-len", "32", "--batch-size", "4", "--remove", "2", "3", "--top", "4", "--refine-sweeps", "2",
-                 "--exact-samples", "3", "--peers", "bi,sleb,swm", "--tasks", f"file:{text},arc_easy",
+                 "--exact-samples", "3", "--energies", ENERGIES_THEN, "--peers", "bi,sleb,swm", "--tasks", f"file:{text},arc_easy",
                  "--limit", "2", "--ppl-limit", "1", "--max-length", "64", "--output-dir", str(tmp_path / "study")]) == 0
     got = normalize(tmp_path)
     want = json.loads((GOLDEN / "tiny_outputs.json").read_text())
