@@ -6,7 +6,7 @@ option has one name, one help text and one default everywhere.
     model        model, dtype, device, seed
     calibration  data, n_samples, seq_len, batch_size, heldout_samples, chat_template, gen_max_new_tokens
     hessian      hessian_variant, autocast, gradient_checkpointing, bucket, shard_dir, shard_samples
-    selection    remove, top, keep, only, energy, verify, refine_sweeps, pool, relin_step, exact_samples,
+    selection    remove, top, keep, only, energy, verify, refine_sweeps, pool, single_samples, relin_step, exact_samples,
                  diverse, solver, time_limit, node_limit
     comparison   methods, energies, peers, refine, cbo_ranks, swm_threshold, swm_rule
     evaluation   tasks, limit, ppl_limit, eval_batch_size, data_dir, max_length
@@ -93,6 +93,8 @@ class Config:
                               factory=lambda: _recommended().refine_sweeps)
     pool: int | None = _opt(None, "measured energy: measure pairs only among the P blocks cheapest to remove "
                                   "alone (fewer forward passes)", "selection", kind="int", minimum=1)
+    single_samples: int | None = _opt(None, "hybrid energy: fitting samples its single removals are measured on "
+                                            "(default: a quarter, at least 8)", "selection", kind="int", minimum=1)
     relin_step: int = _opt(4, "relinearized energy: removals between expansions (default 4)", "selection",
                            kind="int", minimum=1)
     exact_samples: int | None = _opt(None, "fitting samples for the exact Hessian (N HVPs each; default all)",
@@ -378,8 +380,8 @@ COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
                 ("remove", "methods", "cbo_ranks", "swm_threshold", "swm_rule", "time_limit"),
                 ("heldout_samples", "save_ranks", "save_remove", "heal", "heal_states", "heal_candidates")),
     "study": (("model", "calibration", "evaluation", "healing", "output"),
-              ("remove", "energies", "peers", "top", "refine", "refine_sweeps", "diverse", "pool", "relin_step",
-               "exact_samples", "time_limit"), ("save_ranks", "save_remove", "heal", "heal_candidates")),
+              ("remove", "energies", "peers", "top", "refine", "refine_sweeps", "diverse", "pool", "single_samples",
+               "relin_step", "exact_samples", "time_limit"), ("save_ranks", "save_remove", "heal", "heal_candidates")),
 }
 COMMANDS.update({
     "solve": ((), ("remove", "top", "keep", "only", "energy", "solver", "time_limit", "node_limit", "seed",

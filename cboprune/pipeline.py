@@ -223,7 +223,8 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
         save_hessian(hessian, staging / HESSIAN_FILE)
         context = SelectionContext(session.model, fit, heldout, batch_size=cfg.batch_size, keep=tuple(keep),
                                    removable=removable, seed=cfg.seed, solver=cfg.solver, time_limit=cfg.time_limit,
-                                   node_limit=cfg.node_limit, options={"pool": cfg.pool, "relin_step": cfg.relin_step},
+                                   node_limit=cfg.node_limit, options={"pool": cfg.pool, "relin_step": cfg.relin_step,
+                                            "single_samples": cfg.single_samples},
                                    model_name=cfg.model, progress=progress, cache={"hessian": hessian})
         t0 = time.perf_counter()
         rankings = rank_states(context, cfg.remove, cfg.top, energy=cfg.energy, verify=cfg.verify,
@@ -257,12 +258,15 @@ def _cost_section(cfg: Config, rankings: Sequence[Ranking], session, hessian: He
     from cboprune.experiment import Entry
     from cboprune.healing_study import cost_of
 
+    from cboprune.energies.hybrid import single_samples
+
     suffix = "+refine" if cfg.refine_sweeps else "+verify" if cfg.verify else ":0"
+    fraction = single_samples(session.fit.n_samples, cfg.single_samples) / session.fit.n_samples
     heldout = session.heldout.n_tokens if session.heldout is not None else 0
     rows = []
     for r in rankings:
         entry = Entry(f"{cfg.energy}{suffix}", r.n_remove, r.best, r, 0.0)
-        rows.append(f"| {r.n_remove} | {cost_of(entry, session.n_blocks, fit_tokens=session.fit.n_tokens, heldout_tokens=heldout, options={'pool': cfg.pool, 'relin_step': cfg.relin_step}):.1f} |")
+        rows.append(f"| {r.n_remove} | {cost_of(entry, session.n_blocks, fit_tokens=session.fit.n_tokens, heldout_tokens=heldout, options={'pool': cfg.pool, 'relin_step': cfg.relin_step, 'single_fraction': fraction}):.1f} |")
     grad = hessian.meta.get("seconds", 0)
     return "\n".join([
         "## Selection cost", "",

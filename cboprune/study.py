@@ -85,7 +85,7 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
     log.info("study: %s (N = %d), fitting %s, held-out %s, energy models %s, peers %s, M = %s", cfg.model,
              session.n_blocks, fit.describe(), heldout.n_samples, energies, peers, cfg.remove)
     context = SelectionContext(net, fit, heldout, batch_size=cfg.batch_size, seed=cfg.seed, time_limit=cfg.time_limit,
-                               options={"pool": cfg.pool, "relin_step": cfg.relin_step,
+                               options={"pool": cfg.pool, "relin_step": cfg.relin_step, "single_samples": cfg.single_samples,
                                         "exact_samples": cfg.exact_samples},
                                model_name=cfg.model, progress=progress)
 
@@ -122,7 +122,10 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
     baseline = protocol.evaluate(net, session.tokenizer)
     baseline["heldout_nll"] = calibration_nll(net, heldout, batch_size=cfg.batch_size)
     evaluate_entries(entries, net, session.tokenizer, protocol, nll_samples=heldout, batch_size=cfg.batch_size)
-    opts = {"pool": cfg.pool, "relin_step": cfg.relin_step}
+    from cboprune.energies.hybrid import single_samples
+
+    opts = {"pool": cfg.pool, "relin_step": cfg.relin_step,
+            "single_fraction": single_samples(fit.n_samples, cfg.single_samples) / fit.n_samples}
     for e in entries:
         e.cost = cost_of(e, session.n_blocks, fit_tokens=fit.n_tokens, heldout_tokens=heldout.n_tokens, options=opts)
     eval_seconds = round(time.perf_counter() - t0, 2)
