@@ -234,7 +234,8 @@ def test_text_file_perplexity_and_results_files(tmp_path, tiny_lm, tokenizer):
     assert m["token_perplexity"] > 1 and m["word_perplexity"] > m["token_perplexity"]
     json_path, md_path = write_results(res, tmp_path / "out" / "eval.json")
     loaded = json.loads(json_path.read_text())
-    assert loaded["results"][f"file:{text}"]["config"]["stride"] == 32
+    assert loaded["cboprune"]["results"][f"file:{text}"]["config"]["stride"] == 32
+    assert loaded["results"][f"file:{text}"]["token_perplexity,none"] == pytest.approx(m["token_perplexity"])
     assert "token_perplexity" in md_path.read_text() and "| task |" in markdown_table(res)
 
 
