@@ -125,8 +125,9 @@ def _manager_for(plan: TaskPlan, local_dir: str | None) -> Any:
     if local_dir is None and plan.manager is not None:
         return plan.manager
     paths = [p for p in (local_dir, str(plan.include_path) if plan.include_path else None) if p]
-    # lm-eval's own ~15k task configs take ~20 s to index: only when one of them is asked for.
-    return TaskManager(include_path=paths or None, include_defaults=bool(plan.lm_eval))
+    # lm-eval's own ~15k task configs take ~20 s to index: only when the plan needed them.
+    defaults = bool(plan.lm_eval) and plan.lm_eval_defaults
+    return TaskManager(include_path=paths or None, include_defaults=defaults)
 
 
 def _convert(out: dict, names: dict[str, str], specs: list[TaskSpec], limit: int | None,
@@ -183,8 +184,10 @@ def _convert_samples(raw: list[dict], spec: TaskSpec | None) -> list[dict]:
             entry.update({"gold": spec.gold(s["doc"]), "pred": pred, "pred_norm": pred_norm, "lls": lls})
         elif spec is not None and spec.kind == "loglikelihood":
             entry.update({"ll": float(resps[0][0]), "is_greedy": bool(resps[0][1])})
-        else:
-            entry["response"] = resps
+        else:  # an lm-eval task: its document and responses as lm-eval logged them
+            entry.update({"doc": s.get("doc"), "target": s.get("target"), "response": resps})
+            if resps and all(isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[1], bool) for r in resps):
+                entry["lls"] = [float(r[0]) for r in resps]
         rows.append(entry)
     return rows
 

@@ -49,6 +49,7 @@ class TaskPlan:
     hub_online: bool | None = None  # None: not needed
     kinds: dict[str, str] = field(default_factory=dict)
     manager: Any = field(default=None, repr=False)  # lm-eval TaskManager (built once, slow)
+    lm_eval_defaults: bool = True  # whether `manager` indexes lm-eval's own task configs
 
     @property
     def uses_lm_eval(self) -> bool:
@@ -112,14 +113,20 @@ def _check_include_path(include_path: str | os.PathLike | None) -> Path | None:
     return path.resolve()
 
 
-def _task_manager(include_path: Path | None) -> Any:
+def _task_manager(include_path: Path | None, names: list[str]) -> tuple[Any, bool]:
+    """(TaskManager that knows `names`, whether it indexes lm-eval's own configs): the user's folder
+    alone when it holds them all (fast), else lm-eval's ~15k task configs too (~20 s to index)."""
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise CBOPruneError("lm-eval is not installed: run `pip install lm-eval==0.4.13` to use lm-eval "
                             "tasks, or use the built-in tasks (--list-tasks)") from None
+    if include_path is not None:
+        manager = TaskManager(include_path=str(include_path), include_defaults=False)
+        if all(n in manager.all_tasks for n in names):
+            return manager, False
     log.info("indexing lm-eval's tasks%s", f" and {include_path}" if include_path else "")
-    return TaskManager(include_path=str(include_path) if include_path else None)
+    return TaskManager(include_path=str(include_path) if include_path else None), True
 
 
 def _unknown(name: str, manager: Any) -> CBOPruneError:
@@ -143,7 +150,7 @@ def _load_error(names: list[str], exc: BaseException, online: bool, no_data: lis
 
 def _check_lm_eval_tasks(plan: TaskPlan, no_data: list[str]) -> None:
     """Load lm-eval's tasks once (datasets included) so a missing or offline dataset fails now."""
-    plan.manager = _task_manager(plan.include_path)
+    plan.manager, plan.lm_eval_defaults = _task_manager(plan.include_path, plan.lm_eval)
     for name in plan.lm_eval:
         if name not in plan.manager.all_tasks:
             raise _unknown(name, plan.manager)
