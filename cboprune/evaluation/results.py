@@ -101,7 +101,7 @@ def output_paths(path: str | Path, *, overwrite: bool = False) -> tuple[Path, Pa
                             "(writes eval.json and eval.md)")
     stem = raw.with_suffix("") if raw.suffix in _SUFFIXES else raw
     if stem == raw and raw.is_file():
-        raise CBOPruneError(f"--output {path} is an existing file: pass a new file stem (eval writes "
+        raise CBOPruneError(f"--output {path} is an existing file: pass a new file stem (it writes "
                             f"{stem.name}.json and {stem.name}.md)")
     targets = (Path(f"{stem}.json"), Path(f"{stem}.md"))
     for target in targets:
@@ -119,7 +119,7 @@ def output_paths(path: str | Path, *, overwrite: bool = False) -> tuple[Path, Pa
     return targets
 
 
-def _write_atomic(pairs: list[tuple[Path, str]]) -> None:
+def write_files_atomically(pairs: list[tuple[Path, str]]) -> None:
     """Write every (path, text) into a temporary sibling first, then rename them all."""
     staged = []
     try:
@@ -153,7 +153,7 @@ def write_results(results: dict, path: str | Path, *, overwrite: bool = True) ->
     """
     json_path, md_path = output_paths(path, overwrite=overwrite)
     doc = to_lm_eval_schema(results)
-    _write_atomic([(json_path, json.dumps(doc, indent=2, default=_json_default) + "\n"),
+    write_files_atomically([(json_path, json.dumps(doc, indent=2, default=_json_default) + "\n"),
                    (md_path, markdown_table(results))])
     log.info("wrote %s and %s", json_path, md_path)
     return json_path, md_path
