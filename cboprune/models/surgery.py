@@ -27,6 +27,7 @@ from cboprune.models.architectures import (
     decoder_config,
     resolve,
 )
+from cboprune.models.card import save_weights, write_model_card
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def remove_blocks(model: nn.Module, removed: Sequence[int]) -> nn.Module:
 
 
 def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, provenance: dict[str, Any],
-                *, overwrite: bool = False) -> Path:
+                *, overwrite: bool = False, save_dtype: str | None = None) -> Path:
     """save_pretrained the (already pruned) model and tokenizer plus `removal.json`, atomically:
     everything is written into a temporary sibling directory that is renamed at the end."""
     out_dir = Path(out_dir)
@@ -223,10 +224,11 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, provenance: di
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        model.save_pretrained(tmp)
+        dtype = save_weights(model, tmp, provenance, save_dtype)  # source dtype unless save_dtype says
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / REMOVAL_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        write_model_card(tmp, provenance, model, dtype=dtype)
         tmp.chmod(0o755)
         if out_dir.exists():
             shutil.rmtree(out_dir)
