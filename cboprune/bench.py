@@ -6,8 +6,9 @@
 Per model: parameters (and how many sit in the embedding and LM head, which pruning does not
 shrink), weight bytes in memory and on disk. Per model, device, batch size B and prompt length
 L: prefill tokens/s (one forward over B x L tokens, logits of the last position only), decode
-tokens/s and per-token latency (N greedy steps with the KV cache, B tokens per step), and the
-peak memory above the weights. The models are measured alternately within every repetition
+tokens/s and per-token latency (N greedy steps with the KV cache, B tokens per step), the KV
+cache's size after those steps and, on CUDA, the peak memory allocated above the weights (CPU
+has no allocator statistics; the peak is not guessed there). The models are measured alternately within every repetition
 (the order reversed each repetition), so load drift on a shared machine hits all of them alike;
 a speed-up is the median over repetitions of the paired ratio original time / pruned time, with
 its min and max. Library: `bench_models()` for any number of in-memory models and
@@ -24,7 +25,6 @@ import os
 import shlex
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -50,7 +50,7 @@ class BenchSettings:
     warmup: int = 1
     devices: tuple[str, ...] = ("cpu",)
     seed: int = 0
-    memory: bool = True  # one extra untimed pass per shape that records peak memory
+    memory: bool = True  # one extra untimed pass per shape: KV cache size, CUDA peak memory
 
     def check(self) -> None:
         problems = []
@@ -148,48 +148,41 @@ def time_generation(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tup
     return t1 - t0, time.perf_counter() - t1
 
 
-class _RssSampler:
-    """Peak resident memory of this process while a block runs (sampled every 2 ms; CPU only)."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self._proc = psutil.Process()
-        self.base = self.peak = self._proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    def __enter__(self) -> _RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
+def tensor_bytes(obj: Any, _seen: set[int] | None = None) -> int:
+    """Bytes of every distinct tensor reachable from `obj` (a KV cache object, its layers, lists)."""
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        children = list(obj)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (nn.Module, type)):
+        children = list(vars(obj).values())
+    else:
+        return 0
+    return sum(tensor_bytes(c, seen) for c in children)
 
 
-def peak_memory_above_weights(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> int | None:
-    """Peak bytes allocated beyond what was allocated before one prefill + decode run: exact on CUDA
-    (torch's allocator), the sampled rise of the process's resident memory on CPU (approximate)."""
-    device = ids.device
-    if device.type == "cuda":
+@torch.inference_mode()
+def memory_run(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> dict[str, int | None]:
+    """One prefill + decode run: the KV cache's bytes at the end (measured on the cache's tensors)
+    and, on CUDA, the peak bytes allocated above what was allocated before (torch's allocator).
+    CPU has no allocator statistics: the peak is left None rather than guessed."""
+    device, name = ids.device, _cache_name(model)
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        time_generation(model, ids, new_tokens)
-        return torch.cuda.max_memory_allocated(device) - before
-    try:
-        sampler = _RssSampler()
-    except ImportError:
-        return None
-    with sampler:
-        time_generation(model, ids, new_tokens)
-    return sampler.peak - sampler.base
+    logits, past = _forward(model, ids, name)
+    for _ in range(new_tokens):
+        logits, past = _forward(model, logits.argmax(-1), name, past)
+    peak = torch.cuda.max_memory_allocated(device) - before if cuda else None
+    return {"kv_cache_bytes": tensor_bytes(past), "peak_above_weights_bytes": peak}
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -241,8 +234,7 @@ def _measure_device(models: dict[str, nn.Module], settings: BenchSettings, devic
                    "decode_tokens_per_s": _spread([b * settings.new_tokens / d for d in decode]),
                    "per_token_latency_ms": _spread([1000 * d / settings.new_tokens for d in decode])}
             if settings.memory:
-                row["peak_memory_above_weights_bytes"] = peak_memory_above_weights(
-                    models[name], inputs[shape], settings.new_tokens)
+                row.update(memory_run(models[name], inputs[shape], settings.new_tokens))
             if name != names[0]:
                 ref = times[shape][names[0]]
                 row["prefill_speedup"] = _spread([r[0] / t[0] for r, t in zip(ref, times[shape][name])])
@@ -344,13 +336,14 @@ def markdown_report(report: dict[str, Any]) -> str:
     for device in dict.fromkeys(r["device"] for r in report["runs"]):
         lines += ["", f"**{device}** — median (min–max) of {report['settings']['repeats']} repetitions, "
                   f"{report['settings']['new_tokens']} decode steps", "",
-                  "| model | B | L | prefill tok/s | decode tok/s | ms / token | peak above weights MB "
-                  "| prefill speed-up | decode speed-up |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| model | B | L | prefill tok/s | decode tok/s | ms / token | KV cache MB | peak above weights MB "
+                  "| prefill speed-up | decode speed-up |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in (r for r in report["runs"] if r["device"] == device):
             up = [_cell(r[k], "{:.2f}") + "×" if k in r else "1" for k in ("prefill_speedup", "decode_speedup")]
             lines.append(f"| {r['model']} | {r['batch_size']} | {r['length']} | {_cell(r['prefill_tokens_per_s'])} "
                          f"| {_cell(r['decode_tokens_per_s'])} | {_cell(r['per_token_latency_ms'], '{:.2f}')} "
-                         f"| {_mb(r.get('peak_memory_above_weights_bytes'))} | {up[0]} | {up[1]} |")
+                         f"| {_mb(r.get('kv_cache_bytes'))} | {_mb(r.get('peak_above_weights_bytes'))} "
+                         f"| {up[0]} | {up[1]} |")
     m = report["machine"]
     load = f", load average {m['load_average_before'][0]} → {m['load_average_after'][0]}" if "load_average_before" in m else ""
     lines += ["", f"torch {m['torch']}, {m['threads']} threads, {m['cpu_count']} CPUs{load}"
@@ -379,7 +372,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="comma-separated, e.g. cpu,cuda (default: cpu, and cuda when present)")
     parser.add_argument("--dtype", default="float32", help="every model runs in this dtype (default: float32)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory pass (KV cache, CUDA peak)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", "-o", default=None, help="write OUTPUT.json and OUTPUT.md")
     parser.add_argument("--overwrite", action="store_true", help="replace existing OUTPUT.json / OUTPUT.md")
@@ -430,4 +423,4 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 
 __all__ = ["BenchSettings", "add_bench_arguments", "bench_models", "disk_bytes", "markdown_report",
-           "measure_speedup", "model_stats", "run_bench_command", "time_generation"]
+           "measure_speedup", "memory_run", "model_stats", "run_bench_command", "tensor_bytes", "time_generation"]

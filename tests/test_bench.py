@@ -55,7 +55,11 @@ def test_bench_alternates_models_and_reports_paired_ratios(monkeypatch):
     assert r["prefill_tokens_per_s"]["median"] == pytest.approx(2 * 8 / r["prefill_s"]["median"], rel=0.5)
     assert r["decode_speedup"]["min"] <= r["decode_speedup"]["median"] <= r["decode_speedup"]["max"]
     assert "prefill_speedup" not in rows[("orig", 1)]
-    assert all(isinstance(r["peak_memory_above_weights_bytes"], int) for r in report["runs"])
+    # KV cache: 2 (K, V) x layers x B x (L + steps) x kv heads x head dim x 4 bytes, measured on the cache
+    for (model, b), r in rows.items():
+        layers = 8 if model == "orig" else 4
+        assert r["kv_cache_bytes"] == 2 * layers * b * (8 + 3) * 2 * 8 * 4
+        assert r["peak_above_weights_bytes"] is None  # CPU: not guessed
     assert report["models"]["pruned"]["params_removed"] > 0
     md = markdown_report(report)
     assert "| pruned | 2 | 8 |" in md and "decode speed-up" in md

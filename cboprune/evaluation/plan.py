@@ -200,12 +200,13 @@ def plan_tasks(tasks: str | list[str] | TaskPlan, *, backend: str = "auto", incl
     if any(not s.name.startswith(FILE_PREFIX) for s in ours):
         try:
             plan.eval_dir = resolve_eval_dir(data_dir)
-        except CBOPruneError:
-            if backend == "builtin" or data_dir is not None or os.environ.get(ENV_VAR):
+        except CBOPruneError as exc:
+            if backend == "builtin" or data_dir is not None or os.environ.get(ENV_VAR) or not check_lm_eval:
                 raise
+            if not hub_reachable():
+                raise CBOPruneError(f"{exc} (lm-eval's hub copies of these tasks need the Hugging Face hub, "
+                                    "which is unreachable)") from None
             no_data = [s.name for s in ours if not s.name.startswith(FILE_PREFIX)]
-            if not check_lm_eval or not hub_reachable():
-                raise
             log.info("no local benchmark data: %s go to lm-eval's hub tasks", ", ".join(no_data))
     for spec in ours:
         if spec.name in no_data:
