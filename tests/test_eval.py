@@ -328,7 +328,9 @@ def test_offline_hub_task_and_bad_task_inputs_are_one_line(tmp_path, monkeypatch
                       data_dir=DATA if DATA.is_dir() else None) if DATA.is_dir() else None
     if plan is not None:
         assert plan.lm_eval == ["my_task"] and [s.name for s in plan.builtin][0] == "arc_easy"
-        assert plan.kinds["my_task"] == "multiple_choice"
+        assert plan.kinds["my_task"] == "multiple_choice" and sorted(plan.other_tasks()) == ["arc_easy", "my_task"]
+        sub = plan.subset(plan.perplexity_tasks())
+        assert sub.lm_eval == [] and [s.name for s in sub.builtin] == [f"file:{tasks / 'my_task.yaml'}"]
     with pytest.raises(CBOPruneError, match="is not a directory"):
         plan_tasks("my_task", include_path=tmp_path / "nowhere")
     with pytest.raises(CBOPruneError, match="unknown task 'my_tsk': did you mean my_task"):

@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -56,10 +56,21 @@ class TaskPlan:
         return bool(self.local_lm_eval or self.lm_eval)
 
     def perplexity_tasks(self) -> list[str]:
+        """Task names (built-in ones expanded, lm-eval ones as given) whose kind is perplexity."""
         return [n for n, k in self.kinds.items() if k in _ROLLING]
 
     def other_tasks(self) -> list[str]:
         return [n for n, k in self.kinds.items() if k not in _ROLLING]
+
+    def subset(self, names: list[str]) -> TaskPlan:
+        """The same plan restricted to `names` (from `perplexity_tasks()` / `other_tasks()`), sharing
+        the checked data folder and lm-eval's TaskManager (compare evaluates each part with its own limit)."""
+        keep = set(names)
+        return replace(self, names=[n for n in self.names if n in keep] or list(names),
+                       builtin=[s for s in self.builtin if s.name in keep],
+                       local_lm_eval=[s for s in self.local_lm_eval if s.name in keep],
+                       lm_eval=[n for n in self.lm_eval if n in keep],
+                       kinds={n: k for n, k in self.kinds.items() if n in keep})
 
 
 def hub_reachable(timeout: float = 2.0) -> bool:
@@ -155,15 +166,15 @@ def _check_lm_eval_tasks(plan: TaskPlan, no_data: list[str]) -> None:
         if name not in plan.manager.all_tasks:
             raise _unknown(name, plan.manager)
     plan.hub_online = hub_reachable()
-    try:
-        with hub_access(plan.hub_online):
-            loaded = plan.manager.load(plan.lm_eval)
-    except CBOPruneError:
-        raise
-    except Exception as exc:  # noqa: BLE001  (datasets and lm-eval raise many types)
-        raise _load_error(plan.lm_eval, exc, plan.hub_online, no_data) from exc
-    for name, task in loaded["tasks"].items():
-        plan.kinds[str(name)] = task.get_config("output_type") or "unknown"
+    for name in plan.lm_eval:
+        try:
+            with hub_access(plan.hub_online):
+                loaded = plan.manager.load([name])
+        except Exception as exc:  # noqa: BLE001  (datasets and lm-eval raise many types)
+            raise _load_error([name], exc, plan.hub_online, no_data) from exc
+        kinds = {task.get_config("output_type") or "unknown" for task in loaded["tasks"].values()}
+        # a group is a perplexity task only when all its members are
+        plan.kinds[name] = kinds.pop() if len(kinds) == 1 else "mixed"
 
 
 def plan_tasks(tasks: str | list[str] | TaskPlan, *, backend: str = "auto", include_path: str | os.PathLike | None = None,
