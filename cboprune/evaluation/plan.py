@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from cboprune.errors import CBOPruneError
-from cboprune.evaluation.data import ENV_VAR, resolve_eval_dir
+from cboprune.evaluation.data import ENV_VAR, require_file, resolve_eval_dir
 from cboprune.evaluation.tasks import FILE_PREFIX, TaskSpec, available_names, resolve_tasks
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,8 @@ def plan_tasks(tasks: str | list[str] | TaskPlan, *, backend: str = "auto", incl
             no_data = [s.name for s in ours if not s.name.startswith(FILE_PREFIX)]
             log.info("no local benchmark data: %s go to lm-eval's hub tasks", ", ".join(no_data))
     for spec in ours:
+        if plan.eval_dir is not None and not spec.name.startswith(FILE_PREFIX):
+            require_file(spec.path(plan.eval_dir), spec.name)  # a missing file fails before the model loads
         if spec.name in no_data:
             plan.lm_eval.append(spec.lm_eval_name or spec.name)
         elif via_lm_eval:
