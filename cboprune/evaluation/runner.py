@@ -16,7 +16,7 @@ import torch
 from cboprune.errors import CBOPruneError
 from cboprune.evaluation import metrics as M
 from cboprune.evaluation.data import wikitext_detokenize
-from cboprune.evaluation.plan import BACKENDS, TaskPlan, plan_tasks
+from cboprune.evaluation.plan import TaskPlan, plan_tasks
 from cboprune.evaluation.scorer import Scorer
 from cboprune.evaluation.tasks import GROUPS, TaskSpec
 
