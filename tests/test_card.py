@@ -77,7 +77,8 @@ def test_model_card_front_matter_and_body(tmp_path):
     assert meta["library_name"] == "transformers" and {"pruning", "cboprune"} <= set(meta["tags"])
     per_block = sum(p.numel() for p in model.model.layers[0].parameters())
     after = sum(p.numel() for p in model.parameters())
-    assert "blocks (original indices): 1, 3" in text and "method: cbo" in text
+    assert "blocks (original indices): 1, 3" in text and "method: cbo" in text and "2 × attention+mlp" in text
+    assert "constrained binary optimization" in text
     assert f"{(after + 2 * per_block) / 1e6:.2f} M → {after / 1e6:.2f} M" in text
     assert "| arc_easy | acc | 0.5 |" in text and "1.21×" in text and "--blocks 1,3" in text
     assert "from_pretrained" in text and "saved in float32" in text

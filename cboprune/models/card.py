@@ -14,6 +14,7 @@ import json
 import logging
 import shlex
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -141,10 +142,10 @@ def _source_card(source: str | None) -> dict[str, Any]:
     return {}
 
 
-def read_card_metadata(path: Path) -> dict[str, Any]:
+def read_card_metadata(path: str | Path) -> dict[str, Any]:
     """The YAML front matter of a model card ({} when there is none)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return {}
     if not text.startswith("---\n"):
@@ -177,6 +178,15 @@ def _command(provenance: dict[str, Any]) -> str | None:
     if argv0 == "cboprune" or argv0 == "cli.py" and "cboprune" in sys.argv[0]:
         return "cboprune " + shlex.join(sys.argv[1:])
     return None
+
+
+def _how_chosen(method: str | None) -> str:
+    if not method or method == "explicit":
+        return "chosen by hand"
+    if method.lower().startswith("cbo"):
+        return ("chosen by constrained binary optimization over a second-order model of the loss in "
+                "per-block gates")
+    return f"chosen by the {method} criterion"
 
 
 def _fmt_metric(v: Any) -> str:
@@ -214,12 +224,12 @@ def render_model_card(provenance: dict[str, Any], model: nn.Module | None = None
     removed, n_orig = provenance.get("removed", []), provenance.get("n_blocks_original")
     base = meta.get("base_model") or source or "the source model"
     body = [f"# {base} with {len(removed)} of {n_orig or '?'} blocks removed", "",
-            f"Made with cboprune {provenance.get('cboprune_version', __version__)}: whole "
-            "transformer blocks removed, chosen by constrained binary optimization over a second-order "
-            "model of the loss in per-block gates.", "", "## What was removed", "",
+            f"Made with cboprune {provenance.get('cboprune_version', __version__)}: whole transformer blocks "
+            f"removed, {_how_chosen(provenance.get('method'))}.", "", "## What was removed", "",
             f"- blocks (original indices): {', '.join(map(str, removed)) or '—'}"]
     if provenance.get("removed_kinds"):
-        body.append(f"- their kinds: {', '.join(provenance['removed_kinds'])}")
+        counts = Counter(provenance["removed_kinds"])
+        body.append(f"- their kinds: {', '.join(f'{n} × {k}' for k, n in counts.items())}")
     body.append(f"- method: {provenance.get('method', 'explicit')}; energy model: {provenance.get('energy_model', '—')}; "
                 f"state rank {provenance.get('state_rank', '—')}")
     for key, label in (("energy", "energy"), ("heldout_nll", "held-out NLL")):
@@ -242,8 +252,10 @@ def render_model_card(provenance: dict[str, Any], model: nn.Module | None = None
              'model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")',
              "tokenizer = AutoTokenizer.from_pretrained(path)",
              'messages = [{"role": "user", "content": "What is pruning?"}]',
-             "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")",
-             "print(tokenizer.decode(model.generate(ids, max_new_tokens=50)[0]))", "```", "",
+             "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",",
+             "                                       return_dict=True)",
+             "out = model.generate(**inputs, max_new_tokens=50)",
+             "print(tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))", "```", "",
              "A normal transformers checkpoint: the config lists the remaining blocks, nothing custom is "
              "needed to load it. `removal.json` next to it records the full provenance.", ""]
     return f"---\n{header}---\n\n" + "\n".join(body)
