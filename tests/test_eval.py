@@ -234,7 +234,8 @@ def test_text_file_perplexity_and_results_files(tmp_path, tiny_lm, tokenizer):
     assert m["token_perplexity"] > 1 and m["word_perplexity"] > m["token_perplexity"]
     json_path, md_path = write_results(res, tmp_path / "out" / "eval.json")
     loaded = json.loads(json_path.read_text())
-    assert loaded["results"][f"file:{text}"]["config"]["stride"] == 32
+    assert loaded["cboprune"]["results"][f"file:{text}"]["config"]["stride"] == 32
+    assert loaded["results"][f"file:{text}"]["token_perplexity,none"] == pytest.approx(m["token_perplexity"])
     assert "token_perplexity" in md_path.read_text() and "| task |" in markdown_table(res)
 
 
@@ -251,3 +252,155 @@ def test_cli_arguments_and_errors(capsys):
         run_eval_command(parser.parse_args(["default", "--tasks", "helaswag"]))
     with pytest.raises(CBOPruneError, match="no task given"):
         run_eval_command(parser.parse_args(["default"]))
+
+
+MY_TASK = """task: my_task
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: gold
+doc_to_choice: choices
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def _my_task_dir(tmp_path: Path) -> Path:
+    items = [{"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a * b + 1), "none"], "gold": 0}
+             for a, b in [(1, 2), (3, 4), (5, 1), (2, 2), (7, 3), (6, 6)]]
+    data = tmp_path / "my_items.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in items))
+    tasks = tmp_path / "my_tasks"
+    tasks.mkdir()
+    (tasks / "my_task.yaml").write_text(MY_TASK.format(data=data))
+    return tasks
+
+
+def test_include_path_task_reproduces_lm_eval_hf(tmp_path, tiny_lm, tokenizer):
+    """A user's YAML task on a local jsonl: cboprune's numbers are `lm_eval --model hf`'s."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    tasks = _my_task_dir(tmp_path)
+    ckpt = tmp_path / "ckpt"
+    tiny_lm.save_pretrained(ckpt)
+    tokenizer.save_pretrained(ckpt)
+    ours = evaluate(tiny_lm, tokenizer, "my_task", include_path=tasks, batch_size=4, log_samples=True)
+    ref = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(ckpt)}, tasks=["my_task"], batch_size=4, device="cpu",
+                                  task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
+    theirs = ref["results"]["my_task"]
+    assert ours["results"]["my_task"]["n"] == 6
+    assert ours["lm_eval"]["results"]["my_task"]["acc,none"] == theirs["acc,none"]
+    assert ours["results"]["my_task"]["metrics"]["acc_norm"] == theirs["acc_norm,none"]
+    ours_lls = [s["lls"] for s in ours["samples"]["my_task"]]
+    ref_lls = [[float(r[0]) for r in s["filtered_resps"]] for s in sorted(ref["samples"]["my_task"],
+                                                                          key=lambda s: s["doc_id"])]
+    assert len(ours_lls) == 6 and all(a == pytest.approx(b, abs=1e-5) for a, b in zip(ours_lls, ref_lls))
+    json_path, _ = write_results(ours, tmp_path / "res")
+    doc = json.loads(json_path.read_text())
+    assert doc["results"]["my_task"]["acc,none"] == theirs["acc,none"] and "my_task" in doc["configs"]
+    assert doc["cboprune"]["results"]["my_task"]["config"]["backend"] == "lm-eval"
+
+
+def test_offline_hub_task_and_bad_task_inputs_are_one_line(tmp_path, monkeypatch):
+    from cboprune.evaluation import plan_tasks
+
+    tasks = _my_task_dir(tmp_path)
+    (tasks / "hub_task.yaml").write_text(MY_TASK.replace("task: my_task", "task: hub_task").replace(
+        "dataset_path: json", "dataset_path: someorg/not_cached_dataset").format(data="x"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CBOPruneError, match="hub_task need their dataset from the Hugging Face hub, which is "
+                                            "unreachable") as exc:
+        plan_tasks("hub_task", include_path=tasks)
+    assert "\n" not in str(exc.value) and "--include-path" in str(exc.value)
+    plan = plan_tasks("my_task,arc_easy,file:" + str(tasks / "my_task.yaml"), include_path=tasks,
+                      data_dir=DATA if DATA.is_dir() else None) if DATA.is_dir() else None
+    if plan is not None:
+        assert plan.lm_eval == ["my_task"] and [s.name for s in plan.builtin][0] == "arc_easy"
+        assert plan.kinds["my_task"] == "multiple_choice" and sorted(plan.other_tasks()) == ["arc_easy", "my_task"]
+        sub = plan.subset(plan.perplexity_tasks())
+        assert sub.lm_eval == [] and [s.name for s in sub.builtin] == [f"file:{tasks / 'my_task.yaml'}"]
+    with pytest.raises(CBOPruneError, match="is not a directory"):
+        plan_tasks("my_task", include_path=tmp_path / "nowhere")
+    with pytest.raises(CBOPruneError, match="unknown task 'my_tsk': did you mean my_task"):
+        plan_tasks("my_tsk", include_path=tasks)
+    with pytest.raises(CBOPruneError, match="needs lm-eval"):
+        plan_tasks("arc_easy", backend="builtin", apply_chat_template=True)
+    monkeypatch.setenv("CBOPRUNE_DATA_DIR", str(tmp_path / "no_data"))
+    with pytest.raises(CBOPruneError, match="--data-dir.*CBOPRUNE_DATA_DIR"):
+        plan_tasks("arc_easy")
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"\x00\x01\x02binary\x00", "looks like a binary file"),
+    ("caf\u00e9 latin-1".encode("latin-1"), "is not UTF-8 text"),
+    (None, "is a directory"),
+])
+def test_file_task_binary_non_utf8_or_directory_is_one_line(tmp_path, content, match):
+    from cboprune.evaluation import plan_tasks
+
+    path = tmp_path / "corpus.txt"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    for name in (str(path), str(path.with_suffix(".jsonl"))):
+        if content is not None and name.endswith(".jsonl"):
+            Path(name).write_bytes(content)
+        with pytest.raises(CBOPruneError, match=match) as exc:
+            plan_tasks(f"file:{name}")
+        assert "\n" not in str(exc.value)
+        if content is None:
+            break
+
+
+def _eval_args(*extra: str):
+    import argparse
+
+    from cboprune.evaluation.cli import add_eval_arguments
+
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    # A model path that does not exist: an error about it would mean the check came too late.
+    return parser.parse_args(["/nonexistent/model", "--tasks", "file:/etc/hostname", *extra])
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--max-length", "0"], "--max-length must be at least 2"),
+    (["--batch-size", "0"], "--batch-size must be a positive"),
+    (["--batch-size", "-3"], "--batch-size must be a positive"),
+    (["--limit", "0"], "--limit must be a positive"),
+    (["--output", "."], "is a directory"),
+    (["--output", "{tmp}"], "is a directory"),
+    (["--output", "{tmp}/afile"], "is an existing file"),
+    (["--output", "{tmp}/afile/res"], "is a file, not a folder"),
+    (["--output", "{tmp}/old.json"], "exists: choose another --output or pass --overwrite"),
+    (["--output", "{tmp}/adir.json"], "is a directory"),
+    (["--output", "{tmp}/ro/res"], "is not writable"),
+])
+def test_eval_bad_options_fail_before_any_work(tmp_path, extra, match):
+    from cboprune.evaluation.cli import run_eval_command
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "old.json").write_text("{}")
+    (tmp_path / "adir.json").mkdir()
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    if "ro" in " ".join(extra) and os.access(tmp_path / "ro", os.W_OK):
+        pytest.skip("running as root: a read-only folder is writable")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(CBOPruneError, match=match) as exc:
+        run_eval_command(_eval_args(*[e.format(tmp=tmp_path) for e in extra]))
+    assert "\n" not in str(exc.value)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before

@@ -76,18 +76,35 @@ def check_record(rec: Any, path: Path, where: str, schema: dict[str, type | tupl
     return rec
 
 
-def read_jsonl(path: Path, task: str, schema: dict[str, type | tuple[type, ...]]) -> list[dict]:
+def read_text(path: Path, task: str) -> str:
+    """The file's text, or a one-line error when it is a folder, unreadable, binary or not UTF-8."""
     require_file(path, task)
+    if path.is_dir():
+        raise CBOPruneError(f"{path} (task {task!r}) is a directory: pass a text file")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CBOPruneError(f"cannot read {path} (task {task!r}): {exc.strerror}; check its permissions") from None
+    if b"\x00" in raw[:65536]:
+        raise CBOPruneError(f"{path} (task {task!r}) looks like a binary file (it holds NUL bytes): "
+                            "pass a UTF-8 text file (decompress archives first)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CBOPruneError(f"{path} (task {task!r}) is not UTF-8 text (invalid byte at offset {exc.start}): "
+                            "convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+
+
+def read_jsonl(path: Path, task: str, schema: dict[str, type | tuple[type, ...]]) -> list[dict]:
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise _malformed(path, f"line {n}", f"invalid JSON ({exc.msg})") from None
-            records.append(check_record(rec, path, f"line {n}", schema))
+    for n, line in enumerate(read_text(path, task).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise _malformed(path, f"line {n}", f"invalid JSON ({exc.msg})") from None
+        records.append(check_record(rec, path, f"line {n}", schema))
     if not records:
         raise CBOPruneError(f"data file for task {task!r} is empty: {path}; restore the file")
     return records
@@ -157,7 +174,7 @@ def read_mmlu_csv(path: Path, task: str) -> list[dict]:
 def read_bbh(path: Path, task: str) -> list[dict]:
     require_file(path, task)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path, task))
     except json.JSONDecodeError as exc:
         raise _malformed(path, f"line {exc.lineno}", f"invalid JSON ({exc.msg})") from None
     if not isinstance(data, dict) or not isinstance(data.get("examples"), list):
@@ -176,7 +193,7 @@ def read_wikitext_documents(path: Path, task: str) -> list[str]:
     detokenization (lm-eval counts words on these).
     """
     require_file(path, task)
-    text = path.read_text(encoding="utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    text = read_text(path, task).replace("\r\n", "\n").replace("\r", "\n")
     pages: list[list[str]] = []
     for line in text.split("\n"):
         if not line:
@@ -191,10 +208,9 @@ def read_wikitext_documents(path: Path, task: str) -> list[str]:
 
 def read_text_documents(path: Path, task: str) -> list[str]:
     """Any text file as one document; a `.jsonl` file as one document per record's `text`."""
-    require_file(path, task)
     if path.suffix == ".jsonl":
         return [r["text"] for r in read_jsonl(path, task, {"text": str})]
-    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    text = read_text(path, task).replace("\r\n", "\n")
     if not text.strip():
         raise CBOPruneError(f"text file for task {task!r} is empty: {path}; pass a file with text")
     return [text]

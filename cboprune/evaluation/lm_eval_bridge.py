@@ -5,7 +5,8 @@ prompts as the built-in evaluator. At run time they are copied into a temporary 
 directory with the data-file paths filled in (files that are not JSON lines — HellaSwag's bz2
 text, MMLU's CSVs, BBH, WikiText — are first converted there to JSON lines by the same readers
 the built-in evaluator uses), and lm-eval's `TaskManager(include_path=...)` loads them. Task
-names that are not cboprune tasks are passed to lm-eval unchanged (hub tasks, online only).
+names that are not cboprune tasks are passed to lm-eval unchanged (its own task configs, the
+user's YAMLs from `--include-path`, hub datasets when online); `plan.plan_tasks` decides which.
 lm-eval is a dependency, never vendored.
 """
 
@@ -22,8 +23,8 @@ import torch
 
 from cboprune.errors import CBOPruneError
 from cboprune.evaluation import metrics as M
-from cboprune.evaluation.data import resolve_eval_dir
-from cboprune.evaluation.tasks import GROUPS, TASKS, TaskSpec, resolve_tasks, unknown_task_error
+from cboprune.evaluation.plan import TaskPlan, hub_access
+from cboprune.evaluation.tasks import GROUPS, TASKS, TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -82,41 +83,51 @@ def write_task_yamls(specs: list[TaskSpec], eval_dir: Path, out_dir: Path) -> di
     return names
 
 
-def evaluate_with_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: str | list[str], *,
-                          limit: int | None, num_fewshot: int | None, batch_size: int,
-                          data_dir: str | Path | None, seed: int, max_length: int | None,
-                          log_samples: bool) -> dict:
-    """lm-eval's `simple_evaluate` through `HFLM` on the in-memory model; cboprune's result format."""
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError:
-        raise CBOPruneError("lm-eval is not installed: run `pip install lm-eval==0.4.13` "
-                            "or use --backend builtin") from None
+def evaluate_with_lm_eval(model: torch.nn.Module, tokenizer: Any, plan: TaskPlan, *,
+                          limit: int | None, num_fewshot: int | None, batch_size: int, seed: int,
+                          max_length: int | None, log_samples: bool, apply_chat_template: bool = False) -> dict:
+    """lm-eval's `simple_evaluate` through `HFLM` on the in-memory model, for the plan's lm-eval tasks.
+
+    Returns cboprune's result format with lm-eval's own output (samples dropped) under `lm_eval`.
+    The context length is `max_length` when given; otherwise the built-in evaluator's default
+    when cboprune tasks run here (both backends then score the same windows) and lm-eval's own
+    default when only lm-eval tasks run (as `lm_eval --model hf` would).
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
     from cboprune.evaluation.scorer import default_max_length
 
-    raw = [n.strip() for n in (tasks.split(",") if isinstance(tasks, str) else tasks) if n.strip()]
-    local, hub = [], []
-    for name in raw:
-        try:
-            local += resolve_tasks([name])
-        except CBOPruneError:
-            hub.append(name)
-    max_length = max_length or default_max_length(model, tokenizer)
+    if max_length is None and plan.local_lm_eval:
+        max_length = default_max_length(model, tokenizer)
     with tempfile.TemporaryDirectory(prefix="cboprune-lm-eval-") as tmp:
-        names = write_task_yamls(local, resolve_eval_dir(data_dir), Path(tmp)) if local else {}
-        manager = TaskManager(include_path=tmp if local else None)
-        for name in hub:
-            if name not in manager.all_tasks:
-                raise unknown_task_error(name, extra=", or an lm-eval task name")
+        names = write_task_yamls(plan.local_lm_eval, plan.eval_dir, Path(tmp)) if plan.local_lm_eval else {}
+        manager = _manager_for(plan, tmp if names else None)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-        out = lm_eval.simple_evaluate(
-            model=lm, tasks=list(names.values()) + hub, task_manager=manager, limit=limit,
-            num_fewshot=num_fewshot, log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
-            torch_random_seed=seed, fewshot_random_seed=1234, bootstrap_iters=1000,
-        )
-    return _convert(out, names, local, limit, log_samples, data_dir, max_length)
+        with hub_access(plan.hub_online is not False):
+            out = lm_eval.simple_evaluate(
+                model=lm, tasks=list(names.values()) + plan.lm_eval, task_manager=manager, limit=limit,
+                num_fewshot=num_fewshot, log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
+                torch_random_seed=seed, fewshot_random_seed=1234, bootstrap_iters=1000,
+                apply_chat_template=apply_chat_template, fewshot_as_multiturn=apply_chat_template,
+            )
+    result = _convert(out, names, plan.local_lm_eval, limit, log_samples, plan.eval_dir, lm.max_length)
+    raw = {k: v for k, v in out.items() if k != "samples"}
+    raw["lm_eval_version"] = _version()
+    result["lm_eval"] = raw
+    return result
+
+
+def _manager_for(plan: TaskPlan, local_dir: str | None) -> Any:
+    """The plan's TaskManager when it serves (no local YAMLs to add), else one that also indexes them."""
+    from lm_eval.tasks import TaskManager
+
+    if local_dir is None and plan.manager is not None:
+        return plan.manager
+    paths = [p for p in (local_dir, str(plan.include_path) if plan.include_path else None) if p]
+    # lm-eval's own ~15k task configs take ~20 s to index: only when the plan needed them.
+    defaults = bool(plan.lm_eval) and plan.lm_eval_defaults
+    return TaskManager(include_path=paths or None, include_defaults=defaults)
 
 
 def _convert(out: dict, names: dict[str, str], specs: list[TaskSpec], limit: int | None,
@@ -140,6 +151,7 @@ def _convert(out: dict, names: dict[str, str], specs: list[TaskSpec], limit: int
             stderr[label] = float(err) if isinstance(err, (int, float)) else None
         n = out.get("n-samples", {}).get(lm_name, {}).get("effective")
         cfg = {"lm_eval_task": lm_name, "num_fewshot": out.get("n-shot", {}).get(lm_name)}
+        cfg["backend"] = "lm-eval"
         results[name] = {"metrics": metrics, "stderr": stderr, "n": n, "config": cfg}
         if log_samples and lm_name in out.get("samples", {}):
             samples[name] = _convert_samples(out["samples"][lm_name], spec_by_name.get(name))
@@ -172,8 +184,10 @@ def _convert_samples(raw: list[dict], spec: TaskSpec | None) -> list[dict]:
             entry.update({"gold": spec.gold(s["doc"]), "pred": pred, "pred_norm": pred_norm, "lls": lls})
         elif spec is not None and spec.kind == "loglikelihood":
             entry.update({"ll": float(resps[0][0]), "is_greedy": bool(resps[0][1])})
-        else:
-            entry["response"] = resps
+        else:  # an lm-eval task: its document and responses as lm-eval logged them
+            entry.update({"doc": s.get("doc"), "target": s.get("target"), "response": resps})
+            if resps and all(isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[1], bool) for r in resps):
+                entry["lls"] = [float(r[0]) for r in resps]
         rows.append(entry)
     return rows
 

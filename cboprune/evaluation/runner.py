@@ -15,72 +15,109 @@ import torch
 
 from cboprune.errors import CBOPruneError
 from cboprune.evaluation import metrics as M
-from cboprune.evaluation.data import resolve_eval_dir, wikitext_detokenize
+from cboprune.evaluation.data import wikitext_detokenize
+from cboprune.evaluation.plan import TaskPlan, plan_tasks
 from cboprune.evaluation.scorer import Scorer
-from cboprune.evaluation.tasks import GROUPS, TaskSpec, resolve_tasks
+from cboprune.evaluation.tasks import GROUPS, TaskSpec
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("builtin", "lm-eval")
 FEWSHOT_SEED = 1234  # lm-eval's default few-shot sampler seed
 
 
-def evaluate(model: torch.nn.Module, tokenizer: Any, tasks: str | list[str], *,
+def evaluate(model: torch.nn.Module, tokenizer: Any, tasks: str | list[str] | TaskPlan, *,
              limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 32,
-             backend: str = "builtin", data_dir: str | Path | None = None, seed: int = 0,
+             backend: str = "auto", data_dir: str | Path | None = None, seed: int = 0,
              max_length: int | None = None, stride: int | None = None, log_samples: bool = False,
-             progress: bool = True, share_prefix: bool | None = None) -> dict:
-    """Evaluate an in-memory causal LM on benchmark tasks from local files.
+             progress: bool = True, share_prefix: bool | None = None, include_path: str | Path | None = None,
+             apply_chat_template: bool = False) -> dict:
+    """Evaluate an in-memory causal LM on benchmark tasks.
 
     Args:
         model: a transformers causal LM (any device; evaluated in eval mode, without gradients).
         tokenizer: its tokenizer.
-        tasks: names (list or comma-separated): arc_easy, arc_challenge, hellaswag, piqa,
-            winogrande, boolq, lambada_openai, wikitext, gsm8k, mmlu (57 subjects) or
-            mmlu_<subject>, bbh (27 subtasks) or bbh_<subtask>, `file:PATH` (perplexity of a
-            text file). With backend "lm-eval", other names are passed to lm-eval as hub tasks.
+        tasks: names (list or comma-separated) or a `TaskPlan` from `plan_tasks()`. Built-in:
+            arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq, lambada_openai,
+            wikitext, gsm8k, mmlu (57 subjects) or mmlu_<subject>, bbh (27 subtasks) or
+            bbh_<subtask>, `file:PATH` (perplexity of a text file); any other name is an lm-eval
+            task (its own configs, or YAMLs under `include_path`).
         limit: evaluate the first `limit` items of each task (documents for perplexity).
         num_fewshot: few-shot examples per prompt (default: the task's, 0 except GSM8K's 5).
         batch_size: rows per forward pass.
-        backend: "builtin" (this package's evaluator) or "lm-eval" (lm-evaluation-harness on
-            the same model and the same local data).
+        backend: "auto" (built-in evaluator for the tasks it implements, lm-eval for the rest),
+            "builtin" or "lm-eval" (everything through lm-evaluation-harness; built-in tasks on
+            the same local data). See `plan_tasks`.
         data_dir: folder holding `eval/` (default: `CBOPRUNE_DATA_DIR`, then `../shared/data`).
         seed: seeds torch, numpy and Python's RNG before each task.
         max_length: context window (default: the model's, capped at 2048).
         stride: perplexity stride in tokens (default: `max_length`, lm-eval's disjoint windows).
         log_samples: also return per-item predictions under "samples".
         share_prefix: pack each item's choices around their common prefix (None: auto-probe).
+        include_path: a folder of the user's lm-eval task YAMLs.
+        apply_chat_template: render prompts with the tokenizer's chat template (lm-eval only).
 
     Returns:
         `{"results": {task: {"metrics", "stderr", "n", "config"}}, "groups": {...},
-        "config": {...}, "samples": {...}}` (samples only with `log_samples`).
+        "config": {...}, "samples": {...}, "lm_eval": {...}}` (samples only with `log_samples`;
+        `lm_eval`, lm-eval's own output, only when lm-eval ran).
     """
-    if backend not in BACKENDS:
-        raise CBOPruneError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    if limit is not None and limit < 1:
-        raise CBOPruneError(f"--limit must be a positive number of items, got {limit}")
-    if num_fewshot is not None and num_fewshot < 0:
-        raise CBOPruneError(f"--num-fewshot must be >= 0, got {num_fewshot}")
+    check_eval_options(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, max_length=max_length,
+                       stride=stride)
+    plan = plan_tasks(tasks, backend=backend, include_path=include_path, data_dir=data_dir,
+                      apply_chat_template=apply_chat_template)
     was_training = model.training
     model.eval()
     started = time.time()
     try:
-        if backend == "lm-eval":
+        parts = []
+        if plan.builtin:
+            parts.append(_evaluate_builtin(model, tokenizer, plan.builtin, limit=limit, num_fewshot=num_fewshot,
+                                           batch_size=batch_size, eval_dir=plan.eval_dir, seed=seed,
+                                           max_length=max_length, stride=stride, log_samples=log_samples,
+                                           progress=progress, share_prefix=share_prefix))
+        if plan.uses_lm_eval:
             from cboprune.evaluation.lm_eval_bridge import evaluate_with_lm_eval
 
-            out = evaluate_with_lm_eval(model, tokenizer, tasks, limit=limit, num_fewshot=num_fewshot,
-                                        batch_size=batch_size, data_dir=data_dir, seed=seed,
-                                        max_length=max_length, log_samples=log_samples)
-        else:
-            out = _evaluate_builtin(model, tokenizer, tasks, limit=limit, num_fewshot=num_fewshot,
-                                    batch_size=batch_size, data_dir=data_dir, seed=seed,
-                                    max_length=max_length, stride=stride, log_samples=log_samples,
-                                    progress=progress, share_prefix=share_prefix)
+            parts.append(evaluate_with_lm_eval(model, tokenizer, plan, limit=limit, num_fewshot=num_fewshot,
+                                               batch_size=batch_size, seed=seed, max_length=max_length,
+                                               log_samples=log_samples, apply_chat_template=apply_chat_template))
     finally:
         model.train(was_training)
+    out = _merge(parts, plan)
     out["config"].update({"backend": backend, "limit": limit, "num_fewshot": num_fewshot,
-                          "batch_size": batch_size, "seed": seed,
+                          "batch_size": batch_size, "seed": seed, "apply_chat_template": apply_chat_template,
+                          "include_path": str(plan.include_path) if plan.include_path else None,
                           "seconds": round(time.time() - started, 2)})
+    return out
+
+
+def check_eval_options(*, limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 32,
+                       max_length: int | None = None, stride: int | None = None) -> None:
+    """One-line errors for numeric options out of range (before any model work)."""
+    if limit is not None and limit < 1:
+        raise CBOPruneError(f"--limit must be a positive number of items, got {limit}")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise CBOPruneError(f"--num-fewshot must be >= 0, got {num_fewshot}")
+    if batch_size < 1:
+        raise CBOPruneError(f"--batch-size must be a positive number of rows, got {batch_size}")
+    if max_length is not None and max_length < 2:
+        raise CBOPruneError(f"--max-length must be at least 2 tokens, got {max_length}")
+    if stride is not None and (stride < 1 or max_length is not None and stride > max_length):
+        raise CBOPruneError(f"--stride {stride} must be between 1 and --max-length "
+                            f"{max_length if max_length is not None else '(the context length)'}")
+
+
+def _merge(parts: list[dict], plan: TaskPlan) -> dict:
+    """One result from the built-in and the lm-eval part (built-in tasks first)."""
+    out: dict[str, Any] = {"results": {}, "groups": {}, "config": {}}
+    for part in parts:
+        out["results"].update(part["results"])
+        out["groups"].update(part["groups"])
+        out["config"].update({k: v for k, v in part["config"].items() if k not in out["config"]})
+        for key in ("samples", "lm_eval"):
+            if key in part:
+                out.setdefault(key, {}).update(part[key])
+    out["config"]["data_dir"] = str(plan.eval_dir) if plan.eval_dir else None
     return out
 
 
@@ -90,11 +127,8 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _evaluate_builtin(model, tokenizer, task_names, *, limit, num_fewshot, batch_size, data_dir, seed,
+def _evaluate_builtin(model, tokenizer, specs: list[TaskSpec], *, limit, num_fewshot, batch_size, eval_dir, seed,
                       max_length, stride, log_samples, progress, share_prefix) -> dict:
-    specs = resolve_tasks(task_names)
-    needs_dir = any(not s.name.startswith("file:") for s in specs)
-    eval_dir = resolve_eval_dir(data_dir) if needs_dir else None
     scorer = Scorer(model, tokenizer, batch_size=batch_size, max_length=max_length,
                     share_prefix=share_prefix, progress=progress)
     results: dict[str, dict] = {}
@@ -115,7 +149,7 @@ def _evaluate_builtin(model, tokenizer, task_names, *, limit, num_fewshot, batch
         entry["config"].update({
             "kind": spec.kind, "num_fewshot": k, "file": str(spec.path(eval_dir) if eval_dir else spec.filename),
             "lm_eval_task": spec.lm_eval_name or None, "max_length": scorer.max_length,
-            "shared_prefix": scorer.share_prefix, "seconds": round(time.time() - t0, 2),
+            "shared_prefix": scorer.share_prefix, "seconds": round(time.time() - t0, 2), "backend": "builtin",
         })
         if spec.notes:
             entry["config"]["notes"] = spec.notes

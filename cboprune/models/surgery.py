@@ -24,6 +24,7 @@ from cboprune.models.architectures import (
     decoder_config,
     resolve,
 )
+from cboprune.models.card import save_weights, write_model_card
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +218,9 @@ def remove_blocks(model: nn.Module, removed: Sequence[int]) -> nn.Module:
 
 
 def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, provenance: dict[str, Any],
-                *, overwrite: bool = False) -> Path:
-    """save_pretrained the (already pruned) model and tokenizer plus `removal.json`, atomically.
+                *, overwrite: bool = False, save_dtype: str | None = None) -> Path:
+    """save_pretrained the (already pruned) model and tokenizer plus `removal.json` and a model card,
+    atomically, in the source model's dtype unless `save_dtype` says otherwise.
 
     Everything is written into a staging directory next to `out_dir` that is renamed at the end
     (`cboprune.outputs.staged_dir`): an exception or Ctrl-C leaves nothing, a SIGKILL leaves a
@@ -228,8 +230,9 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, provenance: di
     out_dir = check_output_dir(out_dir, overwrite)
     text = dumps_strict(provenance, indent=2) + "\n"  # before the save: a bad value fails at once
     with staged_dir(out_dir, overwrite=overwrite) as stage:
-        model.save_pretrained(stage)
+        dtype = save_weights(model, stage, provenance, save_dtype)  # source dtype unless save_dtype says
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
         (stage / REMOVAL_FILE).write_text(text, encoding="utf-8")
+        write_model_card(stage, provenance, model, dtype=dtype)
     return out_dir
