@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_methods)
 
+    from cboprune.bench import add_bench_arguments, run_bench_command
+
+    p = sub.add_parser("bench", help="size and speed of pruned checkpoints next to the original")
+    add_bench_arguments(p)
+    p.set_defaults(func=run_bench_command)
+
     from cboprune.evaluation.cli import add_eval_arguments, run_eval_command
 
     p = sub.add_parser("eval", help="perplexity and benchmarks (built-in or lm-eval backend)")
@@ -244,7 +250,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         ranking.n_blocks = n_blocks
     info = provenance(cand, ranking, meta, model_spec, fingerprint)
     out = prune_to_checkpoint(loaded.model, loaded.tokenizer, cand.removed, cfg.output_dir, info,
-                              copy_model=False, overwrite=cfg.overwrite)
+                              copy_model=cfg.speedup, overwrite=cfg.overwrite, save_dtype=cfg.save_dtype,
+                              speedup=cfg.speedup)
     print(f"removed blocks {list(cand.removed)} -> {out}")
     return 0
 

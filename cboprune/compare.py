@@ -65,7 +65,7 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
 
     names = registry.parse_names(cfg.methods, extra=("cbo",))
     protocol = EvalProtocol(cfg.tasks, cfg.limit, cfg.ppl_limit, cfg.eval_batch_size, cfg.data_dir, cfg.max_length,
-                            cfg.seed, progress)
+                            cfg.seed, progress, cfg.include_path)
     out_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
     started = time.perf_counter()
     session = load_session(cfg, remove=cfg.remove, min_kept=max(registry.get(n).min_kept for n in names))
@@ -92,7 +92,8 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
     t0 = time.perf_counter()
     baseline = protocol.evaluate(net, tokenizer=session.tokenizer)
     baseline["calib_ppl"] = math.exp(calibration_nll(net, calibration, batch_size=cfg.batch_size))
-    evaluate_entries(entries, net, session.tokenizer, protocol, nll_samples=calibration, batch_size=cfg.batch_size)
+    evaluate_entries(entries, net, session.tokenizer, protocol, nll_samples=calibration, batch_size=cfg.batch_size,
+                     speedup=cfg.speedup)
     for e in entries:
         e.cost = cost_of(e, session.n_blocks, fit_tokens=calibration.n_tokens)
     eval_seconds = round(time.perf_counter() - t0, 2)
@@ -133,7 +134,7 @@ def table_rows(result: CompareResult) -> tuple[list[str], list[list[str]]]:
     for t in tasks:
         metric, _ = primary_metric(t, result.baseline["results"][t])
         header.append(f"{t} ({metric})")
-    header += ["cost (fwd passes)", "selection s"]
+    header += ["params removed", "prefill ×", "cost (fwd passes)", "selection s"]
 
     def cells(evaluation: dict, calib_ppl: float | None) -> list[str]:
         row = [f"{calib_ppl:.2f}" if calib_ppl is not None else "—"]
@@ -146,11 +147,14 @@ def table_rows(result: CompareResult) -> tuple[list[str], list[list[str]]]:
             row.append(f"{value:.2f}" if "perplexity" in metric else f"{value:.3f}")
         return row
 
-    rows = [["0", f"original ({result.meta['model']})", *cells(result.baseline, result.baseline.get("calib_ppl")), "—",
-             "—"]]
+    rows = [["0", f"original ({result.meta['model']})", *cells(result.baseline, result.baseline.get("calib_ppl")),
+             "—", "1.00", "—", "—"]]
     for e in result.entries:
         rows.append([str(e.n_remove), label(e.method) + (f" (= {e.same_as})" if e.same_as else ""),
-                     *cells(e.eval, _calib_ppl(e)), "—" if e.cost is None else f"{e.cost:g}",
+                     *cells(e.eval, _calib_ppl(e)),
+                     f"{e.speedup['params_removed_fraction']:.1%}" if e.speedup else "—",
+                     f"{e.speedup['prefill_speedup']:.2f}" if e.speedup else "—",
+                     "—" if e.cost is None else f"{e.cost:g}",
                      f"{e.selection_seconds:.1f}"])
     return header, rows
 

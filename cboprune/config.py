@@ -9,10 +9,10 @@ option has one name, one help text and one default everywhere.
     selection    remove, top, keep, only, energy, verify, refine_sweeps, pool, single_samples, relin_step, exact_samples,
                  diverse, solver, time_limit, node_limit
     comparison   methods, energies, peers, refine, cbo_ranks, swm_threshold, swm_rule
-    evaluation   tasks, limit, ppl_limit, eval_batch_size, data_dir, max_length
+    evaluation   tasks, limit, ppl_limit, eval_batch_size, data_dir, max_length, include_path
     healing      heal, heal_data, heal_steps, heal_lr, heal_seq_len, heal_micro_batch_size,
                  heal_global_batch_size, heal_lora, heal_keep, heal_states, heal_candidates
-    output       output_dir, overwrite, save_ranks, save_remove
+    output       output_dir, overwrite, speedup, save_dtype, save_ranks, save_remove
 
 `COMMANDS` says which sections (and fields) each subcommand takes. All problems are collected and
 reported together, in one line, before any work starts. Method and energy names come from the
@@ -134,6 +134,8 @@ class Config:
                                 "evaluation", kind="str")
     max_length: int | None = _opt(None, "evaluation context window (default: the model's, at most 2048)",
                                   "evaluation", kind="int", minimum=1)
+    include_path: str | None = _opt(None, "folder of your own lm-eval task YAMLs (any task lm-eval knows is "
+                                          "accepted in --tasks)", "evaluation", kind="str")
     # healing of the saved checkpoints (see `cboprune heal`)
     heal: bool = _opt(False, "distill the original model into every saved checkpoint (-> <checkpoint>-healed)",
                       "healing", kind="flag")
@@ -162,6 +164,10 @@ class Config:
     output_dir: str | None = _opt(None, "where to write everything (default outputs/<command>)", "output",
                                   kind="str")
     overwrite: bool = _opt(False, "replace a non-empty output directory", "output", kind="flag")
+    speedup: bool = _opt(True, "measure parameters removed and the prefill / decode speed-up of each saved "
+                               "checkpoint against the original (--no-speedup: skip)", "output", kind="bool")
+    save_dtype: str | None = _opt(None, "dtype of saved checkpoints: float32, bfloat16 or float16 (default: the "
+                                        "source model's; bfloat16 for a GGUF)", "output", kind="str")
     save_ranks: list[int] = _opt(None, "ranks saved as checkpoints for each M (default 0)", "output", kind="ints",
                                  factory=lambda: [0])
     save_remove: list[int] | None = _opt(None, "the M values to save checkpoints for (default: all)", "output",
@@ -242,6 +248,8 @@ class Config:
             errors.append(f"autocast must be bfloat16 or float16 (or unset), got {self.autocast!r}")
         if "solver" in used and self.solver not in SOLVERS:
             errors.append(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        if "save_dtype" in used and self.save_dtype not in (None, "float32", "bfloat16", "float16"):
+            errors.append(f"--save-dtype must be float32, bfloat16 or float16, got {self.save_dtype!r}")
         if "diverse" in used and self.diverse is not None and not 0 <= self.diverse < 1:
             errors.append(f"--diverse is a Jaccard similarity in [0, 1), got {self.diverse}")
         if "swm_rule" in used:
@@ -378,15 +386,18 @@ COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
     "hessian": (("model", "calibration", "hessian"), (), ("heldout_samples",)),
     "compare": (("model", "calibration", "evaluation", "healing", "output"),
                 ("remove", "methods", "cbo_ranks", "swm_threshold", "swm_rule", "time_limit"),
-                ("heldout_samples", "save_ranks", "save_remove", "heal", "heal_states", "heal_candidates")),
+                ("heldout_samples", "save_ranks", "save_remove", "save_dtype", "heal", "heal_states",
+                 "heal_candidates")),
     "study": (("model", "calibration", "evaluation", "healing", "output"),
               ("remove", "energies", "peers", "top", "refine", "refine_sweeps", "diverse", "pool", "single_samples",
-               "relin_step", "exact_samples", "time_limit"), ("save_ranks", "save_remove", "heal", "heal_candidates")),
+               "relin_step", "exact_samples", "time_limit"), ("save_ranks", "save_remove", "save_dtype", "speedup",
+                                                              "heal", "heal_candidates")),
 }
 COMMANDS.update({
     "solve": ((), ("remove", "top", "keep", "only", "energy", "solver", "time_limit", "node_limit", "seed",
                    "output_dir", "overwrite"), ()),
-    "prune": ((), ("model", "dtype", "device", "remove", "keep", "only", "output_dir", "overwrite"), ()),
+    "prune": ((), ("model", "dtype", "device", "remove", "keep", "only", "output_dir", "overwrite", "save_dtype",
+                   "speedup"), ()),
 })
 #: the only defaults that differ by command: where outputs go, and `solve` (a saved Hessian holds
 #: only the gradient-based energies)

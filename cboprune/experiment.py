@@ -138,6 +138,7 @@ class Entry:
     same_as: str | None = None
     healed: dict[int, dict[str, Any]] = field(default_factory=dict)  # steps -> nll, eval, heal CE after healing
     cost: float | None = None  # selection cost in forward passes of the fitting set
+    speedup: dict[str, Any] | None = None  # parameters removed, measured prefill / decode speed-up
 
     @property
     def base(self) -> str:
@@ -236,7 +237,7 @@ def apply_configuration(model: torch.nn.Module, candidate: Candidate, merge_rule
 
 
 def evaluate_entries(entries: Sequence[Entry], model: torch.nn.Module, tokenizer, protocol: EvalProtocol, *,
-                     nll_samples: CalibrationSet, batch_size: int = 8) -> None:
+                     nll_samples: CalibrationSet, batch_size: int = 8, speedup: bool = False) -> None:
     """Evaluate every distinct configuration once (entries with an equal configuration share the
     result and name the first in `same_as`); an entry's `nll` is measured on `nll_samples` when the
     selection did not already measure it there."""
@@ -248,13 +249,17 @@ def evaluate_entries(entries: Sequence[Entry], model: torch.nn.Module, tokenizer
         key = configuration_key(entry.candidate, rule)
         if key in done:
             first = done[key]
-            entry.eval, entry.same_as = first.eval, first.method
+            entry.eval, entry.same_as, entry.speedup = first.eval, first.method, first.speedup
             entry.nll = first.nll if entry.nll is None else entry.nll
             continue
         pruned = apply_configuration(model, entry.candidate, rule)
         if entry.nll is None:
             entry.nll = calibration_nll(pruned, nll_samples, batch_size=batch_size)
         entry.eval = protocol.evaluate(pruned, tokenizer)
+        if speedup:
+            from cboprune.pipeline import speedup_summary
+
+            entry.speedup = speedup_summary(model, pruned)
         del pruned
         done[key] = entry
         log.info("evaluated %s at M = %d: removed %s, NLL %.4f", entry.method, entry.n_remove,
@@ -269,4 +274,5 @@ def entry_dict(entry: Entry, nll_key: str) -> dict[str, Any]:
     return {"method": entry.method, "n_remove": entry.n_remove, "candidate": entry.candidate.to_dict(),
             "ranking": entry.ranking.to_dict(), "selection_seconds": entry.selection_seconds, nll_key: value,
             "same_as": entry.same_as, "eval": entry.eval, "cost_forward_passes": entry.cost,
+            "speedup": entry.speedup,
             "healed": {str(k): v for k, v in entry.healed.items()}}

@@ -105,7 +105,8 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
             shutil.rmtree(student, ignore_errors=True)
             save_pruned(apply_configuration(model, entry.candidate, merge_rule_of(entry)), tokenizer, student,
                         {"source_model": recipe.teacher, "removed": list(entry.candidate.removed),
-                         "merged": [list(g) for g in entry.candidate.merged], "method": entry.method})
+                         "merged": [list(g) for g in entry.candidate.merged], "method": entry.method},
+                        save_dtype="float32")  # the student starts from exactly the evaluated model
             report = heal(HealConfig(student=str(student), teacher=recipe.teacher, data=recipe.data,
                                      output_dir=str(healed_dir), max_steps=steps, learning_rate=recipe.learning_rate,
                                      seq_len=recipe.seq_len, micro_batch_size=recipe.micro_batch_size,

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 import logging
@@ -178,13 +179,26 @@ def provenance(candidate: Candidate, ranking: Ranking, hessian_meta: dict[str, A
 
 
 def prune_to_checkpoint(model: torch.nn.Module, tokenizer, removed: Sequence[int], out_dir: str | Path,
-                        info: dict[str, Any], *, copy_model: bool = True, overwrite: bool = False) -> Path:
-    """Remove `removed` blocks (original indices) and save_pretrained with `removal.json`."""
+                        info: dict[str, Any], *, copy_model: bool = True, overwrite: bool = False,
+                        save_dtype: str | None = None, speedup: bool = False) -> Path:
+    """Remove `removed` blocks (original indices) and save_pretrained with `removal.json` and a model
+    card; with `speedup` (needs `copy_model`), the measured size and speed against the original go
+    into both (`cboprune.bench.measure_speedup`: measured, not estimated from the layer count)."""
     _, layers = decoder_layers(model)
     validate_removal(removed, len(layers))
     pruned = copy.deepcopy(model) if copy_model else model
     remove_blocks(pruned, removed)
-    return save_pruned(pruned, tokenizer, out_dir, info, overwrite=overwrite)
+    if speedup and copy_model:
+        info = {**info, "speedup": speedup_summary(model, pruned)}
+    return save_pruned(pruned, tokenizer, out_dir, info, overwrite=overwrite, save_dtype=save_dtype)
+
+
+def speedup_summary(original: torch.nn.Module, pruned: torch.nn.Module) -> dict[str, Any]:
+    """Parameters removed and the measured prefill / decode speed-up (batch 1, 128 tokens, 3 repeats)."""
+    from cboprune.bench import measure_speedup
+
+    sp = measure_speedup(original, pruned)
+    return {k: v for k, v in sp.items() if k not in ("runs",)}
 
 
 @dataclass
@@ -345,13 +359,15 @@ def _save_checkpoints(cfg: Config, session, rankings: Sequence[Ranking], hessian
             cand = ranking.candidates[rank]
             rel = f"pruned/M{ranking.n_remove}-rank{rank}"
             try:
-                prune_to_checkpoint(session.model, session.tokenizer, cand.removed, staging / rel,
-                                    provenance(cand, ranking, hessian.meta, cfg.model, hessian.fingerprint))
+                path = prune_to_checkpoint(session.model, session.tokenizer, cand.removed, staging / rel,
+                                           provenance(cand, ranking, hessian.meta, cfg.model, hessian.fingerprint),
+                                           save_dtype=cfg.save_dtype, speedup=cfg.speedup)
             except UnsupportedRemoval as exc:  # the family's config cannot describe what is left
                 log.warning("not saving M=%d rank %d: %s", ranking.n_remove, rank, exc)
                 continue
+            sp = json.loads((path / "removal.json").read_text()).get("speedup")
             checkpoints.append({"n_remove": ranking.n_remove, "rank": rank, "removed": list(cand.removed),
-                                "path": rel})
+                                "path": rel, "speedup": sp})
     return checkpoints
 
 

@@ -77,7 +77,7 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
         raise CBOPruneError(f"--pool {cfg.pool} is smaller than the largest M = {max(cfg.remove)}: the "
                                      "measured model could not remove enough blocks")
     protocol = EvalProtocol(cfg.tasks, cfg.limit, cfg.ppl_limit, cfg.eval_batch_size, cfg.data_dir, cfg.max_length,
-                            cfg.seed, progress)
+                            cfg.seed, progress, cfg.include_path)
     out_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
     started = time.perf_counter()
     session = load_session(cfg, remove=cfg.remove, min_kept=2, heldout=cfg.heldout_samples)

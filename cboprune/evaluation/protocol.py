@@ -27,24 +27,23 @@ class EvalProtocol:
     max_length: int | None = None
     seed: int = 0
     progress: bool = False
+    include_path: str | None = None  # the user's lm-eval task YAMLs
     ppl_tasks: list[str] = field(init=False, default_factory=list)
     other_tasks: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         """Unknown task names, bad limits and missing evaluation data fail here, before any work."""
-        from cboprune.evaluation import resolve_tasks
-        from cboprune.evaluation.data import resolve_eval_dir
+        from cboprune.evaluation.plan import plan_tasks
 
         for name, value in (("--limit", self.limit), ("--ppl-limit", self.ppl_limit)):
             if value is not None and value < 1:
                 raise CBOPruneError(f"{name} must be a positive number of items, got {value}")
-        specs = resolve_tasks(self.tasks)
-        if not specs:
+        if not [t for t in self.tasks.split(",") if t.strip()]:
             raise CBOPruneError("no evaluation task given: pass --tasks, e.g. --tasks wikitext,arc_easy")
-        if any(not s.name.startswith("file:") for s in specs):
-            resolve_eval_dir(self.data_dir)
-        self.ppl_tasks = [s.name for s in specs if s.kind == "rolling"]
-        self.other_tasks = [s.name for s in specs if s.kind != "rolling"]
+        # any task lm-eval knows: the built-in evaluator for its own tasks, lm-eval for the rest
+        self._plan = plan_tasks(self.tasks, include_path=self.include_path, data_dir=self.data_dir)
+        self.ppl_tasks = self._plan.perplexity_tasks()
+        self.other_tasks = self._plan.other_tasks()
         if self.ppl_limit is None:
             self.ppl_limit = self.limit
 
@@ -60,8 +59,9 @@ class EvalProtocol:
         for names, lim in ((self.ppl_tasks, self.ppl_limit), (self.other_tasks, self.limit)):
             if not names:
                 continue
-            res = evaluate(model, tokenizer, names, limit=lim, batch_size=self.batch_size, data_dir=self.data_dir,
-                           max_length=self.max_length, seed=self.seed, progress=self.progress)
+            res = evaluate(model, tokenizer, self._plan.subset(names), limit=lim, batch_size=self.batch_size,
+                           data_dir=self.data_dir, max_length=self.max_length, seed=self.seed, progress=self.progress,
+                           include_path=self.include_path)
             out["results"].update(res["results"])
             out["groups"].update(res.get("groups", {}))
             out["config"]["seconds"] = round(out["config"].get("seconds", 0.0) + res["config"].get("seconds", 0.0), 2)
@@ -69,7 +69,7 @@ class EvalProtocol:
 
     def describe(self) -> dict[str, Any]:
         return {"tasks": self.task_names, "ppl_tasks": self.ppl_tasks, "limit": self.limit,
-                "ppl_limit": self.ppl_limit, "max_length": self.max_length}
+                "ppl_limit": self.ppl_limit, "max_length": self.max_length, "include_path": self.include_path}
 
 
 def primary_metric(task: str, entry: dict[str, Any]) -> tuple[str, float]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 #: columns added after the capture (new information, not a changed result) and timings
-DROPPED = ("selection s", "cost (fwd passes)")
+DROPPED = ("selection s", "cost (fwd passes)", "params removed", "prefill ×")
 
 
 def _csv_rows(path: Path, root: Path) -> list[list[str]]:
