@@ -194,10 +194,14 @@ def prune_to_checkpoint(model: torch.nn.Module, tokenizer, removed: Sequence[int
 
 
 def speedup_summary(original: torch.nn.Module, pruned: torch.nn.Module) -> dict[str, Any]:
-    """Parameters removed and the measured prefill / decode speed-up (batch 1, 128 tokens, 3 repeats)."""
+    """Parameters removed and the measured prefill / decode speed-up (batch 1, 128 prompt tokens or what
+    the context allows, 16 decoded, 3 repeats)."""
     from cboprune.bench import measure_speedup
+    from cboprune.data.calibration import model_context
 
-    sp = measure_speedup(original, pruned)
+    context = (model_context(original) or (4096, ""))[0]
+    new_tokens = min(16, max(1, context // 8))
+    sp = measure_speedup(original, pruned, lengths=(min(128, context - new_tokens),), new_tokens=new_tokens)
     return {k: v for k, v in sp.items() if k not in ("runs",)}
 
 
