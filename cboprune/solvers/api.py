@@ -11,7 +11,8 @@ import numpy as np
 
 from cboprune.ranking import Ranking
 from cboprune.solvers._problem import Problem, finalize, make_problem
-from cboprune.solvers.bnb import _relaxation_shifts, _root_qp, _row_values, run_bnb
+from cboprune.solvers._bounds import relaxation_shifts, root_qp, row_values
+from cboprune.solvers.bnb import run_bnb
 from cboprune.solvers.exhaustive import run_enumeration
 from cboprune.solvers.heuristics import run_tabu, run_tempering
 
@@ -28,10 +29,10 @@ def root_lower_bound(p: Problem) -> float:
     """Certified lower bound on every feasible state: max(row bound, best convex relaxation)."""
     if p.m == 0 or p.m == p.n_free:
         return -np.inf
-    v = _row_values(p)
+    v = row_values(p)
     lb = float(np.sort(v)[: p.m].sum())
-    for s in _relaxation_shifts(p).values():
-        lb = max(lb, _root_qp(p, s)[0])
+    for s in relaxation_shifts(p).values():
+        lb = max(lb, root_qp(p, s)[0])
     return lb + p.const
 
 
