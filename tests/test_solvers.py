@@ -417,17 +417,17 @@ def run_bnb_ranking(H, m, k, **kw):
 
 
 @pytest.mark.parametrize("seed", range(16))
-@pytest.mark.parametrize("dive_free,pool", [(0, 10**5), (6, 10**5), (0, 16), (1000, 10**5)])
+@pytest.mark.parametrize("dive_free,pool", [(0, 64.0), (6, 64.0), (0, 1e-4), (1000, 64.0)])
 def test_best_first_with_dives_equals_enumeration(seed, dive_free, pool):
     # quick_s=0: straight to the optimized shift and the best-first search; dive_free 0 = pure
-    # best-first, 1000 = one dive from the root, pool 16 = dives forced by a full node pool
+    # best-first, 1000 = one dive from the root, a 16-node pool (1e-4 MiB) forces dives when full
     H, n, m, k = random_case(seed)
     ref = enumerate_exhaustive(H, m, k)
-    r = run_bnb_ranking(H, m, k, quick_s=0.0, dive_free=dive_free, pool_nodes=pool)
+    r = run_bnb_ranking(H, m, k, quick_s=0.0, dive_free=dive_free, pool_mb=pool)
     assert r.exact
     assert [c.removed for c in r] == [c.removed for c in ref]
     assert r.info["relaxation_shift"] in ("optimized", "uniform", "scaled", "none")
-    if dive_free == 0 and pool > 100:
+    if dive_free == 0 and pool > 1:
         assert r.info["dives"] == 0
     if dive_free == 1000:
         assert r.info["dives"] == 1 and r.info["nodes_best_first"] == 0

@@ -728,12 +728,14 @@ def _leaf(W, u, order, d, r, E, g, mask, leafmask, topE, topM, ts, seed_cutoff, 
 
 @nb.njit(**_JIT)
 def _node_bound(u, Q, s_shift, lam_d, order, T, d, r, E, g, y, thr, use_row, use_qp, qp_iter,
-                qp_min_free, vals, buf, Fbuf, b, work, stats):
+                qp_min_free, tight, vals, buf, Fbuf, b, work, stats):
     """Lower bound of every completion of a branching node: max(row bound, relaxation bound).
 
     `y` (full length) is the warm start of the relaxation and receives its last iterate.
     Returns (bound, include_first): remove the next variable first when the relaxation (or the
-    row bound) puts it among the likely removed ones. The bound stops early above `thr`.
+    row bound) puts it among the likely removed ones. The bound stops early above `thr`, and
+    (unless `tight`: the best-first search needs the value, not only the prune decision) as soon
+    as the relaxation's primal value shows that it cannot prune.
     """
     n = u.shape[0]
     nf = n - d
@@ -760,8 +762,8 @@ def _node_bound(u, Q, s_shift, lam_d, order, T, d, r, E, g, y, thr, use_row, use
             j = order[d + a]
             Fbuf[a] = j
             b[j] = u[j] - s_shift[j] + lam + 2.0 * g[j]
-        qb, qprimal, qit = qp_bound(Q, b, Fbuf, nf, r, y, thr - E, thr - E, qp_iter, 0.0, lam,
-                                    work)
+        qb, qprimal, qit = qp_bound(Q, b, Fbuf, nf, r, y, thr - E,
+                                    -np.inf if tight else thr - E, qp_iter, 0.0, lam, work)
         stats[ST_QP_ITERS] += qit
         stats[ST_QP_CALLS] += 1
         if E + qb > bound:
@@ -827,7 +829,7 @@ def bnb_kbest(
                     y[order[a]] = Y[d - 1][order[a]]
             bound, include_first = _node_bound(
                 u, Q, s_shift, lam_d, order, T, d, r, E, g, y, thr, use_row, use_qp, qp_iter,
-                qp_min_free, vals, buf, Fbuf, b, work, stats)
+                qp_min_free, False, vals, buf, Fbuf, b, work, stats)
             if bound > thr:
                 stack_phase[d] = 3
                 d -= 1
@@ -924,32 +926,43 @@ ST_DIVES = 7
 
 
 @nb.njit(**_JIT)
-def _heap_push(hb, hd, hr, hE, hM, hs, bnd, d, r, E, mask):
-    """Push a node (bound, depth, r, energy, mask) on the min-heap of bounds; hs = [size]."""
+def _heap_move(hb, hd, hr, hE, hM, hY, i, j):
+    """Copy heap entry j into slot i."""
+    hb[i] = hb[j]
+    hd[i] = hd[j]
+    hr[i] = hr[j]
+    hE[i] = hE[j]
+    hM[i, :] = hM[j]
+    hY[i, :] = hY[j]
+
+
+@nb.njit(**_JIT)
+def _heap_push(hb, hd, hr, hE, hM, hY, hs, bnd, d, r, E, mask, y):
+    """Push a node (bound, depth, r, energy, mask, relaxation solution) on the min-heap."""
     i = hs[0]
     hs[0] = i + 1
     while i > 0:
         par = (i - 1) >> 1
         if hb[par] <= bnd:
             break
-        hb[i] = hb[par]
-        hd[i] = hd[par]
-        hr[i] = hr[par]
-        hE[i] = hE[par]
-        hM[i, :] = hM[par]
+        _heap_move(hb, hd, hr, hE, hM, hY, i, par)
         i = par
     hb[i] = bnd
     hd[i] = d
     hr[i] = r
     hE[i] = E
     hM[i, :] = mask
+    for a in range(y.shape[0]):
+        hY[i, a] = y[a]
 
 
 @nb.njit(**_JIT)
-def _heap_pop(hb, hd, hr, hE, hM, hs, mask):
-    """Pop the node of lowest bound; its mask goes to `mask`. Returns (bound, depth, r, E)."""
+def _heap_pop(hb, hd, hr, hE, hM, hY, hs, mask, y):
+    """Pop the node of lowest bound into (mask, y). Returns (bound, depth, r, E)."""
     bnd, d, r, E = hb[0], hd[0], hr[0], hE[0]
     mask[:] = hM[0]
+    for a in range(y.shape[0]):
+        y[a] = hY[0, a]
     last = hs[0] - 1
     hs[0] = last
     if last == 0:
@@ -964,17 +977,9 @@ def _heap_pop(hb, hd, hr, hE, hM, hs, mask):
             c += 1
         if hb[c] >= lb:
             break
-        hb[i] = hb[c]
-        hd[i] = hd[c]
-        hr[i] = hr[c]
-        hE[i] = hE[c]
-        hM[i, :] = hM[c]
+        _heap_move(hb, hd, hr, hE, hM, hY, i, c)
         i = c
-    hb[i] = lb
-    hd[i] = hd[last]
-    hr[i] = hr[last]
-    hE[i] = hE[last]
-    hM[i, :] = hM[last]
+    _heap_move(hb, hd, hr, hE, hM, hY, i, last)
     return bnd, d, r, E
 
 
@@ -989,34 +994,59 @@ def _field_of(W, mask, g):
                 g[i] += W[j, i]
 
 
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _batch_bounds(u, Q, s_shift, lam_d, order, T, use_row, use_qp, qp_iter, qp_min_free, cnt,
+                  Bd, Br, BE, BG, BY, Bthr, Bbnd, Bstats):
+    """Bounds of `cnt` best-first children in parallel (one thread per child, own scratch)."""
+    n = u.shape[0]
+    for i in nb.prange(cnt):
+        vals = np.empty(n)
+        buf = np.empty(n)
+        Fbuf = np.empty(n, np.int64)
+        b = np.empty(n)
+        work = np.zeros((5, n))
+        bnd, _ = _node_bound(u, Q, s_shift, lam_d, order, T, Bd[i], Br[i], BE[i], BG[i], BY[i],
+                             Bthr, use_row, use_qp, qp_iter, qp_min_free, True, vals, buf, Fbuf,
+                             b, work, Bstats[i])
+        Bbnd[i] = bnd
+
+
 @nb.njit(**_JIT)
 def bf_kbest(
     W, u, Q, s_shift, lam_d, order, T, m,
     topE, topM, ts, seed_cutoff, slack,
     use_row, use_qp, qp_iter, qp_min_free,
-    hb, hd, hr, hE, hM, hs, y_root, dive_free, bf_qp_iter,
+    hb, hd, hr, hE, hM, hY, hs, dive_free, bf_qp_iter, batch,
     stack_phase, stack_dir, stack_r, stack_E, stack_bnd, Y, g, mask, pos, dive, dive_bnd,
     node_budget, stats,
 ):
     """Best-first K-best branch-and-bound with depth-first dives; True when complete.
 
-    The open nodes live in a min-heap of their bounds (capacity hb.shape[0]): the node of lowest
-    bound is split on the next variable of the static order and its children (bounded with a
-    relaxation warm-started from the root solution `y_root`) are pushed unless pruned. A node
-    with at most `dive_free` free variables, or any node once the pool is nearly full, is
-    instead finished by a depth-first dive (`bnb_kbest` below its depth, resumable: dive =
-    [root depth, active], dive_bnd = [its bound]). The certified bound of everything still open
-    is min(heap minimum, the dive's open bound): it only rises as the search goes on.
+    The open nodes live in a min-heap of their bounds (capacity hb.shape[0]). Up to `batch`
+    nodes of lowest bound are popped and split on the next variable of the static order; their
+    children are bounded in parallel (`_batch_bounds`, relaxation warm-started from the parent's
+    stored solution hY, iterated to `bf_qp_iter` steps since the value itself matters here) and
+    pushed unless pruned; leaves go to the top-K store. A node with at most `dive_free` free
+    variables, or any node once the pool is nearly full, is instead finished by a depth-first
+    dive (`bnb_kbest` below its depth, resumable: dive = [root depth, active], dive_bnd = [its
+    bound]). The certified bound of everything still open is min(heap minimum, the dive's open
+    bound): it only rises as the search goes on.
     """
     n = u.shape[0]
+    words = mask.shape[0]
     cap = hb.shape[0]
-    vals = np.empty(n)
-    buf = np.empty(n)
-    Fbuf = np.empty(n, np.int64)
-    b = np.empty(n)
-    work = np.zeros((5, n))
-    y = np.empty(n)
-    leafmask = np.empty(mask.shape[0], np.uint64)
+    nc = 2 * batch
+    Bd = np.empty(nc, np.int64)
+    Br = np.empty(nc, np.int64)
+    BE = np.empty(nc)
+    BM = np.empty((nc, words), np.uint64)
+    BG = np.empty((nc, n))
+    BY = np.empty((nc, n))
+    Bpb = np.empty(nc)
+    Bbnd = np.empty(nc)
+    Bstats = np.zeros((nc, 8), np.int64)
+    ypar = np.empty(n)
+    leafmask = np.empty(words, np.uint64)
     budget = node_budget
     while True:
         if dive[1] == 1:
@@ -1036,51 +1066,63 @@ def bf_kbest(
             return True
         if budget <= 0:
             return False
-        bnd, d, r, E = _heap_pop(hb, hd, hr, hE, hM, hs, mask)
-        if bnd > thr:
+        cnt = 0
+        while cnt <= nc - 2 and hs[0] > 0 and budget > 0 and hb[0] <= thr:
+            bnd, d, r, E = _heap_pop(hb, hd, hr, hE, hM, hY, hs, mask, ypar)
+            _field_of(W, mask, g)
+            if n - d <= dive_free or hs[0] >= cap - nc - 2:
+                if cnt > 0:  # finish the batch first
+                    _heap_push(hb, hd, hr, hE, hM, hY, hs, bnd, d, r, E, mask, ypar)
+                    break
+                stats[ST_DIVES] += 1
+                stack_phase[d] = 0
+                stack_r[d] = r
+                stack_E[d] = E
+                for a in range(n):
+                    Y[d][a] = ypar[a]
+                pos[0] = d
+                dive[0] = d
+                dive[1] = 1
+                dive_bnd[0] = bnd
+                break
+            budget -= 2  # two children are evaluated (counted as nodes)
+            stats[ST_BF_EXPANDED] += 1
+            j = order[d]
+            for child in range(2):
+                if child == 0:  # remove j
+                    E1 = E + u[j] + 2.0 * g[j]
+                    r1 = r - 1
+                    for i in range(n):
+                        g[i] += W[j, i]
+                    set_bit(mask, j)
+                else:
+                    E1 = E
+                    r1 = r
+                stats[ST_NODES] += 1
+                if not _leaf(W, u, order, d + 1, r1, E1, g, mask, leafmask, topE, topM, ts,
+                             seed_cutoff, slack, stats):
+                    Bd[cnt] = d + 1
+                    Br[cnt] = r1
+                    BE[cnt] = E1
+                    BM[cnt, :] = mask
+                    BG[cnt, :] = g
+                    BY[cnt, :] = ypar
+                    Bpb[cnt] = bnd
+                    cnt += 1
+                if child == 0:
+                    for i in range(n):
+                        g[i] -= W[j, i]
+                    clear_bit(mask, j)
+        if cnt == 0:
             continue
-        _field_of(W, mask, g)
-        if n - d <= dive_free or hs[0] >= cap - 2:
-            stats[ST_DIVES] += 1
-            stack_phase[d] = 0
-            stack_r[d] = r
-            stack_E[d] = E
-            for a in range(n):
-                Y[d][a] = y_root[a]
-            pos[0] = d
-            dive[0] = d
-            dive[1] = 1
-            dive_bnd[0] = bnd
-            continue
-        budget -= 2  # two children are evaluated (counted as nodes)
-        stats[ST_BF_EXPANDED] += 1
-        j = order[d]
-        for child in range(2):
-            if child == 0:  # remove j
-                E1 = E + u[j] + 2.0 * g[j]
-                r1 = r - 1
-                for i in range(n):
-                    g[i] += W[j, i]
-                set_bit(mask, j)
-            else:
-                E1 = E
-                r1 = r
-            d1 = d + 1
-            stats[ST_NODES] += 1
-            if not _leaf(W, u, order, d1, r1, E1, g, mask, leafmask, topE, topM, ts,
-                         seed_cutoff, slack, stats):
-                thr = topk_cutoff(topE, ts, seed_cutoff) + slack
-                for a in range(d1, n):
-                    y[order[a]] = y_root[order[a]]
-                cb, _ = _node_bound(u, Q, s_shift, lam_d, order, T, d1, r1, E1, g, y, thr,
-                                    use_row, use_qp, bf_qp_iter, qp_min_free, vals, buf, Fbuf,
-                                    b, work, stats)
-                if cb < bnd:
-                    cb = bnd
-                if cb <= thr:
-                    _heap_push(hb, hd, hr, hE, hM, hs, cb, d1, r1, E1, mask)
-            if child == 0:
-                for i in range(n):
-                    g[i] -= W[j, i]
-                clear_bit(mask, j)
+        thr = topk_cutoff(topE, ts, seed_cutoff) + slack
+        Bstats[:cnt, :] = 0
+        _batch_bounds(u, Q, s_shift, lam_d, order, T, use_row, use_qp, bf_qp_iter, qp_min_free,
+                      cnt, Bd, Br, BE, BG, BY, thr, Bbnd, Bstats)
+        for i in range(cnt):
+            for q in range(8):
+                stats[q] += Bstats[i, q]
+            cb = Bbnd[i] if Bbnd[i] > Bpb[i] else Bpb[i]
+            if cb <= thr:
+                _heap_push(hb, hd, hr, hE, hM, hY, hs, cb, Bd[i], Br[i], BE[i], BM[i], BY[i])
     return True

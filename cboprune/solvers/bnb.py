@@ -57,8 +57,10 @@ class _Tree:
             perm = np.lexsort((v, -np.round(y, 9)))
         elif order == "row":
             perm = np.argsort(v, kind="stable")
+        elif order == "frac":  # most fractional first: both children move the bound
+            perm = np.lexsort((v, np.round(np.abs(y - 0.5), 9)))
         else:
-            raise ValueError(f"order must be 'relax' or 'row', got {order!r}")
+            raise ValueError(f"order must be 'relax', 'row' or 'frac', got {order!r}")
         self.perm = perm.astype(np.int64)
         self.lam = depth_corrections(p, s, self.perm)
         self.T = kn.build_row_table(p.W, self.perm, m) if use_row else np.zeros((1, 1, 1))
@@ -87,23 +89,25 @@ class _Tree:
             self.Y, self.g, self.mask, self.pos, budget, self.stats, 0))
 
     def start_pool(self, p: Problem, capacity: int, root_bound: float) -> None:
+        """Node pool of `capacity` nodes (~ 4 n + 8 words + 32 bytes each) holding the root."""
         cap = max(16, int(capacity))
         self.pool = (np.empty(cap), np.empty(cap, np.int64), np.empty(cap, np.int64),
-                     np.empty(cap), np.zeros((cap, p.words), np.uint64), np.zeros(1, np.int64))
-        kn._heap_push(*self.pool, root_bound, 0, p.m, 0.0, np.zeros(p.words, np.uint64))
+                     np.empty(cap), np.zeros((cap, p.words), np.uint64),
+                     np.zeros((cap, p.n_free), np.float32), np.zeros(1, np.int64))
+        kn._heap_push(*self.pool, root_bound, 0, p.m, 0.0, np.zeros(p.words, np.uint64), self.y)
 
     def run_bf(self, p: Problem, cutoff: float, slack: float, flags: tuple, budget: int,
-               dive_free: int, bf_qp_iter: int) -> bool:
+               dive_free: int, bf_qp_iter: int, batch: int) -> bool:
         """Resume the best-first search with dives for at most `budget` nodes."""
         return bool(kn.bf_kbest(
             p.W, p.u, self.Q, self.s, self.lam, self.perm, self.T, p.m, self.topE, self.topM,
-            self.ts, cutoff, slack, *flags, *self.pool, self.y, dive_free, bf_qp_iter,
+            self.ts, cutoff, slack, *flags, *self.pool, dive_free, bf_qp_iter, batch,
             self.phase, self.dir, self.r, self.E, self.bnd, self.Y, self.g, self.mask, self.pos,
             self.dive, self.dive_bnd, budget, self.stats))
 
     def open_bound(self) -> float:
         """Certified bound on every state not yet explored by the best-first search."""
-        hb, hs = self.pool[0], self.pool[5]
+        hb, hs = self.pool[0], self.pool[6]
         lb = float(hb[0]) if hs[0] > 0 else np.inf
         if self.dive[1] == 1:
             lb = min(lb, float(kn.open_lower_bound(self.phase, self.bnd, self.pos,
@@ -169,9 +173,11 @@ def run_bnb(
     quick_s: float = 1.0,
     shift_share: float = 0.05,
     shift_max_s: float = 20.0,
-    pool_nodes: int = 1_000_000,
+    pool_mb: float = 256.0,
     dive_free: int | None = None,
     bf_qp_iter: int = 40,
+    bf_order: str = "frac",
+    bf_batch: int = 8,
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> BnBResult:
     """K-best branch-and-bound on a reduced problem (requires 2 <= m <= n - 1 for branching).
@@ -180,7 +186,7 @@ def run_bnb(
     small cases finish there). Then the shift is optimized (at most `shift_share` of the time
     left, `shift_max_s` s) and a best-first search with dives restarts from the root with the
     stronger bound and the best cut-off so far; nodes with <= `dive_free` free variables
-    (default n // 4) or a full pool (`pool_nodes`) are finished depth-first. `progress`, if
+    (default n // 4) or a full pool (`pool_mb` MiB) are finished depth-first. `progress`, if
     given, is called after every chunk with {"nodes", "lower_bound", "cutoff", "elapsed_s"}.
     """
     t0 = time.perf_counter()
@@ -245,11 +251,11 @@ def run_bnb(
             if lb_opt > best_lb:
                 best_name, best_lb, s, y = "optimized", lb_opt, s_opt, y_opt
                 root_bounds["optimized"] = lb_opt
-        tree = _Tree(p, k_eff, s, y, v, use_row, order)
-        tree.start_pool(p, pool_nodes, root_bound())
+        tree = _Tree(p, k_eff, s, y, v, use_row, bf_order)
+        tree.start_pool(p, int(pool_mb * 2**20 / (4 * n + 8 * p.words + 32)), root_bound())
         cap = None if node_limit is None else node_limit - spent
         complete = _run_chunks(
-            lambda b: tree.run_bf(p, cutoff, slack, flags, b, dive_free, bf_qp_iter),
+            lambda b: tree.run_bf(p, cutoff, slack, flags, b, dive_free, bf_qp_iter, bf_batch),
             lambda: tree.nodes, chunk_nodes, cap, deadline, report)
     t_search = time.perf_counter() - t0 - t_setup
     return _result(p, tree, complete, seed_sets + early_sets, spent, root_bound(), row_root,
