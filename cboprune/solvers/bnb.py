@@ -124,18 +124,28 @@ class _Tree:
 
 def _run_chunks(step: Callable[[int], bool], nodes: Callable[[], int], chunk: int,
                 node_cap: int | None, deadline: float | None,
-                report: Callable[[], None] | None = None) -> bool:
-    """Call `step(budget)` in chunks until it completes, `node_cap` nodes or `deadline`."""
+                report: Callable[[], None] | None = None, chunk_s: float = 0.5) -> bool:
+    """Call `step(budget)` until it completes, `node_cap` nodes or `deadline`.
+
+    The node budget per call adapts so that one call takes about `chunk_s` seconds (at most
+    `chunk` nodes): the deadline is kept within about that on a loaded machine too.
+    """
+    size = min(chunk, 1000) if deadline is not None else chunk
     while True:
         if deadline is not None and time.perf_counter() >= deadline:
             return False
-        budget = chunk
+        budget = size
         if node_cap is not None:
             budget = min(budget, node_cap - nodes())
             if budget <= 0:
                 return False
+        t, n0 = time.perf_counter(), nodes()
         if step(budget):
             return True
+        rate = (nodes() - n0) / max(time.perf_counter() - t, 1e-6)
+        size = int(min(chunk, max(100, rate * chunk_s)))
+        if deadline is not None:
+            size = int(max(100, min(size, rate * max(deadline - time.perf_counter(), 0.0))))
         if report is not None:
             report()
 
