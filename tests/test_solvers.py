@@ -457,3 +457,12 @@ def test_progress_callback_reports_rising_bound():
     assert seen and all({"nodes", "lower_bound", "cutoff", "elapsed_s"} <= set(d) for d in seen)
     lbs = [d["lower_bound"] for d in seen]
     assert all(b >= a - 1e-12 for a, b in zip(lbs, lbs[1:]))  # best-first: monotone certificate
+
+
+def test_solve_passes_progress_to_branch_and_bound():
+    seen = []
+    H = wishart(64, 64, 5)
+    r = solve(H, 32, 5, method="exact", node_limit=3000, progress=seen.append)
+    assert seen and seen[-1]["nodes"] <= 3000 + 2
+    assert all(d["lower_bound"] <= d["cutoff"] + 1e-9 for d in seen)
+    assert r.lower_bound is None or r.lower_bound >= seen[0]["lower_bound"] - 1e-9

@@ -517,7 +517,12 @@ def _sum_smallest(vals, cnt, r, buf):
 
 @nb.njit(**_JIT)
 def _project(z, F, nf, r, y):
-    """y[F] = argmin ||y - z||  s.t. 0 <= y <= 1, sum y[F] = r (bisection on the shift)."""
+    """y[F] = argmin ||y - z||  s.t. 0 <= y <= 1, sum y[F] = r.
+
+    y = clip(z - tau, 0, 1) with sum r; sum(tau) is piecewise linear in tau. Bisection on tau,
+    and at every step the exact root of the linear piece containing tau is tried: accepted when
+    it lies in that piece's closed interval (usually after a few steps).
+    """
     lo = np.inf
     hi = -np.inf
     for a in range(nf):
@@ -527,44 +532,46 @@ def _project(z, F, nf, r, y):
         if v > hi:
             hi = v
     lo -= 1.0
-    for _ in range(100):
+    tau = 0.5 * (lo + hi)
+    for _ in range(200):
         tau = 0.5 * (lo + hi)
         s = 0.0
+        nfree = 0
+        sfree = 0.0
+        nup = 0
+        L = -np.inf
+        U = np.inf
         for a in range(nf):
-            v = z[F[a]] - tau
-            if v > 1.0:
+            za = z[F[a]]
+            v = za - tau
+            if v >= 1.0:
                 s += 1.0
+                nup += 1
+                if za - 1.0 < U:
+                    U = za - 1.0
             elif v > 0.0:
                 s += v
+                nfree += 1
+                sfree += za
+                if za - 1.0 > L:
+                    L = za - 1.0
+                if za < U:
+                    U = za
+            elif za > L:
+                L = za
+        if nfree > 0:
+            t2 = (sfree + nup - r) / nfree
+            if L <= t2 <= U:
+                tau = t2
+                break
+        elif s == r:
+            break
         if s > r:
             lo = tau
         else:
             hi = tau
-        if hi - lo <= 1e-14 * (1.0 + abs(tau)):
+        if hi - lo <= 1e-15 * (1.0 + abs(tau)):
             break
-    tau = 0.5 * (lo + hi)
-    # exact solve on the identified linear piece
-    nfree = 0
-    sfree = 0.0
-    nup = 0
-    for a in range(nf):
-        v = z[F[a]] - tau
-        if v >= 1.0:
-            nup += 1
-        elif v > 0.0:
-            nfree += 1
-            sfree += z[F[a]]
-    if nfree > 0:
-        t2 = (sfree + nup - r) / nfree
-        ok = True
-        for a in range(nf):
-            v0 = z[F[a]] - tau
-            v1 = z[F[a]] - t2
-            if (v0 >= 1.0) != (v1 >= 1.0) or (v0 > 0.0) != (v1 > 0.0):
-                ok = False
-                break
-        if ok:
-            tau = t2
     for a in range(nf):
         v = z[F[a]] - tau
         y[F[a]] = 1.0 if v > 1.0 else (v if v > 0.0 else 0.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,7 @@ def solve(
     tie_tol: float = 1e-9,
     seed: int = 0,
     bound: str = "both",
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> Ranking:
     """The K lowest states of  min x^T H x + c^T x  s.t. sum x = M, x binary, with constraints.
 
@@ -85,6 +86,9 @@ def solve(
         Seed of the heuristics (results of "exact"/"enumerate" do not depend on it).
     bound : {"both", "row", "qp"}
         Branch-and-bound lower bounds.
+    progress : callable, optional
+        Branch-and-bound only: called about every 0.5 s with {"nodes", "lower_bound" (current
+        certificate), "cutoff" (K-th energy found), "elapsed_s"} (e.g. to drive a progress bar).
 
     Returns
     -------
@@ -121,7 +125,7 @@ def solve(
         exact, lb = True, None
     elif chosen == "exact":
         res = run_bnb(p, k, time_limit=time_limit, node_limit=node_limit, tie_tol=tie_tol,
-                      seed=seed, bound=bound)
+                      seed=seed, bound=bound, progress=progress)
         sets = res.sets
         info = {"solver": "branch-and-bound", **res.info}
         exact = res.complete

@@ -49,7 +49,7 @@ class _Tree:
     """Search state over one shift and static order: stacks (dives), node pool, top-K store."""
 
     def __init__(self, p: Problem, k: int, s: np.ndarray, y: np.ndarray, v: np.ndarray,
-                 use_row: bool, order: str) -> None:
+                 use_row: bool, order: str, lam_every: int = 1) -> None:
         n, m = p.n_free, p.m
         self.s, self.y = s, y
         self.Q = np.ascontiguousarray(p.W + np.diag(s))
@@ -62,7 +62,7 @@ class _Tree:
         else:
             raise ValueError(f"order must be 'relax', 'row' or 'frac', got {order!r}")
         self.perm = perm.astype(np.int64)
-        self.lam = depth_corrections(p, s, self.perm)
+        self.lam = depth_corrections(p, s, self.perm, lam_every)
         self.T = kn.build_row_table(p.W, self.perm, m) if use_row else np.zeros((1, 1, 1))
         self.topE, self.topM, self.ts = new_store(k, p.words)
         self.phase = np.zeros(n + 1, np.int64)
@@ -109,9 +109,10 @@ class _Tree:
         """Certified bound on every state not yet explored by the best-first search."""
         hb, hs = self.pool[0], self.pool[6]
         lb = float(hb[0]) if hs[0] > 0 else np.inf
-        if self.dive[1] == 1:
-            lb = min(lb, float(kn.open_lower_bound(self.phase, self.bnd, self.pos,
-                                                   float(self.dive_bnd[0]), int(self.dive[0]))))
+        if self.dive[1] == 1:  # every node of the dive lies below its root: max with its bound
+            db = float(self.dive_bnd[0])
+            lb = min(lb, max(db, float(kn.open_lower_bound(self.phase, self.bnd, self.pos, db,
+                                                           int(self.dive[0])))))
         return lb
 
     def cutoff(self, seed_cutoff: float) -> float:
@@ -130,7 +131,7 @@ def _run_chunks(step: Callable[[int], bool], nodes: Callable[[], int], chunk: in
     The node budget per call adapts so that one call takes about `chunk_s` seconds (at most
     `chunk` nodes): the deadline is kept within about that on a loaded machine too.
     """
-    size = min(chunk, 1000) if deadline is not None else chunk
+    size = min(chunk, 200) if deadline is not None else chunk
     while True:
         if deadline is not None and time.perf_counter() >= deadline:
             return False
@@ -222,7 +223,8 @@ def run_bnb(
     best_name, s0, best_lb, best_y, root_bounds = _root_shift(p, use_qp, order)
     v = row_values(p)
     row_root = float(np.sort(v)[:m].sum())
-    tree = _Tree(p, k_eff, s0, best_y, v, use_row, order)
+    # the quick tree's per-depth tightening at 8 depths only: small cases are setup-bound
+    tree = _Tree(p, k_eff, s0, best_y, v, use_row, order, lam_every=max(1, n // 8))
     t_setup = time.perf_counter() - t0
 
     def root_bound() -> float:
@@ -284,7 +286,8 @@ def _result(p: Problem, tree: _Tree, complete: bool, extra_sets: list[tuple[int,
     if complete:
         open_bound = np.inf
     elif tree.pool is None:  # stopped inside the quick depth-first phase
-        open_bound = float(kn.open_lower_bound(tree.phase, tree.bnd, tree.pos, root_bound, 0))
+        open_bound = max(root_bound, float(kn.open_lower_bound(tree.phase, tree.bnd, tree.pos,
+                                                               root_bound, 0)))
     else:
         open_bound = tree.open_bound()
     st = tree.stats
