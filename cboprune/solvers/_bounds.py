@@ -106,9 +106,8 @@ def optimize_shift(
     1^perp (a uniform shift moves every eigenvalue on 1^perp equally). The root bound L(s) is
     concave with supergradient y*^2 - y* (y* the relaxation optimum), so t moves along
     grad_t = g - (1^T g) w, w = squared eigenvector weights (soft-min over the lowest
-    eigenvalues where they cluster, which is where the optimum drives them). Step size grows on
-    success and shrinks on failure. Any iterate is valid; the best is returned:
-    (s, bound, y, iterations).
+    eigenvalues where they cluster, which is where the optimum drives them), constant step (a
+    subgradient method). Any iterate is valid; the best is returned: (s, bound, y, iterations).
     """
     n = p.n_free
     t_end = time.perf_counter() + time_budget
@@ -142,7 +141,7 @@ def optimize_shift(
         t = s + lr * grad
     # final, converged bound of the best shift (certified at any iterate count)
     lb, y = root_qp(p, best_s, y0=best_y)
-    return best_s, max(lb, -np.inf), y, it
+    return best_s, max(lb, best_lb), y, it  # both are certified bounds of best_s
 
 
 def _min_eig_perp(A: np.ndarray) -> float:
