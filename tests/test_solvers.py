@@ -466,3 +466,14 @@ def test_solve_passes_progress_to_branch_and_bound():
     assert seen and seen[-1]["nodes"] <= 3000 + 2
     assert all(d["lower_bound"] <= d["cutoff"] + 1e-9 for d in seen)
     assert r.lower_bound is None or r.lower_bound >= seen[0]["lower_bound"] - 1e-9
+
+
+@pytest.mark.parametrize("quick_s", [0.0, 1.0])
+def test_rank_deficient_matrix_stays_exact(quick_s):
+    # 8 samples for 22 blocks: H has rank 8, lambda_min on 1^perp is ~0 (the common case)
+    H = gradient_gram(22, 8, 4)
+    assert np.linalg.matrix_rank(H) <= 8
+    ref = enumerate_exhaustive(H, 9, 25)
+    r = run_bnb_ranking(H, 9, 25, quick_s=quick_s)
+    assert r.exact
+    assert [c.removed for c in r] == [c.removed for c in ref]
