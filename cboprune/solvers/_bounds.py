@@ -153,7 +153,7 @@ def _min_eig_perp(A: np.ndarray) -> float:
     nf = A.shape[0]
     mean_row = A.mean(axis=1)
     JAJ = A - mean_row[:, None] - mean_row[None, :] + mean_row.mean()
-    c = 2.0 * float(np.abs(A).sum(axis=1).max()) + 1.0
+    c = 2.0 * float(np.abs(A).sum(axis=1).max())  # >= ||A|| >= the smallest eigenvalue sought
     return float(scipy.linalg.eigvalsh(JAJ + c / nf, subset_by_index=[0, 0])[0])
 
 
