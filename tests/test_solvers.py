@@ -477,3 +477,12 @@ def test_rank_deficient_matrix_stays_exact(quick_s):
     r = run_bnb_ranking(H, 9, 25, quick_s=quick_s)
     assert r.exact
     assert [c.removed for c in r] == [c.removed for c in ref]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_best_first_same_result_with_one_or_two_threads(threads):
+    H, n, m, k = random_case(7)
+    ref = enumerate_exhaustive(H, m, k)
+    r = run_bnb_ranking(H, m, k, quick_s=0.0, threads=threads, dive_free=0)
+    assert r.exact and r.info["threads"] == threads
+    assert [c.removed for c in r] == [c.removed for c in ref]
