@@ -3,6 +3,8 @@
     python benchmarks/solver.py                 # all cases, both matrix kinds (several minutes)
     python benchmarks/solver.py --quick         # N=32 and N=40 only, short anytime run
     python benchmarks/solver.py --cases 64x32 --kinds gradient --json out.json
+    python benchmarks/solver.py --cases 126x63 --kinds gradient --anytime-limit 600
+    python benchmarks/solver.py --solver-path /work/main ...   # same cases, another checkout's solver
 
 For every case and matrix kind it prints the branch-and-bound wall time (tabu seed + setup +
 search, numba already compiled), whether it proved the list exact, the certified gap when it ran
@@ -31,7 +33,17 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+def _solver_path(argv: list[str]) -> str:
+    """--solver-path DIR (read before the imports): import cboprune from DIR instead of here."""
+    for i, a in enumerate(argv):
+        if a == "--solver-path" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--solver-path="):
+            return a.split("=", 1)[1]
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+sys.path.insert(0, _solver_path(sys.argv))
 
 from cboprune.solvers import enumerate_exhaustive, make_problem, solve  # noqa: E402
 from cboprune.solvers.exhaustive import run_enumeration  # noqa: E402
@@ -42,6 +54,10 @@ CASES: dict[str, tuple[int, int, int]] = {
     "40x12": (40, 12, 10),
     "64x32": (64, 32, 10),
     "128x32": (128, 32, 10),
+    # the depth of the largest dense models (issue 20): Llama-3.1-405B has 126 blocks
+    "96x48": (96, 48, 20),
+    "112x56": (112, 56, 20),
+    "126x63": (126, 63, 20),
 }
 TARGETS = {"32x16": 1.0, "40x12": 5.0, "64x32": 60.0}
 
@@ -65,10 +81,16 @@ def enum_throughput(H: np.ndarray, m: int, k: int, n_states: int) -> tuple[float
 
 
 def warm_up() -> None:
+    """Compile every kernel before timing (numba caches, but an edited kernel recompiles)."""
     H = wishart(12, 20, 0)
     solve(H, 5, 3, method="exact")
     solve(H, 5, 3, method="tabu")
     enumerate_exhaustive(H, 5, 3)
+    from cboprune.solvers.bnb import run_bnb
+    try:  # the best-first phase (small cases never reach it inside solve)
+        run_bnb(make_problem(H, 5, 3), 3, quick_s=0.0)
+    except TypeError:  # an older solver (--solver-path) without that phase
+        pass
 
 
 def run_case(name: str, kind: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -80,7 +102,10 @@ def run_case(name: str, kind: str, args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     r = solve(H, m, k, method="exact", time_limit=tl)
     t_bnb = time.perf_counter() - t0
-    rate, timed, t_timed = enum_throughput(H, m, k, args.enum_states)
+    if args.no_enum:
+        rate, timed, t_timed = float("nan"), 0, 0.0
+    else:
+        rate, timed, t_timed = enum_throughput(H, m, k, args.enum_states)
     t_enum = total / rate
     extrap = timed < total
     row: dict[str, Any] = {
@@ -92,8 +117,13 @@ def run_case(name: str, kind: str, args: argparse.Namespace) -> dict[str, Any]:
         "enum_s": t_enum, "enum_extrapolated": extrap, "enum_states_timed": timed,
         "enum_timed_s": t_timed, "enum_rate": rate, "speedup": t_enum / t_bnb,
         "target_s": TARGETS.get(name), "time_limit": tl,
+        "root_bound": r.info.get("root_bound"), "shift": r.info.get("relaxation_shift"),
+        "nodes_best_first": r.info.get("nodes_best_first"), "dives": r.info.get("dives"),
+        "load": os.getloadavg()[0],
     }
-    if args.full_enum and extrap and t_enum <= args.full_enum:
+    if args.no_enum:
+        pass
+    elif args.full_enum and extrap and t_enum <= args.full_enum:
         ref = enumerate_exhaustive(H, m, k)
         row["enum_s"] = ref.info["time_s"]
         row["enum_extrapolated"] = False
@@ -144,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full-enum", type=float, default=0.0,
                     help="enumerate in full when the extrapolated time is below this (seconds)")
     ap.add_argument("--no-calibrate", action="store_true")
+    ap.add_argument("--no-enum", action="store_true",
+                    help="skip the enumeration timing (anytime comparisons only)")
+    ap.add_argument("--solver-path", default=None,
+                    help="import cboprune from this checkout (e.g. /work/main: the baseline)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
@@ -152,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         args.anytime_limit = min(args.anytime_limit, 10.0)
         args.enum_states = min(args.enum_states, 10_000_000)
     print(f"# cboprune solver benchmark  python {platform.python_version()}  "
-          f"cpus={os.cpu_count()}  load={os.getloadavg()[0]:.2f} (shared machine: timings noisy)")
+          f"cpus={os.cpu_count()}  load={os.getloadavg()[0]:.2f} (shared machine: timings noisy)"
+          f"  solver={os.path.dirname(os.path.dirname(solve.__code__.co_filename))}")
     warm_up()
     out: dict[str, Any] = {"rows": [], "calibration": None}
     if not args.no_calibrate and not args.quick:
@@ -168,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         for kind in args.kinds:
             row = run_case(name, kind, args)
             out["rows"].append(row)
-            enum = fmt_s(row["enum_s"]) + (" extrap." if row["enum_extrapolated"] else " full")
+            enum = "-" if args.no_enum else (
+                fmt_s(row["enum_s"]) + (" extrap." if row["enum_extrapolated"] else " full"))
             gap = "-" if row["exact"] else f"{row['gap_rel']:.1%}"
             tgt = "-" if row["target_s"] is None else (
                 ("ok " if row["bnb_s"] <= row["target_s"] and row["exact"] else "MISS ")
@@ -177,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             tag = "" if same is None else ("  [= enumeration]" if same else "  [DIFFERS!]")
             print(f"{name:>7} {kind:>9} {row['K']:>3} {row['states']:8.2g} "
                   f"{row['bnb_s']:7.3g}s {str(row['exact']):>5} {gap:>9} {row['nodes']:9d} "
-                  f"{enum:>18} {row['speedup']:8.3g}x {tgt:>7}{tag}", flush=True)
+                  f"{enum:>18} {row['speedup']:8.3g}x {tgt:>7}{tag}  load={row['load']:.1f}",
+                  flush=True)
     print("# enumeration: compiled revolving-door enumeration; 'extrap.' = timed on "
           f"{args.enum_states:.2g} states and scaled linearly to C(N, M)")
     print("# bnb: wall time of solve(method='exact') incl. tabu seed and setup; gap(rel) = "

@@ -403,3 +403,86 @@ def test_anytime_with_best_first_phase_is_sound(node_limit):
         nc = r.info["n_certified"]
         assert [c.removed for c in r][:nc] == [c.removed for c in full][:nc]
     assert all(c.score >= f.score - 1e-12 for c, f in zip(r, full))
+
+
+def run_bnb_ranking(H, m, k, **kw):
+    """The branch-and-bound driver with its internal knobs (quick phase, dives, pool) exposed."""
+    from cboprune.solvers._problem import finalize
+    from cboprune.solvers.bnb import run_bnb
+
+    p = make_problem(H, m, k)
+    res = run_bnb(p, k, **kw)
+    return finalize(p, res.sets, tie_tol=1e-9, exact=res.complete,
+                    lower_bound=None if res.complete else res.open_bound, info=res.info)
+
+
+@pytest.mark.parametrize("seed", range(16))
+@pytest.mark.parametrize("dive_free,pool", [(0, 64.0), (6, 64.0), (0, 1e-4), (1000, 64.0)])
+def test_best_first_with_dives_equals_enumeration(seed, dive_free, pool):
+    # quick_s=0: straight to the optimized shift and the best-first search; dive_free 0 = pure
+    # best-first, 1000 = one dive from the root, a 16-node pool (1e-4 MiB) forces dives when full
+    H, n, m, k = random_case(seed)
+    ref = enumerate_exhaustive(H, m, k)
+    r = run_bnb_ranking(H, m, k, quick_s=0.0, dive_free=dive_free, pool_mb=pool)
+    assert r.exact
+    assert [c.removed for c in r] == [c.removed for c in ref]
+    assert r.info["relaxation_shift"] in ("optimized", "uniform", "scaled", "none")
+    if dive_free == 0 and pool > 1:
+        assert r.info["dives"] == 0
+    if dive_free == 1000:
+        assert r.info["dives"] == 1 and r.info["nodes_best_first"] == 0
+
+
+@pytest.mark.parametrize("node_limit", [5, 60, 600])
+@pytest.mark.parametrize("dive_free", [0, 8])
+def test_best_first_anytime_certificate_is_sound(node_limit, dive_free):
+    H, m, k = wishart(26, 40, 3), 11, 15
+    full = enumerate_exhaustive(H, m, k)
+    r = run_bnb_ranking(H, m, k, quick_s=0.0, node_limit=node_limit, dive_free=dive_free)
+    assert r.info["nodes"] <= node_limit + 2  # a best-first expansion evaluates two children
+    if r.exact:
+        assert [c.removed for c in r] == [c.removed for c in full]
+        return
+    listed = {c.removed for c in r}
+    assert all(c.score >= r.lower_bound - 1e-12 for c in full if c.removed not in listed)
+    nc = r.info["n_certified"]
+    assert [c.removed for c in r][:nc] == [c.removed for c in full][:nc]
+    assert r.lower_bound >= r.info["root_bound"] - 1e-12  # best-first never loses the root
+
+
+def test_progress_callback_reports_rising_bound():
+    H = gradient_gram(40, 64, 1)
+    seen = []
+    run_bnb_ranking(H, 16, 5, quick_s=0.0, chunk_nodes=200, progress=seen.append)
+    assert seen and all({"nodes", "lower_bound", "cutoff", "elapsed_s"} <= set(d) for d in seen)
+    lbs = [d["lower_bound"] for d in seen]
+    assert all(b >= a - 1e-12 for a, b in zip(lbs, lbs[1:]))  # best-first: monotone certificate
+
+
+def test_solve_passes_progress_to_branch_and_bound():
+    seen = []
+    H = wishart(64, 64, 5)
+    r = solve(H, 32, 5, method="exact", node_limit=3000, progress=seen.append)
+    assert seen and seen[-1]["nodes"] <= 3000 + 2
+    assert all(d["lower_bound"] <= d["cutoff"] + 1e-9 for d in seen)
+    assert r.lower_bound is None or r.lower_bound >= seen[0]["lower_bound"] - 1e-9
+
+
+@pytest.mark.parametrize("quick_s", [0.0, 1.0])
+def test_rank_deficient_matrix_stays_exact(quick_s):
+    # 8 samples for 22 blocks: H has rank 8, lambda_min on 1^perp is ~0 (the common case)
+    H = gradient_gram(22, 8, 4)
+    assert np.linalg.matrix_rank(H) <= 8
+    ref = enumerate_exhaustive(H, 9, 25)
+    r = run_bnb_ranking(H, 9, 25, quick_s=quick_s)
+    assert r.exact
+    assert [c.removed for c in r] == [c.removed for c in ref]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_best_first_same_result_with_one_or_two_threads(threads):
+    H, n, m, k = random_case(7)
+    ref = enumerate_exhaustive(H, m, k)
+    r = run_bnb_ranking(H, m, k, quick_s=0.0, threads=threads, dive_free=0)
+    assert r.exact and r.info["threads"] == threads
+    assert [c.removed for c in r] == [c.removed for c in ref]

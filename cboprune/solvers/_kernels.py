@@ -517,7 +517,12 @@ def _sum_smallest(vals, cnt, r, buf):
 
 @nb.njit(**_JIT)
 def _project(z, F, nf, r, y):
-    """y[F] = argmin ||y - z||  s.t. 0 <= y <= 1, sum y[F] = r (bisection on the shift)."""
+    """y[F] = argmin ||y - z||  s.t. 0 <= y <= 1, sum y[F] = r.
+
+    y = clip(z - tau, 0, 1) with sum r; sum(tau) is piecewise linear in tau. Bisection on tau,
+    and at every step the exact root of the linear piece containing tau is tried: accepted when
+    it lies in that piece's closed interval (usually after a few steps).
+    """
     lo = np.inf
     hi = -np.inf
     for a in range(nf):
@@ -527,54 +532,58 @@ def _project(z, F, nf, r, y):
         if v > hi:
             hi = v
     lo -= 1.0
-    for _ in range(100):
+    tau = 0.5 * (lo + hi)
+    for _ in range(200):
         tau = 0.5 * (lo + hi)
         s = 0.0
+        nfree = 0
+        sfree = 0.0
+        nup = 0
+        L = -np.inf
+        U = np.inf
         for a in range(nf):
-            v = z[F[a]] - tau
-            if v > 1.0:
+            za = z[F[a]]
+            v = za - tau
+            if v >= 1.0:
                 s += 1.0
+                nup += 1
+                if za - 1.0 < U:
+                    U = za - 1.0
             elif v > 0.0:
                 s += v
+                nfree += 1
+                sfree += za
+                if za - 1.0 > L:
+                    L = za - 1.0
+                if za < U:
+                    U = za
+            elif za > L:
+                L = za
+        if nfree > 0:
+            t2 = (sfree + nup - r) / nfree
+            if L <= t2 <= U:
+                tau = t2
+                break
+        elif s == r:
+            break
         if s > r:
             lo = tau
         else:
             hi = tau
-        if hi - lo <= 1e-14 * (1.0 + abs(tau)):
+        if hi - lo <= 1e-15 * (1.0 + abs(tau)):
             break
-    tau = 0.5 * (lo + hi)
-    # exact solve on the identified linear piece
-    nfree = 0
-    sfree = 0.0
-    nup = 0
-    for a in range(nf):
-        v = z[F[a]] - tau
-        if v >= 1.0:
-            nup += 1
-        elif v > 0.0:
-            nfree += 1
-            sfree += z[F[a]]
-    if nfree > 0:
-        t2 = (sfree + nup - r) / nfree
-        ok = True
-        for a in range(nf):
-            v0 = z[F[a]] - tau
-            v1 = z[F[a]] - t2
-            if (v0 >= 1.0) != (v1 >= 1.0) or (v0 > 0.0) != (v1 > 0.0):
-                ok = False
-                break
-        if ok:
-            tau = t2
     for a in range(nf):
         v = z[F[a]] - tau
         y[F[a]] = 1.0 if v > 1.0 else (v if v > 0.0 else 0.0)
 
 
 @nb.njit(**_JIT)
-def qp_bound(Q, b, F, nf, r, y, thr_hi, thr_lo, max_iter, gap_tol, work):
+def qp_bound(Q, b, F, nf, r, y, thr_hi, thr_lo, max_iter, gap_tol, lam, work):
     """Certified lower bound of the convex relaxation over the free set F (first nf entries).
 
-        min_y  y^T Q_FF y + b_F^T y   s.t. 0 <= y <= 1, sum y = r       (Q_FF PSD on 1^perp)
+        min_y  y^T (Q_FF - lam I) y + b_F^T y   s.t. 0 <= y <= 1, sum y = r
+
+    (Q_FF - lam I PSD on 1^perp; lam is the per-depth tightening, the caller folds +lam into b).
 
     Projected gradient (Barzilai-Borwein step + exact line search on the projected segment) from
     the warm start y (full-length array, entries F used and updated). At every iterate y_k the
@@ -597,7 +606,7 @@ def qp_bound(Q, b, F, nf, r, y, thr_hi, thr_lo, max_iter, gap_tol, work):
         s = 0.0
         for c in range(nf):
             s += Q[j, F[c]] * y[F[c]]
-        Qy[j] = s
+        Qy[j] = s - lam * y[j]
     best = -np.inf
     primal = np.inf
     step = -1.0
@@ -632,7 +641,7 @@ def qp_bound(Q, b, F, nf, r, y, thr_hi, thr_lo, max_iter, gap_tol, work):
                 s = 0.0
                 for c in range(nf):
                     s += Q[j, F[c]] * grad[F[c]]
-                gQg += grad[j] * s
+                gQg += grad[j] * (s - lam * grad[j])
             step = gg / (2.0 * gQg) if gQg > 0.0 else 1.0
         for a in range(nf):
             j = F[a]
@@ -653,6 +662,7 @@ def qp_bound(Q, b, F, nf, r, y, thr_hi, thr_lo, max_iter, gap_tol, work):
             s = 0.0
             for c in range(nf):
                 s += Q[j, F[c]] * dvec[F[c]]
+            s -= lam * dvec[j]
             Qd[j] = s
             dQd += dvec[j] * s
         alpha = 1.0
@@ -686,18 +696,108 @@ ST_QP_CALLS = 5
 
 
 @nb.njit(**_JIT)
+def _leaf(W, u, order, d, r, E, g, mask, leafmask, topE, topM, ts, seed_cutoff, slack, stats):
+    """Evaluate a node that needs no branching (r = 0, r = |F| or r = 1); False otherwise."""
+    n = u.shape[0]
+    nf = n - d
+    thr = topk_cutoff(topE, ts, seed_cutoff) + slack
+    if r == 0:
+        stats[ST_LEAVES] += 1
+        if E <= thr:
+            topk_insert(topE, topM, ts, E, mask, False)
+        return True
+    if r == nf:
+        stats[ST_LEAVES] += 1
+        e = E
+        leafmask[:] = mask
+        for a in range(d, n):
+            j = order[a]
+            e += u[j] + 2.0 * g[j]
+            for c in range(a + 1, n):
+                e += 2.0 * W[j, order[c]]
+            set_bit(leafmask, j)
+        if e <= thr:
+            topk_insert(topE, topM, ts, e, leafmask, False)
+        return True
+    if r == 1:
+        for a in range(d, n):
+            j = order[a]
+            e = E + u[j] + 2.0 * g[j]
+            stats[ST_LEAVES] += 1
+            if e <= thr:
+                leafmask[:] = mask
+                set_bit(leafmask, j)
+                if topk_insert(topE, topM, ts, e, leafmask, False):
+                    thr = topk_cutoff(topE, ts, seed_cutoff) + slack
+        return True
+    return False
+
+
+@nb.njit(**_JIT)
+def _node_bound(u, Q, s_shift, lam_d, order, T, d, r, E, g, y, thr, use_row, use_qp, qp_iter,
+                qp_min_free, tight, vals, buf, Fbuf, b, work, stats):
+    """Lower bound of every completion of a branching node: max(row bound, relaxation bound).
+
+    `y` (full length) is the warm start of the relaxation and receives its last iterate.
+    Returns (bound, include_first): remove the next variable first when the relaxation (or the
+    row bound) puts it among the likely removed ones. The bound stops early above `thr`, and
+    (unless `tight`: the best-first search needs the value, not only the prune decision) as soon
+    as the relaxation's primal value shows that it cannot prune.
+    """
+    n = u.shape[0]
+    nf = n - d
+    bound = -np.inf
+    include_first = True
+    if use_row:
+        for a in range(d, n):
+            j = order[a]
+            vals[a - d] = u[j] + 2.0 * g[j] + T[j, d, r - 1]
+        for a in range(nf):
+            buf[a] = vals[a]
+        srt = np.sort(buf[:nf])
+        acc = 0.0
+        for a in range(r):
+            acc += srt[a]
+        bound = E + acc
+        include_first = vals[0] <= srt[r - 1]
+        if bound > thr:
+            stats[ST_PRUNE_ROW] += 1
+            return bound, include_first
+    if use_qp and nf >= qp_min_free:
+        lam = lam_d[d]
+        for a in range(nf):
+            j = order[d + a]
+            Fbuf[a] = j
+            b[j] = u[j] - s_shift[j] + lam + 2.0 * g[j]
+        qb, qprimal, qit = qp_bound(Q, b, Fbuf, nf, r, y, thr - E,
+                                    -np.inf if tight else thr - E, qp_iter, 0.0, lam, work)
+        stats[ST_QP_ITERS] += qit
+        stats[ST_QP_CALLS] += 1
+        if E + qb > bound:
+            bound = E + qb
+        if bound > thr:
+            stats[ST_PRUNE_QP] += 1
+        else:
+            include_first = y[order[d]] >= 0.5
+    return bound, include_first
+
+
+@nb.njit(**_JIT)
 def bnb_kbest(
-    W, u, Q, s_shift, order, T, m,
+    W, u, Q, s_shift, lam_d, order, T, m,
     topE, topM, ts, seed_cutoff, slack,
     use_row, use_qp, qp_iter, qp_min_free,
     stack_phase, stack_dir, stack_r, stack_E, stack_bnd, Y, g, mask, pos,
-    node_budget, stats,
+    node_budget, stats, d0,
 ):
-    """Depth-first K-best branch-and-bound; returns True when the search is complete.
+    """Depth-first K-best branch-and-bound below depth d0; True when the search is complete.
 
     The search is resumable: `pos` = [depth], the per-depth arrays, `g` (= W x_S), `mask` and `Y`
     (warm starts of the relaxation, (n + 1, n)) carry the state between calls, so the caller can
     stop on a time or node budget and read a certified bound of the open nodes from `stack_bnd`.
+    The search covers the subtree of the node at depth d0 (0: the whole tree; > 0: a dive from a
+    best-first node whose state the caller put at stack depth d0); it ends with pos = d0 - 1 and
+    g, mask restored to that node's state.
 
     Node at depth d: variables order[:d] are decided, F = order[d:] free, r = stack_r[d] still to
     remove, stack_E[d] the energy of the removed set S. A node is pruned when a lower bound of
@@ -714,7 +814,7 @@ def bnb_kbest(
     leafmask = np.empty(mask.shape[0], np.uint64)
     d = pos[0]
     budget = node_budget
-    while d >= 0:
+    while d >= d0:
         ph = stack_phase[d]
         if ph == 0:
             if budget <= 0:
@@ -724,97 +824,39 @@ def bnb_kbest(
             stats[ST_NODES] += 1
             r = stack_r[d]
             E = stack_E[d]
-            nf = n - d
-            cut = topk_cutoff(topE, ts, seed_cutoff)
-            thr = cut + slack
-            if r == 0:
-                stats[ST_LEAVES] += 1
-                if E <= thr:
-                    topk_insert(topE, topM, ts, E, mask, False)
+            if _leaf(W, u, order, d, r, E, g, mask, leafmask, topE, topM, ts, seed_cutoff,
+                     slack, stats):
                 stack_phase[d] = 3
-            elif r == nf:
-                stats[ST_LEAVES] += 1
-                e = E
-                leafmask[:] = mask
+                d -= 1
+                continue
+            thr = topk_cutoff(topE, ts, seed_cutoff) + slack
+            y = Y[d]
+            if d > d0:
                 for a in range(d, n):
-                    j = order[a]
-                    e += u[j] + 2.0 * g[j]
-                    for c in range(a + 1, n):
-                        e += 2.0 * W[j, order[c]]
-                    set_bit(leafmask, j)
-                if e <= thr:
-                    topk_insert(topE, topM, ts, e, leafmask, False)
+                    y[order[a]] = Y[d - 1][order[a]]
+            bound, include_first = _node_bound(
+                u, Q, s_shift, lam_d, order, T, d, r, E, g, y, thr, use_row, use_qp, qp_iter,
+                qp_min_free, False, vals, buf, Fbuf, b, work, stats)
+            if bound > thr:
                 stack_phase[d] = 3
-            elif r == 1:
-                for a in range(d, n):
-                    j = order[a]
-                    e = E + u[j] + 2.0 * g[j]
-                    stats[ST_LEAVES] += 1
-                    if e <= thr:
-                        leafmask[:] = mask
-                        set_bit(leafmask, j)
-                        if topk_insert(topE, topM, ts, e, leafmask, False):
-                            thr = topk_cutoff(topE, ts, seed_cutoff) + slack
-                stack_phase[d] = 3
+                d -= 1
+                continue
+            stack_bnd[d] = bound
+            stack_dir[d] = 1 if include_first else 0
+            stack_phase[d] = 1
+            # descend into the first child
+            j = order[d]
+            if include_first:
+                stack_E[d + 1] = E + u[j] + 2.0 * g[j]
+                stack_r[d + 1] = r - 1
+                for i in range(n):
+                    g[i] += W[j, i]
+                set_bit(mask, j)
             else:
-                bound = -np.inf
-                include_first = True
-                if use_row:
-                    for a in range(d, n):
-                        j = order[a]
-                        vals[a - d] = u[j] + 2.0 * g[j] + T[j, d, r - 1]
-                    for a in range(nf):
-                        buf[a] = vals[a]
-                    srt = np.sort(buf[:nf])
-                    acc = 0.0
-                    for a in range(r):
-                        acc += srt[a]
-                    bound = E + acc
-                    include_first = vals[0] <= srt[r - 1]
-                    if bound > thr:
-                        stats[ST_PRUNE_ROW] += 1
-                        stack_phase[d] = 3
-                if stack_phase[d] == 0 and use_qp and nf >= qp_min_free:
-                    for a in range(nf):
-                        j = order[d + a]
-                        Fbuf[a] = j
-                        b[j] = u[j] - s_shift[j] + 2.0 * g[j]
-                    y = Y[d]
-                    if d > 0:
-                        for a in range(nf):
-                            y[Fbuf[a]] = Y[d - 1][Fbuf[a]]
-                    else:
-                        pass
-                    qb, qprimal, qit = qp_bound(Q, b, Fbuf, nf, r, y, thr - E, thr - E, qp_iter, 0.0, work)
-                    stats[ST_QP_ITERS] += qit
-                    stats[ST_QP_CALLS] += 1
-                    if E + qb > bound:
-                        bound = E + qb
-                    if bound > thr:
-                        stats[ST_PRUNE_QP] += 1
-                        stack_phase[d] = 3
-                    else:
-                        include_first = y[order[d]] >= 0.5
-                if stack_phase[d] == 0:
-                    stack_bnd[d] = bound
-                    stack_dir[d] = 1 if include_first else 0
-                    stack_phase[d] = 1
-                    # descend into the first child
-                    j = order[d]
-                    if include_first:
-                        stack_E[d + 1] = E + u[j] + 2.0 * g[j]
-                        stack_r[d + 1] = r - 1
-                        for i in range(n):
-                            g[i] += W[j, i]
-                        set_bit(mask, j)
-                    else:
-                        stack_E[d + 1] = E
-                        stack_r[d + 1] = r
-                    stack_phase[d + 1] = 0
-                    d += 1
-                    continue
-            # leaf or pruned: go back up
-            d -= 1
+                stack_E[d + 1] = E
+                stack_r[d + 1] = r
+            stack_phase[d + 1] = 0
+            d += 1
             continue
         elif ph == 1:
             # first child done: undo it, go into the second one (unless the bound now prunes)
@@ -856,24 +898,238 @@ def bnb_kbest(
             # phase 3: finished node (only reached on resume); go up
             d -= 1
             continue
-    pos[0] = -1
+    pos[0] = d0 - 1
     return True
 
 
 @nb.njit(**_JIT)
-def open_lower_bound(stack_phase, stack_bnd, pos, root_bound):
-    """Certified lower bound on every state in the part of the tree not yet explored."""
+def open_lower_bound(stack_phase, stack_bnd, pos, root_bound, d0):
+    """Certified lower bound on every state in the not yet explored part of the subtree at d0.
+
+    `root_bound` bounds the subtree's root (depth d0) itself.
+    """
     d = pos[0]
-    if d < 0:
+    if d < d0:
         return np.inf
     lb = np.inf
-    for a in range(d):
+    for a in range(d0, d):
         if stack_phase[a] == 1 and stack_bnd[a] < lb:
             lb = stack_bnd[a]
     if stack_phase[d] == 0:
-        pb = stack_bnd[d - 1] if d > 0 else root_bound
+        pb = stack_bnd[d - 1] if d > d0 else root_bound
         if pb < lb:
             lb = pb
     elif stack_phase[d] == 1 and stack_bnd[d] < lb:
         lb = stack_bnd[d]
     return lb
+
+
+# ----------------------------------------------------------------------------------------------
+# best-first search with depth-first dives (memory-bounded node pool)
+# ----------------------------------------------------------------------------------------------
+
+ST_BF_EXPANDED = 6
+ST_DIVES = 7
+
+
+@nb.njit(**_JIT)
+def _heap_move(hb, hd, hr, hE, hM, hY, i, j):
+    """Copy heap entry j into slot i."""
+    hb[i] = hb[j]
+    hd[i] = hd[j]
+    hr[i] = hr[j]
+    hE[i] = hE[j]
+    hM[i, :] = hM[j]
+    hY[i, :] = hY[j]
+
+
+@nb.njit(**_JIT)
+def _heap_push(hb, hd, hr, hE, hM, hY, hs, bnd, d, r, E, mask, y):
+    """Push a node (bound, depth, r, energy, mask, relaxation solution) on the min-heap."""
+    i = hs[0]
+    hs[0] = i + 1
+    while i > 0:
+        par = (i - 1) >> 1
+        if hb[par] <= bnd:
+            break
+        _heap_move(hb, hd, hr, hE, hM, hY, i, par)
+        i = par
+    hb[i] = bnd
+    hd[i] = d
+    hr[i] = r
+    hE[i] = E
+    hM[i, :] = mask
+    for a in range(y.shape[0]):
+        hY[i, a] = y[a]
+
+
+@nb.njit(**_JIT)
+def _heap_pop(hb, hd, hr, hE, hM, hY, hs, mask, y):
+    """Pop the node of lowest bound into (mask, y). Returns (bound, depth, r, E)."""
+    bnd, d, r, E = hb[0], hd[0], hr[0], hE[0]
+    mask[:] = hM[0]
+    for a in range(y.shape[0]):
+        y[a] = hY[0, a]
+    last = hs[0] - 1
+    hs[0] = last
+    if last == 0:
+        return bnd, d, r, E
+    lb = hb[last]
+    i = 0
+    while True:
+        c = 2 * i + 1
+        if c >= last:
+            break
+        if c + 1 < last and hb[c + 1] < hb[c]:
+            c += 1
+        if hb[c] >= lb:
+            break
+        _heap_move(hb, hd, hr, hE, hM, hY, i, c)
+        i = c
+    _heap_move(hb, hd, hr, hE, hM, hY, i, last)
+    return bnd, d, r, E
+
+
+@nb.njit(**_JIT)
+def _field_of(W, mask, g):
+    """g = W x_S for the removed set S given as a bit mask."""
+    n = W.shape[0]
+    g[:] = 0.0
+    for j in range(n):
+        if (mask[j >> 6] >> np.uint64(j & 63)) & ONE:
+            for i in range(n):
+                g[i] += W[j, i]
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _batch_bounds(u, Q, s_shift, lam_d, order, T, use_row, use_qp, qp_iter, qp_min_free, cnt,
+                  Bd, Br, BE, BG, BY, Bthr, Bbnd, Bstats):
+    """Bounds of `cnt` best-first children in parallel (one thread per child, own scratch)."""
+    n = u.shape[0]
+    for i in nb.prange(cnt):
+        vals = np.empty(n)
+        buf = np.empty(n)
+        Fbuf = np.empty(n, np.int64)
+        b = np.empty(n)
+        work = np.zeros((5, n))
+        bnd, _ = _node_bound(u, Q, s_shift, lam_d, order, T, Bd[i], Br[i], BE[i], BG[i], BY[i],
+                             Bthr, use_row, use_qp, qp_iter, qp_min_free, True, vals, buf, Fbuf,
+                             b, work, Bstats[i])
+        Bbnd[i] = bnd
+
+
+@nb.njit(**_JIT)
+def bf_kbest(
+    W, u, Q, s_shift, lam_d, order, T, m,
+    topE, topM, ts, seed_cutoff, slack,
+    use_row, use_qp, qp_iter, qp_min_free,
+    hb, hd, hr, hE, hM, hY, hs, dive_free, bf_qp_iter, batch,
+    stack_phase, stack_dir, stack_r, stack_E, stack_bnd, Y, g, mask, pos, dive, dive_bnd,
+    node_budget, stats,
+):
+    """Best-first K-best branch-and-bound with depth-first dives; True when complete.
+
+    The open nodes live in a min-heap of their bounds (capacity hb.shape[0]). Up to `batch`
+    nodes of lowest bound are popped and split on the next variable of the static order; their
+    children are bounded in parallel (`_batch_bounds`, relaxation warm-started from the parent's
+    stored solution hY, iterated to `bf_qp_iter` steps since the value itself matters here) and
+    pushed unless pruned; leaves go to the top-K store. A node with at most `dive_free` free
+    variables, or any node once the pool is nearly full, is instead finished by a depth-first
+    dive (`bnb_kbest` below its depth, resumable: dive = [root depth, active], dive_bnd = [its
+    bound]). The certified bound of everything still open is min(heap minimum, the dive's open
+    bound): it only rises as the search goes on.
+    """
+    n = u.shape[0]
+    words = mask.shape[0]
+    cap = hb.shape[0]
+    nc = 2 * batch
+    Bd = np.empty(nc, np.int64)
+    Br = np.empty(nc, np.int64)
+    BE = np.empty(nc)
+    BM = np.empty((nc, words), np.uint64)
+    BG = np.empty((nc, n))
+    BY = np.empty((nc, n))
+    Bpb = np.empty(nc)
+    Bbnd = np.empty(nc)
+    Bstats = np.zeros((nc, 8), np.int64)
+    ypar = np.empty(n)
+    leafmask = np.empty(words, np.uint64)
+    budget = node_budget
+    while True:
+        if dive[1] == 1:
+            before = stats[ST_NODES]
+            done = bnb_kbest(W, u, Q, s_shift, lam_d, order, T, m, topE, topM, ts, seed_cutoff,
+                             slack, use_row, use_qp, qp_iter, qp_min_free, stack_phase, stack_dir,
+                             stack_r, stack_E, stack_bnd, Y, g, mask, pos, budget, stats, dive[0])
+            budget -= stats[ST_NODES] - before
+            if not done:
+                return False
+            dive[1] = 0
+        if hs[0] == 0:
+            return True
+        thr = topk_cutoff(topE, ts, seed_cutoff) + slack
+        if hb[0] > thr:
+            hs[0] = 0  # every open node is pruned
+            return True
+        if budget <= 0:
+            return False
+        cnt = 0
+        while cnt <= nc - 2 and hs[0] > 0 and budget > 0 and hb[0] <= thr:
+            bnd, d, r, E = _heap_pop(hb, hd, hr, hE, hM, hY, hs, mask, ypar)
+            _field_of(W, mask, g)
+            if n - d <= dive_free or hs[0] >= cap - nc - 2:
+                if cnt > 0:  # finish the batch first
+                    _heap_push(hb, hd, hr, hE, hM, hY, hs, bnd, d, r, E, mask, ypar)
+                    break
+                stats[ST_DIVES] += 1
+                stack_phase[d] = 0
+                stack_r[d] = r
+                stack_E[d] = E
+                for a in range(n):
+                    Y[d][a] = ypar[a]
+                pos[0] = d
+                dive[0] = d
+                dive[1] = 1
+                dive_bnd[0] = bnd
+                break
+            budget -= 2  # two children are evaluated (counted as nodes)
+            stats[ST_BF_EXPANDED] += 1
+            j = order[d]
+            for child in range(2):
+                if child == 0:  # remove j
+                    E1 = E + u[j] + 2.0 * g[j]
+                    r1 = r - 1
+                    for i in range(n):
+                        g[i] += W[j, i]
+                    set_bit(mask, j)
+                else:
+                    E1 = E
+                    r1 = r
+                stats[ST_NODES] += 1
+                if not _leaf(W, u, order, d + 1, r1, E1, g, mask, leafmask, topE, topM, ts,
+                             seed_cutoff, slack, stats):
+                    Bd[cnt] = d + 1
+                    Br[cnt] = r1
+                    BE[cnt] = E1
+                    BM[cnt, :] = mask
+                    BG[cnt, :] = g
+                    BY[cnt, :] = ypar
+                    Bpb[cnt] = bnd
+                    cnt += 1
+                if child == 0:
+                    for i in range(n):
+                        g[i] -= W[j, i]
+                    clear_bit(mask, j)
+        if cnt == 0:
+            continue
+        thr = topk_cutoff(topE, ts, seed_cutoff) + slack
+        Bstats[:cnt, :] = 0
+        _batch_bounds(u, Q, s_shift, lam_d, order, T, use_row, use_qp, bf_qp_iter, qp_min_free,
+                      cnt, Bd, Br, BE, BG, BY, thr, Bbnd, Bstats)
+        for i in range(cnt):
+            for q in range(8):
+                stats[q] += Bstats[i, q]
+            cb = Bbnd[i] if Bbnd[i] > Bpb[i] else Bpb[i]
+            if cb <= thr:
+                _heap_push(hb, hd, hr, hE, hM, hY, hs, cb, Bd[i], Br[i], BE[i], BM[i], BY[i])
+    return True

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
 from cboprune.ranking import Ranking
 from cboprune.solvers._problem import Problem, finalize, make_problem
-from cboprune.solvers.bnb import _relaxation_shifts, _root_qp, _row_values, run_bnb
+from cboprune.solvers._bounds import relaxation_shifts, root_qp, row_values
+from cboprune.solvers.bnb import run_bnb
 from cboprune.solvers.exhaustive import run_enumeration
 from cboprune.solvers.heuristics import run_tabu, run_tempering
 
@@ -28,10 +29,10 @@ def root_lower_bound(p: Problem) -> float:
     """Certified lower bound on every feasible state: max(row bound, best convex relaxation)."""
     if p.m == 0 or p.m == p.n_free:
         return -np.inf
-    v = _row_values(p)
+    v = row_values(p)
     lb = float(np.sort(v)[: p.m].sum())
-    for s in _relaxation_shifts(p).values():
-        lb = max(lb, _root_qp(p, s)[0])
+    for s in relaxation_shifts(p).values():
+        lb = max(lb, root_qp(p, s)[0])
     return lb + p.const
 
 
@@ -50,6 +51,7 @@ def solve(
     tie_tol: float = 1e-9,
     seed: int = 0,
     bound: str = "both",
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> Ranking:
     """The K lowest states of  min x^T H x + c^T x  s.t. sum x = M, x binary, with constraints.
 
@@ -84,6 +86,9 @@ def solve(
         Seed of the heuristics (results of "exact"/"enumerate" do not depend on it).
     bound : {"both", "row", "qp"}
         Branch-and-bound lower bounds.
+    progress : callable, optional
+        Branch-and-bound only: called about every 0.5 s with {"nodes", "lower_bound" (current
+        certificate), "cutoff" (K-th energy found), "elapsed_s"} (e.g. to drive a progress bar).
 
     Returns
     -------
@@ -120,7 +125,7 @@ def solve(
         exact, lb = True, None
     elif chosen == "exact":
         res = run_bnb(p, k, time_limit=time_limit, node_limit=node_limit, tie_tol=tie_tol,
-                      seed=seed, bound=bound)
+                      seed=seed, bound=bound, progress=progress)
         sets = res.sets
         info = {"solver": "branch-and-bound", **res.info}
         exact = res.complete

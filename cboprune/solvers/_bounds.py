@@ -1,0 +1,179 @@
+"""Relaxation shifts and root bounds of the branch-and-bound (numpy / scipy, no search).
+
+On binaries y_j^2 = y_j, so for any diagonal s the energy of a completion equals
+y^T (W + diag s) y + (u - s + 2 g)^T y. When W + diag(s) is PSD on {sum y = 0} the minimum of that
+quadratic over {0 <= y <= 1, sum y = r} is a convex lower bound (docs/solver.md, "Bounds").
+This module builds the shift s:
+
+- `relaxation_shifts`: two closed forms (uniform eigenvalue shift, diagonal-scaled shift);
+- `optimize_shift`: ascent on the root bound over the boundary of the PSD set (a QCR-type,
+  SDP-like diagonal), anytime and time-capped; any iterate is a valid shift;
+- `depth_corrections`: per-depth uniform tightening lam_d >= 0 for the suffix free sets of the
+  static order (principal submatrices are "more PSD" than the whole).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import scipy.linalg
+
+from cboprune.solvers import _kernels as kn
+from cboprune.solvers._problem import Problem
+
+#: relative safety margin on every eigenvalue used to certify PSD-ness
+EIG_MARGIN = 1e-7
+
+
+def _safe(lam: float, scale: float) -> float:
+    """An eigenvalue pushed down by a safety margin (the shift stays PSD under rounding)."""
+    return lam - abs(lam) * EIG_MARGIN - 1e-12 * max(scale, 1e-300)
+
+
+def _basis(n: int) -> np.ndarray:
+    """Orthonormal basis (n, n-1) of the subspace {sum y = 0}."""
+    return scipy.linalg.null_space(np.ones((1, n)))
+
+
+def relaxation_shifts(p: Problem) -> dict[str, np.ndarray]:
+    """Closed-form shifts s (n,) with W + diag(s) PSD on the subspace {sum y = 0}.
+
+    "uniform": s = h - mu, mu = lambda_min of H_FF on 1^perp (negative when H is indefinite);
+    "scaled": s = h (1 - mu'), mu' the smallest generalized eigenvalue of (H_FF, diag h) on
+    1^perp (helps when block scales are uneven). Smaller s gives a tighter bound (the bound is
+    concave in s with gradient y^2 - y <= 0), so s = h ("none") is never better than "uniform".
+    """
+    n = p.n_free
+    h = np.diag(p.H)[p.free].copy()
+    Hff = p.H[np.ix_(p.free, p.free)]
+    if n < 2:
+        return {"none": h.copy()}  # y is fixed by sum y = r: any shift is exact
+    out: dict[str, np.ndarray] = {}
+    P = _basis(n)
+    A = P.T @ Hff @ P
+    A = 0.5 * (A + A.T)
+    hmax = float(np.max(np.abs(h)))
+    try:
+        mu = float(scipy.linalg.eigvalsh(A, subset_by_index=[0, 0])[0])
+        out["uniform"] = h - _safe(mu, hmax)
+    except (np.linalg.LinAlgError, ValueError):  # pragma: no cover - LAPACK failure
+        lam = float(np.linalg.eigvalsh(Hff)[0])
+        out["uniform"] = h - _safe(lam, hmax)
+    if np.all(h > 0):
+        B = P.T @ np.diag(h) @ P
+        B = 0.5 * (B + B.T)
+        try:
+            mu2 = float(scipy.linalg.eigh(A, B, eigvals_only=True, subset_by_index=[0, 0])[0])
+            mu2 = mu2 - abs(mu2) * EIG_MARGIN - 1e-12
+            out["scaled"] = h * (1.0 - mu2)
+        except (np.linalg.LinAlgError, ValueError):  # pragma: no cover
+            pass
+    return out
+
+
+def root_qp(p: Problem, s: np.ndarray, iters: int = 3000,
+            y0: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """Root relaxation with shift s solved to tolerance: (certified bound, y (n,))."""
+    n = p.n_free
+    Q = np.ascontiguousarray(p.W + np.diag(s))
+    b = p.u - s
+    F = np.arange(n, dtype=np.int64)
+    y = np.full(n, p.m / n) if y0 is None else y0.copy()
+    work = np.zeros((5, n))
+    tol = 1e-10 * p.scale
+    lb, _, _ = kn.qp_bound(Q, b, F, n, p.m, y, np.inf, -np.inf, iters, tol, 0.0, work)
+    return float(lb), y
+
+
+def row_values(p: Problem) -> np.ndarray:
+    """Root row-bound values v_j = u_j + sum of the m-1 smallest W_jk (n,)."""
+    n, m = p.n_free, p.m
+    v = p.u.copy()
+    if m > 1:
+        for j in range(n):
+            row = np.delete(p.W[j], j)
+            v[j] += np.sort(row)[: m - 1].sum()
+    return v
+
+
+def optimize_shift(
+    p: Problem, s0: np.ndarray, y0: np.ndarray, *, time_budget: float, max_iter: int = 400,
+) -> tuple[np.ndarray, float, np.ndarray, int]:
+    """Raise the root bound by moving the shift along the boundary of the PSD set.
+
+    Parametrization s(t) = t - lambda_min(P^T (W + diag t) P) 1 keeps every iterate PSD on
+    1^perp (a uniform shift moves every eigenvalue on 1^perp equally). The root bound L(s) is
+    concave with supergradient y*^2 - y* (y* the relaxation optimum), so t moves along
+    grad_t = g - (1^T g) w, w = squared eigenvector weights (soft-min over the lowest
+    eigenvalues where they cluster, which is where the optimum drives them), constant step (a
+    subgradient method). Any iterate is valid; the best is returned: (s, bound, y, iterations).
+    """
+    n = p.n_free
+    t_end = time.perf_counter() + time_budget
+    P = _basis(n)
+    PWP = P.T @ p.W @ P
+    scale = float(np.max(np.abs(s0))) or 1.0
+    best_s, (best_lb, best_y) = s0, root_qp(p, s0, y0=y0)
+    t, y, lr, it = s0.copy(), best_y.copy(), None, 0
+    work = np.zeros((5, n))
+    F = np.arange(n, dtype=np.int64)
+    while it < max_iter and time.perf_counter() < t_end:
+        it += 1
+        A = PWP + P.T @ (t[:, None] * P)
+        lam, V = np.linalg.eigh(0.5 * (A + A.T))
+        s = t - _safe(float(lam[0]), scale)
+        Q = np.ascontiguousarray(p.W + np.diag(s))
+        lb, _, _ = kn.qp_bound(Q, p.u - s, F, n, p.m, y, np.inf, -np.inf, 100, 0.0, 0.0, work)
+        if lb > best_lb:
+            best_s, best_lb, best_y = s, float(lb), y.copy()
+        g = y * y - y
+        # soft-min over the eigenvalues close to the smallest one (a cluster forms at the optimum)
+        tau = max(1e-3 * float(lam[min(5, lam.size - 1)] - lam[0]), 1e-12 * scale)
+        wts = np.exp(-(lam - lam[0]) / tau)
+        wts /= wts.sum()
+        grad = g - g.sum() * (((P @ V) ** 2) @ wts)
+        gmax = float(np.max(np.abs(grad)))
+        if gmax <= 1e-15:
+            break
+        if lr is None:  # constant step (a subgradient method; the best iterate is kept)
+            lr = 0.05 * float(np.mean(np.abs(s))) / gmax
+        t = s + lr * grad
+    # final, converged bound of the best shift (certified at any iterate count)
+    lb, y = root_qp(p, best_s, y0=best_y)
+    return best_s, max(lb, best_lb), y, it  # both are certified bounds of best_s
+
+
+def _min_eig_perp(A: np.ndarray) -> float:
+    """Smallest eigenvalue of the symmetric A restricted to {sum y = 0} (no basis needed).
+
+    J A J (J = I - 11^T/n) has that spectrum plus 0 on the direction 1; adding c 11^T/n with c
+    above the spectrum moves that one eigenvalue out of the way.
+    """
+    nf = A.shape[0]
+    mean_row = A.mean(axis=1)
+    JAJ = A - mean_row[:, None] - mean_row[None, :] + mean_row.mean()
+    c = 2.0 * float(np.abs(A).sum(axis=1).max())  # >= ||A|| >= the smallest eigenvalue sought
+    return float(scipy.linalg.eigvalsh(JAJ + c / nf, subset_by_index=[0, 0])[0])
+
+
+def depth_corrections(p: Problem, s: np.ndarray, order: np.ndarray, every: int = 1) -> np.ndarray:
+    """lam (n + 1,): lam[d] >= 0 with W + diag(s) - lam[d] I PSD on 1^perp of order[d:].
+
+    The free set at depth d of the static order is the suffix order[d:]; its principal
+    submatrix has a larger smallest eigenvalue on 1^perp (interlacing), which tightens the
+    relaxation of every node at that depth for free: lam[d] (sum y - sum y^2) >= 0 is added.
+    With `every` > 1 only every `every`-th depth is computed and the depths in between reuse
+    the value above them (valid by the same interlacing: it only grows with d).
+    """
+    n = p.n_free
+    lam = np.zeros(n + 1)
+    Q = p.W + np.diag(s)
+    scale = float(np.max(np.abs(s))) or 1.0
+    cur = 0.0
+    for d in range(n - 2):
+        if d % max(1, every) == 0:
+            idx = order[d:]
+            cur = max(cur, _safe(_min_eig_perp(Q[np.ix_(idx, idx)]), scale))
+        lam[d] = cur
+    return lam
