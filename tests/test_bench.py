@@ -52,7 +52,10 @@ def test_bench_alternates_models_and_reports_paired_ratios(monkeypatch):
     rows = {(r["model"], r["batch_size"]): r for r in report["runs"]}
     assert len(report["runs"]) == 4 and rows[("pruned", 2)]["prefill_s"]["n"] == FAST.repeats
     r = rows[("pruned", 2)]
-    assert r["prefill_tokens_per_s"]["median"] == pytest.approx(2 * 8 / r["prefill_s"]["median"], rel=0.5)
+    # tokens/s per repetition: its median lies within the range the per-repetition times allow
+    # (a ratio of medians would be a timing-dependent test on a loaded machine)
+    tps = r["prefill_tokens_per_s"]["median"]
+    assert 2 * 8 / r["prefill_s"]["max"] * 0.999 <= tps <= 2 * 8 / r["prefill_s"]["min"] * 1.001
     assert r["decode_speedup"]["min"] <= r["decode_speedup"]["median"] <= r["decode_speedup"]["max"]
     assert "prefill_speedup" not in rows[("orig", 1)]
     # KV cache: 2 (K, V) x layers x B x (L + steps) x kv heads x head dim x 4 bytes, measured on the cache
