@@ -66,7 +66,8 @@ def explicit_reference(model, removed, calibration, ridge=1e-4, objective="lstsq
     for a run starting at block 0, the first kept block's input h -> h T."""
     ref = copy.deepcopy(model)
     plan = plan_repair(ref, removed)
-    maps = [solve_map(m, ridge) for m in collect_moments(ref, plan, calibration, objective=objective)]
+    moments = collect_moments(ref, plan, calibration, objectives=(objective,))
+    maps = [solve_map(moments[(run, objective)], ridge) for run in plan.runs]
     _, layers = decoder_layers(ref)
     kept = [i for i in range(len(layers)) if i not in set(removed)]
     captured = {}
@@ -123,12 +124,15 @@ def test_reported_error_is_the_error_of_the_repaired_state(family):
     model, removed = FAMILIES[family](), [2, 3]
     calib = random_calibration()
     ids, mask = calib.input_ids, calib.attention_mask
-    with torch.no_grad():
-        target = _real_rows(model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[4], mask)
-        plain = remove_blocks(copy.deepcopy(model), removed)
-        before = _real_rows(plain(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[2], mask)
-        repaired, info = repair_linear(model, removed, calib, ridge=0.0)
-        after = _real_rows(repaired(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[2], mask)
+
+    def state(m, i):  # [n, D] real tokens of the state entering block i (block i-1's output)
+        with torch.no_grad():
+            return _real_rows(m(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[i], mask)
+
+    target = state(model, 4)
+    before = state(remove_blocks(copy.deepcopy(model), removed), 2)
+    repaired, info = repair_linear(model, removed, calib, ridge=0.0)
+    after = state(repaired, 2)
     run = info["runs"][0]
     rel = lambda h: float((h - target).pow(2).sum() / target.pow(2).sum())  # noqa: E731
     assert run["n_tokens"] == int(mask.sum())
@@ -228,3 +232,19 @@ def test_cli_source_resolution(tmp_path):
         resolve_source(str(pruned), [1])
     with pytest.raises(CBOPruneError, match="--blocks"):
         resolve_source(str(tmp_path), None)
+
+
+def test_one_pass_serves_several_configurations():
+    """Moments of the runs of several configurations (sharing a fold block) and both objectives,
+    collected in one pass, equal those of each configuration alone."""
+    from cboprune.repair.linear import Run, plan_runs
+
+    model, calib = tiny_llama(), random_calibration()
+    runs = [Run(2, 3), Run(2, 4), Run(0, 0)]
+    both = collect_moments(model, plan_runs(model, runs), calib, objectives=("lstsq", "cosine"))
+    for removed, obj in (([2, 3], "lstsq"), ([2, 3, 4], "cosine"), ([0], "cosine")):
+        plan = plan_repair(model, removed)
+        alone = collect_moments(model, plan, calib, objectives=(obj,))[(plan.runs[0], obj)]
+        shared = both[(plan.runs[0], obj)]
+        assert torch.allclose(alone.A, shared.A) and torch.allclose(alone.B, shared.B)
+        assert alone.n_tokens == shared.n_tokens == int(calib.attention_mask.sum())

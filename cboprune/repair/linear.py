@@ -109,14 +109,19 @@ class RepairPlan:
 
 def plan_repair(model: nn.Module, removed: Sequence[int]) -> RepairPlan:
     """Check that each removed run's map can be folded exactly; one-line CBOPruneError otherwise."""
+    _, _, layers = resolve(model)
+    return plan_runs(model, removed_runs(validate_removal(removed, len(layers))))
+
+
+def plan_runs(model: nn.Module, runs: Sequence[Run]) -> RepairPlan:
+    """The fold targets of `runs` (any runs, e.g. those of several configurations fitted in one pass)."""
     spec, path, layers = resolve(model)
-    removed = validate_removal(removed, len(layers))
     model_type = getattr(decoder_config(model), "model_type", "?")
     if spec.repair_fold is None:
         raise CBOPruneError(f"linear repair of model type {model_type!r} is not possible: {spec.repair_refusal}; "
                             "remove the blocks without --repair (or heal instead)")
     kinds = block_kinds(model, spec, len(layers))
-    runs, fold = removed_runs(removed), []
+    fold = []
     for run in runs:
         if run.first == 0:
             fold.append(_embedding_names(model, spec))
@@ -133,7 +138,7 @@ def plan_repair(model: nn.Module, removed: Sequence[int]) -> RepairPlan:
                                 "(the architecture table's repair_fold does not match this model)")
         fold.append([name])
     scale = float(getattr(decoder_config(model), spec.repair_scale, 1.0)) if spec.repair_scale else 1.0
-    return RepairPlan(spec=spec, layers_path=path, runs=runs, fold=fold, scale=scale)
+    return RepairPlan(spec=spec, layers_path=path, runs=list(runs), fold=fold, scale=scale)
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module | None:
@@ -175,7 +180,7 @@ def _hidden_out(output: Any) -> torch.Tensor:
 
 
 @contextmanager
-def _collect_hooks(model: nn.Module, plan: RepairPlan, moments: list[_Moments], state: dict, objective: str):
+def _collect_hooks(model: nn.Module, plan: RepairPlan, moments: dict[tuple[Run, str], _Moments], state: dict):
     """Forward hooks that stream each run's (x, y) into its moments; `state["mask"]` selects real tokens."""
     layers = model.get_submodule(plan.layers_path)
     last_needed = max(run.last for run in plan.runs)
@@ -187,49 +192,56 @@ def _collect_hooks(model: nn.Module, plan: RepairPlan, moments: list[_Moments], 
             state[key] = h[state["mask"]]  # [n, D] real tokens only
         return hook
 
-    def fit(k: int, run: Run):
+    def keep_proj(p: int):
+        def hook(module, args, output):
+            state[("proj", p)] = output[state["mask"]]
+        return hook
+
+    def fit(run: Run):
         def hook(module, args, kwargs, output):
             target = _hidden_out(output)[state["mask"]]
             if run.first == 0:
                 x, y = state[("in", 0)], target
             else:
                 p = run.first - 1
-                d = plan.scale * state[("proj", p)].reshape(target.shape)
-                x, y = d, target - (state[("out", p)] - d)
-            moments[k].add(x, y, target, objective)
+                d = plan.scale * state[("proj", p)].reshape(target.shape)  # the FFN's contribution
+                x, y = d, target - (state[("out", p)] - d)  # y: the target minus the rest r of h_a
+            for (r, objective), mom in moments.items():
+                if r == run:
+                    mom.add(x, y, target, objective)
             if run.last == last_needed:
                 raise _StopForward
         return hook
 
     try:
-        for k, run in enumerate(plan.runs):
+        for run, names in zip(plan.runs, plan.fold):
             if run.first == 0:
                 handles.append(layers[0].register_forward_pre_hook(keep(("in", 0)), with_kwargs=True))
             else:
                 p = run.first - 1
-                proj = model.get_submodule(plan.fold[k][0])
-                handles.append(proj.register_forward_hook(lambda m, a, o, p=p: state.__setitem__(
-                    ("proj", p), o[state["mask"]])))
+                handles.append(model.get_submodule(names[0]).register_forward_hook(keep_proj(p)))
                 handles.append(layers[p].register_forward_hook(keep(("out", p)), with_kwargs=True))
-            handles.append(layers[run.last].register_forward_hook(fit(k, run), with_kwargs=True))
+            handles.append(layers[run.last].register_forward_hook(fit(run), with_kwargs=True))
         yield
     finally:
         for h in handles:
             h.remove()
 
 
-def collect_moments(model: nn.Module, plan: RepairPlan, calibration: CalibrationSet, *, objective: str = "lstsq",
-                    batch_size: int = 8) -> list[_Moments]:
-    """One pass of the (unpruned) model over `calibration`: the normal equations of every run."""
+def collect_moments(model: nn.Module, plan: RepairPlan, calibration: CalibrationSet, *,
+                    objectives: Sequence[str] = ("lstsq",), batch_size: int = 8) -> dict[tuple[Run, str], _Moments]:
+    """One pass of the (unpruned) model over `calibration`: the normal equations of every run of
+    `plan` under every objective, keyed by (run, objective)."""
     hidden = decoder_config(model).hidden_size
     device = next(model.parameters()).device
-    moments = [_Moments(torch.zeros(hidden, hidden, dtype=torch.float64, device=device),
-                        torch.zeros(hidden, hidden, dtype=torch.float64, device=device)) for _ in plan.runs]
+    moments = {(run, obj): _Moments(torch.zeros(hidden, hidden, dtype=torch.float64, device=device),
+                                    torch.zeros(hidden, hidden, dtype=torch.float64, device=device))
+               for run in dict.fromkeys(plan.runs) for obj in objectives}
     state: dict = {}
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), _collect_hooks(model, plan, moments, state, objective):
+        with torch.inference_mode(), _collect_hooks(model, plan, moments, state):
             for _, ids, mask in calibration.batches(batch_size):
                 ids, mask = ids.to(device), mask.to(device)
                 state.clear()
@@ -284,6 +296,31 @@ def _untie_output_embeddings(model: nn.Module, embedding: nn.Module) -> None:
     log.info("untied the LM head from the input embeddings (the repair changes the embeddings)")
 
 
+def fold_repair(model: nn.Module, plan: RepairPlan, moments: dict[tuple[Run, str], _Moments], *,
+                objective: str = "lstsq", ridge: float = DEFAULT_RIDGE) -> list[dict[str, Any]]:
+    """Solve every run's map from `moments` and fold it into `model` (the model `plan` was made for);
+    returns one record per run: blocks, folded modules, tokens, in-sample relative error of the map
+    and of plain removal (the identity)."""
+    records = []
+    for run, names in zip(plan.runs, plan.fold):
+        mom = moments[(run, objective)]
+        if mom.n_tokens == 0:
+            raise CBOPruneError("the calibration set has no real tokens: pass more or longer samples")
+        T = solve_map(mom, ridge)
+        eye = torch.eye(T.shape[0], dtype=T.dtype, device=T.device)
+        records.append({"removed": run.blocks, "fold_into": list(names), "n_tokens": mom.n_tokens,
+                        "fit_error": mom.error(T), "identity_error": mom.error(eye)})
+        fold_map(model, names, T)
+    return records
+
+
+def check_options(objective: str, ridge: float) -> None:
+    if objective not in OBJECTIVES:
+        raise CBOPruneError(f"unknown repair objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
+    if not ridge >= 0:
+        raise CBOPruneError(f"--ridge must be >= 0, got {ridge}")
+
+
 def repair_linear(model: nn.Module, removed: Sequence[int], calibration: CalibrationSet, *,
                   objective: str = "lstsq", ridge: float = DEFAULT_RIDGE, batch_size: int = 8,
                   remove: bool = True) -> tuple[nn.Module, dict[str, Any]]:
@@ -291,30 +328,18 @@ def repair_linear(model: nn.Module, removed: Sequence[int], calibration: Calibra
     `model`), fold each into the kept weights and, with `remove`, remove the blocks (surgery).
 
     Modifies `model` in place and returns (model, info); info is what removal.json records under
-    "repair": objective, ridge, and per run the blocks, the folded modules, the in-sample relative
-    error of the map and of plain removal (identity), and the token count.
+    "repair". With remove=False the blocks stay: gating them off (GateManager at 0) then gives the
+    repaired model, for evaluations that gate instead of removing.
     """
-    if objective not in OBJECTIVES:
-        raise CBOPruneError(f"unknown repair objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
-    if not ridge >= 0:
-        raise CBOPruneError(f"--ridge must be >= 0, got {ridge}")
+    check_options(objective, ridge)
     plan = plan_repair(model, removed)
     start = time.perf_counter()
-    moments = collect_moments(model, plan, calibration, objective=objective, batch_size=batch_size)
-    runs = []
-    for run, names, mom in zip(plan.runs, plan.fold, moments):
-        if mom.n_tokens == 0:
-            raise CBOPruneError("the calibration set has no real tokens: pass more or longer samples")
-        T = solve_map(mom, ridge)
-        eye = torch.eye(T.shape[0], dtype=T.dtype, device=T.device)
-        runs.append({"removed": run.blocks, "fold_into": list(names), "n_tokens": mom.n_tokens,
-                     "fit_error": mom.error(T), "identity_error": mom.error(eye)})
-        fold_map(model, names, T)
+    moments = collect_moments(model, plan, calibration, objectives=(objective,), batch_size=batch_size)
+    runs = fold_repair(model, plan, moments, objective=objective, ridge=ridge)
     if remove:
         remove_blocks(model, removed)
-    info = {"method": "linear", "objective": objective, "ridge": ridge, "runs": runs,
-            "calibration": calibration.describe(), "seconds": round(time.perf_counter() - start, 2)}
     for r in runs:
         log.info("repair of blocks %s -> %s: relative error %.4f (plain removal %.4f)", r["removed"],
                  r["fold_into"][0], r["fit_error"], r["identity_error"])
-    return model, info
+    return model, {"method": "linear", "objective": objective, "ridge": ridge, "runs": runs,
+                   "calibration": calibration.describe(), "seconds": round(time.perf_counter() - start, 2)}
