@@ -248,3 +248,32 @@ def test_one_pass_serves_several_configurations():
         shared = both[(plan.runs[0], obj)]
         assert torch.allclose(alone.A, shared.A) and torch.allclose(alone.B, shared.B)
         assert alone.n_tokens == shared.n_tokens == int(calib.attention_mask.sum())
+
+
+def test_repair_command_end_to_end(tmp_path, shared_data, capsys):
+    """`cboprune repair PRUNED`: refits on the source model named in removal.json, saves a checkpoint
+    whose removal.json records the repair, and that reloads with from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    from cboprune.repair.cli import add_repair_arguments, run_repair_command
+    from tests.conftest import save_tiny_checkpoint
+
+    original = save_tiny_checkpoint(tmp_path / "orig")
+    pruned = tmp_path / "pruned"
+    pruned.mkdir()
+    (pruned / "removal.json").write_text(json.dumps({"source_model": str(original), "removed": [2, 3],
+                                                     "method": "manual"}))
+    parser = argparse.ArgumentParser()
+    add_repair_arguments(parser)
+    args = parser.parse_args([str(pruned), "--data", str(shared_data / "calib" / "alpaca_en_demo.json"),
+                              "--n-samples", "4", "--heldout", "2", "--seq-len", "32", "--device", "cpu",
+                              "--objective", "cosine", "--output-dir", str(tmp_path / "out")])
+    assert run_repair_command(args) == 0
+    assert "held-out NLL (2 samples)" in capsys.readouterr().out
+    prov = json.loads((tmp_path / "out" / "removal.json").read_text())
+    assert prov["removed"] == [2, 3] and prov["kept"] == [0, 1, 4, 5] and prov["method"] == "manual"
+    assert prov["repair"]["objective"] == "cosine" and prov["repair"]["runs"][0]["removed"] == [2, 3]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reloaded.config.num_hidden_layers == 4
+    with pytest.raises(CBOPruneError, match="already repaired"):
+        run_repair_command(parser.parse_args([str(tmp_path / "out"), "--output-dir", str(tmp_path / "o2")]))
