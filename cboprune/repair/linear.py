@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -68,7 +68,7 @@ def removed_runs(removed: Sequence[int]) -> list[Run]:
 
 
 @dataclass
-class _Moments:
+class Moments:
     """Streamed normal equations of one run: A = XᵀWX, B = XᵀWY [D, D], yy = Σ w||Y||², hh = Σ w||y||²."""
 
     A: torch.Tensor
@@ -104,7 +104,6 @@ class RepairPlan:
     runs: list[Run]
     fold: list[list[str]]  # qualified module names per run
     scale: float = 1.0
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 def plan_repair(model: nn.Module, removed: Sequence[int]) -> RepairPlan:
@@ -180,7 +179,7 @@ def _hidden_out(output: Any) -> torch.Tensor:
 
 
 @contextmanager
-def _collect_hooks(model: nn.Module, plan: RepairPlan, moments: dict[tuple[Run, str], _Moments], state: dict):
+def _collect_hooks(model: nn.Module, plan: RepairPlan, moments: dict[tuple[Run, str], Moments], state: dict):
     """Forward hooks that stream each run's (x, y) into its moments; `state["mask"]` selects real tokens."""
     layers = model.get_submodule(plan.layers_path)
     last_needed = max(run.last for run in plan.runs)
@@ -229,12 +228,12 @@ def _collect_hooks(model: nn.Module, plan: RepairPlan, moments: dict[tuple[Run, 
 
 
 def collect_moments(model: nn.Module, plan: RepairPlan, calibration: CalibrationSet, *,
-                    objectives: Sequence[str] = ("lstsq",), batch_size: int = 8) -> dict[tuple[Run, str], _Moments]:
+                    objectives: Sequence[str] = ("lstsq",), batch_size: int = 8) -> dict[tuple[Run, str], Moments]:
     """One pass of the (unpruned) model over `calibration`: the normal equations of every run of
     `plan` under every objective, keyed by (run, objective)."""
     hidden = decoder_config(model).hidden_size
     device = next(model.parameters()).device
-    moments = {(run, obj): _Moments(torch.zeros(hidden, hidden, dtype=torch.float64, device=device),
+    moments = {(run, obj): Moments(torch.zeros(hidden, hidden, dtype=torch.float64, device=device),
                                     torch.zeros(hidden, hidden, dtype=torch.float64, device=device))
                for run in dict.fromkeys(plan.runs) for obj in objectives}
     state: dict = {}
@@ -257,7 +256,7 @@ def collect_moments(model: nn.Module, plan: RepairPlan, calibration: Calibration
 
 # ----------------------------------------------------------------------------- solve and fold
 
-def solve_map(moments: _Moments, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
+def solve_map(moments: Moments, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
     """T = (A + lam I)^-1 B with lam = ridge * mean diagonal of A (scale-free), float64 [D, D]."""
     A = moments.A
     lam = ridge * float(torch.diagonal(A).mean().clamp_min(1e-30))
@@ -296,7 +295,7 @@ def _untie_output_embeddings(model: nn.Module, embedding: nn.Module) -> None:
     log.info("untied the LM head from the input embeddings (the repair changes the embeddings)")
 
 
-def fold_repair(model: nn.Module, plan: RepairPlan, moments: dict[tuple[Run, str], _Moments], *,
+def fold_repair(model: nn.Module, plan: RepairPlan, moments: dict[tuple[Run, str], Moments], *,
                 objective: str = "lstsq", ridge: float = DEFAULT_RIDGE) -> list[dict[str, Any]]:
     """Solve every run's map from `moments` and fold it into `model` (the model `plan` was made for);
     returns one record per run: blocks, folded modules, tokens, in-sample relative error of the map
