@@ -240,9 +240,9 @@ def test_one_pass_serves_several_configurations():
     from cboprune.repair.linear import Run, plan_runs
 
     model, calib = tiny_llama(), random_calibration()
-    runs = [Run(2, 3), Run(2, 4), Run(0, 0)]
+    runs = [Run(2, 3), Run(2, 4), Run(0, 0), Run(3, 4)]  # two runs end at the last block the pass needs
     both = collect_moments(model, plan_runs(model, runs), calib, objectives=("lstsq", "cosine"))
-    for removed, obj in (([2, 3], "lstsq"), ([2, 3, 4], "cosine"), ([0], "cosine")):
+    for removed, obj in (([2, 3], "lstsq"), ([2, 3, 4], "cosine"), ([0], "cosine"), ([3, 4], "lstsq")):
         plan = plan_repair(model, removed)
         alone = collect_moments(model, plan, calib, objectives=(obj,))[(plan.runs[0], obj)]
         shared = both[(plan.runs[0], obj)]

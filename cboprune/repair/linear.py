@@ -208,9 +208,10 @@ def _collect_hooks(model: nn.Module, plan: RepairPlan, moments: dict[tuple[Run, 
             for (r, objective), mom in moments.items():
                 if r == run:
                     mom.add(x, y, target, objective)
-            if run.last == last_needed:
-                raise _StopForward
         return hook
+
+    def stop(module, args, output):
+        raise _StopForward
 
     try:
         for run, names in zip(plan.runs, plan.fold):
@@ -221,6 +222,8 @@ def _collect_hooks(model: nn.Module, plan: RepairPlan, moments: dict[tuple[Run, 
                 handles.append(model.get_submodule(names[0]).register_forward_hook(keep_proj(p)))
                 handles.append(layers[p].register_forward_hook(keep(("out", p)), with_kwargs=True))
             handles.append(layers[run.last].register_forward_hook(fit(run), with_kwargs=True))
+        # registered last, so it runs after every fit hook of the same block
+        handles.append(layers[last_needed].register_forward_hook(stop))
         yield
     finally:
         for h in handles:
