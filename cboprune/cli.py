@@ -6,6 +6,9 @@
     cboprune prune    remove blocks (a ranked state or explicit indices) and save a checkpoint
     cboprune eval     evaluate a model or checkpoint (perplexity, benchmarks)
     cboprune heal     distill the original model into a pruned checkpoint (resumable, LoRA option)
+    cboprune repair   training-free linear repair of removed blocks, folded into the kept weights
+    cboprune bench    size and speed of pruned checkpoints next to the original
+    cboprune methods  every registered selection method: needs and cost
     cboprune compare  CBO and its peers (BI, SLEB, SWM, ...) at equal M, evaluated alike
     cboprune study    every energy model and peer: energy vs real loss, which configuration wins
     cboprune archs    supported model types and their block kinds (or one model's blocks)
@@ -87,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="size and speed of pruned checkpoints next to the original")
     add_bench_arguments(p)
     p.set_defaults(func=run_bench_command)
+
+    from cboprune.repair.cli import add_repair_arguments, run_repair_command
+
+    p = sub.add_parser("repair", help="training-free linear repair of removed blocks, folded into the kept weights")
+    add_repair_arguments(p)
+    p.set_defaults(func=run_repair_command)
 
     from cboprune.evaluation.cli import add_eval_arguments, run_eval_command
 

@@ -147,6 +147,14 @@ class ArchSpec:
     gating: "branches" (scale each branch output: the paper's gates) or "layer" (gate the block's
         whole residual update, h + alpha * (layer(h) - h): exact at 0 and 1 for any layer; the
         generic fallback uses it when gating the named branches fails the check on the real model).
+    repair_fold: path inside a block of the FFN output projection (a Linear or Conv1D whose output
+        is added linearly to the residual stream) that a linear repair folds its map into
+        (cboprune.repair); None: folding is not exact for this family, `repair_refusal` says why.
+    repair_scale: config field scaling that projection's output before the residual add
+        (Granite's `residual_multiplier`); None: added as is.
+    repair_embeddings: module paths from the *ForCausalLM whose outputs sum to the first block's
+        input (a run starting at block 0 folds into all of them); () = get_input_embeddings() alone.
+    repair_refusal: why a linear map cannot be folded exactly (when `repair_fold` is None).
     """
 
     layers: str = "model.layers"
@@ -158,6 +166,17 @@ class ArchSpec:
     index_fields: tuple[str, ...] = ()
     relayouts: tuple[str, ...] = ()
     gating: str = "branches"
+    repair_fold: str | None = None
+    repair_scale: str | None = None
+    repair_embeddings: tuple[str, ...] = ()
+    repair_refusal: str = "no FFN output projection to fold a linear map into is known for this family"
+
+
+#: Why a linear repair refuses post-norm and MoE families (see docs/repair.md).
+_POST_NORM_REFUSAL = ("the FFN output is normalized (post-norm) before the residual add, so a linear map after "
+                      "the block cannot be folded into the weights exactly")
+_MOE_REFUSAL = ("the FFN is a mixture of experts without one shared output projection; folding into every "
+                "expert's output projection would be exact but is not implemented")
 
 
 def _spec(**changes: Any) -> ArchSpec:
@@ -165,41 +184,49 @@ def _spec(**changes: Any) -> ArchSpec:
 
 
 #: Llama-like: model.layers[i].{self_attn, mlp}, pre-norms, optional `layer_types` (sliding windows).
-DENSE = ArchSpec(block_kinds=("attention", "sliding_attention"))
+DENSE = ArchSpec(block_kinds=("attention", "sliding_attention"), repair_fold="mlp.down_proj")
 #: Post-norm families: the branch output is normalized before the residual add, so gate the norm.
 POST_NORM = _spec(branches=("post_attention_layernorm", "post_feedforward_layernorm"),
-                  block_kinds=("attention", "sliding_attention"))
+                  block_kinds=("attention", "sliding_attention"), repair_refusal=_POST_NORM_REFUSAL)
 #: Dense attention + a mixture-of-experts FFN at `mlp` in every block.
-MOE = _spec(kinds=Kinds(moe="all"), block_kinds=("attention+moe", "sliding_attention+moe"))
+MOE = _spec(kinds=Kinds(moe="all"), block_kinds=("attention+moe", "sliding_attention+moe"),
+            repair_refusal=_MOE_REFUSAL)
 #: Qwen-MoE style: MoE on every `decoder_sparse_step`-th layer except `mlp_only_layers`.
 SPARSE_STEP_MOE = _spec(kinds=Kinds(moe="sparse_step"), block_kinds=("attention", "attention+moe"),
-                        index_fields=("mlp_only_layers",), relayouts=("sparse_step",))
+                        index_fields=("mlp_only_layers",), relayouts=("sparse_step",),
+                        repair_refusal=_MOE_REFUSAL)
 #: Pure state-space models: backbone.layers[i].mixer, `layer_types` derived from the count.
 MAMBA_ONLY = _spec(layers="backbone.layers", branches=("mixer",), kinds=Kinds(field=None, mixer="mamba"),
                    block_kinds=("mamba",), layer_fields=())
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     # dense, Llama-like (one line per family)
-    "llama": DENSE, "mistral": DENSE, "qwen2": DENSE, "qwen3": DENSE, "gemma": DENSE, "granite": DENSE,
-    "phi3": DENSE, "olmo": DENSE, "starcoder2": DENSE, "stablelm": DENSE, "glm": DENSE, "helium": DENSE,
+    "llama": DENSE, "mistral": DENSE, "qwen2": DENSE, "qwen3": DENSE, "gemma": DENSE,
+    "phi3": DENSE, "olmo": DENSE, "stablelm": DENSE, "glm": DENSE, "helium": DENSE,
     "seed_oss": DENSE, "arcee": DENSE, "internlm3": DENSE, "ernie4_5": DENSE, "hunyuan_v1_dense": DENSE,
     "apertus": DENSE, "nemotron": DENSE,
     # parallel attention + FFN on one normalized input: both branches add to the same residual
-    "phi": DENSE, "cohere": DENSE, "cohere2": DENSE,
-    "smollm3": _spec(layer_fields=("layer_types", "no_rope_layers"), block_kinds=("attention",)),
+    "phi": dataclasses.replace(DENSE, repair_fold="mlp.fc2"), "cohere": DENSE, "cohere2": DENSE,
+    # dense with another FFN output projection name, or a scaled residual add
+    "starcoder2": dataclasses.replace(DENSE, repair_fold="mlp.c_proj"),
+    "granite": dataclasses.replace(DENSE, repair_scale="residual_multiplier"),
+    "smollm3": _spec(layer_fields=("layer_types", "no_rope_layers"), block_kinds=("attention",),
+                     repair_fold="mlp.down_proj"),
     # post-norm families
     "gemma2": POST_NORM, "gemma3_text": POST_NORM, "olmo2": POST_NORM, "olmo3": POST_NORM, "exaone4": POST_NORM,
-    "glm4": _spec(branches=("post_self_attn_layernorm", "post_mlp_layernorm"), block_kinds=("attention",)),
+    "glm4": _spec(branches=("post_self_attn_layernorm", "post_mlp_layernorm"), block_kinds=("attention",),
+                  repair_refusal=_POST_NORM_REFUSAL),
     # other module layouts
-    "gpt2": _spec(layers="transformer.h", branches=("attn", "mlp"), count_fields=("n_layer",)),
-    "gpt_neox": _spec(layers="gpt_neox.layers", branches=("attention", "mlp")),
+    "gpt2": _spec(layers="transformer.h", branches=("attn", "mlp"), count_fields=("n_layer",),
+                  repair_fold="mlp.c_proj", repair_embeddings=("transformer.wte", "transformer.wpe")),
+    "gpt_neox": _spec(layers="gpt_neox.layers", branches=("attention", "mlp"), repair_fold="mlp.dense_4h_to_h"),
     # mixtures of experts
     "mixtral": MOE, "olmoe": MOE, "phimoe": MOE, "gpt_oss": MOE,
     "granitemoe": _spec(branches=("self_attn", "block_sparse_moe"), kinds=Kinds(moe="all"),
-                        block_kinds=("attention+moe",)),
+                        block_kinds=("attention+moe",), repair_refusal=_MOE_REFUSAL),
     "qwen2_moe": SPARSE_STEP_MOE, "qwen3_moe": SPARSE_STEP_MOE,
     "deepseek_v3": _spec(kinds=Kinds(moe="first_k_dense"), block_kinds=("attention", "attention+moe"),
-                         relayouts=("first_k_dense",)),
+                         relayouts=("first_k_dense",), repair_refusal=_MOE_REFUSAL),
     # hybrids
     "jamba": _spec(branches=("self_attn", "mamba", "feed_forward"),
                    kinds=Kinds(field="layers_block_type", values=MAMBA_LAYER_TYPE_KINDS, moe="expert_period"),
