@@ -14,7 +14,8 @@ DROPPED = ("selection s", "cost (fwd passes)", "params removed", "prefill ×")
 
 def _csv_rows(path: Path, root: Path) -> list[list[str]]:
     rows = list(csv.reader(path.open(encoding="utf-8")))
-    rows = [[cell.replace(str(root), "ROOT") for cell in r] for r in rows]
+    # the "[recommended]" marker follows the default selection, which is not a result of the refactor
+    rows = [[cell.replace(str(root), "ROOT").replace(" **[recommended]**", "") for cell in r] for r in rows]
     header = rows[0]
     keep = [i for i, h in enumerate(header) if h not in DROPPED]
     return [[r[i] for i in keep] for r in rows]
