@@ -50,10 +50,12 @@ def _kl_sparse(s: torch.Tensor, t: SparseTeacher, T: float) -> torch.Tensor:
     z = s / T
     log_z = torch.logsumexp(z, dim=-1, keepdim=True)  # [..., 1]
     log_s_top = z.gather(-1, t.indices.long()) - log_z  # [..., k]
-    log_s_tail = torch.logsumexp(z.scatter(-1, t.indices.long(), float("-inf")), dim=-1) - log_z[..., 0]
     log_t = t.logprobs.float()
-    tail = t.tail_logprob.float()
     top = (log_t.exp() * (log_t - log_s_top)).sum(-1)
+    if t.indices.shape[-1] >= s.shape[-1]:  # the "top k" is the whole vocabulary: no tail
+        return top
+    log_s_tail = torch.logsumexp(z.scatter(-1, t.indices.long(), float("-inf")), dim=-1) - log_z[..., 0]
+    tail = t.tail_logprob.float()
     tail_term = torch.where(torch.isfinite(tail), tail.exp() * (tail - log_s_tail), torch.zeros_like(tail))
     return top + tail_term
 
