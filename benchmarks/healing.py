@@ -6,7 +6,7 @@ A tiny Llama (2 layers, hidden 64) with a real-size vocabulary: the logits domin
 they do for the loss of a large model. Each variant runs in a fresh process (peak resident memory,
 `ru_maxrss`, is per process); the step is student forward + loss + backward against fixed teacher
 logits. The script prints the peak above the pre-step baseline for each variant, their ratio, and
-the largest differences of the loss and of every parameter gradient between the two variants.
+the largest differences of the loss and of every parameter gradient from the plain formula.
 """
 
 from __future__ import annotations
@@ -21,16 +21,20 @@ from pathlib import Path
 
 import torch
 
+# plain: the textbook formula on full logits; chunked: the same formula on chunks of tokens of the
+# full logits; head: the LM head inside the chunked loss (what `heal` uses when the model allows).
+VARIANTS = ("plain", "chunked", "head")
+
 
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def one_step(vocab: int, batch: int, seq: int, chunk: int, out: str) -> None:
+def one_step(vocab: int, batch: int, seq: int, variant: str, chunk: int, out: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from cboprune.heal.loss import DistillationLoss
+    from cboprune.heal.loss import DistillationLoss, head_loss
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
@@ -39,17 +43,20 @@ def one_step(vocab: int, batch: int, seq: int, chunk: int, out: str) -> None:
     ids = torch.randint(0, vocab, (batch, seq))
     teacher = 4 * torch.randn(batch, seq, vocab)  # [B, S, V] fp32, as a teacher's logits would be
     mask = torch.ones(batch, seq)
-    loss_fn = DistillationLoss(temperature=1.0, kd_weight=1.0, chunk_tokens=chunk or None)
+    loss_fn = DistillationLoss(temperature=1.0, kd_weight=1.0, chunk_tokens=None if variant == "plain" else chunk)
     baseline = _rss_mib()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    logits = model(input_ids=ids).logits
-    loss = loss_fn(logits, teacher, ids, mask)
+    if variant == "head":  # the LM head inside the chunked loss: no full student logits at all
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state
+        loss = head_loss(loss_fn, hidden, model.get_output_embeddings(), teacher, ids, mask)
+    else:
+        loss = loss_fn(model(input_ids=ids).logits, teacher, ids, mask)
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     grads = {n: p.grad for n, p in model.named_parameters()}
     torch.save({"loss": loss.detach(), "grads": grads}, out)
     print(json.dumps({"baseline_mib": round(baseline), "peak_above_baseline_mib": round(peak - max(baseline, before)),
-                      "peak_mib": round(peak), "logits_mib": round(logits.numel() * 4 / 2**20)}))
+                      "peak_mib": round(peak), "logits_mib": round(teacher.numel() * 4 / 2**20)}))
 
 
 def main() -> None:
@@ -61,28 +68,28 @@ def main() -> None:
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
-        one_step(args.vocab[0], args.batch, args.seq, int(args._child[0]), args._child[1])
+        one_step(args.vocab[0], args.batch, args.seq, args._child[0], args.chunk, args._child[1])
         return
     for vocab in args.vocab:
         rows, results = {}, {}
         with tempfile.TemporaryDirectory() as tmp:
-            for name, chunk in (("plain", 0), ("chunked", args.chunk)):
+            for name in VARIANTS:
                 path = str(Path(tmp) / f"{name}.pt")
                 cmd = [sys.executable, __file__, "--vocab", str(vocab), "--batch", str(args.batch), "--seq",
-                       str(args.seq), "--_child", str(chunk), path]
+                       str(args.seq), "--chunk", str(args.chunk), "--_child", name, path]
                 rows[name] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True)
                                         .stdout.strip().splitlines()[-1])
                 results[name] = torch.load(path, weights_only=True)  # our own file, tensors only
-        a, b = results["plain"], results["chunked"]
-        loss_diff = float((a["loss"] - b["loss"]).abs())
-        grad_diff = max(float((a["grads"][n] - b["grads"][n]).abs().max()) for n in a["grads"])
-        grad_scale = max(float(g.abs().max()) for g in a["grads"].values())
-        ratio = rows["plain"]["peak_above_baseline_mib"] / max(1, rows["chunked"]["peak_above_baseline_mib"])
-        print(json.dumps({"vocab": vocab, "batch": args.batch, "seq": args.seq, "chunk_tokens": args.chunk,
-                          "plain": rows["plain"], "chunked": rows["chunked"], "peak_ratio": round(ratio, 2),
-                          "loss": float(a["loss"]), "max_loss_diff": loss_diff, "max_grad_diff": grad_diff,
-                          "max_grad": grad_scale}), flush=True)
-
+        a = results["plain"]
+        line = {"vocab": vocab, "batch": args.batch, "seq": args.seq, "chunk_tokens": args.chunk,
+                "loss": float(a["loss"]), "max_grad": max(float(g.abs().max()) for g in a["grads"].values())}
+        for name in VARIANTS:
+            b = results[name]
+            line[name] = {**rows[name], "peak_ratio_vs_plain": round(rows["plain"]["peak_above_baseline_mib"]
+                                                                      / max(1, rows[name]["peak_above_baseline_mib"]), 2),
+                          "max_loss_diff": float((a["loss"] - b["loss"]).abs()),
+                          "max_grad_diff": max(float((a["grads"][n] - b["grads"][n]).abs().max()) for n in a["grads"])}
+        print(json.dumps(line), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -78,3 +78,33 @@ def test_top_k_teacher_is_exact_with_all_tokens_and_a_lower_bound_with_few(chunk
     assert 0 < few[0] < dense[0]
     plain_few = _value_and_grad(DistillationLoss(T), student, _sparse(teacher, T, 5), ids, mask)
     torch.testing.assert_close(few[0], plain_few[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kd_weight", [1.0, 0.4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_inside_the_loss_equals_the_plain_formula(kd_weight, bias):
+    from cboprune.heal.loss import head_loss
+
+    torch.manual_seed(0)
+    _, teacher, ids, mask = _inputs(V=41)
+    hidden = torch.randn(3, 9, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 41, bias=bias)
+    wrt = [hidden, head.weight] + ([head.bias] if bias else [])
+    plain = DistillationLoss(1.5, kd_weight)(head(hidden), teacher, ids, mask)
+    fused = head_loss(DistillationLoss(1.5, kd_weight, chunk_tokens=4), hidden, head, teacher, ids, mask)
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(fused / 3, wrt), torch.autograd.grad(plain / 3, wrt)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_head_check_accepts_llama_and_refuses_soft_capped_logits(tiny_model):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from cboprune.heal.trainer import head_is_plain
+
+    ids = torch.randint(0, 100, (1, 8))
+    assert head_is_plain(tiny_model, ids)
+    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                           final_logit_softcapping=0.5)).eval()
+    assert not head_is_plain(gemma, ids)

@@ -149,3 +149,56 @@ class _ChunkedLoss(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         # In place: the saved gradient is the size of the logits and is used once (no retain_graph).
         return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None
+
+
+def head_loss(loss: DistillationLoss, hidden: torch.Tensor, head: nn.Linear, teacher, input_ids: torch.Tensor,
+              loss_mask: torch.Tensor) -> torch.Tensor:
+    """`loss(head(hidden), teacher, ...)` without ever holding the student's full logits: the output
+    layer runs `loss.chunk_tokens` tokens at a time and its gradients (hidden states, weight, bias)
+    are accumulated chunk by chunk. hidden: [B, S, D] final hidden states; head: the LM head [V, D].
+    Only for models whose logits are exactly `head(hidden)` (no soft-capping or scaling)."""
+    if loss.chunk_tokens is None:
+        raise ValueError("head_loss needs a DistillationLoss with chunk_tokens")
+    return _HeadLoss.apply(hidden, head.weight, head.bias, loss, teacher, input_ids, loss_mask)
+
+
+class _HeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, loss, teacher, input_ids, loss_mask):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        w = weight.to(dtype)  # [V, D]; no copy unless autocast changes the dtype
+        bias_c = None if bias is None else bias.to(dtype)
+        weights = loss_mask[:, 1:].float()  # [B, S-1]
+        denom = weights.sum().clamp_min(1.0)
+        b_idx, t_idx = weights.nonzero(as_tuple=True)
+        grad_h = torch.zeros_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_b = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(device, enabled=False):
+            for lo in range(0, b_idx.numel(), loss.chunk_tokens):
+                b, t = b_idx[lo:lo + loss.chunk_tokens], t_idx[lo:lo + loss.chunk_tokens]
+                h = hidden[b, t].to(dtype)  # [c, D]
+                chunk_teacher = teacher.rows(b, t) if isinstance(teacher, SparseTeacher) else \
+                    None if teacher is None else teacher[b, t]
+                with torch.enable_grad():
+                    s = F.linear(h, w, bias_c).float().requires_grad_()  # [c, V]
+                    value = (loss.token_losses(s, chunk_teacher, input_ids[b, t + 1]) * (weights[b, t] / denom)).sum()
+                    (g,) = torch.autograd.grad(value, s)  # [c, V] fp32
+                grad_h[b, t] = (g.to(dtype) @ w).to(grad_h.dtype)
+                grad_w.addmm_(g.t(), h.float())
+                if grad_b is not None:
+                    grad_b += g.sum(0)
+                total += value.detach()
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), grad_b.to(bias.dtype) if grad_b is not None
+                              else torch.empty(0))
+        ctx.has_bias = bias is not None
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        go = grad_output.float()
+        return (grad_h.mul_(go.to(grad_h.dtype)), grad_w.mul_(go.to(grad_w.dtype)),
+                grad_b.mul_(go.to(grad_b.dtype)) if ctx.has_bias else None, None, None, None, None)

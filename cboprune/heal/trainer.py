@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from cboprune import __version__
 from cboprune.errors import CBOPruneError
 from cboprune.heal.data import TokenizedSet, load_distillation_data
-from cboprune.heal.loss import DistillationLoss, SparseTeacher
+from cboprune.heal.loss import DistillationLoss, SparseTeacher, head_loss
 from cboprune.heal.state import load_state, read_state_meta, save_state
 
 log = logging.getLogger(__name__)
@@ -417,6 +417,7 @@ class _Run:
     accumulation: int
     total_steps: int
     curve: dict[str, list[dict[str, float]]]
+    head_in_loss: bool = False  # the LM head runs inside the chunked loss (no full logits held)
 
 
 def _micro_batch_loss(run: _Run, step: int, j: int) -> torch.Tensor:
@@ -436,10 +437,29 @@ def _micro_batch_loss(run: _Run, step: int, j: int) -> torch.Tensor:
             target = run.teacher(input_ids=ids, attention_mask=mask).logits
     sync = j == run.accumulation - 1
     with acc.autocast(), (nullcontext() if sync else acc.no_sync(run.student)):
-        logits = run.student(input_ids=ids, attention_mask=mask).logits
-        loss = run.loss_fn(logits, target, ids, loss_mask) / run.accumulation
-        acc.backward(loss)
-    return loss.detach()
+        if run.head_in_loss:
+            hidden = run.student.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            loss = head_loss(run.loss_fn, hidden, run.student.get_output_embeddings(), target, ids, loss_mask)
+        else:
+            logits = run.student(input_ids=ids, attention_mask=mask).logits
+            loss = run.loss_fn(logits, target, ids, loss_mask)
+        acc.backward(loss / run.accumulation)
+    return loss.detach() / run.accumulation
+
+
+@torch.no_grad()
+def head_is_plain(model, ids: torch.Tensor) -> bool:
+    """True when the model's logits are exactly its LM head applied to its decoder's last hidden
+    state (no soft-capping, scaling or extra layers), checked on a few real tokens."""
+    head, decoder = model.get_output_embeddings(), getattr(model, "get_decoder", lambda: None)()
+    if not isinstance(head, torch.nn.Linear) or decoder is None:
+        return False
+    try:
+        logits = model(input_ids=ids).logits
+        hidden = decoder(input_ids=ids).last_hidden_state
+    except (TypeError, AttributeError, RuntimeError):
+        return False
+    return bool(torch.allclose(head(hidden), logits, rtol=1e-4, atol=1e-5 * float(logits.abs().max())))
 
 
 def _train(run: _Run, step: int, progress: bool) -> tuple[int, bool, bool]:
@@ -489,6 +509,25 @@ def _record(run: _Run, step: int, values: dict[str, float]) -> None:
         run.accelerator.log(values, step=step)
 
 
+def _accelerator(cfg: HealConfig, logging_dir: Path | None):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else \
+        ("bf16" if torch.cuda.is_available() else "no")
+    kwargs = dict(mixed_precision=precision, log_with=None if logging_dir is None else cfg.report_to,
+                  project_dir=None if logging_dir is None else str(logging_dir))
+    try:
+        return Accelerator(**kwargs)
+    except ValueError:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise CBOPruneError("mixed precision is fixed for a launched run: set it in the accelerate config") from None
+        # One process healing several models in turn (a library caller) with another precision:
+        # accelerate keeps its state per process, so start it afresh.
+        AcceleratorState._reset_state()
+        return Accelerator(**kwargs)
+
+
 def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[str, Any]:
     """Distill `cfg.teacher` into the pruned `cfg.student`; save the healed checkpoint to
     `cfg.output_dir` with `removal.json` (copied), `healing.json` (losses before/after, the loss
@@ -498,8 +537,6 @@ def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[
     With `cfg.teacher_cache` the teacher's top-k outputs are computed once per sample into that
     directory and every later student healed on the same data reuses them (see heal.cache).
     """
-    from accelerate import Accelerator
-
     from cboprune.models import load_model
     from cboprune.models.surgery import REMOVAL_FILE
 
@@ -507,10 +544,7 @@ def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[
     paths = check_output_paths(cfg)
     resume_from = _resume_state(cfg, paths)
     logging_dir = _check_tracker(cfg)
-    precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else \
-        ("bf16" if torch.cuda.is_available() else "no")
-    accelerator = Accelerator(mixed_precision=precision, log_with=None if logging_dir is None else cfg.report_to,
-                              project_dir=None if logging_dir is None else str(logging_dir))
+    accelerator = _accelerator(cfg, logging_dir)
     device = accelerator.device
     torch.manual_seed(cfg.seed)
     student_loaded = load_model(cfg.student, dtype="float32", device=str(device))
@@ -552,6 +586,11 @@ def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[
     run = _Run(cfg, accelerator, student, optimizer, scheduler, DistillationLoss(cfg.temperature, cfg.kd_weight,
                chunk_tokens=chunk or None), train, held, teacher, cache, paths, trainable_names, accumulation,
                total_steps, {"train": [], "heldout": []})
+    # The LM head inside the chunked loss: never the full logits. Not through a DDP/FSDP wrapper,
+    # whose forward must run for gradient synchronisation.
+    run.head_in_loss = bool(chunk) and world == 1 and head_is_plain(student, train.input_ids[:1, :8].to(device))
+    log.info("distillation loss: %s", "LM head inside the chunked loss" if run.head_in_loss else
+             f"chunks of {chunk} tokens" if chunk else "plain formula")
     step = 0
     if resume_from is not None:
         step = load_state(resume_from, accelerator.unwrap_model(student), optimizer, scheduler, cfg.fingerprint())
