@@ -95,3 +95,21 @@ def test_teacher_4bit_switch_on_the_command_line():
     assert p.parse_args(common).teacher_4bit is None
     assert p.parse_args(common + ["--no-teacher-4bit"]).teacher_4bit is False
     assert p.parse_args(common + ["--teacher-4bit"]).teacher_4bit is True
+
+
+def test_report_to_tensorboard_writes_the_curve(pair, shared_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    heal(_cfg(pair, shared_data, tmp_path / "tb", report_to="tensorboard", eval_every=1, max_steps=2),
+         progress=False)
+    runs = tmp_path / "tb.runs"
+    events = sorted(runs.rglob("events.out.tfevents.*"))
+    assert events, f"no event file under {runs}"
+    scalars = {}
+    for path in events:
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars[tag] = [e.step for e in acc.Scalars(tag)]
+    assert scalars["train/loss"] == [1, 2] and scalars["heldout/loss"] == [1, 2]
