@@ -85,8 +85,8 @@ def main() -> None:
                 "loss": float(a["loss"]), "max_grad": max(float(g.abs().max()) for g in a["grads"].values())}
         for name in VARIANTS:
             b = results[name]
-            line[name] = {**rows[name], "peak_ratio_vs_plain": round(rows["plain"]["peak_above_baseline_mib"]
-                                                                      / max(1, rows[name]["peak_above_baseline_mib"]), 2),
+            ratio = rows["plain"]["peak_above_baseline_mib"] / max(1, rows[name]["peak_above_baseline_mib"])
+            line[name] = {**rows[name], "peak_ratio_vs_plain": round(ratio, 2),
                           "max_loss_diff": float((a["loss"] - b["loss"]).abs()),
                           "max_grad_diff": max(float((a["grads"][n] - b["grads"][n]).abs().max()) for n in a["grads"])}
         print(json.dumps(line), flush=True)

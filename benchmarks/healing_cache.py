@@ -3,6 +3,8 @@ cached top-k outputs, on the default model (SmolLM2-135M-Instruct) with some blo
 
     PYTHONPATH=. python benchmarks/healing_cache.py --remove 20 21 22 23 24 25 --steps 30 --top-k 64 16
 
+The figures in docs/healing.md: `--steps 10 --seq-len 128 --top-k 64 --heldout 16` (a loaded machine).
+
 Prints one JSON line per run (held-out cross-entropy before/after, gap closed, teacher samples
 computed, seconds) as it goes; the data are the first records of alpaca_en_demo.json.
 """
@@ -28,6 +30,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--top-k", type=int, nargs="+", default=[64, 16])
     ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--heldout", type=int, default=32, help="held-out samples")
     args = ap.parse_args()
 
     from cboprune.heal import HealConfig, heal
@@ -42,7 +45,8 @@ def main() -> None:
         del loaded
         base = dict(student=str(student), teacher="default", data=args.data, seq_len=args.seq_len,
                     micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
-                    max_steps=args.steps, learning_rate=args.lr, save_every=10_000, heldout_samples=32, seed=0)
+                    max_steps=args.steps, learning_rate=args.lr, save_every=10_000, heldout_samples=args.heldout,
+                    seed=0)
         runs = [("full teacher", {})] + [(f"cached top-{k}", {"teacher_cache": f"{tmp}/cache-{k}",
                                                                "teacher_top_k": k}) for k in args.top_k]
         for name, extra in runs:

@@ -515,17 +515,60 @@ def _accelerator(cfg: HealConfig, logging_dir: Path | None):
 
     precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else \
         ("bf16" if torch.cuda.is_available() else "no")
-    kwargs = dict(mixed_precision=precision, log_with=None if logging_dir is None else cfg.report_to,
+    # cpu=True on a machine without CUDA: without it accelerate forms no process group on CPU and
+    # every launched process would heal on its own.
+    kwargs = dict(mixed_precision=precision, cpu=not torch.cuda.is_available(),
+                  log_with=None if logging_dir is None else cfg.report_to,
                   project_dir=None if logging_dir is None else str(logging_dir))
     try:
-        return Accelerator(**kwargs)
+        accelerator = Accelerator(**kwargs)
     except ValueError:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise CBOPruneError("mixed precision is fixed for a launched run: set it in the accelerate config") from None
+            raise CBOPruneError("mixed precision is fixed for a launched run: set it in the accelerate "
+                                "config") from None
         # One process healing several models in turn (a library caller) with another precision:
         # accelerate keeps its state per process, so start it afresh.
         AcceleratorState._reset_state()
-        return Accelerator(**kwargs)
+        accelerator = Accelerator(**kwargs)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes != launched:
+        raise CBOPruneError(f"launched as {launched} processes but accelerate formed a group of "
+                            f"{accelerator.num_processes}: check the accelerate config")
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise CBOPruneError(f"cboprune heal does not support {accelerator.distributed_type.name} yet (its "
+                            "resumable state is not sharded): use data parallel (MULTI_GPU), LoRA or "
+                            "--gradient-checkpointing; see docs/healing.md")
+    return accelerator
+
+
+def _prepare_run(cfg: HealConfig, accelerator, student, train: TokenizedSet, held: TokenizedSet, teacher, cache,
+                 paths: _Paths, accumulation: int, total_steps: int) -> _Run:
+    """LoRA / checkpointing on the student, optimizer, schedule, loss, all through accelerate."""
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        student = get_peft_model(student, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                                     target_modules=cfg.lora_targets, task_type="CAUSAL_LM"))
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora:
+            student.enable_input_require_grads()
+    trainable_names = [n for n, p in student.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, max(1, round(cfg.warmup_ratio * total_steps)), cfg.min_lr_ratio))
+    student, optimizer = accelerator.prepare(student, optimizer)
+    vocab = accelerator.unwrap_model(student).get_output_embeddings().weight.shape[0]
+    chunk = cfg.loss_chunk_tokens if cfg.loss_chunk_tokens is not None else max(1, AUTO_CHUNK_LOGITS // vocab)
+    run = _Run(cfg, accelerator, student, optimizer, scheduler, DistillationLoss(cfg.temperature, cfg.kd_weight,
+               chunk_tokens=chunk or None), train, held, teacher, cache, paths, trainable_names, accumulation,
+               total_steps, {"train": [], "heldout": []})
+    # The LM head inside the chunked loss: never the full logits. Not through a DDP wrapper, whose
+    # forward must run for gradient synchronisation.
+    run.head_in_loss = bool(chunk) and accelerator.num_processes == 1 and \
+        head_is_plain(student, train.input_ids[:1, :8].to(accelerator.device))
+    return run
 
 
 def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[str, Any]:
@@ -567,69 +610,28 @@ def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[
                             "the student was pruned from")
     before = _heldout_metrics(student, teacher, cache, held, with_teacher=True)
 
-    if cfg.lora:
-        from peft import LoraConfig, get_peft_model
-
-        student = get_peft_model(student, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                     target_modules=cfg.lora_targets, task_type="CAUSAL_LM"))
-    if cfg.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.lora:
-            student.enable_input_require_grads()
-    trainable_names = [n for n, p in student.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total_steps, max(1, round(cfg.warmup_ratio * total_steps)), cfg.min_lr_ratio))
-    student, optimizer = accelerator.prepare(student, optimizer)
-    chunk = cfg.loss_chunk_tokens if cfg.loss_chunk_tokens is not None else max(1, AUTO_CHUNK_LOGITS // vocab)
-    run = _Run(cfg, accelerator, student, optimizer, scheduler, DistillationLoss(cfg.temperature, cfg.kd_weight,
-               chunk_tokens=chunk or None), train, held, teacher, cache, paths, trainable_names, accumulation,
-               total_steps, {"train": [], "heldout": []})
-    # The LM head inside the chunked loss: never the full logits. Not through a DDP/FSDP wrapper,
-    # whose forward must run for gradient synchronisation.
-    run.head_in_loss = bool(chunk) and world == 1 and head_is_plain(student, train.input_ids[:1, :8].to(device))
-    log.info("distillation loss: %s", "LM head inside the chunked loss" if run.head_in_loss else
-             f"chunks of {chunk} tokens" if chunk else "plain formula")
+    run = _prepare_run(cfg, accelerator, student, train, held, teacher, cache, paths, accumulation, total_steps)
     step = 0
     if resume_from is not None:
-        step = load_state(resume_from, accelerator.unwrap_model(student), optimizer, scheduler, cfg.fingerprint())
+        step = load_state(resume_from, accelerator.unwrap_model(run.student), run.optimizer, run.scheduler,
+                          cfg.fingerprint())
         run.curve = read_state_meta(resume_from).get("curve") or run.curve
         log.info("resumed from step %d", step)
     if logging_dir is not None:
         accelerator.init_trackers("cboprune-heal", config={k: v for k, v in asdict(cfg).items()
                                                            if isinstance(v, (int, float, str, bool))})
-    student.train()
+    run.student.train()
     start = time.perf_counter()
     step, stopped_early, killed = _train(run, step, progress)
     if killed:
         return {"stopped_at_step": step}
     seconds = time.perf_counter() - start
 
-    model = accelerator.unwrap_model(student)
+    model = accelerator.unwrap_model(run.student)
     if cfg.lora:
         model = model.merge_and_unload()
     after = _heldout_metrics(model, teacher, cache, held)
-    report = {
-        "cboprune_version": __version__,
-        "student": cfg.student,
-        "teacher": cfg.teacher,
-        "teacher_precision": teacher_precision,
-        "teacher_samples_computed": getattr(cache, "teacher_passes", None),
-        "config": asdict(cfg),
-        "steps": step,
-        "planned_steps": total_steps,
-        "stopped_by_time_budget": stopped_early,
-        "train_samples": len(train),
-        "heldout_samples": len(held),
-        "heldout_loss_before": before,
-        "heldout_loss_after": after,
-        "gap_closed": _gap_closed(before, after),
-        "train_loss_first_last": [run.curve["train"][0]["loss"], run.curve["train"][-1]["loss"]]
-        if run.curve["train"] else None,
-        "curve": run.curve,
-        "seconds": round(seconds, 1),
-    }
+    report = _report(run, teacher_precision, step, stopped_early, before, after, seconds)
     if accelerator.is_main_process:
         student_removal = Path(student_loaded.checkpoint_dir or "") / REMOVAL_FILE
         provenance = json.loads(student_removal.read_text()) if student_removal.is_file() else {}
@@ -640,6 +642,35 @@ def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[
     if logging_dir is not None:
         accelerator.end_training()
     return report
+
+
+def _report(run: _Run, teacher_precision: str, step: int, stopped_early: bool, before: dict, after: dict,
+            seconds: float) -> dict[str, Any]:
+    """What healing.json says about a finished run."""
+    cfg = run.cfg
+    return {
+        "cboprune_version": __version__,
+        "student": cfg.student,
+        "teacher": cfg.teacher,
+        "teacher_precision": teacher_precision,
+        "teacher_samples_computed": getattr(run.cache, "teacher_passes", None),
+        "config": asdict(cfg),
+        "steps": step,
+        "planned_steps": run.total_steps,
+        "processes": run.accelerator.num_processes,
+        "distillation_loss": "lm-head-in-loss" if run.head_in_loss else
+        f"chunked ({run.loss_fn.chunk_tokens} tokens)" if run.loss_fn.chunk_tokens else "plain",
+        "stopped_by_time_budget": stopped_early,
+        "train_samples": len(run.train),
+        "heldout_samples": len(run.held),
+        "heldout_loss_before": before,
+        "heldout_loss_after": after,
+        "gap_closed": _gap_closed(before, after),
+        "train_loss_first_last": [run.curve["train"][0]["loss"], run.curve["train"][-1]["loss"]]
+        if run.curve["train"] else None,
+        "curve": run.curve,
+        "seconds": round(seconds, 1),
+    }
 
 
 def _heldout_metrics(model, teacher, cache, held: TokenizedSet, with_teacher: bool = False) -> dict[str, float]:
