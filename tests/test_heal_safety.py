@@ -149,3 +149,36 @@ def test_bad_output_is_one_line_on_the_command_line(pair, shared_data, tmp_path,
                  str(shared_data / "calib" / "alpaca_en_demo.json"), "--output-dir", str(tmp_path / "afile")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("cboprune: error:") and "is a file" in err[0]
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
+def test_real_signal_mid_run_leaves_state_or_nothing_and_resume_completes(pair, shared_data, tmp_path, sig):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "healed"
+    cmd = [sys.executable, "-m", "cboprune.cli", "-q", "heal", str(pair[1]), "--teacher", str(pair[0]), "--data",
+           str(shared_data / "calib" / "alpaca_en_demo.json"), "--output-dir", str(out), "--steps", "400",
+           "--seq-len", "32", "--max-samples", "8", "--micro-batch-size", "2", "--global-batch-size", "2",
+           "--save-every", "1", "--heldout-fraction", "0"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    state = tmp_path / "healed.heal-state" / "latest" / "state.json"
+    deadline = time.time() + 240
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+    time.sleep(1.0)  # somewhere in the middle of training or a state save
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in err.decode()
+    assert not out.exists()  # never a half-written output
+    # Resume and stop at once by the time budget: the output holds the resumed step's weights.
+    resumed = subprocess.run(cmd + ["--resume", "--max-minutes", "0"], env=env, capture_output=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    assert json.loads((out / HEALING_FILE).read_text())["steps"] >= 1
+    assert not (tmp_path / "healed.heal-state").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["healed"]

@@ -7,6 +7,8 @@ Memory: the plain formula keeps about six fp32 `[B, S, V]` tensors alive for the
 per-token formula on `n` selected tokens at a time, takes each chunk's gradient with respect to the
 student logits at once, and keeps only that gradient (in the logits' dtype) for the backward pass:
 the fp32 temporaries never exceed one chunk. Tokens outside the loss mask are skipped entirely.
+`head_loss` goes one step further and runs the LM head inside the chunks, so the student's full
+logits are never held at all (see docs/healing.md for the measured peaks).
 
 The teacher is either dense logits `[B, S, V]` or a `SparseTeacher` (top-k log-probabilities plus
 the log of the remaining mass, as cached by `cboprune.heal.cache`).

@@ -51,9 +51,12 @@ def save_state(state_dir: Path, model, optimizer, scheduler, step: int, trainabl
             "state_scalars": scalars, "state_ids": [str(p) for p in opt["state"]],
             "scheduler": scheduler.state_dict(), **(extra or {})}
     (tmp / STATE_FILES[2]).write_text(json.dumps(meta, indent=1))
+    old = state_dir.with_name(state_dir.name + ".old")  # a kill between the renames leaves this one
+    shutil.rmtree(old, ignore_errors=True)
     if state_dir.exists():
-        shutil.rmtree(state_dir)
+        os.replace(state_dir, old)
     os.replace(tmp, state_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_state_meta(state_dir: Path) -> dict[str, Any]:

@@ -276,6 +276,8 @@ def _resume_state(cfg: HealConfig, paths: _Paths) -> Path | None:
     if paths.state.exists() and not paths.state.is_dir():
         raise CBOPruneError(f"heal state {paths.state} is not a directory: delete it to start over")
     latest = paths.state / "latest"
+    if not latest.exists() and (paths.state / "latest.old").is_dir():
+        latest = paths.state / "latest.old"  # killed between the two renames of a state save
     if not latest.exists():
         if paths.state.is_dir() and any(p.name != "latest.tmp" for p in paths.state.iterdir()):
             raise CBOPruneError(f"heal state {paths.state} has no checkpoint 'latest' but other files: "
