@@ -182,3 +182,14 @@ def test_real_signal_mid_run_leaves_state_or_nothing_and_resume_completes(pair, 
     assert json.loads((out / HEALING_FILE).read_text())["steps"] >= 1
     assert not (tmp_path / "healed.heal-state").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["healed"]
+
+
+@pytest.mark.parametrize("content", [None, b"\xff\xfe\x00binary", b"[]"])
+def test_bad_data_is_refused_before_any_model_loads(pair, shared_data, tmp_path, monkeypatch, content):
+    data = tmp_path / "data.json"
+    if content is not None:
+        data.write_bytes(content)
+    monkeypatch.setattr("cboprune.models.load_model", _no_model_load)
+    with pytest.raises(CBOPruneError) as e:
+        heal(_cfg(pair, shared_data, tmp_path / "out", data=str(data)), progress=False)
+    _one_line(e)

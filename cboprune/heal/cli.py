@@ -72,5 +72,7 @@ def run_heal_command(args: argparse.Namespace) -> int:
         print(f"held-out loss: teacher {before['teacher']:.4f}, student {before['student']:.4f} -> "
               f"{after['student']:.4f} (gap closed: {report['gap_closed']:.1%})"
               if report["gap_closed"] is not None else f"held-out loss {before['student']:.4f} -> {after['student']:.4f}")
+    if cfg.teacher_cache:
+        print(f"teacher cache {cfg.teacher_cache}: {report['teacher_samples_computed']} samples computed this run")
     print(f"healed checkpoint: {cfg.output_dir} ({report['steps']} steps, {report['seconds']} s)")
     return 0

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from cboprune import __version__
 from cboprune.errors import CBOPruneError
-from cboprune.heal.data import TokenizedSet, load_distillation_data
+from cboprune.heal.data import TokenizedSet, load_distillation_data, read_distillation_items
 from cboprune.heal.loss import DistillationLoss, SparseTeacher, head_loss
 from cboprune.heal.state import load_state, read_state_meta, save_state
 
@@ -589,6 +589,7 @@ def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[
     paths = check_output_paths(cfg)
     resume_from = _resume_state(cfg, paths)
     logging_dir = _check_tracker(cfg)
+    items = read_distillation_items(cfg.data)  # bad data: one line before any model loads
     accelerator = _accelerator(cfg, logging_dir)
     device = accelerator.device
     torch.manual_seed(cfg.seed)
@@ -596,7 +597,8 @@ def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[
     student, tokenizer = student_loaded.model, student_loaded.tokenizer
     train, held = load_distillation_data(cfg.data, tokenizer, seq_len=cfg.seq_len,
                                          heldout_fraction=cfg.heldout_fraction, max_samples=cfg.max_samples,
-                                         heldout_samples=cfg.heldout_samples, loss_on=cfg.loss_on, seed=cfg.seed)
+                                         heldout_samples=cfg.heldout_samples, loss_on=cfg.loss_on, seed=cfg.seed,
+                                         items=items)
     world = accelerator.num_processes
     if cfg.global_batch_size % (cfg.micro_batch_size * world):
         raise CBOPruneError(f"global_batch_size {cfg.global_batch_size} must be a multiple of micro_batch_size x "
