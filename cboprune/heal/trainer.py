@@ -399,7 +399,6 @@ def _setup_teacher(cfg: HealConfig, accelerator, train: TokenizedSet, held: Toke
     return None, cache, f"cached top-{cfg.teacher_top_k}"
 
 
-
 @dataclass
 class _Run:
     """Everything one training loop needs (built by `heal`)."""
