@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from cboprune.heal.loss import DistillationLoss
+from cboprune.heal.cache import TeacherCache
+from cboprune.heal.loss import DistillationLoss, SparseTeacher
 from cboprune.heal.trainer import HEALING_FILE, HealConfig, heal, heldout_loss
 
-__all__ = ["HEALING_FILE", "DistillationLoss", "HealConfig", "heal", "heldout_loss"]
+__all__ = ["HEALING_FILE", "DistillationLoss", "HealConfig", "SparseTeacher", "TeacherCache", "heal", "heldout_loss"]

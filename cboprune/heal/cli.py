@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from cboprune.errors import CBOPruneError
+from cboprune.heal.trainer import MIXED_PRECISION, REPORT_TO, SAVE_DTYPES
 
 
 def add_heal_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +33,18 @@ def add_heal_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--heldout-fraction", type=float, default=0.05, help="records held out for the before/after loss")
     p.add_argument("--max-samples", type=int, help="use at most this many training samples")
-    p.add_argument("--teacher-4bit", action="store_true", default=None, help="NF4 teacher (CUDA + bitsandbytes)")
+    p.add_argument("--teacher-4bit", action=argparse.BooleanOptionalAction, default=None,
+                   help="NF4 teacher (CUDA + bitsandbytes; default: on when CUDA is present)")
+    p.add_argument("--teacher-cache", help="directory of cached teacher top-k outputs: computed once per sample, "
+                                           "reused by every student healed on the same data")
+    p.add_argument("--teacher-top-k", type=int, help="tokens kept per position in --teacher-cache (default 64)")
+    p.add_argument("--loss-chunk-tokens", type=int, help="tokens per chunk of the distillation loss "
+                                                         "(default: about 16M logits per chunk; 0: plain formula)")
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISION, help="default auto: bf16 on CUDA, none on CPU")
+    p.add_argument("--save-dtype", choices=SAVE_DTYPES, help="healed checkpoint dtype (default: the student's)")
+    p.add_argument("--eval-every", type=int, help="held-out loss every N steps (into healing.json and the curve)")
+    p.add_argument("--report-to", choices=REPORT_TO, help="also log to TensorBoard or W&B (offline by default)")
+    p.add_argument("--logging-dir", help="tracker log directory (default: <output-dir>.runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
 
@@ -60,5 +72,7 @@ def run_heal_command(args: argparse.Namespace) -> int:
         print(f"held-out loss: teacher {before['teacher']:.4f}, student {before['student']:.4f} -> "
               f"{after['student']:.4f} (gap closed: {report['gap_closed']:.1%})"
               if report["gap_closed"] is not None else f"held-out loss {before['student']:.4f} -> {after['student']:.4f}")
+    if cfg.teacher_cache:
+        print(f"teacher cache {cfg.teacher_cache}: {report['teacher_samples_computed']} samples computed this run")
     print(f"healed checkpoint: {cfg.output_dir} ({report['steps']} steps, {report['seconds']} s)")
     return 0

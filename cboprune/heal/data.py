@@ -55,16 +55,28 @@ def _tokenize(item, tokenizer, seq_len: int, loss_on: str) -> tuple[list[int], i
     return ids, start
 
 
-def load_distillation_data(path: str | Path, tokenizer, *, seq_len: int = 256, heldout_fraction: float = 0.05,
-                           max_samples: int | None = None, heldout_samples: int | None = None,
-                           loss_on: str = "all", seed: int = 0) -> tuple[TokenizedSet, TokenizedSet]:
-    """(train, held-out) sets from a .jsonl/.json/.txt file; held-out records never train."""
-    if loss_on not in ("all", "responses"):
-        raise CBOPruneError(f"loss_on must be 'all' or 'responses', got {loss_on!r}")
+def read_distillation_items(path: str | Path) -> list:
+    """The records of a .jsonl/.json/.txt file as chat messages or texts (validated; no tokenizer
+    needed, so callers check the data before loading any model)."""
     path = Path(path)
     items = records_to_messages(read_records(path), str(path))
     if len(items) == 1 and isinstance(items[0], str):  # one long text: split into paragraphs
         items = [p for p in items[0].split("\n\n") if p.strip()]
+    if not items:
+        raise CBOPruneError(f"distillation data {path} holds no records: pass a file with some")
+    return items
+
+
+def load_distillation_data(path: str | Path, tokenizer, *, seq_len: int = 256, heldout_fraction: float = 0.05,
+                           max_samples: int | None = None, heldout_samples: int | None = None,
+                           loss_on: str = "all", seed: int = 0, items: list | None = None
+                           ) -> tuple[TokenizedSet, TokenizedSet]:
+    """(train, held-out) sets from a .jsonl/.json/.txt file (or its `items`, already read);
+    held-out records never train."""
+    if loss_on not in ("all", "responses"):
+        raise CBOPruneError(f"loss_on must be 'all' or 'responses', got {loss_on!r}")
+    path = Path(path)
+    items = list(items if items is not None else read_distillation_items(path))
     random.Random(seed).shuffle(items)
     n_heldout = max(1, round(len(items) * heldout_fraction)) if heldout_fraction > 0 and len(items) > 1 else 0
     held, train = items[:n_heldout], items[n_heldout:]

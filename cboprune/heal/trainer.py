@@ -4,12 +4,15 @@ One loop for one CPU, one GPU or many (data parallel through accelerate / torchr
 order is a pure function of (seed, step): epoch e visits the training set in the permutation
 drawn from seed + e, and optimizer step s consumes micro-batches s·A … s·A + A − 1 of the global
 stream (A = accumulation steps × processes, rank r taking every world-th micro-batch). A
-checkpoint (trainable weights, optimizer, scheduler, RNG, step) is written every `save_every`
-steps, so `resume` continues exactly where the last checkpoint left off.
+checkpoint (trainable weights, optimizer, scheduler, RNG, step, loss curve; safetensors + JSON,
+never pickle, see heal.state) is written every `save_every` steps, so `resume` continues exactly
+where the last checkpoint left off. The healed checkpoint is staged beside the output directory
+and renamed onto it, so an interruption never leaves a half-written output.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -26,13 +29,20 @@ from tqdm.auto import tqdm
 
 from cboprune import __version__
 from cboprune.errors import CBOPruneError
-from cboprune.heal.data import TokenizedSet, load_distillation_data
-from cboprune.heal.loss import DistillationLoss
+from cboprune.heal.data import TokenizedSet, load_distillation_data, read_distillation_items
+from cboprune.heal.loss import DistillationLoss, SparseTeacher, head_loss
+from cboprune.heal.state import load_state, read_state_meta, save_state
 
 log = logging.getLogger(__name__)
 
 HEALING_FILE = "healing.json"
+CURVE_FILE = "healing_curve.png"
 STATE_SUFFIX = ".heal-state"
+STAGING_SUFFIX = ".heal-partial"
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+REPORT_TO = ("none", "tensorboard", "wandb")
+AUTO_CHUNK_LOGITS = 1 << 24  # logits per loss chunk when loss_chunk_tokens is auto (64 MiB in fp32)
 
 
 @dataclass
@@ -66,6 +76,14 @@ class HealConfig:
     max_samples: int | None = None
     seed: int = 0
     teacher_4bit: bool | None = None  # None: NF4 when a CUDA GPU and bitsandbytes are present
+    mixed_precision: str = "auto"  # "auto" (bf16 on CUDA, none on CPU), "no", "bf16", "fp16"
+    save_dtype: str = "auto"  # dtype of the healed checkpoint; "auto": the student checkpoint's own
+    loss_chunk_tokens: int | None = None  # None: auto (~16M logits per chunk); 0: the plain formula
+    teacher_cache: str | None = None  # directory of cached teacher top-k outputs (see heal.cache)
+    teacher_top_k: int = 64
+    eval_every: int | None = None  # held-out student loss every N steps (into the curve)
+    report_to: str = "none"  # "none", "tensorboard" or "wandb" (offline unless WANDB_MODE says otherwise)
+    logging_dir: str | None = None  # tracker logs (default: <output_dir>.runs beside the output)
     overwrite: bool = False
     max_minutes: float | None = None  # wall-clock budget for training; stops early and saves when spent
     stop_after_steps: int | None = None  # stop (as if killed) after this many steps; for tests
@@ -75,7 +93,7 @@ class HealConfig:
         if self.global_batch_size % self.micro_batch_size:
             errors.append(f"global_batch_size {self.global_batch_size} must be a multiple of micro_batch_size "
                           f"{self.micro_batch_size}")
-        for name in ("seq_len", "micro_batch_size", "global_batch_size", "save_every"):
+        for name in ("seq_len", "micro_batch_size", "global_batch_size", "save_every", "teacher_top_k"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
@@ -84,8 +102,29 @@ class HealConfig:
             errors.append(f"learning_rate {self.learning_rate} is out of range (0, 1)")
         if not 0 <= self.kd_weight <= 1 or self.temperature <= 0:
             errors.append("kd_weight must lie in [0, 1] and temperature be > 0")
+        if self.eval_every is not None and self.eval_every < 1:
+            errors.append("eval_every must be >= 1")
+        if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 0:
+            errors.append("loss_chunk_tokens must be >= 0 (0: plain formula)")
+        choices = {"mixed_precision": MIXED_PRECISION, "save_dtype": SAVE_DTYPES, "report_to": REPORT_TO,
+                   "loss_on": ("all", "responses")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                errors.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.teacher_cache and self.kd_weight == 0:
+            errors.append("teacher_cache is useless with kd_weight 0 (no teacher term)")
         if errors:
             raise CBOPruneError("invalid healing configuration: " + "; ".join(errors))
+
+    def fingerprint(self) -> str:
+        """Identity of everything that changes the training trajectory (checked on resume)."""
+        fields = {k: v for k, v in asdict(self).items() if k not in _RUN_ONLY}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Fields that do not change the weights a run produces: they may differ between a run and its resume.
+_RUN_ONLY = {"resume", "overwrite", "max_minutes", "stop_after_steps", "report_to", "logging_dir", "eval_every",
+             "save_dtype", "save_every", "output_dir"}
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
@@ -101,23 +140,22 @@ def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
 
 
 @torch.no_grad()
-def heldout_loss(model, data: TokenizedSet, *, batch_size: int = 8, teacher=None) -> float:
+def heldout_loss(model, data: TokenizedSet, *, batch_size: int = 8, teacher=None, cache=None) -> float:
     """Mean next-token cross-entropy over the loss-mask tokens of `data` (lower is better); with a
-    teacher, the mean forward KL(teacher || model) over the same tokens instead."""
+    teacher, the mean forward KL(teacher || model) over the same tokens instead; with a
+    TeacherCache (held-out split) the top-k approximation of that KL at the cache's temperature."""
     device = next(model.parameters()).device
     total, count = 0.0, 0.0
     was_training = model.training
     model.eval()
-    kl = DistillationLoss(temperature=1.0, kd_weight=1.0)
-    for lo in range(0, len(data), batch_size):
-        mask = data.attention_mask[lo:lo + batch_size]
-        width = int(mask.sum(1).max())
-        ids = data.input_ids[lo:lo + batch_size, :width].to(device)
-        mask = mask[:, :width].to(device)
-        loss_mask = data.loss_mask[lo:lo + batch_size, :width].to(device)
+    kl = DistillationLoss(temperature=1.0 if cache is None else cache.temperature, kd_weight=1.0)
+    for lo, ids, mask, loss_mask in _batches(data, batch_size, device):
         logits = model(input_ids=ids, attention_mask=mask).logits
         n = float(loss_mask[:, 1:].sum())
-        if teacher is not None:
+        if cache is not None:
+            sparse = _to_device(cache.lookup("heldout", range(lo, lo + len(ids)), ids.shape[1])[0], device)
+            total += float(kl(logits, sparse, ids, loss_mask)) / kl.temperature ** 2 * n
+        elif teacher is not None:
             total += float(kl(logits, teacher(input_ids=ids, attention_mask=mask).logits, ids, loss_mask)) * n
         else:
             ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:],
@@ -126,6 +164,26 @@ def heldout_loss(model, data: TokenizedSet, *, batch_size: int = 8, teacher=None
         count += n
     model.train(was_training)
     return total / max(count, 1.0)
+
+
+def _batches(data: TokenizedSet, batch_size: int, device):
+    """(first row, input_ids, attention_mask, loss_mask) trimmed to the batch's longest sample."""
+    for lo in range(0, len(data), batch_size):
+        mask = data.attention_mask[lo:lo + batch_size]
+        width = int(mask.sum(1).max())
+        yield (lo, data.input_ids[lo:lo + batch_size, :width].to(device), mask[:, :width].to(device),
+               data.loss_mask[lo:lo + batch_size, :width].to(device))
+
+
+def _to_device(sparse: SparseTeacher, device) -> SparseTeacher:
+    return SparseTeacher(sparse.indices.to(device), sparse.logprobs.to(device), sparse.tail_logprob.to(device))
+
+
+def _teacher_heldout_ce(cache, held: TokenizedSet) -> float:
+    """The teacher's held-out cross-entropy from the cached next-token log-probabilities."""
+    _, target = cache.lookup("heldout", range(len(held)), held.input_ids.shape[1])
+    weights = held.loss_mask[:, 1:].float()
+    return float(-(target[:, :-1] * weights).sum() / weights.sum().clamp_min(1.0))
 
 
 def _load_teacher(cfg: HealConfig, device: torch.device):
@@ -152,7 +210,10 @@ def _load_teacher(cfg: HealConfig, device: torch.device):
                                                          device_map={"": device.index or 0})
             return model.eval(), "nf4"
     dtype = "bfloat16" if device.type == "cuda" else "float32"
-    return load_model(cfg.teacher, dtype=dtype, device=str(device)).model, dtype
+    model = load_model(cfg.teacher, dtype=dtype, device=str(device)).model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, dtype
 
 
 def _micro_batch_indices(n: int, micro: int, seed: int, index: int) -> torch.Tensor:
@@ -163,66 +224,327 @@ def _micro_batch_indices(n: int, micro: int, seed: int, index: int) -> torch.Ten
     return perm[pos * micro:(pos + 1) * micro]
 
 
-def _save_state(state_dir: Path, model, optimizer, scheduler, step: int, trainable_names: list[str]) -> None:
-    tmp = state_dir.with_name(state_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    params = dict(model.named_parameters())
-    torch.save({n: params[n].detach().cpu() for n in trainable_names}, tmp / "trainable.pt")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(), "step": step}, tmp / "training.pt")
-    (tmp / "step.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(state_dir, ignore_errors=True)
-    os.replace(tmp, state_dir)
+@dataclass
+class _Paths:
+    out: Path  # the healed checkpoint
+    state: Path  # resumable training state (<out>.heal-state), removed when the run completes
+    staging: Path  # the checkpoint is written here and renamed onto `out` (.<out>.heal-partial)
 
 
-def _load_state(state_dir: Path, model, optimizer, scheduler) -> int:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in torch.load(state_dir / "trainable.pt", weights_only=True).items():
-            params[name].copy_(value)
-    training = torch.load(state_dir / "training.pt", weights_only=False)
-    optimizer.load_state_dict(training["optimizer"])
-    scheduler.load_state_dict(training["scheduler"])
-    torch.set_rng_state(training["rng"])
-    return int(training["step"])
-
-
-def heal(cfg: HealConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Distill `cfg.teacher` into the pruned `cfg.student`; save the healed checkpoint to
-    `cfg.output_dir` with `removal.json` (copied) and `healing.json` (losses before/after)."""
-    from accelerate import Accelerator
-
-    from cboprune.models import load_model
-    from cboprune.models.surgery import REMOVAL_FILE, save_pruned
-
-    cfg.validate()
-    out_dir = Path(cfg.output_dir)
-    state_root = out_dir.with_name(out_dir.name + STATE_SUFFIX)
-    if out_dir.exists() and any(out_dir.iterdir()) and not cfg.overwrite:
-        raise CBOPruneError(f"output directory {out_dir} is not empty: choose another or pass --overwrite")
-    if state_root.exists() and not cfg.resume:
-        raise CBOPruneError(f"{state_root} holds an unfinished healing run: pass --resume to continue it, "
+def check_output_paths(cfg: HealConfig) -> _Paths:
+    """Refuse an output that cannot be written or would destroy inputs, before any work; remove the
+    staging directory an interrupted save left behind."""
+    out = Path(cfg.output_dir).expanduser()
+    resolved = out.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise CBOPruneError(f"output directory {cfg.output_dir} is the current directory or one above it: "
+                            "name a new directory for the healed checkpoint")
+    for what in ("student", "teacher", "data", "teacher_cache"):
+        given = getattr(cfg, what)
+        if given and Path(given).expanduser().exists():
+            inside = Path(given).expanduser().resolve()
+            if inside == resolved or resolved in inside.parents:
+                raise CBOPruneError(f"output directory {cfg.output_dir} holds the {what.replace('_', ' ')} "
+                                    f"({given}): choose another --output-dir")
+    if out.exists() and not out.is_dir():
+        raise CBOPruneError(f"output path {cfg.output_dir} is a file: pass a directory with --output-dir")
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise CBOPruneError(f"output directory {cfg.output_dir} is not empty: choose another or pass --overwrite")
+    paths = _Paths(resolved, resolved.with_name(resolved.name + STATE_SUFFIX),
+                   resolved.with_name(f".{resolved.name}{STAGING_SUFFIX}"))
+    if paths.state.exists() and not cfg.resume:
+        raise CBOPruneError(f"{paths.state} holds an unfinished healing run: pass --resume to continue it, "
                             "or delete it to start over")
-    if cfg.resume and not (state_root / "latest").is_dir():
-        log.warning("--resume given but no checkpoint in %s: starting from step 0", state_root)
+    try:
+        if paths.staging.exists():
+            log.info("removing %s left by an interrupted save", paths.staging)
+            shutil.rmtree(paths.staging)
+        paths.staging.parent.mkdir(parents=True, exist_ok=True)
+        paths.staging.mkdir()  # probe: the place is writable
+        paths.staging.rmdir()
+    except OSError as e:
+        raise CBOPruneError(f"cannot write the output directory {cfg.output_dir} ({e.strerror or e}): "
+                            "choose a writable place with --output-dir") from None
+    return paths
 
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+
+def _resume_state(cfg: HealConfig, paths: _Paths) -> Path | None:
+    """The state to resume from (checked cheaply, before any model loads) or None."""
+    if not cfg.resume:
+        return None
+    if paths.state.exists() and not paths.state.is_dir():
+        raise CBOPruneError(f"heal state {paths.state} is not a directory: delete it to start over")
+    latest = paths.state / "latest"
+    if not latest.exists() and (paths.state / "latest.old").is_dir():
+        latest = paths.state / "latest.old"  # killed between the two renames of a state save
+    if not latest.exists():
+        if paths.state.is_dir() and any(p.name != "latest.tmp" for p in paths.state.iterdir()):
+            raise CBOPruneError(f"heal state {paths.state} has no checkpoint 'latest' but other files: "
+                                "delete it to start over")
+        log.warning("--resume given but no checkpoint in %s: starting from step 0", paths.state)
+        return None
+    meta = read_state_meta(latest)
+    if meta.get("fingerprint") != cfg.fingerprint():
+        raise CBOPruneError(f"heal state {paths.state} was written with other options (student, teacher, data or "
+                            "training options): rerun with the same options, or delete it to start over")
+    return latest
+
+
+def _save_dtype(cfg: HealConfig, checkpoint_dir: str | None) -> torch.dtype:
+    """The healed checkpoint's dtype: as asked, or the student checkpoint's own (float32 if unknown)."""
+    name = cfg.save_dtype
+    if name == "auto":
+        config = Path(checkpoint_dir or "") / "config.json"
+        stored = json.loads(config.read_text()) if config.is_file() else {}
+        name = stored.get("dtype") or stored.get("torch_dtype") or "float32"
+    return getattr(torch, name) if name in SAVE_DTYPES else torch.float32
+
+
+def _write_output(paths: _Paths, model, tokenizer, provenance: dict, report: dict, overwrite: bool) -> None:
+    """Checkpoint + healing.json + curve written in staging, then renamed onto the output directory:
+    an interruption leaves either the complete output or none (the staging is cleaned next run)."""
+    from cboprune.models.surgery import save_pruned
+
+    shutil.rmtree(paths.staging, ignore_errors=True)
+    paths.staging.mkdir()
+    checkpoint = paths.staging / "checkpoint"
+    save_pruned(model, tokenizer, checkpoint, provenance, overwrite=True)
+    (checkpoint / HEALING_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    plot_curve(report, checkpoint / CURVE_FILE)
+    if paths.out.exists():  # empty, or overwrite was given
+        os.replace(paths.out, paths.staging / "previous")
+    os.replace(checkpoint, paths.out)
+    shutil.rmtree(paths.staging, ignore_errors=True)
+
+
+def plot_curve(report: dict, path: Path) -> Path | None:
+    """healing_curve.png: train loss per step and held-out loss at each evaluation."""
+    curve = report.get("curve") or {}
+    if not curve.get("train"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([p["step"] for p in curve["train"]], [p["loss"] for p in curve["train"]], label="train (distillation)")
+    if curve.get("heldout"):
+        ax.plot([p["step"] for p in curve["heldout"]], [p["loss"] for p in curve["heldout"]], "o-",
+                label="held-out cross-entropy")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _check_tracker(cfg: HealConfig) -> Path | None:
+    """The tracker's log directory; a one-line error when the tracker's library is missing."""
+    if cfg.report_to == "none":
+        return None
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    available = is_tensorboard_available() if cfg.report_to == "tensorboard" else is_wandb_available()
+    if not available:
+        package = "tensorboard" if cfg.report_to == "tensorboard" else "wandb"
+        raise CBOPruneError(f"--report-to {cfg.report_to} needs the {package} package: pip install {package} "
+                            "(or --report-to none)")
+    if cfg.report_to == "wandb":
+        os.environ.setdefault("WANDB_MODE", "offline")  # offline unless the user asked for a server
+    out = Path(cfg.output_dir).expanduser().resolve()
+    return Path(cfg.logging_dir) if cfg.logging_dir else out.with_name(out.name + ".runs")
+
+
+def _needed_rows(n: int, cfg: HealConfig, micro_batches: int) -> list[int]:
+    """Training rows that the first `micro_batches` micro-batches of the stream visit."""
+    per_epoch = math.ceil(n / cfg.micro_batch_size)
+    if micro_batches >= per_epoch:
+        return list(range(n))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    return perm[:micro_batches * cfg.micro_batch_size].tolist()
+
+
+def _setup_teacher(cfg: HealConfig, accelerator, train: TokenizedSet, held: TokenizedSet, micro_batches: int,
+                   teacher_model=None):
+    """(teacher model or None, TeacherCache or None, teacher precision). With a cache, the teacher is
+    loaded only while the cache lacks rows this run needs, and freed before training."""
     device = accelerator.device
-    torch.manual_seed(cfg.seed)
-    student_loaded = load_model(cfg.student, dtype="float32", device=str(device))
-    student, tokenizer = student_loaded.model, student_loaded.tokenizer
-    teacher, teacher_precision = _load_teacher(cfg, device)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    if student.get_output_embeddings().weight.shape[0] != teacher.get_output_embeddings().weight.shape[0]:
-        raise CBOPruneError("student and teacher have different vocabularies: the teacher must be the model "
-                            "the student was pruned from")
-    train, held = load_distillation_data(cfg.data, tokenizer, seq_len=cfg.seq_len,
-                                         heldout_fraction=cfg.heldout_fraction, max_samples=cfg.max_samples,
-                                         heldout_samples=cfg.heldout_samples, loss_on=cfg.loss_on, seed=cfg.seed)
-    before = _heldout_metrics(student, teacher, held, with_teacher=True)
+    if not cfg.teacher_cache:
+        if teacher_model is not None:
+            return teacher_model, None, str(next(teacher_model.parameters()).dtype).removeprefix("torch.")
+        model, precision = _load_teacher(cfg, device)
+        return model, None, precision
+    from cboprune.heal.cache import TeacherCache
 
+    def open_cache():
+        return TeacherCache.for_run(cfg.teacher_cache, cfg.teacher, train, held, top_k=cfg.teacher_top_k,
+                                    temperature=cfg.temperature)
+
+    cache = open_cache() if accelerator.is_main_process else None
+    rows = _needed_rows(len(train), cfg, micro_batches)
+    if cache is not None and (cache.missing("train", rows) or cache.missing("heldout", range(len(held)))):
+        model = teacher_model if teacher_model is not None else _load_teacher(cfg, device)[0]
+        log.info("computing teacher outputs for the cache %s", cfg.teacher_cache)
+        cache.fill(model, train, "train", rows, batch_size=cfg.micro_batch_size)
+        cache.fill(model, held, "heldout", range(len(held)), batch_size=cfg.micro_batch_size)
+        del model
+    accelerator.wait_for_everyone()
+    if cache is None:
+        cache = open_cache()
+    return None, cache, f"cached top-{cfg.teacher_top_k}"
+
+
+@dataclass
+class _Run:
+    """Everything one training loop needs (built by `heal`)."""
+
+    cfg: HealConfig
+    accelerator: Any
+    student: Any
+    optimizer: Any
+    scheduler: Any
+    loss_fn: DistillationLoss
+    train: TokenizedSet
+    held: TokenizedSet
+    teacher: Any
+    cache: Any
+    paths: _Paths
+    trainable_names: list[str]
+    accumulation: int
+    total_steps: int
+    curve: dict[str, list[dict[str, float]]]
+    head_in_loss: bool = False  # the LM head runs inside the chunked loss (no full logits held)
+
+
+def _micro_batch_loss(run: _Run, step: int, j: int) -> torch.Tensor:
+    """Forward + backward of micro-batch j of optimizer step `step`; returns the detached loss."""
+    acc, cfg, world = run.accelerator, run.cfg, run.accelerator.num_processes
+    index = (step * run.accumulation + j) * world + acc.process_index
+    rows = _micro_batch_indices(len(run.train), cfg.micro_batch_size, cfg.seed, index)
+    mask = run.train.attention_mask[rows]
+    width = int(mask.sum(1).max())
+    ids, mask = run.train.input_ids[rows, :width].to(acc.device), mask[:, :width].to(acc.device)
+    loss_mask = run.train.loss_mask[rows, :width].to(acc.device)
+    target = None
+    if run.cache is not None:
+        target = _to_device(run.cache.lookup("train", rows.tolist(), width)[0], acc.device)
+    elif cfg.kd_weight > 0:
+        with torch.no_grad():
+            target = run.teacher(input_ids=ids, attention_mask=mask).logits
+    sync = j == run.accumulation - 1
+    with acc.autocast(), (nullcontext() if sync else acc.no_sync(run.student)):
+        if run.head_in_loss:
+            hidden = run.student.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            loss = head_loss(run.loss_fn, hidden, run.student.get_output_embeddings(), target, ids, loss_mask)
+        else:
+            logits = run.student(input_ids=ids, attention_mask=mask).logits
+            loss = run.loss_fn(logits, target, ids, loss_mask)
+        acc.backward(loss / run.accumulation)
+    return loss.detach() / run.accumulation
+
+
+@torch.no_grad()
+def head_is_plain(model, ids: torch.Tensor) -> bool:
+    """True when the model's logits are exactly its LM head applied to its decoder's last hidden
+    state (no soft-capping, scaling or extra layers), checked on a few real tokens."""
+    head, decoder = model.get_output_embeddings(), getattr(model, "get_decoder", lambda: None)()
+    if not isinstance(head, torch.nn.Linear) or decoder is None:
+        return False
+    try:
+        logits = model(input_ids=ids).logits
+        hidden = decoder(input_ids=ids).last_hidden_state
+    except (TypeError, AttributeError, RuntimeError):
+        return False
+    return bool(torch.allclose(head(hidden), logits, rtol=1e-4, atol=1e-5 * float(logits.abs().max())))
+
+
+def _train(run: _Run, step: int, progress: bool) -> tuple[int, bool, bool]:
+    """The optimizer loop from `step`; returns (step reached, stopped by the time budget, stopped
+    as if killed)."""
+    cfg, acc = run.cfg, run.accelerator
+    start = time.perf_counter()
+    bar = tqdm(total=run.total_steps, initial=step, desc="healing (distillation)", unit="step",
+               disable=not progress or not acc.is_main_process)
+    try:
+        while step < run.total_steps:
+            if cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes:
+                log.warning("time budget of %.1f min spent after %d of %d steps: saving", cfg.max_minutes, step,
+                            run.total_steps)
+                return step, True, False
+            if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps:
+                return step, False, True
+            step_loss = sum(_micro_batch_loss(run, step, j) for j in range(run.accumulation))
+            if cfg.max_grad_norm:
+                acc.clip_grad_norm_(run.student.parameters(), cfg.max_grad_norm)
+            lr = run.scheduler.get_last_lr()[0]
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = float(acc.reduce(step_loss, reduction="mean")) if acc.num_processes > 1 else float(step_loss)
+            _record(run, step, {"train/loss": loss_value, "train/lr": lr})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == run.total_steps) and len(run.held):
+                _record(run, step, {"heldout/loss": heldout_loss(acc.unwrap_model(run.student), run.held)})
+            if acc.is_main_process and (step % cfg.save_every == 0 or step == run.total_steps):
+                save_state(run.paths.state / "latest", acc.unwrap_model(run.student), run.optimizer, run.scheduler,
+                           step, run.trainable_names, cfg.fingerprint(), {"curve": run.curve})
+        return step, False, False
+    finally:
+        bar.close()
+
+
+def _record(run: _Run, step: int, values: dict[str, float]) -> None:
+    """Into the curve kept in healing.json (and the resumable state) and the tracker, if any."""
+    if "train/loss" in values:
+        run.curve["train"].append({"step": step, "loss": values["train/loss"], "lr": values["train/lr"]})
+    if "heldout/loss" in values:
+        run.curve["heldout"].append({"step": step, "loss": values["heldout/loss"]})
+    if run.cfg.report_to != "none":
+        run.accelerator.log(values, step=step)
+
+
+def _accelerator(cfg: HealConfig, logging_dir: Path | None):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else \
+        ("bf16" if torch.cuda.is_available() else "no")
+    # cpu=True on a machine without CUDA: without it accelerate forms no process group on CPU and
+    # every launched process would heal on its own.
+    kwargs = dict(mixed_precision=precision, cpu=not torch.cuda.is_available(),
+                  log_with=None if logging_dir is None else cfg.report_to,
+                  project_dir=None if logging_dir is None else str(logging_dir))
+    try:
+        accelerator = Accelerator(**kwargs)
+    except ValueError:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise CBOPruneError("mixed precision is fixed for a launched run: set it in the accelerate "
+                                "config") from None
+        # One process healing several models in turn (a library caller) with another precision:
+        # accelerate keeps its state per process, so start it afresh.
+        AcceleratorState._reset_state()
+        accelerator = Accelerator(**kwargs)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes != launched:
+        raise CBOPruneError(f"launched as {launched} processes but accelerate formed a group of "
+                            f"{accelerator.num_processes}: check the accelerate config")
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise CBOPruneError(f"cboprune heal does not support {accelerator.distributed_type.name} yet (its "
+                            "resumable state is not sharded): use data parallel (MULTI_GPU), LoRA or "
+                            "--gradient-checkpointing; see docs/healing.md")
+    return accelerator
+
+
+def _prepare_run(cfg: HealConfig, accelerator, student, train: TokenizedSet, held: TokenizedSet, teacher, cache,
+                 paths: _Paths, accumulation: int, total_steps: int) -> _Run:
+    """LoRA / checkpointing on the student, optimizer, schedule, loss, all through accelerate."""
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -233,107 +555,139 @@ def heal(cfg: HealConfig, *, progress: bool = True) -> dict[str, Any]:
         if cfg.lora:
             student.enable_input_require_grads()
     trainable_names = [n for n, p in student.named_parameters() if p.requires_grad]
-    world = accelerator.num_processes
-    if cfg.global_batch_size % (cfg.micro_batch_size * world):
-        raise CBOPruneError(f"global_batch_size {cfg.global_batch_size} must be a multiple of micro_batch_size x "
-                            f"processes = {cfg.micro_batch_size * world}")
-    accumulation = cfg.global_batch_size // (cfg.micro_batch_size * world)
-    micro_per_step = accumulation * world
-    total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * math.ceil(len(train) / cfg.micro_batch_size)
-                                                     / micro_per_step))
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, max(1, round(cfg.warmup_ratio * total_steps)), cfg.min_lr_ratio))
     student, optimizer = accelerator.prepare(student, optimizer)
-    loss_fn = DistillationLoss(cfg.temperature, cfg.kd_weight)
+    vocab = accelerator.unwrap_model(student).get_output_embeddings().weight.shape[0]
+    chunk = cfg.loss_chunk_tokens if cfg.loss_chunk_tokens is not None else max(1, AUTO_CHUNK_LOGITS // vocab)
+    run = _Run(cfg, accelerator, student, optimizer, scheduler, DistillationLoss(cfg.temperature, cfg.kd_weight,
+               chunk_tokens=chunk or None), train, held, teacher, cache, paths, trainable_names, accumulation,
+               total_steps, {"train": [], "heldout": []})
+    # The LM head inside the chunked loss: never the full logits. Not through a DDP wrapper, whose
+    # forward must run for gradient synchronisation.
+    run.head_in_loss = bool(chunk) and accelerator.num_processes == 1 and \
+        head_is_plain(student, train.input_ids[:1, :8].to(accelerator.device))
+    return run
 
+
+def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[str, Any]:
+    """Distill `cfg.teacher` into the pruned `cfg.student`; save the healed checkpoint to
+    `cfg.output_dir` with `removal.json` (copied), `healing.json` (losses before/after, the loss
+    curve) and `healing_curve.png`.
+
+    teacher_model: an already loaded teacher to reuse across calls (else `cfg.teacher` is loaded).
+    With `cfg.teacher_cache` the teacher's top-k outputs are computed once per sample into that
+    directory and every later student healed on the same data reuses them (see heal.cache).
+    """
+    from cboprune.models import load_model
+    from cboprune.models.surgery import REMOVAL_FILE
+
+    cfg.validate()
+    paths = check_output_paths(cfg)
+    resume_from = _resume_state(cfg, paths)
+    logging_dir = _check_tracker(cfg)
+    items = read_distillation_items(cfg.data)  # bad data: one line before any model loads
+    accelerator = _accelerator(cfg, logging_dir)
+    device = accelerator.device
+    torch.manual_seed(cfg.seed)
+    student_loaded = load_model(cfg.student, dtype="float32", device=str(device))
+    student, tokenizer = student_loaded.model, student_loaded.tokenizer
+    train, held = load_distillation_data(cfg.data, tokenizer, seq_len=cfg.seq_len,
+                                         heldout_fraction=cfg.heldout_fraction, max_samples=cfg.max_samples,
+                                         heldout_samples=cfg.heldout_samples, loss_on=cfg.loss_on, seed=cfg.seed,
+                                         items=items)
+    world = accelerator.num_processes
+    if cfg.global_batch_size % (cfg.micro_batch_size * world):
+        raise CBOPruneError(f"global_batch_size {cfg.global_batch_size} must be a multiple of micro_batch_size x "
+                            f"processes = {cfg.micro_batch_size * world}")
+    accumulation = cfg.global_batch_size // (cfg.micro_batch_size * world)
+    total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * math.ceil(len(train) / cfg.micro_batch_size)
+                                                     / (accumulation * world)))
+    teacher, cache, teacher_precision = _setup_teacher(cfg, accelerator, train, held,
+                                                       total_steps * accumulation * world, teacher_model)
+    vocab = student.get_output_embeddings().weight.shape[0]
+    if teacher is not None and vocab != teacher.get_output_embeddings().weight.shape[0]:
+        raise CBOPruneError("student and teacher have different vocabularies: the teacher must be the model "
+                            "the student was pruned from")
+    before = _heldout_metrics(student, teacher, cache, held, with_teacher=True)
+
+    run = _prepare_run(cfg, accelerator, student, train, held, teacher, cache, paths, accumulation, total_steps)
     step = 0
-    if cfg.resume and (state_root / "latest").is_dir():
-        step = _load_state(state_root / "latest", accelerator.unwrap_model(student), optimizer, scheduler)
+    if resume_from is not None:
+        step = load_state(resume_from, accelerator.unwrap_model(run.student), run.optimizer, run.scheduler,
+                          cfg.fingerprint())
+        run.curve = read_state_meta(resume_from).get("curve") or run.curve
         log.info("resumed from step %d", step)
-    student.train()
-    history = []
+    if logging_dir is not None:
+        accelerator.init_trackers("cboprune-heal", config={k: v for k, v in asdict(cfg).items()
+                                                           if isinstance(v, (int, float, str, bool))})
+    run.student.train()
     start = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=step, desc="healing (distillation)", unit="step",
-               disable=not progress or not accelerator.is_main_process)
-    stopped_early = False
-    while step < total_steps:
-        if cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes:
-            log.warning("time budget of %.1f min spent after %d of %d steps: saving", cfg.max_minutes, step,
-                        total_steps)
-            stopped_early = True
-            break
-        if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps:
-            bar.close()
-            return {"stopped_at_step": step}
-        step_loss = 0.0
-        for j in range(accumulation):
-            index = step * micro_per_step + j * world + accelerator.process_index
-            rows = _micro_batch_indices(len(train), cfg.micro_batch_size, cfg.seed, index)
-            mask = train.attention_mask[rows]
-            width = int(mask.sum(1).max())
-            ids, mask = train.input_ids[rows, :width].to(device), mask[:, :width].to(device)
-            loss_mask = train.loss_mask[rows, :width].to(device)
-            with torch.no_grad():
-                teacher_logits = teacher(input_ids=ids, attention_mask=mask).logits if cfg.kd_weight > 0 else None
-            sync = j == accumulation - 1
-            with accelerator.autocast(), (nullcontext() if sync else accelerator.no_sync(student)):
-                logits = student(input_ids=ids, attention_mask=mask).logits
-                loss = loss_fn(logits, teacher_logits, ids, loss_mask) / accumulation
-                accelerator.backward(loss)
-            step_loss += float(loss)
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        history.append(step_loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
-        if accelerator.is_main_process and (step % cfg.save_every == 0 or step == total_steps):
-            _save_state(state_root / "latest", accelerator.unwrap_model(student), optimizer, scheduler, step,
-                        trainable_names)
-    bar.close()
+    step, stopped_early, killed = _train(run, step, progress)
+    if killed:
+        return {"stopped_at_step": step}
     seconds = time.perf_counter() - start
 
-    model = accelerator.unwrap_model(student)
+    model = accelerator.unwrap_model(run.student)
     if cfg.lora:
         model = model.merge_and_unload()
-    after = _heldout_metrics(model, teacher, held)
-    report = {
-        "cboprune_version": __version__,
-        "student": cfg.student,
-        "teacher": cfg.teacher,
-        "teacher_precision": teacher_precision,
-        "config": asdict(cfg),
-        "steps": step,
-        "planned_steps": total_steps,
-        "stopped_by_time_budget": stopped_early,
-        "train_samples": len(train),
-        "heldout_samples": len(held),
-        "heldout_loss_before": before,
-        "heldout_loss_after": after,
-        "gap_closed": _gap_closed(before, after),
-        "train_loss_first_last": [history[0], history[-1]] if history else None,
-        "seconds": round(seconds, 1),
-    }
+    after = _heldout_metrics(model, teacher, cache, held)
+    report = _report(run, teacher_precision, step, stopped_early, before, after, seconds)
     if accelerator.is_main_process:
         student_removal = Path(student_loaded.checkpoint_dir or "") / REMOVAL_FILE
         provenance = json.loads(student_removal.read_text()) if student_removal.is_file() else {}
         model.config.use_cache = True
-        save_pruned(model, tokenizer, out_dir, provenance, overwrite=cfg.overwrite)
-        (out_dir / HEALING_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        shutil.rmtree(state_root, ignore_errors=True)
+        model.to(_save_dtype(cfg, student_loaded.checkpoint_dir))
+        _write_output(paths, model, tokenizer, provenance, report, cfg.overwrite)
+        shutil.rmtree(paths.state, ignore_errors=True)
+    if logging_dir is not None:
+        accelerator.end_training()
     return report
 
 
-def _heldout_metrics(model, teacher, held: TokenizedSet, with_teacher: bool = False) -> dict[str, float]:
-    """Held-out cross-entropy of the model (and the teacher), and KL(teacher || model)."""
+def _report(run: _Run, teacher_precision: str, step: int, stopped_early: bool, before: dict, after: dict,
+            seconds: float) -> dict[str, Any]:
+    """What healing.json says about a finished run."""
+    cfg = run.cfg
+    return {
+        "cboprune_version": __version__,
+        "student": cfg.student,
+        "teacher": cfg.teacher,
+        "teacher_precision": teacher_precision,
+        "teacher_samples_computed": getattr(run.cache, "teacher_passes", None),
+        "config": asdict(cfg),
+        "steps": step,
+        "planned_steps": run.total_steps,
+        "processes": run.accelerator.num_processes,
+        "distillation_loss": "lm-head-in-loss" if run.head_in_loss else
+        f"chunked ({run.loss_fn.chunk_tokens} tokens)" if run.loss_fn.chunk_tokens else "plain",
+        "stopped_by_time_budget": stopped_early,
+        "train_samples": len(run.train),
+        "heldout_samples": len(run.held),
+        "heldout_loss_before": before,
+        "heldout_loss_after": after,
+        "gap_closed": _gap_closed(before, after),
+        "train_loss_first_last": [run.curve["train"][0]["loss"], run.curve["train"][-1]["loss"]]
+        if run.curve["train"] else None,
+        "curve": run.curve,
+        "seconds": round(seconds, 1),
+    }
+
+
+def _heldout_metrics(model, teacher, cache, held: TokenizedSet, with_teacher: bool = False) -> dict[str, float]:
+    """Held-out cross-entropy of the model (and the teacher), and KL(teacher || model); from a cache
+    the KL is its top-k approximation (`kl_to_teacher_topk`)."""
     if not len(held):
         return {}
-    out = {"student": heldout_loss(model, held), "kl_to_teacher": heldout_loss(model, held, teacher=teacher)}
+    out = {"student": heldout_loss(model, held)}
+    if cache is not None:
+        out["kl_to_teacher_topk"] = heldout_loss(model, held, cache=cache)
+        if with_teacher:
+            out["teacher"] = _teacher_heldout_ce(cache, held)
+        return out
+    out["kl_to_teacher"] = heldout_loss(model, held, teacher=teacher)
     if with_teacher:
         out["teacher"] = heldout_loss(teacher, held)
     return out

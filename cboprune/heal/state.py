@@ -1,0 +1,125 @@
+"""Resumable training state without pickle: tensors in safetensors, everything else in JSON.
+
+A state directory holds exactly three files:
+- `trainable.safetensors`: the trainable parameters by name;
+- `optimizer.safetensors`: the optimizer's per-parameter tensors (`state.<param id>.<key>`) and the
+  CPU RNG state (`rng.cpu`);
+- `state.json`: the step, the optimizer's param groups and non-tensor per-parameter values, the
+  scheduler's state dict and a fingerprint of the configuration that wrote it.
+
+Nothing is ever unpickled, so a file swapped into the directory can at worst be refused. Any file
+that cannot be read back exactly is a one-line `CBOPruneError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from cboprune.errors import CBOPruneError
+
+STATE_FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")
+FORMAT = 1
+
+
+def save_state(state_dir: Path, model, optimizer, scheduler, step: int, trainable_names: list[str],
+               fingerprint: str, extra: dict[str, Any] | None = None) -> None:
+    """Write the state into a sibling staging directory, then rename it over `state_dir`."""
+    tmp = state_dir.with_name(state_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    params = dict(model.named_parameters())
+    save_file({n: params[n].detach().cpu().contiguous() for n in trainable_names}, tmp / STATE_FILES[0])
+    opt = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, values in opt["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    save_file(tensors, tmp / STATE_FILES[1])
+    meta = {"format": FORMAT, "step": step, "fingerprint": fingerprint, "param_groups": opt["param_groups"],
+            "state_scalars": scalars, "state_ids": [str(p) for p in opt["state"]],
+            "scheduler": scheduler.state_dict(), **(extra or {})}
+    (tmp / STATE_FILES[2]).write_text(json.dumps(meta, indent=1))
+    old = state_dir.with_name(state_dir.name + ".old")  # a kill between the renames leaves this one
+    shutil.rmtree(old, ignore_errors=True)
+    if state_dir.exists():
+        os.replace(state_dir, old)
+    os.replace(tmp, state_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_state_meta(state_dir: Path) -> dict[str, Any]:
+    """state.json of a state directory, checked for shape; cheap, so called before any model loads."""
+    if not state_dir.is_dir():
+        raise CBOPruneError(f"heal state {state_dir} is not a directory: delete it to start over")
+    legacy = sorted(p.name for p in state_dir.glob("*.pt"))
+    if legacy:
+        raise CBOPruneError(f"heal state {state_dir} holds pickle files ({', '.join(legacy)}), which are never "
+                            "loaded (they can run code): delete the directory to start over")
+    missing = [f for f in STATE_FILES if not (state_dir / f).is_file()]
+    if missing:
+        raise CBOPruneError(f"heal state {state_dir} is incomplete (missing {', '.join(missing)}): delete it to "
+                            "start over")
+    try:
+        meta = json.loads((state_dir / STATE_FILES[2]).read_text(encoding="utf-8"))
+        ok = (isinstance(meta, dict) and meta.get("format") == FORMAT and isinstance(meta.get("step"), int)
+              and isinstance(meta.get("param_groups"), list) and isinstance(meta.get("scheduler"), dict))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        ok = False
+    if not ok:
+        raise CBOPruneError(f"heal state {state_dir / STATE_FILES[2]} is malformed: delete {state_dir} to start over")
+    return meta
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CBOPruneError(f"heal state file {path} is not a readable safetensors file "
+                            f"({str(e).splitlines()[0][:120]}): delete {path.parent} to start over") from None
+
+
+def load_state(state_dir: Path, model, optimizer, scheduler, fingerprint: str) -> int:
+    """Restore weights, optimizer, scheduler and RNG from `state_dir`; returns the step."""
+    meta = read_state_meta(state_dir)
+    if meta.get("fingerprint") != fingerprint:
+        raise CBOPruneError(f"heal state {state_dir} was written by a run with a different configuration "
+                            "(student, teacher, data or training options): rerun with the same options, or "
+                            "delete it to start over")
+    weights = _load_tensors(state_dir / STATE_FILES[0])
+    tensors = _load_tensors(state_dir / STATE_FILES[1])
+    params = dict(model.named_parameters())
+    bad = [n for n, v in weights.items() if n not in params or params[n].shape != v.shape]
+    if bad or "rng.cpu" not in tensors:
+        raise CBOPruneError(f"heal state {state_dir} does not match this model (e.g. {(bad or ['rng.cpu'])[0]}): "
+                            "delete it to start over")
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    for pid, values in meta.get("state_scalars", {}).items():
+        state.setdefault(int(pid), {}).update(values)
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    try:
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        scheduler.load_state_dict(meta["scheduler"])
+        torch.set_rng_state(tensors["rng.cpu"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise CBOPruneError(f"heal state {state_dir} does not fit this run ({str(e).splitlines()[0][:120]}): "
+                            "delete it to start over") from None
+    return int(meta["step"])
