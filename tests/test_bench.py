@@ -13,7 +13,7 @@ from cboprune.bench import (BenchSettings, add_bench_arguments, bench_models, di
                             measure_speedup, model_stats, run_bench_command, time_generation)
 from cboprune.errors import CBOPruneError
 from cboprune.models.surgery import remove_blocks
-from tests.conftest import tiny_llama
+from conftest import tiny_llama
 
 FAST = BenchSettings(batch_sizes=(1, 2), lengths=(8,), new_tokens=3, repeats=2, warmup=1)
 

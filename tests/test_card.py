@@ -11,7 +11,7 @@ import yaml
 
 from cboprune.models.card import read_card_metadata, render_model_card, resolve_save_dtype, source_dtype
 from cboprune.models.surgery import remove_blocks, save_pruned
-from tests.conftest import tiny_llama
+from conftest import tiny_llama
 
 
 def _tied_tiny(n_layers: int = 6):

@@ -15,7 +15,7 @@ from cboprune.models.architectures import decoder_layers
 from cboprune.models.surgery import remove_blocks, save_pruned
 from cboprune.repair import plan_repair, removed_runs, repair_linear
 from cboprune.repair.linear import collect_moments, solve_map
-from tests.conftest import tiny_llama
+from conftest import tiny_llama
 
 
 def tiny_gpt2(n_layers: int = 6):
