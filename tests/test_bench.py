@@ -112,7 +112,7 @@ def test_bench_bad_inputs_fail_in_one_line_before_loading(argv, match):
 
 
 def test_bench_command_on_checkpoints_writes_json_and_markdown(tmp_path, capsys):
-    from tests.conftest import save_tiny_checkpoint
+    from conftest import save_tiny_checkpoint
 
     orig = save_tiny_checkpoint(tmp_path / "orig", n_layers=4)
     from transformers import AutoModelForCausalLM

@@ -256,7 +256,7 @@ def test_repair_command_end_to_end(tmp_path, shared_data, capsys):
     from transformers import AutoModelForCausalLM
 
     from cboprune.repair.cli import add_repair_arguments, run_repair_command
-    from tests.conftest import save_tiny_checkpoint
+    from conftest import save_tiny_checkpoint
 
     original = save_tiny_checkpoint(tmp_path / "orig")
     pruned = tmp_path / "pruned"
