@@ -67,6 +67,7 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
     protocol = EvalProtocol(cfg.tasks, cfg.limit, cfg.ppl_limit, cfg.eval_batch_size, cfg.data_dir, cfg.max_length,
                             cfg.seed, progress, cfg.include_path)
     out_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    recipe = cfg.heal_recipe(out_dir)  # the healing data is checked before any work
     started = time.perf_counter()
     session = load_session(cfg, remove=cfg.remove, min_kept=max(registry.get(n).min_kept for n in names))
     net, calibration = session.model, session.calibration
@@ -97,7 +98,6 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
     for e in entries:
         e.cost = cost_of(e, session.n_blocks, fit_tokens=calibration.n_tokens)
     eval_seconds = round(time.perf_counter() - t0, 2)
-    recipe = cfg.heal_recipe(out_dir)
     if recipe is not None:
         heal_entries(entries, net, session.tokenizer, recipe, protocol, nll_samples=calibration,
                      batch_size=cfg.batch_size, workdir=out_dir.with_name(out_dir.name + ".heal-work"),

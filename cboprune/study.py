@@ -79,6 +79,7 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
     protocol = EvalProtocol(cfg.tasks, cfg.limit, cfg.ppl_limit, cfg.eval_batch_size, cfg.data_dir, cfg.max_length,
                             cfg.seed, progress, cfg.include_path)
     out_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    recipe = cfg.heal_recipe(out_dir)  # the healing data is checked before any work
     started = time.perf_counter()
     session = load_session(cfg, remove=cfg.remove, min_kept=2, heldout=cfg.heldout_samples)
     net, fit, heldout = session.model, session.fit, session.heldout
@@ -129,7 +130,6 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
     for e in entries:
         e.cost = cost_of(e, session.n_blocks, fit_tokens=fit.n_tokens, heldout_tokens=heldout.n_tokens, options=opts)
     eval_seconds = round(time.perf_counter() - t0, 2)
-    recipe = cfg.heal_recipe(out_dir)
     if recipe is not None:
         heal_entries(entries, net, session.tokenizer, recipe, protocol, nll_samples=heldout,
                      batch_size=cfg.batch_size, workdir=out_dir.with_name(out_dir.name + ".heal-work"),

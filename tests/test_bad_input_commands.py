@@ -56,6 +56,8 @@ def _cases(a):
                                    "did you mean 'sleb'"),
         "compare heal steps 0": (cmp_ + ["--heal-steps", "0", "--output-dir", out], "--heal-steps"),
         "compare heal without data": (cmp_ + ["--heal-steps", "3", "--output-dir", out], "distillation data"),
+        "compare missing heal data": (cmp_ + ["--heal-steps", "3", "--heal-data", str(r / "none.jsonl"),
+                                               "--output-dir", out], "healing data not found"),
         "compare limit 0": (cmp_ + ["--limit", "0", "--output-dir", out], "--limit"),
         "compare into cwd": (cmp_ + ["--output-dir", ".", "--overwrite"], "current directory"),
         "compare device gpu": (cmp_ + ["--device", "gpu", "--output-dir", out], "device"),

@@ -46,11 +46,27 @@ def test_pipeline_on_the_real_model(shared_data, tmp_path):
     assert out.shape[1] > prompt["input_ids"].shape[1]
 
 
-def test_recommended_selection_on_the_real_model(shared_data, tmp_path):
-    """The default path (measured energy, verification, swap refinement), kept small: pairs among 8 blocks."""
+def test_default_selection_on_the_real_model(shared_data, tmp_path):
+    """The default (hybrid energy: singles measured, Fisher pairs; verification), kept small."""
+    from cboprune.energy import RECOMMENDED
+
+    cfg = RunConfig(model="default", data=str(shared_data / "calib" / "alpaca_en_demo.json"), n_samples=8,
+                    heldout_samples=4, seq_len=64, batch_size=4, remove=[4], top=4, save_remove=[],
+                    output_dir=str(tmp_path / "run"))
+    assert (cfg.energy, cfg.verify, cfg.refine_sweeps) == (RECOMMENDED.energy, True, 0) == ("hybrid", True, 0)
+    (ranking,) = run_pipeline(cfg, progress=False).rankings
+    assert ranking.method == "cbo-hybrid" and ranking.info["energy_single_samples"] == 8
+    heldout = [c.score for c in ranking.candidates]
+    assert heldout == sorted(heldout) and all(math.isfinite(v) for v in heldout)
+    assert 29 not in ranking.best.removed  # never the final block (the paper's ground state removes it)
+    assert "Selection cost" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_measured_selection_on_the_real_model(shared_data, tmp_path):
+    """The previous default (measured energy, verification, swap refinement), kept small: pairs among 8 blocks."""
     cfg = RunConfig(model="default", data=str(shared_data / "calib" / "alpaca_en_demo.json"), n_samples=4,
                     heldout_samples=4, seq_len=64, batch_size=4, remove=[2], top=4, pool=8, refine_sweeps=1,
-                    save_remove=[], output_dir=str(tmp_path / "run"))
+                    energy="measured", save_remove=[], output_dir=str(tmp_path / "run"))
     result = run_pipeline(cfg, progress=False)
     (ranking,) = result.rankings
     assert ranking.method == "cbo-measured" and ranking.info["energy_configurations"] == 1 + 30 + 28
