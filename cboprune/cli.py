@@ -19,22 +19,25 @@ User errors print one line (`cboprune: error: ...`) and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
 
 from cboprune import __version__
-from cboprune.config import add_config_arguments, config_from_args
+from cboprune.config import _int_list, add_config_arguments, config_from_args
 from cboprune.errors import CBOPruneError
 
 log = logging.getLogger("cboprune")
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,-1, got {text!r}") from None
+#: (command, module with add_<command>_arguments / run_<command>_command, help)
+_MODULE_COMMANDS = (
+    ("bench", "cboprune.bench", "size and speed of pruned checkpoints next to the original"),
+    ("repair", "cboprune.repair.cli", "training-free linear repair of removed blocks, folded into the kept weights"),
+    ("eval", "cboprune.evaluation.cli", "perplexity and benchmarks (built-in or lm-eval backend)"),
+    ("heal", "cboprune.heal.cli", "knowledge-distillation retraining of a pruned checkpoint (LoRA option)"),
+)
 
 
 def _add_config(p: argparse.ArgumentParser, command: str) -> None:
@@ -85,29 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_methods)
 
-    from cboprune.bench import add_bench_arguments, run_bench_command
-
-    p = sub.add_parser("bench", help="size and speed of pruned checkpoints next to the original")
-    add_bench_arguments(p)
-    p.set_defaults(func=run_bench_command)
-
-    from cboprune.repair.cli import add_repair_arguments, run_repair_command
-
-    p = sub.add_parser("repair", help="training-free linear repair of removed blocks, folded into the kept weights")
-    add_repair_arguments(p)
-    p.set_defaults(func=run_repair_command)
-
-    from cboprune.evaluation.cli import add_eval_arguments, run_eval_command
-
-    p = sub.add_parser("eval", help="perplexity and benchmarks (built-in or lm-eval backend)")
-    add_eval_arguments(p)
-    p.set_defaults(func=run_eval_command)
-
-    from cboprune.heal.cli import add_heal_arguments, run_heal_command
-
-    p = sub.add_parser("heal", help="knowledge-distillation retraining of a pruned checkpoint (LoRA option)")
-    add_heal_arguments(p)
-    p.set_defaults(func=run_heal_command)
+    for name, module, help_ in _MODULE_COMMANDS:  # commands whose module owns its arguments
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_)
+        getattr(mod, f"add_{name}_arguments")(p)
+        p.set_defaults(func=getattr(mod, f"run_{name}_command"))
 
     from cboprune.compare import run_compare_command
 
@@ -172,7 +157,8 @@ def cmd_hessian(args: argparse.Namespace) -> int:
 
 def cmd_solve(args: argparse.Namespace) -> int:
     from cboprune.hessian import load_hessian
-    from cboprune.pipeline import prepare_output_dir, solve_rankings, write_solve_outputs
+    from cboprune.outputs import check_output_dir
+    from cboprune.pipeline import solve_rankings, write_solve_outputs
     from cboprune.report.tables import rankings_markdown
 
     if args.remove is None and not args.config:
@@ -181,7 +167,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
     if cfg.energy not in ("fisher", "fisher-linear", "exact"):
         raise CBOPruneError(f"solve builds its energy from the Hessian file: --energy fisher (the paper, default), "
                             f"fisher-linear or exact, not {cfg.energy!r} (use `cboprune run` for it)")
-    out_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite) if cfg.output_dir else None
+    out_dir = check_output_dir(cfg.output_dir, cfg.overwrite) if cfg.output_dir else None
     if args.export_qubo:
         from cboprune.outputs import check_output_file
 
@@ -220,7 +206,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from cboprune.hessian import load_hessian
     from cboprune.models import load_model
     from cboprune.models.architectures import decoder_layers
-    from cboprune.pipeline import pick_device, prepare_output_dir, provenance, prune_to_checkpoint, solve_rankings
+    from cboprune.outputs import check_output_dir
+    from cboprune.pipeline import pick_device, provenance, prune_to_checkpoint, solve_rankings
     from cboprune.ranking import Candidate, Ranking
 
     if (args.blocks is None) == (args.hessian is None):
@@ -232,7 +219,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.hessian is not None and (args.remove is None or len(args.remove) != 1):
         raise CBOPruneError("with --hessian pass one --remove M (and optionally --rank R)")
     cfg = config_from_args(args, "prune")
-    prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    check_output_dir(cfg.output_dir, cfg.overwrite)
     hessian = load_hessian(args.hessian) if args.hessian else None
     model_spec = args.model or (hessian.meta.get("model") if hessian else None) or "default"
     if hessian is not None:

@@ -59,18 +59,17 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
     from cboprune.experiment import SelectionContext, energy_entries, evaluate_entries, peer_entries
     from cboprune.healing_study import cost_of, heal_entries
     from cboprune.masked import calibration_nll
-    from cboprune.outputs import staged_dir
-    from cboprune.pipeline import prepare_output_dir
+    from cboprune.outputs import check_output_dir, staged_dir
     from cboprune.session import load_session
 
     names = registry.parse_names(cfg.methods, extra=("cbo",))
     protocol = EvalProtocol(cfg.tasks, cfg.limit, cfg.ppl_limit, cfg.eval_batch_size, cfg.data_dir, cfg.max_length,
                             cfg.seed, progress, cfg.include_path)
-    out_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    out_dir = check_output_dir(cfg.output_dir, cfg.overwrite)
     recipe = cfg.heal_recipe(out_dir)  # the healing data is checked before any work
     started = time.perf_counter()
     session = load_session(cfg, remove=cfg.remove, min_kept=max(registry.get(n).min_kept for n in names))
-    net, calibration = session.model, session.calibration
+    net, calibration = session.model, session.fit
     if "cbo" in names and calibration.n_samples < session.n_blocks:
         log.warning("compare: %d calibration samples for N = %d blocks: the CBO matrix H = AᵀA/m has rank <= %d, "
                     "so the solver can pick states in its null space (energy ~0, real loss large). Use "

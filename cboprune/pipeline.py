@@ -57,14 +57,6 @@ def hessian_options(cfg: Config) -> dict[str, Any]:
             "shard_dir": cfg.shard_dir, "shard_samples": cfg.shard_samples}
 
 
-def prepare_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
-    """Refuse an output directory that cannot be written atomically, before any work starts
-    (`cboprune.outputs.check_output_dir`)."""
-    from cboprune.outputs import check_output_dir
-
-    return check_output_dir(out_dir, overwrite)
-
-
 def solve_rankings(hessian: HessianResult, remove: Sequence[int], top: int, *, keep: Sequence[int] = (),
                    method: str = "auto", time_limit: float | None = None, node_limit: int | None = None,
                    seed: int = 0, removable: Sequence[int] | None = None, energy: str = "fisher") -> list[Ranking]:
@@ -214,9 +206,10 @@ class RunResult:
 
 
 def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
+    from cboprune.outputs import check_output_dir
     from cboprune.session import load_session
 
-    out_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    out_dir = check_output_dir(cfg.output_dir, cfg.overwrite)
     if cfg.heal_candidates:
         cfg.heal_recipe(out_dir)  # the healing data is checked before any work
     checks = cfg.verify or cfg.refine_sweeps > 0

@@ -28,10 +28,6 @@ class Session:
     def n_blocks(self) -> int:
         return len(self.block_kinds)
 
-    @property
-    def calibration(self):
-        return self.fit
-
 
 def check_remove(remove: Sequence[int], n_blocks: int, min_kept: int = 1) -> None:
     limit = n_blocks - min_kept

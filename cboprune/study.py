@@ -29,7 +29,6 @@ from typing import Any
 
 from cboprune import methods as registry
 from cboprune.energy import RECOMMENDED
-from cboprune.errors import CBOPruneError
 from cboprune.evaluation.protocol import mean_accuracy, primary_metric, primary_scores
 from cboprune.experiment import Entry
 from cboprune.report.tables import markdown_table, write_csv
@@ -66,19 +65,15 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
     from cboprune.experiment import SelectionContext, energy_entries, evaluate_entries, peer_entries
     from cboprune.healing_study import cost_of, heal_entries
     from cboprune.masked import calibration_nll
-    from cboprune.outputs import staged_dir
-    from cboprune.pipeline import prepare_output_dir
+    from cboprune.outputs import check_output_dir, staged_dir
     from cboprune.session import load_session
 
     energies = registry.parse_names(cfg.energies, registry.ENERGY)
     refine = [r for r in registry.parse_names(cfg.refine, registry.ENERGY, allow_empty=True) if r in energies]
     peers = registry.parse_names(cfg.peers, registry.PEER, allow_empty=True)
-    if cfg.pool is not None and cfg.pool < max(cfg.remove):
-        raise CBOPruneError(f"--pool {cfg.pool} is smaller than the largest M = {max(cfg.remove)}: the "
-                                     "measured model could not remove enough blocks")
     protocol = EvalProtocol(cfg.tasks, cfg.limit, cfg.ppl_limit, cfg.eval_batch_size, cfg.data_dir, cfg.max_length,
                             cfg.seed, progress, cfg.include_path)
-    out_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    out_dir = check_output_dir(cfg.output_dir, cfg.overwrite)
     recipe = cfg.heal_recipe(out_dir)  # the healing data is checked before any work
     started = time.perf_counter()
     session = load_session(cfg, remove=cfg.remove, min_kept=2, heldout=cfg.heldout_samples)

@@ -73,14 +73,15 @@ def run_repair_command(args: argparse.Namespace) -> int:
     from cboprune.data import load_calibration
     from cboprune.models import load_model
     from cboprune.models.surgery import save_pruned, validate_removal
-    from cboprune.pipeline import pick_device, prepare_output_dir
+    from cboprune.outputs import check_output_dir
+    from cboprune.pipeline import pick_device
     from cboprune.repair.linear import check_options, plan_repair, repair_linear
 
     if args.heldout < 0 or args.n_samples < 1:
         raise CBOPruneError("--n-samples must be >= 1 and --heldout >= 0")
     check_options(args.objective, args.ridge)
     original, removed, prov = resolve_source(args.source, args.blocks)
-    prepare_output_dir(args.output_dir, args.overwrite)
+    check_output_dir(args.output_dir, args.overwrite)
     loaded = load_model(original, dtype=args.dtype, device=pick_device(args.device))
     model = loaded.model
     n_blocks = model.config.get_text_config(decoder=True).num_hidden_layers
