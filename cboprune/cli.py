@@ -237,6 +237,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         cand = Candidate(removed=tuple(sorted(args.blocks)), score=float("nan"), rank=0)
         ranking = Ranking(method="manual", n_blocks=0, n_remove=len(cand.removed), candidates=[cand])
         meta, fingerprint = {}, ""
+    if cfg.repair:
+        from cboprune.data.calibration import check_data
+
+        check_data(cfg.data)  # before the model loads
     loaded = load_model(model_spec, dtype=cfg.dtype, device=pick_device(cfg.device))
     n_blocks = len(decoder_layers(loaded.model)[1])
     if hessian is not None and hessian.n_blocks != n_blocks:
@@ -245,9 +249,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if hessian is None:
         ranking.n_blocks = n_blocks
     info = provenance(cand, ranking, meta, model_spec, fingerprint)
+    calibration = None
+    if cfg.repair:
+        from cboprune.data import load_calibration
+        from cboprune.repair import plan_repair
+
+        plan_repair(loaded.model, cand.removed)  # refused in one line before the calibration pass
+        calibration = load_calibration(cfg.data, loaded.tokenizer, model=loaded.model, n_samples=cfg.n_samples,
+                                       seq_len=cfg.seq_len, seed=cfg.seed, chat_template=cfg.chat_template)
     out = prune_to_checkpoint(loaded.model, loaded.tokenizer, cand.removed, cfg.output_dir, info,
                               copy_model=cfg.speedup, overwrite=cfg.overwrite, save_dtype=cfg.save_dtype,
-                              speedup=cfg.speedup)
+                              speedup=cfg.speedup, repair=cfg.repair, calibration=calibration,
+                              batch_size=cfg.batch_size)
     print(f"removed blocks {list(cand.removed)} -> {out}")
     return 0
 

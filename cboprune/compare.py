@@ -69,6 +69,10 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
     recipe = cfg.heal_recipe(out_dir)  # the healing data is checked before any work
     started = time.perf_counter()
     session = load_session(cfg, remove=cfg.remove, min_kept=max(registry.get(n).min_kept for n in names))
+    if cfg.repair:
+        from cboprune.pipeline import check_repairable
+
+        check_repairable(session.model, session.n_blocks)
     net, calibration = session.model, session.fit
     if "cbo" in names and calibration.n_samples < session.n_blocks:
         log.warning("compare: %d calibration samples for N = %d blocks: the CBO matrix H = AᵀA/m has rank <= %d, "
@@ -101,6 +105,15 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
         heal_entries(entries, net, session.tokenizer, recipe, protocol, nll_samples=calibration,
                      batch_size=cfg.batch_size, workdir=out_dir.with_name(out_dir.name + ".heal-work"),
                      progress=progress)
+    if cfg.repair:
+        from cboprune.repair.comparison import repair_entries
+
+        repair_entries(entries, net, session.tokenizer, protocol, fit=calibration, nll_samples=calibration,
+                       batch_size=cfg.batch_size)
+        if recipe is not None:
+            heal_entries(entries, net, session.tokenizer, recipe, protocol, nll_samples=calibration,
+                         batch_size=cfg.batch_size, workdir=out_dir.with_name(out_dir.name + ".heal-work"),
+                         progress=progress, repair_fit=calibration)
     hessian = context.cache.get("hessian")
     meta = {"model": cfg.model, "n_blocks": session.n_blocks, "methods": names, "remove": cfg.remove,
             "cbo_ranks": sorted(set(cfg.cbo_ranks)), **protocol.describe(), "calibration": calibration.describe(),
@@ -108,7 +121,7 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
             "torch_threads": torch.get_num_threads(), "swm_rule": cfg.swm_rule, "swm_threshold": cfg.swm_threshold,
             "seconds": {"selection": selection_seconds, "evaluation": eval_seconds,
                         "total": round(time.perf_counter() - started, 2)},
-            "healing": recipe.describe() if recipe is not None else None,
+            "healing": recipe.describe() if recipe is not None else None, "repair": cfg.repair,
             "hessian": {k: v for k, v in hessian.meta.items() if k != "block_names"} if hessian else {}}
     result = CompareResult(output_dir=out_dir, entries=entries, baseline=baseline, meta=meta)
     with staged_dir(out_dir, overwrite=cfg.overwrite) as stage:  # all of it or nothing
@@ -252,6 +265,11 @@ def write_outputs(result: CompareResult, directory: Path | None = None) -> dict[
     paths["blocks_md"].write_text(markdown_table(h2, r2), encoding="utf-8")
     write_csv(paths["blocks_csv"], h2, r2)
     plot_comparison(result, paths["plot"])
+    if result.meta.get("repair"):
+        from cboprune.repair.comparison import repair_markdown
+
+        paths["repair_md"] = out / "repair.md"
+        paths["repair_md"].write_text(repair_markdown(result.entries, result.meta, label), encoding="utf-8")
     if result.meta.get("healing"):
         paths["healing_md"] = out / "healing.md"
         paths["healing_md"].write_text(healing_markdown(result.entries, result.meta, label), encoding="utf-8")

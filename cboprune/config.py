@@ -11,7 +11,7 @@ option has one name, one help text and one default everywhere.
     comparison   methods, energies, peers, refine, cbo_ranks, swm_threshold, swm_rule
     evaluation   tasks, limit, ppl_limit, eval_batch_size, data_dir, max_length, include_path
     healing      heal, heal_data, heal_steps, heal_lr, heal_seq_len, heal_micro_batch_size,
-                 heal_global_batch_size, heal_lora, heal_keep, heal_states, heal_candidates
+                 heal_global_batch_size, heal_lora, heal_keep, heal_states, heal_candidates, repair
     output       output_dir, overwrite, speedup, save_dtype, save_ranks, save_remove
 
 `COMMANDS` says which sections (and fields) each subcommand takes. All problems are collected and
@@ -160,6 +160,11 @@ class Config:
     heal_candidates: int = _opt(0, "run: heal the C most diverse verified low-energy states alike (--heal-steps "
                                    "each) and save the best after healing (default 0: off)", "healing", kind="int",
                                 minimum=0)
+    repair: str | None = _opt(None, "training-free repair of every pruned model: 'linear' fits a linear map for "
+                                    "each removed run of blocks on the fitting samples and folds it into the kept "
+                                    "weights (run/prune: the saved checkpoints; compare/study: each configuration "
+                                    "is also evaluated repaired and, with --heal-steps, healed from the repair)",
+                              "healing", kind="str")
     # output
     output_dir: str | None = _opt(None, "where to write everything (default outputs/<command>)", "output",
                                   kind="str")
@@ -264,6 +269,8 @@ class Config:
             errors.append(f"run heals with one budget: pass one --heal-steps value, got {self.heal_steps}")
         if "heal" in used and self.heal_candidates and not self.heal_steps:
             errors.append("--heal-candidates needs the budget of each heal: pass --heal-steps S")
+        if "repair" in used and self.repair not in (None, "linear"):
+            errors.append(f"--repair must be 'linear' (the only repair), got {self.repair!r}")
         if "heal_states" in used and self.heal_states and not self.heal_steps:
             errors.append("--heal-states needs --heal-steps")
         for name, kind, extra in (("methods", None, ("cbo",)), ("energies", methods.ENERGY, ()),
@@ -397,7 +404,7 @@ COMMANDS.update({
     "solve": ((), ("remove", "top", "keep", "only", "energy", "solver", "time_limit", "node_limit", "seed",
                    "output_dir", "overwrite"), ()),
     "prune": ((), ("model", "dtype", "device", "remove", "keep", "only", "output_dir", "overwrite", "save_dtype",
-                   "speedup"), ()),
+                   "speedup", "repair", "data", "n_samples", "seq_len", "batch_size", "seed", "chat_template"), ()),
 })
 #: the only defaults that differ by command: where outputs go, and `solve` (a saved Hessian holds
 #: only the gradient-based energies)

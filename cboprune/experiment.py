@@ -139,6 +139,8 @@ class Entry:
     healed: dict[int, dict[str, Any]] = field(default_factory=dict)  # steps -> nll, eval, heal CE after healing
     cost: float | None = None  # selection cost in forward passes of the fitting set
     speedup: dict[str, Any] | None = None  # parameters removed, measured prefill / decode speed-up
+    repaired: dict[str, Any] | None = None  # --repair: nll, eval, seconds of the repaired configuration
+    repair_healed: dict[int, dict[str, Any]] = field(default_factory=dict)  # like healed, from the repaired model
 
     @property
     def base(self) -> str:
@@ -275,4 +277,5 @@ def entry_dict(entry: Entry, nll_key: str) -> dict[str, Any]:
             "ranking": entry.ranking.to_dict(), "selection_seconds": entry.selection_seconds, nll_key: value,
             "same_as": entry.same_as, "eval": entry.eval, "cost_forward_passes": entry.cost,
             "speedup": entry.speedup,
-            "healed": {str(k): v for k, v in entry.healed.items()}}
+            "healed": {str(k): v for k, v in entry.healed.items()}, "repaired": entry.repaired,
+            "repair_healed": {str(k): v for k, v in entry.repair_healed.items()}}

@@ -60,20 +60,25 @@ class HealRecipe:
         return d
 
 
-def _key(entry: Entry, recipe: HealRecipe, steps: int, protocol: EvalProtocol, nll_fingerprint: str) -> str:
+def _key(entry: Entry, recipe: HealRecipe, steps: int, protocol: EvalProtocol, nll_fingerprint: str,
+         repair_fit: str | None = None) -> str:
     from cboprune.experiment import merge_rule_of
 
-    text = json.dumps({"removed": list(entry.candidate.removed), "merged": [list(g) for g in entry.candidate.merged],
-                       "rule": merge_rule_of(entry) if entry.candidate.merged else None,
-                       "recipe": {**recipe.describe(), "steps": steps}, "eval": protocol.describe(),
-                       "nll_samples": nll_fingerprint}, sort_keys=True)
+    fields = {"removed": list(entry.candidate.removed), "merged": [list(g) for g in entry.candidate.merged],
+              "rule": merge_rule_of(entry) if entry.candidate.merged else None,
+              "recipe": {**recipe.describe(), "steps": steps}, "eval": protocol.describe(),
+              "nll_samples": nll_fingerprint}
+    if repair_fit is not None:  # healed from the linear repair fitted on these samples
+        fields["repair"] = {"method": "linear", "fit": repair_fit}
+    text = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe, protocol: EvalProtocol, *,
-                 nll_samples, batch_size: int = 8, workdir: Path, progress: bool = False) -> None:
+                 nll_samples, batch_size: int = 8, workdir: Path, progress: bool = False, repair_fit=None) -> None:
     """entry.healed[S] = {"nll", "eval", "heal_ce", "heal_kl", "seconds"} for every budget S; entries
-    with the same configuration share one heal."""
+    with the same configuration share one heal. With `repair_fit` (calibration samples) every student
+    starts from the linear repair fitted on them instead, and the results go to entry.repair_healed."""
     from cboprune.experiment import apply_configuration, configuration_key, merge_rule_of
     from cboprune.heal import HealConfig, heal
     from cboprune.masked import calibration_nll
@@ -85,28 +90,40 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
         cache.mkdir(parents=True, exist_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
     done: dict[tuple, Entry] = {}
+    slot = "healed" if repair_fit is None else "repair_healed"
     for entry in entries:
+        if repair_fit is not None and entry.candidate.merged:
+            continue  # the linear repair replaces removed blocks, not merged ones
         key = configuration_key(entry.candidate, merge_rule_of(entry))
         if key in done:
-            entry.healed = done[key].healed
+            setattr(entry, slot, getattr(done[key], slot))
             continue
         done[key] = entry
         for steps in recipe.steps:
-            digest = _key(entry, recipe, steps, protocol, nll_samples.fingerprint)
+            digest = _key(entry, recipe, steps, protocol, nll_samples.fingerprint,
+                          repair_fit.fingerprint if repair_fit is not None else None)
             cached = cache / f"{digest}.json" if cache is not None else None
             if cached is not None and cached.is_file():
-                entry.healed[steps] = json.loads(cached.read_text())
+                getattr(entry, slot)[steps] = json.loads(cached.read_text())
                 log.info("healing: %s at M = %d, %d steps: reused %s", entry.method, entry.n_remove, steps, cached)
                 continue
             t0 = time.perf_counter()
             student = workdir / f"{digest}-student"
-            healed_dir = (recipe.keep_checkpoints / f"M{entry.n_remove}-{entry.method.replace(':', '-')}-S{steps}"
+            healed_dir = (recipe.keep_checkpoints / f"M{entry.n_remove}-{entry.method.replace(':', '-')}"
+                                                        f"{'-repaired' if repair_fit is not None else ''}-S{steps}"
                           if recipe.keep_checkpoints is not None else workdir / f"{digest}-healed")
             shutil.rmtree(student, ignore_errors=True)
-            save_pruned(apply_configuration(model, entry.candidate, merge_rule_of(entry)), tokenizer, student,
+            if repair_fit is not None:
+                from cboprune.repair.comparison import repaired_copy
+
+                start = repaired_copy(model, entry.candidate.removed, repair_fit, batch_size=batch_size)[0]
+            else:
+                start = apply_configuration(model, entry.candidate, merge_rule_of(entry))
+            save_pruned(start, tokenizer, student,
                         {"source_model": recipe.teacher, "removed": list(entry.candidate.removed),
                          "merged": [list(g) for g in entry.candidate.merged], "method": entry.method},
                         save_dtype="float32")  # the student starts from exactly the evaluated model
+            del start
             report = heal(HealConfig(student=str(student), teacher=recipe.teacher, data=recipe.data,
                                      output_dir=str(healed_dir), max_steps=steps, learning_rate=recipe.learning_rate,
                                      seq_len=recipe.seq_len, micro_batch_size=recipe.micro_batch_size,
@@ -125,7 +142,7 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
             shutil.rmtree(student, ignore_errors=True)
             if recipe.keep_checkpoints is None:
                 shutil.rmtree(healed_dir, ignore_errors=True)
-            entry.healed[steps] = result
+            getattr(entry, slot)[steps] = result
             if cached is not None:
                 tmp = cached.with_suffix(".tmp")
                 tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")

@@ -98,22 +98,40 @@ def calibration_nll(model: torch.nn.Module, calibration: CalibrationSet, *, batc
 
 def configurations_nll(model: torch.nn.Module, calibration: CalibrationSet, configs: Sequence[Sequence[int]], *,
                        batch_size: int = 8, gates: GateManager | None = None,
-                       rows_per_pass: int | None = None) -> np.ndarray:
+                       rows_per_pass: int | None = None, prefix_reuse: bool | None = None) -> np.ndarray:
     """Calibration NLL (token-weighted mean) of the model with each configuration's blocks switched
     off, one value per configuration.
 
-    Several configurations share one forward pass: the calibration batch is repeated once per
-    configuration and per-sample gates [rows, N] switch off different blocks in each copy (exactly
-    the same numbers as separate passes; fewer, larger matrix products). `rows_per_pass` bounds
-    the stacked batch (default 4 * batch_size).
+    Configurations that keep the same first blocks share the computation of those blocks
+    (`cboprune.shared_prefix`; prefix_reuse None: when that saves at least a fifth of the layer work
+    and the model passes the one-time equality check). Otherwise several configurations share one
+    forward pass: the calibration batch is repeated once per configuration and per-sample gates
+    [rows, N] switch off different blocks in each copy (the same numbers as separate passes; fewer,
+    larger matrix products). `rows_per_pass` bounds that stacked batch (default 4 * batch_size).
+    In a process group (torchrun / accelerate) the configurations are split across the processes and
+    the values gathered, so every process must call this with the same arguments.
     """
-    configs = [tuple(int(i) for i in c) for c in configs]
+    from cboprune import distributed
+
+    configs = [tuple(sorted({int(i) for i in c})) for c in configs]
+    dinfo = distributed.info()
+    mine = list(range(dinfo.rank, len(configs), dinfo.world_size))  # every configuration when alone
     own = gates is None
     gates = gates or GateManager(model)
     rows = rows_per_pass or 4 * batch_size
     device = model_device(model)
     total = np.zeros(len(configs))
     count = 0
+    evaluator = _prefix_evaluator(model, gates, [configs[k] for k in mine], prefix_reuse)
+
+    def plain(ids, mask, chunk: Sequence[tuple[int, ...]]) -> torch.Tensor:  # [C, b] per-sample losses
+        b = ids.shape[0]
+        g = torch.stack([gates.removal_gates(list(c)) for c in chunk])  # [C, N]
+        gates.set(g.repeat_interleave(b, dim=0).to(device))  # [C*b, N]
+        c_ids, c_mask = ids.repeat(len(chunk), 1), mask.repeat(len(chunk), 1)
+        logits = model(input_ids=c_ids, attention_mask=c_mask, use_cache=False).logits
+        return per_sample_loss(logits, c_ids, c_mask).view(len(chunk), b)
+
     try:
         with inference(model):
             for _, ids, mask in calibration.batches(batch_size):
@@ -121,20 +139,45 @@ def configurations_nll(model: torch.nn.Module, calibration: CalibrationSet, conf
                 b = ids.shape[0]
                 n_valid = mask[:, 1:].sum(dim=1)
                 count += int(n_valid.sum())
+                todo = [configs[k] for k in mine]
+                if evaluator is not None and todo:
+                    from cboprune.shared_prefix import check_prefix_reuse
+
+                    if check_prefix_reuse(model, evaluator, ids, mask, todo, lambda cs: plain(ids, mask, cs)):
+                        losses = evaluator.losses(ids, mask, todo)
+                        for k in mine:
+                            total[k] += float((losses[configs[k]] * n_valid).sum().double())
+                        continue
+                    evaluator.close()
+                    evaluator = None
                 per = max(1, rows // b)
-                for lo in range(0, len(configs), per):
-                    chunk = configs[lo:lo + per]
-                    g = torch.stack([gates.removal_gates(list(c)) for c in chunk])  # [C, N]
-                    gates.set(g.repeat_interleave(b, dim=0).to(device))  # [C*b, N]
-                    c_ids, c_mask = ids.repeat(len(chunk), 1), mask.repeat(len(chunk), 1)
-                    logits = model(input_ids=c_ids, attention_mask=c_mask, use_cache=False).logits
-                    loss = per_sample_loss(logits, c_ids, c_mask)
-                    total[lo:lo + len(chunk)] += (loss.view(len(chunk), b) * n_valid).sum(dim=1).double().cpu().numpy()
+                for lo in range(0, len(mine), per):
+                    chunk = mine[lo:lo + per]
+                    loss = plain(ids, mask, [configs[k] for k in chunk])
+                    total[chunk] += (loss * n_valid).sum(dim=1).double().cpu().numpy()
     finally:
+        if evaluator is not None:
+            evaluator.close()
         gates.set(None)
         if own:
             gates.remove()
+    if dinfo.enabled:
+        total = distributed.all_reduce_sum(total)  # every process read all of the data: count is the same
     return total / max(count, 1)
+
+
+def _prefix_evaluator(model, gates, configs, prefix_reuse: bool | None):
+    """A shared-prefix evaluator when it is asked for, or (None) worth it; else None."""
+    if prefix_reuse is False or len(configs) < 2:
+        return None
+    from cboprune.shared_prefix import PrefixEvaluator, layer_cost
+
+    path, layers = decoder_layers(model)
+    if prefix_reuse is None:
+        shared, plain = layer_cost(configs, len(layers))
+        if shared > 0.8 * plain:
+            return None
+    return PrefixEvaluator(model, gates, path, layers)
 
 
 def single_removal_nll(model: torch.nn.Module, calibration: CalibrationSet, *, batch_size: int = 8,

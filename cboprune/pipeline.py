@@ -172,17 +172,35 @@ def provenance(candidate: Candidate, ranking: Ranking, hessian_meta: dict[str, A
 
 def prune_to_checkpoint(model: torch.nn.Module, tokenizer, removed: Sequence[int], out_dir: str | Path,
                         info: dict[str, Any], *, copy_model: bool = True, overwrite: bool = False,
-                        save_dtype: str | None = None, speedup: bool = False) -> Path:
+                        save_dtype: str | None = None, speedup: bool = False, repair: str | None = None,
+                        calibration: CalibrationSet | None = None, batch_size: int = 8) -> Path:
     """Remove `removed` blocks (original indices) and save_pretrained with `removal.json` and a model
-    card; with `speedup` (needs `copy_model`), the measured size and speed against the original go
-    into both (`cboprune.bench.measure_speedup`: measured, not estimated from the layer count)."""
+    card; with `repair="linear"` a linear map per removed run, fitted on `calibration` with the
+    original model, is folded into the kept weights first (`cboprune.repair`); with `speedup` (needs
+    `copy_model`), the measured size and speed against the original go into both
+    (`cboprune.bench.measure_speedup`: measured, not estimated from the layer count)."""
     _, layers = decoder_layers(model)
     validate_removal(removed, len(layers))
     pruned = copy.deepcopy(model) if copy_model else model
-    remove_blocks(pruned, removed)
+    if repair:
+        from cboprune.repair import repair_linear
+
+        if calibration is None:
+            raise ValueError("repair needs the calibration samples to fit the maps on")
+        pruned, repair_info = repair_linear(pruned, removed, calibration, batch_size=batch_size)
+        info = {**info, "repair": repair_info}
+    else:
+        remove_blocks(pruned, removed)
     if speedup and copy_model:
         info = {**info, "speedup": speedup_summary(model, pruned)}
     return save_pruned(pruned, tokenizer, out_dir, info, overwrite=overwrite, save_dtype=save_dtype)
+
+
+def check_repairable(model: torch.nn.Module, n_blocks: int) -> None:
+    """Refuse --repair before any work when this family's folding is not exact (one line)."""
+    from cboprune.repair import plan_repair
+
+    plan_repair(model, [min(1, n_blocks - 1)])
 
 
 def speedup_summary(original: torch.nn.Module, pruned: torch.nn.Module) -> dict[str, Any]:
@@ -221,6 +239,8 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
     log.info("%d blocks: %s", session.n_blocks, ", ".join(f"{i}:{k}" for i, k in enumerate(kinds)))
     if removable is not None:
         log.info("removal restricted to %d blocks of kind %s: %s", len(removable), ",".join(cfg.only), removable)
+    if cfg.repair:
+        check_repairable(session.model, session.n_blocks)
     fit, heldout = session.fit, session.heldout
     log.info("selection: energy model %s%s%s", cfg.energy, ", verified on %d held-out samples" % heldout.n_samples
              if heldout is not None else "", f", refined by up to {cfg.refine_sweeps} swap sweeps"
@@ -358,7 +378,8 @@ def _save_checkpoints(cfg: Config, session, rankings: Sequence[Ranking], hessian
             try:
                 path = prune_to_checkpoint(session.model, session.tokenizer, cand.removed, staging / rel,
                                            provenance(cand, ranking, hessian.meta, cfg.model, hessian.fingerprint),
-                                           save_dtype=cfg.save_dtype, speedup=cfg.speedup)
+                                           save_dtype=cfg.save_dtype, speedup=cfg.speedup, repair=cfg.repair,
+                                           calibration=session.fit, batch_size=cfg.batch_size)
             except UnsupportedRemoval as exc:  # the family's config cannot describe what is left
                 log.warning("not saving M=%d rank %d: %s", ranking.n_remove, rank, exc)
                 continue

@@ -77,6 +77,10 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
     recipe = cfg.heal_recipe(out_dir)  # the healing data is checked before any work
     started = time.perf_counter()
     session = load_session(cfg, remove=cfg.remove, min_kept=2, heldout=cfg.heldout_samples)
+    if cfg.repair:
+        from cboprune.pipeline import check_repairable
+
+        check_repairable(session.model, session.n_blocks)
     net, fit, heldout = session.model, session.fit, session.heldout
     log.info("study: %s (N = %d), fitting %s, held-out %s, energy models %s, peers %s, M = %s", cfg.model,
              session.n_blocks, fit.describe(), heldout.n_samples, energies, peers, cfg.remove)
@@ -129,13 +133,22 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
         heal_entries(entries, net, session.tokenizer, recipe, protocol, nll_samples=heldout,
                      batch_size=cfg.batch_size, workdir=out_dir.with_name(out_dir.name + ".heal-work"),
                      progress=progress)
+    if cfg.repair:
+        from cboprune.repair.comparison import repair_entries
+
+        repair_entries(entries, net, session.tokenizer, protocol, fit=fit, nll_samples=heldout,
+                       batch_size=cfg.batch_size)
+        if recipe is not None:
+            heal_entries(entries, net, session.tokenizer, recipe, protocol, nll_samples=heldout,
+                         batch_size=cfg.batch_size, workdir=out_dir.with_name(out_dir.name + ".heal-work"),
+                         progress=progress, repair_fit=fit)
     meta = {"model": cfg.model, "n_blocks": session.n_blocks, "block_kinds": session.block_kinds,
             "remove": cfg.remove, "energies": energies, "peers": peers, "k": cfg.top, "refine": refine,
             "max_sweeps": cfg.refine_sweeps, "diverse": cfg.diverse, "pool": cfg.pool, "relin_step": cfg.relin_step,
             "exact_samples": cfg.exact_samples, **protocol.describe(), "fit": fit.describe(),
             "heldout": heldout.describe(), "batch_size": cfg.batch_size, "seed": cfg.seed, "device": session.device,
             "dtype": cfg.dtype, "torch_threads": torch.get_num_threads(), "recommended": recommended_method(),
-            "healing": recipe.describe() if recipe is not None else None, "heal_states": cfg.heal_states,
+            "healing": recipe.describe() if recipe is not None else None, "repair": cfg.repair, "heal_states": cfg.heal_states,
             "seconds": {"selection": selection_seconds, "evaluation": eval_seconds,
                         "total": round(time.perf_counter() - started, 2),
                         **{f"build {k_}": round(v, 2) for k_, v in costs.items()}}}
@@ -319,6 +332,11 @@ def write_outputs(result: StudyResult, rankings_by_model: dict[str, list],
             f"## The recommended approach ({_label(meta['recommended'])}) against the peers\n",
             markdown_table(h3, r3) if r3 else "(the recommended approach or the peers were not part of this study)\n",
             "## Figures\n", *[f"![{p.stem}]({p.name})\n" for key, p in paths.items() if p.suffix == ".png"]]
+    if meta.get("repair"):
+        from cboprune.repair.comparison import repair_markdown
+
+        paths["repair_md"] = out / "repair.md"
+        paths["repair_md"].write_text(repair_markdown(result.entries, meta, _label), encoding="utf-8")
     if meta.get("healing"):
         from cboprune.healing_study import healing_markdown
 

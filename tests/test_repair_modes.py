@@ -1,0 +1,68 @@
+"""`--repair linear` as a mode of prune and compare: the saved checkpoint is the folded repair, and
+every configuration of a comparison is evaluated repaired beside unrepaired (and healed from it)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from cboprune.cli import main
+from conftest import save_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", n_layers=6)
+
+
+def test_prune_with_repair_saves_the_folded_model(tiny_checkpoint, shared_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    data = str(shared_data / "calib" / "alpaca_en_demo.json")
+    common = ["-q", "prune", "--model", str(tiny_checkpoint), "--blocks", "2,3", "--no-speedup"]
+    assert main([*common, "--output-dir", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--repair", "linear", "--data", data, "--n-samples", "4", "--seq-len", "32",
+                 "--output-dir", str(tmp_path / "rep")]) == 0
+    prov = json.loads((tmp_path / "rep" / "removal.json").read_text())
+    assert prov["removed"] == [2, 3] and prov["repair"]["method"] == "linear"
+    assert prov["repair"]["runs"][0]["removed"] == [2, 3] and prov["repair"]["calibration"]["n_samples"] == 4
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    rep = AutoModelForCausalLM.from_pretrained(tmp_path / "rep")
+    assert rep.config.num_hidden_layers == 4
+    # the fold changes exactly the kept block before the gap (block 1, now index 1)
+    assert not torch.equal(plain.model.layers[1].mlp.down_proj.weight, rep.model.layers[1].mlp.down_proj.weight)
+    assert torch.equal(plain.model.layers[2].mlp.down_proj.weight, rep.model.layers[2].mlp.down_proj.weight)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert rep.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+def test_prune_repair_bad_input_is_one_line(tiny_checkpoint, tmp_path, capsys):
+    rc = main(["-q", "prune", "--model", str(tiny_checkpoint), "--blocks", "2", "--repair", "cubic",
+               "--output-dir", str(tmp_path / "x")])
+    assert rc != 0
+    err = capsys.readouterr().err.strip()
+    assert "--repair must be 'linear'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_compare_with_repair_evaluates_every_configuration_repaired(tiny_checkpoint, shared_data, tmp_path):
+    out = tmp_path / "cmp"
+    text = tmp_path / "text.txt"
+    text.write_text("The cat sat on the mat. It was a sunny day, and the children played in the park. " * 3)
+    rc = main(["-q", "compare", "--model", str(tiny_checkpoint), "--data",
+               str(shared_data / "calib" / "alpaca_en_demo.json"), "--n-samples", "4", "--seq-len", "32",
+               "--batch-size", "4", "--remove", "2", "--methods", "bi,last-m", "--tasks", f"file:{text}",
+               "--ppl-limit", "1", "--max-length", "64", "--no-speedup", "--repair", "linear",
+               "--output-dir", str(out)])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    rows = [e for e in data["entries"] if e["same_as"] is None]
+    assert rows and all(e["repaired"] is not None for e in rows)
+    for e in rows:  # repaired NLL is measured on the same samples, and the fit beats plain removal
+        assert e["repaired"]["nll"] != pytest.approx(math.log(e["calib_ppl"]), abs=1e-6)
+        assert all(r["fit_error"] < r["identity_error"] for r in e["repaired"]["runs"])
+    page = (out / "repair.md").read_text()
+    assert "NLL repaired" in page and "last" in page.lower()
