@@ -137,7 +137,10 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
                       "heal_kl": (report.get("heldout_loss_after") or {}).get("kl"),
                       "heal_ce_before": (report.get("heldout_loss_before") or {}).get("student"),
                       "teacher_ce": (report.get("heldout_loss_before") or {}).get("teacher"),
-                      "steps": report.get("steps"), "seconds": round(time.perf_counter() - t0, 1)}
+                      "steps": report.get("steps"), "seconds": round(time.perf_counter() - t0, 1),
+                      # what was healed, so that a cache directory can be read without the run
+                      "method": entry.method, "n_remove": entry.n_remove, "removed": list(entry.candidate.removed),
+                      "start": "pruned" if repair_fit is None else "repaired"}
             del healed
             shutil.rmtree(student, ignore_errors=True)
             if recipe.keep_checkpoints is None:

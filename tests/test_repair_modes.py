@@ -48,7 +48,7 @@ def test_prune_repair_bad_input_is_one_line(tiny_checkpoint, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_compare_with_repair_evaluates_every_configuration_repaired(tiny_checkpoint, shared_data, tmp_path):
+def test_compare_with_repair_evaluates_and_heals_every_configuration_repaired(tiny_checkpoint, shared_data, tmp_path):
     out = tmp_path / "cmp"
     text = tmp_path / "text.txt"
     text.write_text("The cat sat on the mat. It was a sunny day, and the children played in the park. " * 3)
@@ -56,7 +56,8 @@ def test_compare_with_repair_evaluates_every_configuration_repaired(tiny_checkpo
                str(shared_data / "calib" / "alpaca_en_demo.json"), "--n-samples", "4", "--seq-len", "32",
                "--batch-size", "4", "--remove", "2", "--methods", "bi,last-m", "--tasks", f"file:{text}",
                "--ppl-limit", "1", "--max-length", "64", "--no-speedup", "--repair", "linear",
-               "--output-dir", str(out)])
+               "--heal-steps", "2", "--heal-seq-len", "32", "--heal-micro-batch-size", "2",
+               "--heal-global-batch-size", "2", "--heal-lr", "1e-3", "--output-dir", str(out)])
     assert rc == 0
     data = json.loads((out / "results.json").read_text())
     rows = [e for e in data["entries"] if e["same_as"] is None]
@@ -64,5 +65,11 @@ def test_compare_with_repair_evaluates_every_configuration_repaired(tiny_checkpo
     for e in rows:  # repaired NLL is measured on the same samples, and the fit beats plain removal
         assert e["repaired"]["nll"] != pytest.approx(math.log(e["calib_ppl"]), abs=1e-6)
         assert all(r["fit_error"] < r["identity_error"] for r in e["repaired"]["runs"])
+        # healed twice with one recipe: from plain removal and from the repair, different starts
+        assert set(e["healed"]) == {"2"} and set(e["repair_healed"]) == {"2"}
+        assert e["repair_healed"]["2"]["heal_ce_before"] != pytest.approx(e["healed"]["2"]["heal_ce_before"])
+        assert e["repair_healed"]["2"]["start"] == "repaired" and e["healed"]["2"]["start"] == "pruned"
+    cache = out.with_name(out.name + ".heal-cache")
+    assert len(list(cache.glob("*.json"))) == 2 * len(rows)
     page = (out / "repair.md").read_text()
-    assert "NLL repaired" in page and "last" in page.lower()
+    assert "NLL repaired" in page and "last" in page.lower() and "NLL repair + heal 2" in page
