@@ -383,9 +383,9 @@ def _save_checkpoints(cfg: Config, session, rankings: Sequence[Ranking], hessian
             except UnsupportedRemoval as exc:  # the family's config cannot describe what is left
                 log.warning("not saving M=%d rank %d: %s", ranking.n_remove, rank, exc)
                 continue
-            sp = json.loads((path / "removal.json").read_text()).get("speedup")
+            saved = json.loads((path / "removal.json").read_text())
             checkpoints.append({"n_remove": ranking.n_remove, "rank": rank, "removed": list(cand.removed),
-                                "path": rel, "speedup": sp})
+                                "path": rel, "speedup": saved.get("speedup"), "repair": saved.get("repair")})
     return checkpoints
 
 

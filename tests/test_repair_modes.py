@@ -73,3 +73,14 @@ def test_compare_with_repair_evaluates_and_heals_every_configuration_repaired(ti
     assert len(list(cache.glob("*.json"))) == 2 * len(rows)
     page = (out / "repair.md").read_text()
     assert "NLL repaired" in page and "last" in page.lower() and "NLL repair + heal 2" in page
+
+
+def test_run_with_repair_saves_repaired_checkpoints_and_reports_them(tiny_checkpoint, shared_data, tmp_path):
+    out = tmp_path / "run"
+    assert main(["-q", "run", "--model", str(tiny_checkpoint), "--data",
+                 str(shared_data / "calib" / "alpaca_en_demo.json"), "--n-samples", "6", "--heldout-samples", "2",
+                 "--seq-len", "32", "--remove", "2", "--no-speedup", "--repair", "linear",
+                 "--output-dir", str(out)]) == 0
+    prov = json.loads((out / "pruned" / "M2-rank0" / "removal.json").read_text())
+    assert prov["repair"]["calibration"]["n_samples"] == 6  # fitted on the fitting samples only
+    assert "Repaired without training" in (out / "report.md").read_text()

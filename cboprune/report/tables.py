@@ -113,6 +113,14 @@ def write_report(out_dir: str | Path, rankings: Sequence[Ranking], *, meta: dict
                          "tokens, 16 decoded, median of 3 alternating repetitions): attention, the LM head and the "
                          "embedding do not shrink, so they are below the layer ratio. `cboprune bench` measures more "
                          "shapes.")
+        repaired = [ck for ck in checkpoints if ck.get("repair")]
+        if repaired:
+            lines.append("\nRepaired without training (`--repair linear`): each removed run of blocks replaced by a "
+                         "linear map fitted on the fitting samples and folded into the kept weights; in-sample "
+                         "relative error of the map (of plain removal): " + "; ".join(
+                             f"M = {ck['n_remove']} rank {ck['rank']}: " + ", ".join(
+                                 f"{_ranges(r['removed'])} {r['fit_error']:.3f} ({r['identity_error']:.3f})"
+                                 for r in ck["repair"]["runs"]) for ck in repaired) + ".")
         lines.append("")
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
