@@ -148,7 +148,8 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
             "exact_samples": cfg.exact_samples, **protocol.describe(), "fit": fit.describe(),
             "heldout": heldout.describe(), "batch_size": cfg.batch_size, "seed": cfg.seed, "device": session.device,
             "dtype": cfg.dtype, "torch_threads": torch.get_num_threads(), "recommended": recommended_method(),
-            "healing": recipe.describe() if recipe is not None else None, "repair": cfg.repair, "heal_states": cfg.heal_states,
+            "healing": recipe.describe() if recipe is not None else None, "repair": cfg.repair,
+            "heal_states": cfg.heal_states,
             "seconds": {"selection": selection_seconds, "evaluation": eval_seconds,
                         "total": round(time.perf_counter() - started, 2),
                         **{f"build {k_}": round(v, 2) for k_, v in costs.items()}}}
