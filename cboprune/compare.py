@@ -57,7 +57,7 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
     from cboprune import methods as registry
     from cboprune.evaluation.protocol import EvalProtocol
     from cboprune.experiment import SelectionContext, energy_entries, evaluate_entries, peer_entries
-    from cboprune.healing_study import cost_of, heal_entries
+    from cboprune.healing_study import cost_of, heal_and_repair
     from cboprune.masked import calibration_nll
     from cboprune.outputs import check_output_dir, staged_dir
     from cboprune.session import load_session
@@ -101,19 +101,9 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
     for e in entries:
         e.cost = cost_of(e, session.n_blocks, fit_tokens=calibration.n_tokens)
     eval_seconds = round(time.perf_counter() - t0, 2)
-    if recipe is not None:
-        heal_entries(entries, net, session.tokenizer, recipe, protocol, nll_samples=calibration,
-                     batch_size=cfg.batch_size, workdir=out_dir.with_name(out_dir.name + ".heal-work"),
-                     progress=progress)
-    if cfg.repair:
-        from cboprune.repair.comparison import repair_entries
-
-        repair_entries(entries, net, session.tokenizer, protocol, fit=calibration, nll_samples=calibration,
-                       batch_size=cfg.batch_size)
-        if recipe is not None:
-            heal_entries(entries, net, session.tokenizer, recipe, protocol, nll_samples=calibration,
-                         batch_size=cfg.batch_size, workdir=out_dir.with_name(out_dir.name + ".heal-work"),
-                         progress=progress, repair_fit=calibration)
+    heal_and_repair(entries, net, session.tokenizer, protocol, recipe=recipe, repair=cfg.repair, fit=calibration,
+                    nll_samples=calibration, batch_size=cfg.batch_size, progress=progress,
+                    workdir=out_dir.with_name(out_dir.name + ".heal-work"))
     hessian = context.cache.get("hessian")
     meta = {"model": cfg.model, "n_blocks": session.n_blocks, "methods": names, "remove": cfg.remove,
             "cbo_ranks": sorted(set(cfg.cbo_ranks)), **protocol.describe(), "calibration": calibration.describe(),

@@ -155,6 +155,22 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
     shutil.rmtree(workdir, ignore_errors=True)
 
 
+def heal_and_repair(entries: Sequence[Entry], model, tokenizer, protocol: EvalProtocol, *,
+                    recipe: HealRecipe | None, repair: str | None, fit, nll_samples, batch_size: int,
+                    workdir: Path, progress: bool) -> None:
+    """The after-pruning judges of compare/study: heal every configuration with `recipe` (if any);
+    with `repair`, also evaluate it repaired (fitted on `fit`) and heal it from the repair."""
+    kw = dict(nll_samples=nll_samples, batch_size=batch_size, workdir=workdir, progress=progress)
+    if recipe is not None:
+        heal_entries(entries, model, tokenizer, recipe, protocol, **kw)
+    if repair:
+        from cboprune.repair.comparison import repair_entries
+
+        repair_entries(entries, model, tokenizer, protocol, fit=fit, nll_samples=nll_samples, batch_size=batch_size)
+        if recipe is not None:
+            heal_entries(entries, model, tokenizer, recipe, protocol, repair_fit=fit, **kw)
+
+
 # ----------------------------------------------------------------------------- cost
 
 def cost_of(entry: Entry, n_blocks: int, *, fit_tokens: int, heldout_tokens: int = 0,

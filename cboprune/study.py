@@ -63,7 +63,7 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
 
     from cboprune.evaluation.protocol import EvalProtocol
     from cboprune.experiment import SelectionContext, energy_entries, evaluate_entries, peer_entries
-    from cboprune.healing_study import cost_of, heal_entries
+    from cboprune.healing_study import cost_of, heal_and_repair
     from cboprune.masked import calibration_nll
     from cboprune.outputs import check_output_dir, staged_dir
     from cboprune.session import load_session
@@ -129,19 +129,9 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
     for e in entries:
         e.cost = cost_of(e, session.n_blocks, fit_tokens=fit.n_tokens, heldout_tokens=heldout.n_tokens, options=opts)
     eval_seconds = round(time.perf_counter() - t0, 2)
-    if recipe is not None:
-        heal_entries(entries, net, session.tokenizer, recipe, protocol, nll_samples=heldout,
-                     batch_size=cfg.batch_size, workdir=out_dir.with_name(out_dir.name + ".heal-work"),
-                     progress=progress)
-    if cfg.repair:
-        from cboprune.repair.comparison import repair_entries
-
-        repair_entries(entries, net, session.tokenizer, protocol, fit=fit, nll_samples=heldout,
-                       batch_size=cfg.batch_size)
-        if recipe is not None:
-            heal_entries(entries, net, session.tokenizer, recipe, protocol, nll_samples=heldout,
-                         batch_size=cfg.batch_size, workdir=out_dir.with_name(out_dir.name + ".heal-work"),
-                         progress=progress, repair_fit=fit)
+    heal_and_repair(entries, net, session.tokenizer, protocol, recipe=recipe, repair=cfg.repair, fit=fit,
+                    nll_samples=heldout, batch_size=cfg.batch_size, progress=progress,
+                    workdir=out_dir.with_name(out_dir.name + ".heal-work"))
     meta = {"model": cfg.model, "n_blocks": session.n_blocks, "block_kinds": session.block_kinds,
             "remove": cfg.remove, "energies": energies, "peers": peers, "k": cfg.top, "refine": refine,
             "max_sweeps": cfg.refine_sweeps, "diverse": cfg.diverse, "pool": cfg.pool, "relin_step": cfg.relin_step,
