@@ -47,17 +47,22 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(owner) if owner else model), attr
 
 
+def _branch(group: list[Config], depth: int) -> tuple[bool, dict[int, list[Config]]]:
+    """For a trie node at `depth`: is the node itself a configuration, and its children by next block."""
+    children: dict[int, list[Config]] = {}
+    for c in group:
+        if len(c) > depth:
+            children.setdefault(c[depth], []).append(c)
+    return any(len(c) == depth for c in group), children
+
+
 def layer_cost(configs: Sequence[Config], n: int) -> tuple[int, int]:
     """(decoder-layer evaluations with prefix sharing, without), for planning and the benchmark."""
     shared = 0
 
     def walk(prefix_len: int, start: int, group: list[Config]) -> None:
         nonlocal shared
-        here = any(len(c) == prefix_len for c in group)
-        children: dict[int, list[Config]] = {}
-        for c in group:
-            if len(c) > prefix_len:
-                children.setdefault(c[prefix_len], []).append(c)
+        here, children = _branch(group, prefix_len)
         later = [j for j in children if j > start]
         if here:
             shared += n - start
@@ -147,12 +152,7 @@ class PrefixEvaluator:
 
     def _solve(self, ids, mask, prefix: Config, start: int, state, group: list[Config], out) -> None:
         # Every configuration in `group` removes exactly `prefix` below block `start`.
-        depth = len(prefix)
-        here = any(len(c) == depth for c in group)
-        children: dict[int, list[Config]] = {}
-        for c in group:
-            if len(c) > depth:
-                children.setdefault(c[depth], []).append(c)
+        here, children = _branch(group, len(prefix))
         # At the root there is no state yet: even block 0's entering state comes from a run.
         later = {j for j in children if j > start or state is None}
         captured: dict[int, torch.Tensor] = {}
