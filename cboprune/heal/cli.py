@@ -28,6 +28,8 @@ def add_heal_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) and merge them on save")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--fsdp", action="store_true", help="shard the student across the launched processes (FSDP2; "
+                                                      "also on under `accelerate launch` with an FSDP config)")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (for --resume)")
     p.add_argument("--max-minutes", type=float, help="training time budget; stops early and saves when spent")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")

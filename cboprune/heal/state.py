@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from cboprune.errors import CBOPruneError
@@ -29,27 +30,28 @@ STATE_FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")
 FORMAT = 1
 
 
-def save_state(state_dir: Path, model, optimizer, scheduler, step: int, trainable_names: list[str],
-               fingerprint: str, extra: dict[str, Any] | None = None) -> None:
-    """Write the state into a sibling staging directory, then rename it over `state_dir`."""
+def save_state(state_dir: Path, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+               scheduler_state: dict[str, Any], step: int, fingerprint: str, extra: dict[str, Any] | None = None) -> None:
+    """Write the state into a sibling staging directory, then rename it over `state_dir`.
+
+    weights: the trainable parameters by name (whole tensors); optimizer_state: a torch optimizer
+    state dict whose parameters are numbered (see heal.sharding.capture)."""
     tmp = state_dir.with_name(state_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    params = dict(model.named_parameters())
-    save_file({n: params[n].detach().cpu().contiguous() for n in trainable_names}, tmp / STATE_FILES[0])
-    opt = optimizer.state_dict()
+    save_file({n: t.detach().cpu().contiguous() for n, t in weights.items()}, tmp / STATE_FILES[0])
     tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
     scalars: dict[str, dict[str, Any]] = {}
-    for pid, values in opt["state"].items():
+    for pid, values in optimizer_state["state"].items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
                 tensors[f"state.{pid}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(pid), {})[key] = value
     save_file(tensors, tmp / STATE_FILES[1])
-    meta = {"format": FORMAT, "step": step, "fingerprint": fingerprint, "param_groups": opt["param_groups"],
-            "state_scalars": scalars, "state_ids": [str(p) for p in opt["state"]],
-            "scheduler": scheduler.state_dict(), **(extra or {})}
+    meta = {"format": FORMAT, "step": step, "fingerprint": fingerprint,
+            "param_groups": optimizer_state["param_groups"], "state_scalars": scalars,
+            "state_ids": [str(p) for p in optimizer_state["state"]], "scheduler": scheduler_state, **(extra or {})}
     (tmp / STATE_FILES[2]).write_text(json.dumps(meta, indent=1))
     old = state_dir.with_name(state_dir.name + ".old")  # a kill between the renames leaves this one
     shutil.rmtree(old, ignore_errors=True)
@@ -82,44 +84,55 @@ def read_state_meta(state_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _load_tensors(path: Path, only: str | None = None) -> dict[str, torch.Tensor]:
     try:
-        return load_file(path)
+        if only is None:
+            return load_file(path)
+        with safe_open(path, framework="pt") as f:
+            return {only: f.get_tensor(only)} if only in f.keys() else {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CBOPruneError(f"heal state file {path} is not a readable safetensors file "
                             f"({str(e).splitlines()[0][:120]}): delete {path.parent} to start over") from None
 
 
-def load_state(state_dir: Path, model, optimizer, scheduler, fingerprint: str) -> int:
-    """Restore weights, optimizer, scheduler and RNG from `state_dir`; returns the step."""
+@dataclass
+class SavedState:
+    """A state directory read back: `weights` and `optimizer` are None when read without tensors
+    (the ranks of a sharded run that receive them from rank 0)."""
+
+    step: int
+    meta: dict[str, Any]
+    rng: torch.Tensor
+    weights: dict[str, torch.Tensor] | None
+    optimizer: dict[str, Any] | None
+
+
+def read_state(state_dir: Path, fingerprint: str, *, tensors: bool = True) -> SavedState:
+    """Read a state directory written by `save_state` for a run with `fingerprint`."""
     meta = read_state_meta(state_dir)
     if meta.get("fingerprint") != fingerprint:
         raise CBOPruneError(f"heal state {state_dir} was written by a run with a different configuration "
                             "(student, teacher, data or training options): rerun with the same options, or "
                             "delete it to start over")
+    if not tensors:
+        rng = _load_tensors(state_dir / STATE_FILES[1], only="rng.cpu")
+        if "rng.cpu" not in rng:
+            raise CBOPruneError(f"heal state {state_dir} lacks its RNG state: delete it to start over")
+        return SavedState(int(meta["step"]), meta, rng["rng.cpu"], None, None)
     weights = _load_tensors(state_dir / STATE_FILES[0])
-    tensors = _load_tensors(state_dir / STATE_FILES[1])
-    params = dict(model.named_parameters())
-    bad = [n for n, v in weights.items() if n not in params or params[n].shape != v.shape]
-    if bad or "rng.cpu" not in tensors:
-        raise CBOPruneError(f"heal state {state_dir} does not match this model (e.g. {(bad or ['rng.cpu'])[0]}): "
-                            "delete it to start over")
+    optimizer_tensors = _load_tensors(state_dir / STATE_FILES[1])
+    if "rng.cpu" not in optimizer_tensors:
+        raise CBOPruneError(f"heal state {state_dir} lacks its RNG state: delete it to start over")
     state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("state."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
-    for pid, values in meta.get("state_scalars", {}).items():
-        state.setdefault(int(pid), {}).update(values)
-    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
     try:
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
-        scheduler.load_state_dict(meta["scheduler"])
-        torch.set_rng_state(tensors["rng.cpu"])
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise CBOPruneError(f"heal state {state_dir} does not fit this run ({str(e).splitlines()[0][:120]}): "
-                            "delete it to start over") from None
-    return int(meta["step"])
+        for key, value in optimizer_tensors.items():
+            if key.startswith("state."):
+                _, pid, name = key.split(".", 2)
+                state.setdefault(int(pid), {})[name] = value
+        for pid, values in meta.get("state_scalars", {}).items():
+            state.setdefault(int(pid), {}).update(values)
+        groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    except (ValueError, TypeError, AttributeError):
+        raise CBOPruneError(f"heal state {state_dir} has a malformed optimizer state: delete it to start over") from None
+    return SavedState(int(meta["step"]), meta, optimizer_tensors["rng.cpu"], weights,
+                      {"state": state, "param_groups": groups})

@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,9 @@ from cboprune import __version__
 from cboprune.errors import CBOPruneError
 from cboprune.heal.data import TokenizedSet, load_distillation_data, read_distillation_items
 from cboprune.heal.loss import DistillationLoss, SparseTeacher, head_loss
-from cboprune.heal.state import load_state, read_state_meta, save_state
+from cboprune.heal.sharding import (accelerate_without_fsdp, capture, fsdp_requested, full_weights, restore,
+                                   shard_student)
+from cboprune.heal.state import read_state, read_state_meta, save_state
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class HealConfig:
     lora_alpha: int = 32
     lora_targets: str = "all-linear"
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard the student (FSDP2) across the launched processes; also on under accelerate's FSDP
     save_every: int = 50
     resume: bool = False
     heldout_fraction: float = 0.05
@@ -111,6 +114,11 @@ class HealConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 errors.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.fsdp and self.lora:
+            errors.append("--fsdp with --lora is not supported: LoRA's trainable state is small, so heal it data "
+                          "parallel without --fsdp")
+        if self.fsdp and self.mixed_precision == "fp16":
+            errors.append("--fsdp needs --mixed-precision bf16 or no (fp16 would need a sharded gradient scaler)")
         if self.teacher_cache and self.kd_weight == 0:
             errors.append("teacher_cache is useless with kd_weight 0 (no teacher term)")
         if errors:
@@ -419,6 +427,7 @@ class _Run:
     total_steps: int
     curve: dict[str, list[dict[str, float]]]
     head_in_loss: bool = False  # the LM head runs inside the chunked loss (no full logits held)
+    sharded: bool = False  # the student is sharded with FSDP2 (heal.sharding)
 
 
 def _micro_batch_loss(run: _Run, step: int, j: int) -> torch.Tensor:
@@ -437,7 +446,9 @@ def _micro_batch_loss(run: _Run, step: int, j: int) -> torch.Tensor:
         with torch.no_grad():
             target = run.teacher(input_ids=ids, attention_mask=mask).logits
     sync = j == run.accumulation - 1
-    with acc.autocast(), (nullcontext() if sync else acc.no_sync(run.student)):
+    if run.sharded:  # FSDP2: reduce-scatter the gradients on the last micro-batch only
+        run.student.set_requires_gradient_sync(sync)
+    with acc.autocast(), (nullcontext() if sync or run.sharded else acc.no_sync(run.student)):
         if run.head_in_loss:
             hidden = run.student.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
             loss = head_loss(run.loss_fn, hidden, run.student.get_output_embeddings(), target, ids, loss_mask)
@@ -492,9 +503,12 @@ def _train(run: _Run, step: int, progress: bool) -> tuple[int, bool, bool]:
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == run.total_steps) and len(run.held):
                 _record(run, step, {"heldout/loss": heldout_loss(acc.unwrap_model(run.student), run.held)})
-            if acc.is_main_process and (step % cfg.save_every == 0 or step == run.total_steps):
-                save_state(run.paths.state / "latest", acc.unwrap_model(run.student), run.optimizer, run.scheduler,
-                           step, run.trainable_names, cfg.fingerprint(), {"curve": run.curve})
+            if step % cfg.save_every == 0 or step == run.total_steps:
+                weights, optim = capture(acc.unwrap_model(run.student), run.optimizer, run.trainable_names,
+                                         run.sharded, acc.is_main_process)
+                if acc.is_main_process:
+                    save_state(run.paths.state / "latest", weights, optim, run.scheduler.state_dict(), step,
+                               cfg.fingerprint(), {"curve": run.curve})
         return step, False, False
     finally:
         bar.close()
@@ -522,7 +536,8 @@ def _accelerator(cfg: HealConfig, logging_dir: Path | None):
                   log_with=None if logging_dir is None else cfg.report_to,
                   project_dir=None if logging_dir is None else str(logging_dir))
     try:
-        accelerator = Accelerator(**kwargs)
+        with accelerate_without_fsdp():
+            accelerator = Accelerator(**kwargs)
     except ValueError:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise CBOPruneError("mixed precision is fixed for a launched run: set it in the accelerate "
@@ -530,15 +545,16 @@ def _accelerator(cfg: HealConfig, logging_dir: Path | None):
         # One process healing several models in turn (a library caller) with another precision:
         # accelerate keeps its state per process, so start it afresh.
         AcceleratorState._reset_state()
-        accelerator = Accelerator(**kwargs)
+        with accelerate_without_fsdp():
+            accelerator = Accelerator(**kwargs)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes != launched:
         raise CBOPruneError(f"launched as {launched} processes but accelerate formed a group of "
                             f"{accelerator.num_processes}: check the accelerate config")
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise CBOPruneError(f"cboprune heal does not support {accelerator.distributed_type.name} yet (its "
-                            "resumable state is not sharded): use data parallel (MULTI_GPU), LoRA or "
-                            "--gradient-checkpointing; see docs/healing.md")
+    if accelerator.distributed_type.name in ("DEEPSPEED", "MEGATRON_LM"):
+        raise CBOPruneError(f"cboprune heal does not support {accelerator.distributed_type.name}: shard with "
+                            "FSDP instead (--fsdp, or an accelerate config with distributed_type FSDP); see "
+                            "docs/healing.md")
     return accelerator
 
 
@@ -555,19 +571,22 @@ def _prepare_run(cfg: HealConfig, accelerator, student, train: TokenizedSet, hel
         if cfg.lora:
             student.enable_input_require_grads()
     trainable_names = [n for n, p in student.named_parameters() if p.requires_grad]
+    if cfg.fsdp:  # before the optimizer, which must hold the sharded parameters
+        student = shard_student(student, accelerator.device)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, max(1, round(cfg.warmup_ratio * total_steps)), cfg.min_lr_ratio))
-    student, optimizer = accelerator.prepare(student, optimizer)
+    if not cfg.fsdp:  # accelerate would wrap the sharded model in DDP
+        student, optimizer = accelerator.prepare(student, optimizer)
     vocab = accelerator.unwrap_model(student).get_output_embeddings().weight.shape[0]
     chunk = cfg.loss_chunk_tokens if cfg.loss_chunk_tokens is not None else max(1, AUTO_CHUNK_LOGITS // vocab)
     run = _Run(cfg, accelerator, student, optimizer, scheduler, DistillationLoss(cfg.temperature, cfg.kd_weight,
                chunk_tokens=chunk or None), train, held, teacher, cache, paths, trainable_names, accumulation,
-               total_steps, {"train": [], "heldout": []})
+               total_steps, {"train": [], "heldout": []}, sharded=cfg.fsdp)
     # The LM head inside the chunked loss: never the full logits. Not through a DDP wrapper, whose
-    # forward must run for gradient synchronisation.
-    run.head_in_loss = bool(chunk) and accelerator.num_processes == 1 and \
+    # forward must run for gradient synchronisation, nor of a sharded one, whose root gathers the head.
+    run.head_in_loss = bool(chunk) and accelerator.num_processes == 1 and not cfg.fsdp and \
         head_is_plain(student, train.input_ids[:1, :8].to(accelerator.device))
     return run
 
@@ -584,6 +603,8 @@ def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[
     from cboprune.models import load_model
     from cboprune.models.surgery import REMOVAL_FILE
 
+    if fsdp_requested(cfg.fsdp) and not cfg.fsdp:  # accelerate launch with an FSDP config
+        cfg = replace(cfg, fsdp=True)
     cfg.validate()
     paths = check_output_paths(cfg)
     resume_from = _resume_state(cfg, paths)
@@ -616,9 +637,18 @@ def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[
     run = _prepare_run(cfg, accelerator, student, train, held, teacher, cache, paths, accumulation, total_steps)
     step = 0
     if resume_from is not None:
-        step = load_state(resume_from, accelerator.unwrap_model(run.student), run.optimizer, run.scheduler,
-                          cfg.fingerprint())
-        run.curve = read_state_meta(resume_from).get("curve") or run.curve
+        # Sharded: rank 0 reads the tensors and broadcasts them into the shards.
+        saved = read_state(resume_from, cfg.fingerprint(), tensors=not cfg.fsdp or accelerator.is_main_process)
+        restore(accelerator.unwrap_model(run.student), run.optimizer, saved.weights, saved.optimizer,
+                run.trainable_names, cfg.fsdp, str(resume_from))
+        try:
+            run.scheduler.load_state_dict(saved.meta["scheduler"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise CBOPruneError(f"heal state {resume_from} has a malformed scheduler state ({e}): delete it to "
+                                "start over") from None
+        torch.set_rng_state(saved.rng)
+        step = saved.step
+        run.curve = saved.meta.get("curve") or run.curve
         log.info("resumed from step %d", step)
     if logging_dir is not None:
         accelerator.init_trackers("cboprune-heal", config={k: v for k, v in asdict(cfg).items()
@@ -635,6 +665,12 @@ def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[
         model = model.merge_and_unload()
     after = _heldout_metrics(model, teacher, cache, held)
     report = _report(run, teacher_precision, step, stopped_early, before, after, seconds)
+    if cfg.fsdp:  # gather the shards into an unsharded copy of the student, on the main process only
+        weights = full_weights(model, sharded=True)
+        model = None
+        if accelerator.is_main_process:
+            model = load_model(cfg.student, dtype="float32", device="cpu").model
+            model.load_state_dict(weights)
     if accelerator.is_main_process:
         student_removal = Path(student_loaded.checkpoint_dir or "") / REMOVAL_FILE
         provenance = json.loads(student_removal.read_text()) if student_removal.is_file() else {}
@@ -661,6 +697,7 @@ def _report(run: _Run, teacher_precision: str, step: int, stopped_early: bool, b
         "steps": step,
         "planned_steps": run.total_steps,
         "processes": run.accelerator.num_processes,
+        "sharding": "fsdp2" if run.sharded else None,
         "distillation_loss": "lm-head-in-loss" if run.head_in_loss else
         f"chunked ({run.loss_fn.chunk_tokens} tokens)" if run.loss_fn.chunk_tokens else "plain",
         "stopped_by_time_budget": stopped_early,
