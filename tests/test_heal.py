@@ -105,3 +105,29 @@ def test_time_budget_stops_early_and_still_saves(teacher_and_student, shared_dat
     report = heal(_cfg(teacher_and_student, shared_data, tmp_path / "budget", max_minutes=0.0), progress=False)
     assert report["stopped_by_time_budget"] and report["steps"] == 0 and report["planned_steps"] == 6
     assert (tmp_path / "budget" / HEALING_FILE).is_file()
+
+
+def test_8bit_optimizer_state_is_saved_and_resumed_exactly(teacher_and_student, shared_data, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    kw = dict(optimizer="adamw8bit", max_steps=4)
+    heal(_cfg(teacher_and_student, shared_data, tmp_path / "straight", **kw), progress=False)
+    heal(_cfg(teacher_and_student, shared_data, tmp_path / "resumed", stop_after_steps=3, **kw), progress=False)
+    saved = load_file(tmp_path / "resumed.heal-state" / "latest" / "optimizer.safetensors")
+    quantized = [k for k, v in saved.items() if v.dtype == torch.uint8 and k != "rng.cpu"]
+    assert quantized and all("__bnb_optimizer_quant_state__" in k for k in quantized)  # 8-bit moments, nested
+    heal(_cfg(teacher_and_student, shared_data, tmp_path / "resumed", resume=True, **kw), progress=False)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "straight").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed").state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_8bit_optimizer_without_bitsandbytes_is_one_line(teacher_and_student, shared_data, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(CBOPruneError, match="needs bitsandbytes"):
+        heal(_cfg(teacher_and_student, shared_data, tmp_path / "x", optimizer="adamw8bit"), progress=False)
+    assert not (tmp_path / "x").exists()

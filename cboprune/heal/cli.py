@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from cboprune.errors import CBOPruneError
-from cboprune.heal.trainer import MIXED_PRECISION, REPORT_TO, SAVE_DTYPES
+from cboprune.heal.trainer import MIXED_PRECISION, OPTIMIZERS, REPORT_TO, SAVE_DTYPES
 
 
 def add_heal_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,6 +25,8 @@ def add_heal_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--kd-weight", type=float, default=1.0, help="1: pure KL distillation; <1 mixes in cross-entropy")
     p.add_argument("--loss-on", choices=["all", "responses"], default="all")
+    p.add_argument("--optim", dest="optimizer", choices=OPTIMIZERS, help="adamw (default) or adamw8bit "
+                                                                         "(bitsandbytes 8-bit moments, ~4x less state)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) and merge them on save")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--gradient-checkpointing", action="store_true")

@@ -42,10 +42,15 @@ def save_state(state_dir: Path, weights: dict[str, torch.Tensor], optimizer_stat
     save_file({n: t.detach().cpu().contiguous() for n, t in weights.items()}, tmp / STATE_FILES[0])
     tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
     scalars: dict[str, dict[str, Any]] = {}
+    seen = {t.untyped_storage().data_ptr() for t in tensors.values()}  # safetensors refuses shared storage
     for pid, values in optimizer_state["state"].items():
-        for key, value in values.items():
+        for key, value in _flat(values):
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{pid}.{key}"] = value.detach().cpu().contiguous()
+                value = value.detach().cpu().contiguous()
+                if value.untyped_storage().data_ptr() in seen:  # e.g. bitsandbytes' shared quantization maps
+                    value = value.clone()
+                seen.add(value.untyped_storage().data_ptr())
+                tensors[f"state.{pid}.{key}"] = value
             else:
                 scalars.setdefault(str(pid), {})[key] = value
     save_file(tensors, tmp / STATE_FILES[1])
@@ -95,6 +100,23 @@ def _load_tensors(path: Path, only: str | None = None) -> dict[str, torch.Tensor
                             f"({str(e).splitlines()[0][:120]}): delete {path.parent} to start over") from None
 
 
+def _flat(values: dict[str, Any], prefix: str = ""):
+    """(dotted key, leaf) of a per-parameter optimizer state; bitsandbytes' 8-bit optimizers nest
+    their quantization state one dict deeper. torch's own keys hold no dots."""
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _put(values: dict[str, Any], dotted: str, leaf: Any) -> None:
+    *outer, last = dotted.split(".")
+    for key in outer:
+        values = values.setdefault(key, {})
+    values[last] = leaf
+
+
 @dataclass
 class SavedState:
     """A state directory read back: `weights` and `optimizer` are None when read without tensors
@@ -128,9 +150,10 @@ def read_state(state_dir: Path, fingerprint: str, *, tensors: bool = True) -> Sa
         for key, value in optimizer_tensors.items():
             if key.startswith("state."):
                 _, pid, name = key.split(".", 2)
-                state.setdefault(int(pid), {})[name] = value
+                _put(state.setdefault(int(pid), {}), name, value)
         for pid, values in meta.get("state_scalars", {}).items():
-            state.setdefault(int(pid), {}).update(values)
+            for name, value in values.items():
+                _put(state.setdefault(int(pid), {}), name, value)
         groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
     except (ValueError, TypeError, AttributeError):
         raise CBOPruneError(f"heal state {state_dir} has a malformed optimizer state: delete it to start over") from None

@@ -44,6 +44,7 @@ STAGING_SUFFIX = ".heal-partial"
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 REPORT_TO = ("none", "tensorboard", "wandb")
+OPTIMIZERS = ("adamw", "adamw8bit")
 AUTO_CHUNK_LOGITS = 1 << 24  # logits per loss chunk when loss_chunk_tokens is auto (64 MiB in fp32)
 
 
@@ -62,6 +63,7 @@ class HealConfig:
     warmup_ratio: float = 0.05
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # "adamw" (torch) or "adamw8bit" (bitsandbytes: 8-bit moments, ~4x less state)
     max_grad_norm: float = 1.0
     temperature: float = 1.0
     kd_weight: float = 1.0  # 1: pure distillation; below 1 mixes in cross-entropy on the data
@@ -110,13 +112,16 @@ class HealConfig:
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 0:
             errors.append("loss_chunk_tokens must be >= 0 (0: plain formula)")
         choices = {"mixed_precision": MIXED_PRECISION, "save_dtype": SAVE_DTYPES, "report_to": REPORT_TO,
-                   "loss_on": ("all", "responses")}
+                   "loss_on": ("all", "responses"), "optimizer": OPTIMIZERS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 errors.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.fsdp and self.lora:
             errors.append("--fsdp with --lora is not supported: LoRA's trainable state is small, so heal it data "
                           "parallel without --fsdp")
+        if self.fsdp and self.optimizer == "adamw8bit":
+            errors.append("--optim adamw8bit is not supported with --fsdp (bitsandbytes does not quantize sharded "
+                          "DTensor state): use adamw")
         if self.fsdp and self.mixed_precision == "fp16":
             errors.append("--fsdp needs --mixed-precision bf16 or no (fp16 would need a sharded gradient scaler)")
         if self.teacher_cache and self.kd_weight == 0:
@@ -558,6 +563,18 @@ def _accelerator(cfg: HealConfig, logging_dir: Path | None):
     return accelerator
 
 
+def _optimizer(cfg: HealConfig, params: list) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise CBOPruneError("--optim adamw8bit needs bitsandbytes: pip install 'cboprune[gpu]' (or --optim "
+                            "adamw)") from None
+    # Tensors under 4,096 elements (norms, biases) keep 32-bit moments, as bitsandbytes advises.
+    return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
 def _prepare_run(cfg: HealConfig, accelerator, student, train: TokenizedSet, held: TokenizedSet, teacher, cache,
                  paths: _Paths, accumulation: int, total_steps: int) -> _Run:
     """LoRA / checkpointing on the student, optimizer, schedule, loss, all through accelerate."""
@@ -573,8 +590,7 @@ def _prepare_run(cfg: HealConfig, accelerator, student, train: TokenizedSet, hel
     trainable_names = [n for n, p in student.named_parameters() if p.requires_grad]
     if cfg.fsdp:  # before the optimizer, which must hold the sharded parameters
         student = shard_student(student, accelerator.device)
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = _optimizer(cfg, [p for p in student.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, max(1, round(cfg.warmup_ratio * total_steps)), cfg.min_lr_ratio))
     if not cfg.fsdp:  # accelerate would wrap the sharded model in DDP
