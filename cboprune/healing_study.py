@@ -134,13 +134,13 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
             result = {"nll": calibration_nll(healed, nll_samples, batch_size=batch_size),
                       "eval": protocol.evaluate(healed, tokenizer),
                       "heal_ce": (report.get("heldout_loss_after") or {}).get("student"),
-                      "heal_kl": (report.get("heldout_loss_after") or {}).get("kl"),
+                      "heal_kl": (report.get("heldout_loss_after") or {}).get("kl_to_teacher"),
                       "heal_ce_before": (report.get("heldout_loss_before") or {}).get("student"),
                       "teacher_ce": (report.get("heldout_loss_before") or {}).get("teacher"),
                       "steps": report.get("steps"), "seconds": round(time.perf_counter() - t0, 1),
                       # what was healed, so that a cache directory can be read without the run
                       "method": entry.method, "n_remove": entry.n_remove, "removed": list(entry.candidate.removed),
-                      "start": "pruned" if repair_fit is None else "repaired"}
+                      "start": "pruned" if repair_fit is None else "repaired", "seed": recipe.seed}
             del healed
             shutil.rmtree(student, ignore_errors=True)
             if recipe.keep_checkpoints is None:
