@@ -11,7 +11,8 @@ option has one name, one help text and one default everywhere.
     comparison   methods, energies, peers, refine, cbo_ranks, swm_threshold, swm_rule
     evaluation   tasks, limit, ppl_limit, eval_batch_size, data_dir, max_length, include_path
     healing      heal, heal_data, heal_steps, heal_lr, heal_seq_len, heal_micro_batch_size,
-                 heal_global_batch_size, heal_lora, heal_keep, heal_states, heal_candidates, repair
+                 heal_global_batch_size, heal_lora, heal_teacher_cache, heal_keep, heal_states, heal_candidates,
+                 repair
     output       output_dir, overwrite, speedup, save_dtype, save_ranks, save_remove
 
 `COMMANDS` says which sections (and fields) each subcommand takes. All problems are collected and
@@ -152,6 +153,9 @@ class Config:
                                        kind="int", minimum=1)
     heal_lora: bool = _opt(False, "heal LoRA adapters (merged on save) instead of all weights", "healing",
                            kind="flag")
+    heal_teacher_cache: bool = _opt(False, "compute the teacher's top-k outputs once per healing sample (under "
+                                           "<output-dir>.teacher-cache) and reuse them for every model healed "
+                                           "(approximate KL: docs/healing.md)", "healing", kind="flag")
     heal_keep: bool = _opt(False, "compare/study: keep the healed checkpoints under <output-dir>/healed (disk)",
                            "healing", kind="flag")
     heal_states: int = _opt(0, "study: also heal the K lowest states of every energy model, for the Spearman "
@@ -325,8 +329,24 @@ class Config:
                           learning_rate=self.heal_lr, seq_len=self.heal_seq_len or self.seq_len,
                           micro_batch_size=self.heal_micro_batch_size, global_batch_size=self.heal_global_batch_size,
                           lora=self.heal_lora, seed=self.seed,
+                          teacher_cache=self.teacher_cache_dir(out),
                           keep_checkpoints=out / "healed" if self.heal_keep else None,
                           cache_dir=out.with_name(out.name + ".heal-cache"))
+
+    def teacher_cache_dir(self, output_dir: Path | None = None) -> Path | None:
+        """Where --heal-teacher-cache keeps the teacher's outputs: beside the output, so later runs on
+        the same data reuse them (None without the flag)."""
+        if not self.heal_teacher_cache:
+            return None
+        import hashlib
+        import json
+
+        out = Path(output_dir or self.output_dir)
+        # One subdirectory per teacher/data/length/split, so that a rerun with other healing data does
+        # not meet a cache computed for different samples.
+        what = [self.model, str(Path(self.heal_data or self.data or "").resolve()), self.heal_seq_len or self.seq_len,
+                self.seed]
+        return out.with_name(out.name + ".teacher-cache") / hashlib.sha256(json.dumps(what).encode()).hexdigest()[:12]
 
     def to_dict(self, command: str | None = None) -> dict[str, Any]:
         data = asdict(self)

@@ -46,6 +46,8 @@ class HealRecipe:
     max_samples: int | None = None
     keep_checkpoints: Path | None = None  # healed checkpoints are kept here when given (disk)
     cache_dir: Path | None = None  # finished heals (results only) for resume
+    teacher_cache: Path | None = None  # teacher top-k outputs computed once, shared by every heal (heal.cache)
+    teacher_top_k: int = 64
 
     def __post_init__(self) -> None:
         if not self.steps or any(not isinstance(s, int) or s < 1 for s in self.steps):
@@ -55,8 +57,11 @@ class HealRecipe:
         self.steps = sorted(set(self.steps))
 
     def describe(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k not in ("keep_checkpoints", "cache_dir")}
+        d = {k: v for k, v in asdict(self).items()
+             if k not in ("keep_checkpoints", "cache_dir", "teacher_cache", "teacher_top_k")}
         d["tokens_per_step"] = self.global_batch_size * self.seq_len
+        if self.teacher_cache is not None:  # another teacher signal (the top-k approximation): other results
+            d["teacher_outputs"] = f"cached top-{self.teacher_top_k}"
         return d
 
 
@@ -128,7 +133,9 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
                                      output_dir=str(healed_dir), max_steps=steps, learning_rate=recipe.learning_rate,
                                      seq_len=recipe.seq_len, micro_batch_size=recipe.micro_batch_size,
                                      global_batch_size=recipe.global_batch_size, lora=recipe.lora, seed=recipe.seed,
-                                     max_samples=recipe.max_samples, save_every=max(steps, 1), overwrite=True),
+                                     max_samples=recipe.max_samples, save_every=max(steps, 1), overwrite=True,
+                                     teacher_cache=None if recipe.teacher_cache is None else str(recipe.teacher_cache),
+                                     teacher_top_k=recipe.teacher_top_k),
                           progress=progress)
             healed = load_model(str(healed_dir), dtype="float32", device=str(next(model.parameters()).device)).model
             result = {"nll": calibration_nll(healed, nll_samples, batch_size=batch_size),
@@ -140,7 +147,8 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
                       "steps": report.get("steps"), "seconds": round(time.perf_counter() - t0, 1),
                       # what was healed, so that a cache directory can be read without the run
                       "method": entry.method, "n_remove": entry.n_remove, "removed": list(entry.candidate.removed),
-                      "start": "pruned" if repair_fit is None else "repaired", "seed": recipe.seed}
+                      "start": "pruned" if repair_fit is None else "repaired", "seed": recipe.seed,
+                      "teacher_samples_computed": report.get("teacher_samples_computed")}
             del healed
             shutil.rmtree(student, ignore_errors=True)
             if recipe.keep_checkpoints is None:

@@ -322,6 +322,7 @@ def judge_by_healing(cfg: Config, session, rankings: Sequence[Ranking], staging:
 
     recipe = cfg.heal_recipe(staging)
     recipe.cache_dir = None  # a run's heals are its own
+    recipe.teacher_cache = cfg.teacher_cache_dir()  # beside the output, not the staging directory
     judged_set = session.heldout or session.fit
     out, rows = [], []
     for ranking in rankings:
@@ -394,11 +395,12 @@ def heal_checkpoint(cfg: Config, checkpoint: str, *, progress: bool = True) -> s
     from cboprune.heal import HealConfig, heal
 
     out = f"{checkpoint}-healed"
+    cache = cfg.teacher_cache_dir()
     heal(HealConfig(student=checkpoint, teacher=cfg.model, data=cfg.heal_data or cfg.data, output_dir=out,
                     max_steps=cfg.heal_steps[0] if cfg.heal_steps else None, seq_len=cfg.heal_seq_len or cfg.seq_len,
                     learning_rate=cfg.heal_lr, micro_batch_size=cfg.heal_micro_batch_size,
                     global_batch_size=cfg.heal_global_batch_size, lora=cfg.heal_lora, seed=cfg.seed,
-                    overwrite=cfg.overwrite), progress=progress)
+                    overwrite=cfg.overwrite, teacher_cache=None if cache is None else str(cache)), progress=progress)
     return out
 
 

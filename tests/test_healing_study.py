@@ -86,3 +86,21 @@ def test_run_chooses_the_saved_state_after_a_short_heal(tiny_checkpoint, shared_
     report = (out / "report.md").read_text()
     assert "Chosen after a short heal" in report and "Selection cost" in report
     assert not list(out.rglob(".heal-judge"))
+
+
+def test_compare_heals_from_one_teacher_pass_with_the_teacher_cache(tiny_checkpoint, shared_data, tmp_path):
+    data = str(shared_data / "calib" / "alpaca_en_demo.json")
+    text = tmp_path / "text.txt"
+    text.write_text("The cat sat on the mat. It was a sunny day, and the children played in the park. " * 3)
+    out = tmp_path / "cmp"
+    assert _compare(tiny_checkpoint, data, text, out, "--heal-teacher-cache") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["healing"]["teacher_outputs"] == "cached top-64"
+    heals = {}
+    for e in results["entries"]:
+        for steps, h in e["healed"].items():
+            heals[(tuple(e["candidate"]["removed"]), steps)] = h
+    computed = [h["teacher_samples_computed"] for h in heals.values()]
+    # The first configuration's two budgets compute the rows they visit; every later heal computes none.
+    assert len(heals) >= 6 and max(computed) > 0 and sum(1 for c in computed if c) <= 2, computed
+    assert len(list(out.with_name("cmp.teacher-cache").glob("*/meta.json"))) == 1
