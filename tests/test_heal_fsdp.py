@@ -48,7 +48,8 @@ def _kw(pair, shared_data, out, **extra):
     teacher, student = pair
     kw = dict(student=str(student), teacher=str(teacher), data=str(shared_data / "calib" / "alpaca_en_demo.json"),
               output_dir=str(out), seq_len=32, micro_batch_size=2, global_batch_size=4, max_steps=5,
-              learning_rate=3e-3, warmup_ratio=0.0, save_every=2, max_samples=16, heldout_samples=4, seed=0)
+              learning_rate=3e-3, warmup_ratio=0.0, save_every=2, max_samples=16, heldout_samples=4, seed=0,
+              max_grad_norm=0.05)  # small enough that every step clips: the sharded global norm is tested too
     kw.update(extra)
     return kw
 

@@ -136,11 +136,9 @@ def _restore_sharded(model, optimizer, weights, optimizer_state, trainable_names
                                                                                broadcast_from_rank0=True))
 
 
-def full_weights(model, sharded: bool) -> dict[str, torch.Tensor]:
-    """The whole model state dict on CPU (main process; empty elsewhere when sharded). Collective
-    when sharded."""
-    if not sharded:
-        return model.state_dict()
+def gathered_weights(model) -> dict[str, torch.Tensor]:
+    """The whole state dict of a sharded model on the main process's CPU (empty elsewhere).
+    Collective: every rank must call."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -31,7 +31,7 @@ from cboprune import __version__
 from cboprune.errors import CBOPruneError
 from cboprune.heal.data import TokenizedSet, load_distillation_data, read_distillation_items
 from cboprune.heal.loss import DistillationLoss, SparseTeacher, head_loss
-from cboprune.heal.sharding import (accelerate_without_fsdp, capture, fsdp_requested, full_weights, restore,
+from cboprune.heal.sharding import (accelerate_without_fsdp, capture, fsdp_requested, gathered_weights, restore,
                                    shard_student)
 from cboprune.heal.state import read_state, read_state_meta, save_state
 
@@ -682,7 +682,7 @@ def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[
     after = _heldout_metrics(model, teacher, cache, held)
     report = _report(run, teacher_precision, step, stopped_early, before, after, seconds)
     if cfg.fsdp:  # gather the shards into an unsharded copy of the student, on the main process only
-        weights = full_weights(model, sharded=True)
+        weights = gathered_weights(model)
         model = None
         if accelerator.is_main_process:
             model = load_model(cfg.student, dtype="float32", device="cpu").model
