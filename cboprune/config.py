@@ -329,19 +329,19 @@ class Config:
                           learning_rate=self.heal_lr, seq_len=self.heal_seq_len or self.seq_len,
                           micro_batch_size=self.heal_micro_batch_size, global_batch_size=self.heal_global_batch_size,
                           lora=self.heal_lora, seed=self.seed,
-                          teacher_cache=self.teacher_cache_dir(out),
+                          teacher_cache=self.teacher_cache_dir(),
                           keep_checkpoints=out / "healed" if self.heal_keep else None,
                           cache_dir=out.with_name(out.name + ".heal-cache"))
 
-    def teacher_cache_dir(self, output_dir: Path | None = None) -> Path | None:
-        """Where --heal-teacher-cache keeps the teacher's outputs: beside the output, so later runs on
-        the same data reuse them (None without the flag)."""
+    def teacher_cache_dir(self) -> Path | None:
+        """Where --heal-teacher-cache keeps the teacher's outputs: beside --output-dir (never inside a
+        staging directory), so later runs on the same data reuse them (None without the flag)."""
         if not self.heal_teacher_cache:
             return None
         import hashlib
         import json
 
-        out = Path(output_dir or self.output_dir)
+        out = Path(self.output_dir)
         # One subdirectory per teacher/data/length/split, so that a rerun with other healing data does
         # not meet a cache computed for different samples.
         what = [self.model, str(Path(self.heal_data or self.data or "").resolve()), self.heal_seq_len or self.seq_len,

@@ -322,7 +322,6 @@ def judge_by_healing(cfg: Config, session, rankings: Sequence[Ranking], staging:
 
     recipe = cfg.heal_recipe(staging)
     recipe.cache_dir = None  # a run's heals are its own
-    recipe.teacher_cache = cfg.teacher_cache_dir()  # beside the output, not the staging directory
     judged_set = session.heldout or session.fit
     out, rows = [], []
     for ranking in rankings:

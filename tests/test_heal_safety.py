@@ -8,6 +8,7 @@ import pickle
 import warnings
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cboprune.errors import CBOPruneError
@@ -100,6 +101,24 @@ def test_malformed_resume_state_is_one_line(pair, shared_data, tmp_path, interru
     with pytest.raises(CBOPruneError) as e:
         heal(_cfg(pair, shared_data, out, resume=True, **kw), progress=False)
     assert "heal state" in _one_line(e)
+
+
+@pytest.mark.parametrize("damage", ["wrong-shape", "missing-tensor"])
+def test_state_of_another_model_is_one_line(pair, shared_data, tmp_path, interrupted, damage):
+    from safetensors.torch import load_file, save_file
+
+    out, latest = interrupted
+    weights = load_file(latest / "trainable.safetensors")
+    name = sorted(weights)[0]
+    if damage == "wrong-shape":
+        weights[name] = torch.zeros(3, 5)
+    else:
+        del weights[name]
+    save_file(weights, latest / "trainable.safetensors")
+    with pytest.raises(CBOPruneError) as e:
+        heal(_cfg(pair, shared_data, out, resume=True), progress=False)
+    assert "does not match this model" in _one_line(e) and name in _one_line(e)
+    assert not out.exists()
 
 
 def _no_model_load(*args, **kwargs):

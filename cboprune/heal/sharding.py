@@ -95,12 +95,11 @@ def restore(model, optimizer, weights: dict[str, torch.Tensor] | None, optimizer
     needs `weights` / `optimizer_state` (the others pass None and receive them by broadcast)."""
     try:
         if not sharded:
+            bad = _mismatch(model, weights, trainable_names)
+            if bad:
+                raise CBOPruneError(f"heal state {where} does not match this model (e.g. {bad}): delete it to "
+                                    "start over")
             params = dict(model.named_parameters())
-            bad = [n for n, v in weights.items() if n not in params or params[n].shape != v.shape]
-            if bad or set(weights) != set(trainable_names):
-                raise CBOPruneError(f"heal state {where} does not match this model "
-                                    f"(e.g. {(bad or sorted(set(weights) ^ set(trainable_names)))[0]}): "
-                                    "delete it to start over")
             with torch.no_grad():
                 for name, value in weights.items():
                     params[name].copy_(value)
@@ -112,18 +111,23 @@ def restore(model, optimizer, weights: dict[str, torch.Tensor] | None, optimizer
                             "delete it to start over") from None
 
 
+def _mismatch(model, weights: dict[str, torch.Tensor], trainable_names: list[str]) -> str | None:
+    """The first saved or expected tensor name that does not fit the model's trainable parameters
+    (missing, extra or of another shape), or None."""
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    bad = [n for n, v in weights.items() if shapes.get(n) != v.shape]
+    return (bad or sorted(set(weights) ^ set(trainable_names)) or [None])[0]
+
+
 def _restore_sharded(model, optimizer, weights, optimizer_state, trainable_names, where) -> None:
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    ok = [True]
-    if weights is not None:  # rank 0: check before the collective, so a bad file fails on every rank
-        shapes = {n: p.shape for n, p in model.named_parameters()}
-        ok[0] = set(weights) == set(trainable_names) and all(shapes.get(n) == v.shape for n, v in weights.items())
-    dist.broadcast_object_list(ok, src=0)  # a bool, not a user's file
-    if not ok[0]:
-        raise CBOPruneError(f"heal state {where} does not match this model: delete it to start over")
+    bad = [_mismatch(model, weights, trainable_names) if weights is not None else None]
+    dist.broadcast_object_list(bad, src=0)  # rank 0's verdict (a name or None), so every rank fails alike
+    if bad[0]:
+        raise CBOPruneError(f"heal state {where} does not match this model (e.g. {bad[0]}): delete it to start over")
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     set_model_state_dict(model, dict(weights) if weights is not None else {}, options=options)
     optim: dict[str, Any] = {}
