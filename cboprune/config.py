@@ -85,12 +85,12 @@ class Config:
     keep: list[int] = _opt(None, "blocks never removed, e.g. 0,1,-1", "selection", kind="ints", factory=list)
     only: list[str] = _opt(None, "remove only blocks of these kinds, e.g. moe (see `cboprune archs`)",
                            "selection", kind="kinds", metavar="KIND[,KIND]", factory=list)
-    energy: str = _opt(None, "energy model (default measured; the paper: fisher)", "selection", kind="energy",
+    energy: str = _opt(None, "energy model (default hybrid: measured singles, Fisher pairs; the paper: fisher)", "selection", kind="energy",
                        factory=lambda: _recommended().energy)
     verify: bool = _opt(None, "re-rank the K lowest states by measured held-out calibration loss (default: on)",
                         "selection", kind="bool", factory=lambda: _recommended().verify)
-    refine_sweeps: int = _opt(None, "swap-search sweeps on the real loss from the verified pick (default 8; "
-                                    "0: off)", "selection", kind="int", minimum=0,
+    refine_sweeps: int = _opt(None, "swap-search sweeps on the real loss from the verified pick (default 0: "
+                                    "off; 8 for the expensive search)", "selection", kind="int", minimum=0,
                               factory=lambda: _recommended().refine_sweeps)
     pool: int | None = _opt(None, "measured energy: measure pairs only among the P blocks cheapest to remove "
                                   "alone (fewer forward passes)", "selection", kind="int", minimum=1)

@@ -48,6 +48,7 @@ class HealRecipe:
     cache_dir: Path | None = None  # finished heals (results only) for resume
     teacher_cache: Path | None = None  # teacher top-k outputs computed once, shared by every heal (heal.cache)
     teacher_top_k: int = 64
+    heldout_eval: str = "full"  # "after-ce": the heal measures only the student's held-out CE after (judge)
 
     def __post_init__(self) -> None:
         if not self.steps or any(not isinstance(s, int) or s < 1 for s in self.steps):
@@ -58,10 +59,12 @@ class HealRecipe:
 
     def describe(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items()
-             if k not in ("keep_checkpoints", "cache_dir", "teacher_cache", "teacher_top_k")}
+             if k not in ("keep_checkpoints", "cache_dir", "teacher_cache", "teacher_top_k", "heldout_eval")}
         d["tokens_per_step"] = self.global_batch_size * self.seq_len
         if self.teacher_cache is not None:  # another teacher signal (the top-k approximation): other results
             d["teacher_outputs"] = f"cached top-{self.teacher_top_k}"
+        if self.heldout_eval != "full":  # fewer measurements in a result: not the same cache entry
+            d["heldout_eval"] = self.heldout_eval
         return d
 
 
@@ -82,7 +85,8 @@ def _key(entry: Entry, recipe: HealRecipe, steps: int, protocol: EvalProtocol, n
 def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe, protocol: EvalProtocol, *,
                  nll_samples, batch_size: int = 8, workdir: Path, progress: bool = False, repair_fit=None) -> None:
     """entry.healed[S] = {"nll", "eval", "heal_ce", "heal_kl", "seconds"} for every budget S; entries
-    with the same configuration share one heal. With `repair_fit` (calibration samples) every student
+    with the same configuration share one heal. `nll_samples` None: no calibration NLL after (the
+    judge ranks by heal CE alone). With `repair_fit` (calibration samples) every student
     starts from the linear repair fitted on them instead, and the results go to entry.repair_healed."""
     from cboprune.experiment import apply_configuration, configuration_key, merge_rule_of
     from cboprune.heal import HealConfig, heal
@@ -105,7 +109,7 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
             continue
         done[key] = entry
         for steps in recipe.steps:
-            digest = _key(entry, recipe, steps, protocol, nll_samples.fingerprint,
+            digest = _key(entry, recipe, steps, protocol, None if nll_samples is None else nll_samples.fingerprint,
                           repair_fit.fingerprint if repair_fit is not None else None)
             cached = cache / f"{digest}.json" if cache is not None else None
             if cached is not None and cached.is_file():
@@ -135,10 +139,11 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
                                      global_batch_size=recipe.global_batch_size, lora=recipe.lora, seed=recipe.seed,
                                      max_samples=recipe.max_samples, save_every=max(steps, 1), overwrite=True,
                                      teacher_cache=None if recipe.teacher_cache is None else str(recipe.teacher_cache),
-                                     teacher_top_k=recipe.teacher_top_k),
+                                     teacher_top_k=recipe.teacher_top_k, heldout_eval=recipe.heldout_eval),
                           progress=progress)
             healed = load_model(str(healed_dir), dtype="float32", device=str(next(model.parameters()).device)).model
-            result = {"nll": calibration_nll(healed, nll_samples, batch_size=batch_size),
+            result = {"nll": None if nll_samples is None else calibration_nll(healed, nll_samples,
+                                                                               batch_size=batch_size),
                       "eval": protocol.evaluate(healed, tokenizer),
                       "heal_ce": (report.get("heldout_loss_after") or {}).get("student"),
                       "heal_kl": (report.get("heldout_loss_after") or {}).get("kl_to_teacher"),
@@ -148,7 +153,8 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
                       # what was healed, so that a cache directory can be read without the run
                       "method": entry.method, "n_remove": entry.n_remove, "removed": list(entry.candidate.removed),
                       "start": "pruned" if repair_fit is None else "repaired", "seed": recipe.seed,
-                      "teacher_samples_computed": report.get("teacher_samples_computed")}
+                      "teacher_samples_computed": report.get("teacher_samples_computed"),
+                      "token_positions": report.get("token_positions")}
             del healed
             shutil.rmtree(student, ignore_errors=True)
             if recipe.keep_checkpoints is None:
@@ -158,9 +164,14 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
                 tmp = cached.with_suffix(".tmp")
                 tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
                 tmp.replace(cached)  # atomic: a kill never leaves a half-written result
-            log.info("healing: %s at M = %d, %d steps: NLL %.4f -> %.4f (%.0f s)", entry.method, entry.n_remove,
-                     steps, entry.nll if entry.nll is not None else math.nan, result["nll"], result["seconds"])
+            log.info("healing: %s at M = %d, %d steps: NLL %.4f -> %.4f, heal CE %.4f (%.0f s)", entry.method,
+                     entry.n_remove, steps, _or_nan(entry.nll), _or_nan(result["nll"]), _or_nan(result["heal_ce"]),
+                     result["seconds"])
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 def heal_and_repair(entries: Sequence[Entry], model, tokenizer, protocol: EvalProtocol, *,

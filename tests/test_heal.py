@@ -131,3 +131,16 @@ def test_8bit_optimizer_without_bitsandbytes_is_one_line(teacher_and_student, sh
     with pytest.raises(CBOPruneError, match="needs bitsandbytes"):
         heal(_cfg(teacher_and_student, shared_data, tmp_path / "x", optimizer="adamw8bit"), progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_judge_evaluation_measures_only_the_ce_after_and_counts_its_tokens(teacher_and_student, shared_data,
+                                                                          tmp_path):
+    full = heal(_cfg(teacher_and_student, shared_data, tmp_path / "full", max_steps=2), progress=False)
+    lean = heal(_cfg(teacher_and_student, shared_data, tmp_path / "lean", max_steps=2, heldout_eval="after-ce"),
+                progress=False)
+    assert lean["heldout_loss_before"] == {} and set(lean["heldout_loss_after"]) == {"student"}
+    assert lean["heldout_loss_after"]["student"] == pytest.approx(full["heldout_loss_after"]["student"], abs=1e-6)
+    positions = lean["token_positions"]
+    # 2 steps x 4 samples, each micro-batch cut to its longest sample (<= seq_len 40)
+    assert 2 * 4 * 8 <= positions["train"] <= 2 * 4 * 40 and positions == full["token_positions"]
+    assert 6 * 8 <= positions["heldout"] <= 6 * 40

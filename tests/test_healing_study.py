@@ -79,7 +79,8 @@ def test_run_chooses_the_saved_state_after_a_short_heal(tiny_checkpoint, shared_
                  "--output-dir", str(out)]) == 0
     ranking = json.loads((out / "rankings" / "M2.json").read_text())
     judge = ranking["info"]["heal_judge"]
-    assert len(judge["order"]) == 3 and judge["healed_nll"] == sorted(judge["healed_nll"])
+    assert len(judge["order"]) == 3 and judge["healed_ce"] == sorted(judge["healed_ce"])
+    assert judge["forward_passes"] > 0 and judge["recipe"]["heldout_eval"] == "after-ce"
     assert [c["removed"] for c in ranking["candidates"][:3]] == judge["order"]
     removal = json.loads((out / "pruned" / "M2-rank0" / "removal.json").read_text())
     assert removal["removed"] == judge["order"][0]  # the winner after healing is the saved state

@@ -87,6 +87,9 @@ class HealConfig:
     teacher_cache: str | None = None  # directory of cached teacher top-k outputs (see heal.cache)
     teacher_top_k: int = 64
     eval_every: int | None = None  # held-out student loss every N steps (into the curve)
+    # "full": held-out CE of student and teacher and the KL, before and after; "after-ce": only the
+    # student's CE after healing (what a heal judge ranks by, at a seventh of the evaluation passes)
+    heldout_eval: str = "full"
     report_to: str = "none"  # "none", "tensorboard" or "wandb" (offline unless WANDB_MODE says otherwise)
     logging_dir: str | None = None  # tracker logs (default: <output_dir>.runs beside the output)
     overwrite: bool = False
@@ -112,7 +115,7 @@ class HealConfig:
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 0:
             errors.append("loss_chunk_tokens must be >= 0 (0: plain formula)")
         choices = {"mixed_precision": MIXED_PRECISION, "save_dtype": SAVE_DTYPES, "report_to": REPORT_TO,
-                   "loss_on": ("all", "responses"), "optimizer": OPTIMIZERS}
+                   "loss_on": ("all", "responses"), "optimizer": OPTIMIZERS, "heldout_eval": ("full", "after-ce")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 errors.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -137,7 +140,7 @@ class HealConfig:
 
 # Fields that do not change the weights a run produces: they may differ between a run and its resume.
 _RUN_ONLY = {"resume", "overwrite", "max_minutes", "stop_after_steps", "report_to", "logging_dir", "eval_every",
-             "save_dtype", "save_every", "output_dir"}
+             "heldout_eval", "save_dtype", "save_every", "output_dir"}
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
@@ -648,7 +651,7 @@ def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[
     if teacher is not None and vocab != teacher.get_output_embeddings().weight.shape[0]:
         raise CBOPruneError("student and teacher have different vocabularies: the teacher must be the model "
                             "the student was pruned from")
-    before = _heldout_metrics(student, teacher, cache, held, with_teacher=True)
+    before = _heldout_metrics(student, teacher, cache, held, with_teacher=True) if cfg.heldout_eval == "full" else {}
 
     run = _prepare_run(cfg, accelerator, student, train, held, teacher, cache, paths, accumulation, total_steps)
     step = 0
@@ -679,7 +682,7 @@ def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[
     model = accelerator.unwrap_model(run.student)
     if cfg.lora:
         model = model.merge_and_unload()
-    after = _heldout_metrics(model, teacher, cache, held)
+    after = _heldout_metrics(model, teacher, cache, held, ce_only=cfg.heldout_eval == "after-ce")
     report = _report(run, teacher_precision, step, stopped_early, before, after, seconds)
     if cfg.fsdp:  # gather the shards into an unsharded copy of the student, on the main process only
         weights = gathered_weights(model)
@@ -719,6 +722,10 @@ def _report(run: _Run, teacher_precision: str, step: int, stopped_early: bool, b
         "stopped_by_time_budget": stopped_early,
         "train_samples": len(run.train),
         "heldout_samples": len(run.held),
+        # what the run cost, for selection budgets (the heal judge): student forward + backward over
+        # `train` positions, one forward per held-out evaluation over `heldout` tokens
+        "token_positions": {"train": _trained_positions(run, step), "heldout": int(run.held.attention_mask.sum())
+                            if len(run.held) else 0},
         "heldout_loss_before": before,
         "heldout_loss_after": after,
         "gap_closed": _gap_closed(before, after),
@@ -729,12 +736,26 @@ def _report(run: _Run, teacher_precision: str, step: int, stopped_early: bool, b
     }
 
 
-def _heldout_metrics(model, teacher, cache, held: TokenizedSet, with_teacher: bool = False) -> dict[str, float]:
+def _trained_positions(run: _Run, steps: int) -> int:
+    """Token positions of every micro-batch of every process in `steps` optimizer steps (batches are
+    cut to their longest sample, as in `_micro_batch_loss`)."""
+    cfg, world = run.cfg, run.accelerator.num_processes
+    total = 0
+    for index in range(steps * run.accumulation * world):
+        rows = _micro_batch_indices(len(run.train), cfg.micro_batch_size, cfg.seed, index)
+        total += len(rows) * int(run.train.attention_mask[rows].sum(1).max())
+    return total
+
+
+def _heldout_metrics(model, teacher, cache, held: TokenizedSet, with_teacher: bool = False,
+                     ce_only: bool = False) -> dict[str, float]:
     """Held-out cross-entropy of the model (and the teacher), and KL(teacher || model); from a cache
     the KL is its top-k approximation (`kl_to_teacher_topk`)."""
     if not len(held):
         return {}
     out = {"student": heldout_loss(model, held)}
+    if ce_only:
+        return out
     if cache is not None:
         out["kl_to_teacher_topk"] = heldout_loss(model, held, cache=cache)
         if with_teacher:
