@@ -96,6 +96,10 @@ class Config:
                                   "alone (fewer forward passes)", "selection", kind="int", minimum=1)
     single_samples: int | None = _opt(None, "hybrid energy: fitting samples its single removals are measured on "
                                             "(default: a quarter, at least 8)", "selection", kind="int", minimum=1)
+    run_cost: float = _opt(0.0, "hybrid energy: charge per contiguous run of removed blocks, as a fraction of the "
+                                "median single-removal loss increase, in the energy and the verified loss (fewer, "
+                                "longer gaps heal better: docs/study.md; default 0: off)", "selection", kind="float",
+                           minimum=0)
     relin_step: int = _opt(4, "relinearized energy: removals between expansions (default 4)", "selection",
                            kind="int", minimum=1)
     exact_samples: int | None = _opt(None, "fitting samples for the exact Hessian (N HVPs each; default all)",
@@ -417,7 +421,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
                  "heal_candidates")),
     "study": (("model", "calibration", "evaluation", "healing", "output"),
               ("remove", "energies", "peers", "top", "refine", "refine_sweeps", "diverse", "pool", "single_samples",
-               "relin_step", "exact_samples", "time_limit"), ("save_ranks", "save_remove", "save_dtype", "speedup",
+               "run_cost", "relin_step", "exact_samples", "time_limit"), ("save_ranks", "save_remove", "save_dtype", "speedup",
                                                               "heal", "heal_candidates")),
 }
 COMMANDS.update({

@@ -111,6 +111,24 @@ class EnergyModel:
         return ranking
 
 
+def contiguous_runs(removed: Sequence[int]) -> int:
+    """How many maximal runs of consecutive block indices `removed` forms (the gaps the kept model has)."""
+    ordered = sorted(set(int(i) for i in removed))
+    return sum(1 for a, b in zip([None] + ordered, ordered) if a is None or b != a + 1)
+
+
+def with_run_cost(model: EnergyModel, cost: float) -> EnergyModel:
+    """`model` plus `cost` per contiguous run of removed blocks. runs(x) = Σ x_i − Σ x_i x_{i+1}, so in
+    Ising terms a field +cost on every block and a ferromagnetic coupling −cost between neighbours:
+    still one quadratic model, solved exactly by the same solvers."""
+    Q, linear = model.Q.copy(), model.linear + cost
+    for i in range(model.n_blocks - 1):
+        Q[i, i + 1] -= cost / 2
+        Q[i + 1, i] -= cost / 2
+    return EnergyModel(model.name, Q, linear, removable=model.removable, force_remove=model.force_remove,
+                       info={**model.info, "run_cost_nats": cost})
+
+
 def from_hessian(hessian: HessianResult, name: str) -> EnergyModel:
     """`fisher`, `fisher-linear` or `exact` (the last needs a Hessian computed with variant "exact")."""
     if name == "fisher":  # the paper's form xᵀHx with the file's own matrix (AᵀA/m unless another --variant)

@@ -256,7 +256,8 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
         context = SelectionContext(session.model, fit, heldout, batch_size=cfg.batch_size, keep=tuple(keep),
                                    removable=removable, seed=cfg.seed, solver=cfg.solver, time_limit=cfg.time_limit,
                                    node_limit=cfg.node_limit, options={"pool": cfg.pool, "relin_step": cfg.relin_step,
-                                            "single_samples": cfg.single_samples},
+                                            "single_samples": cfg.single_samples,
+                                            "run_cost": cfg.run_cost},
                                    model_name=cfg.model, progress=progress, cache={"hessian": hessian})
         t0 = time.perf_counter()
         rankings = rank_states(context, cfg.remove, cfg.top, energy=cfg.energy, verify=cfg.verify,
@@ -343,7 +344,7 @@ def judge_by_healing(cfg: Config, session, rankings: Sequence[Ranking], staging:
                          f"{e.healed[steps]['seconds']:.0f}"])
         chosen = [e.candidate for e in entries]
         rest = [c for c in ranking.candidates if c.removed not in {p.removed for p in chosen}]
-        info = {**ranking.info, "heal_judge": {"steps": steps, "recipe": recipe.describe(),
+        info = {**ranking.info, "verification": _reordered(ranking, chosen + rest), "heal_judge": {"steps": steps, "recipe": recipe.describe(),
                                                "order": [list(c.removed) for c in chosen],
                                                "healed_ce": [e.healed[steps]["heal_ce"] for e in entries],
                                                "forward_passes": round(cost[ranking.n_remove], 2)}}
@@ -361,6 +362,17 @@ def judge_by_healing(cfg: Config, session, rankings: Sequence[Ranking], staging:
             markdown_table(["M", "place", "rank before", "removed", "held-out NLL before", "heal CE after",
                             "heal s"], rows)]
     return out, "\n".join(text)
+
+
+def _reordered(ranking: Ranking, order: Sequence[Candidate]) -> dict[str, Any] | None:
+    """The ranking's per-candidate verification lists, aligned with the candidates in `order`."""
+    verification = ranking.info.get("verification")
+    if not verification:
+        return verification
+    where = {c.removed: i for i, c in enumerate(ranking.candidates)}
+    aligned = {key: [verification[key][where[c.removed]] for c in order]
+               for key in ("energies", "energy_ranks", "heldout_nll") if key in verification}
+    return {**verification, **aligned}
 
 
 def heal_cost(result: dict[str, Any], fit_tokens: int) -> float:

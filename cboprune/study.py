@@ -86,6 +86,7 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
              session.n_blocks, fit.describe(), heldout.n_samples, energies, peers, cfg.remove)
     context = SelectionContext(net, fit, heldout, batch_size=cfg.batch_size, seed=cfg.seed, time_limit=cfg.time_limit,
                                options={"pool": cfg.pool, "relin_step": cfg.relin_step, "single_samples": cfg.single_samples,
+                                        "run_cost": cfg.run_cost,
                                         "exact_samples": cfg.exact_samples},
                                model_name=cfg.model, progress=progress)
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cboprune.energy import spearman
+from cboprune.energy import contiguous_runs, spearman
 from cboprune.ranking import Candidate, Ranking
 
 log = logging.getLogger(__name__)
@@ -72,14 +72,19 @@ def verify(model: torch.nn.Module, heldout: CalibrationSet, ranking: Ranking, *,
         nll = configurations_nll(model, heldout, [c.removed for c in cands], batch_size=batch_size,
                                  rows_per_pass=rows_per_pass)
     nll = np.asarray(nll, dtype=float)
-    order = np.argsort(nll, kind="stable")
-    new = [replace(cands[i], score=float(nll[i]), rank=r, tied_with_previous=False) for r, i in enumerate(order)]
+    # An energy with a run cost (hybrid --run-cost) charges the same per gap on the measured loss.
+    run_cost = float(ranking.info.get("energy_run_cost_nats") or 0.0)
+    score = nll + run_cost * np.array([contiguous_runs(c.removed) for c in cands], dtype=float)
+    order = np.argsort(score, kind="stable")
+    new = [replace(cands[i], score=float(score[i]), rank=r, tied_with_previous=False) for r, i in enumerate(order)]
     info = {**ranking.info, "verification": {
         "heldout": heldout.describe(),
         "energies": [cands[i].score for i in order],
         "energy_ranks": [cands[i].rank for i in order],
         "spearman": spearman([c.score for c in cands], nll),
-        "score": "held-out calibration NLL",
+        "score": "held-out calibration NLL" + (f" + {run_cost:.4g} per contiguous run of removed blocks"
+                                               if run_cost else ""),
+        **({"heldout_nll": [float(nll[i]) for i in order]} if run_cost else {}),
     }}
     return Ranking(method=ranking.method, n_blocks=ranking.n_blocks, n_remove=ranking.n_remove, candidates=new,
                    exact=False, lower_bound=None, info=info)
@@ -101,16 +106,21 @@ def refine(model: torch.nn.Module, fit: CalibrationSet, heldout: CalibrationSet,
     n = verified.n_blocks
     allowed = set(range(n) if removable is None else removable) - set(keep)
     kw = {"batch_size": batch_size, "rows_per_pass": rows_per_pass}
+    run_cost = float(verified.info.get("energy_run_cost_nats") or 0.0)  # compared like the verified scores
+
+    def charged(states, values):
+        return np.asarray(values, dtype=float) + run_cost * np.array([contiguous_runs(c) for c in states])
+
     start = tuple(verified.best.removed)
     current = start
-    (fit_nll,) = configurations_nll(model, fit, [current], **kw)
+    (fit_nll,) = charged([current], configurations_nll(model, fit, [current], **kw))
     path, fit_path, evaluations = [list(current)], [float(fit_nll)], 1
     for _ in range(max_sweeps):
         inside = set(current)
         moves = sorted({tuple(sorted(inside - {i} | {j})) for i in inside - set(keep) for j in allowed - inside})
         if not moves:
             break
-        nll = configurations_nll(model, fit, moves, **kw)
+        nll = charged(moves, configurations_nll(model, fit, moves, **kw))
         evaluations += len(moves)
         best = int(np.argmin(nll))
         if not nll[best] < fit_nll:
@@ -122,7 +132,7 @@ def refine(model: torch.nn.Module, fit: CalibrationSet, heldout: CalibrationSet,
     start_heldout = verified.best.score
     heldout_nll = start_heldout
     if current != start:
-        (heldout_nll,) = configurations_nll(model, heldout, [current], **kw)
+        (heldout_nll,) = charged([current], configurations_nll(model, heldout, [current], **kw))
         evaluations += 1
     accepted = current != start and heldout_nll < start_heldout
     final = current if accepted else start

@@ -293,3 +293,32 @@ def test_hybrid_energy_is_exact_on_single_removals_and_takes_fisher_pairs(model,
     assert by_m[1].best.removed == (int(np.argmin(np.asarray(single) - base)),)
     assert [c.score for c in by_m[2].candidates] == sorted(c.score for c in by_m[2].candidates)
     assert methods.get("hybrid").cost(30, 8) == pytest.approx(3 + 31 * 0.25)
+
+
+def test_run_cost_charges_each_contiguous_run_of_removed_blocks(model, calib):
+    from itertools import combinations
+
+    from cboprune.energy import contiguous_runs, with_run_cost
+    from cboprune.experiment import SelectionContext, select
+    from cboprune.verify import verify
+
+    assert [contiguous_runs(s) for s in [(), (3,), (1, 2, 3), (1, 3), (5, 0, 1), (0, 2, 4, 5)]] == [0, 1, 1, 2, 2, 3]
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(12, 7))
+    base = EnergyModel("m", A.T @ A / 12, rng.normal(size=7))
+    charged = with_run_cost(base, 0.3)
+    for state in combinations(range(7), 3):  # the quadratic form is the energy plus 0.3 per gap, exactly
+        assert charged.energy(state) == pytest.approx(base.energy(state) + 0.3 * contiguous_runs(state), abs=1e-12)
+
+    context = SelectionContext(model, calib, batch_size=3, top=6, options={"single_samples": 4, "run_cost": 0.5})
+    ranking = select("hybrid", context, [2])[2]
+    energy = context.energy_models["hybrid"]
+    d = np.asarray(energy.info["single_delta"])
+    assert energy.info["run_cost_nats"] == pytest.approx(0.5 * np.median(d))
+    lam = ranking.info["energy_run_cost_nats"]
+    verified = verify(model, calib, ranking, batch_size=3)
+    nll = configurations_nll(model, calib, [c.removed for c in verified.candidates], batch_size=3)
+    for cand, value in zip(verified.candidates, nll):  # the verified score charges the same per gap
+        assert cand.score == pytest.approx(value + lam * contiguous_runs(cand.removed), abs=1e-9)
+    assert [c.score for c in verified.candidates] == sorted(c.score for c in verified.candidates)
+    assert verified.info["verification"]["heldout_nll"] == pytest.approx(list(nll))

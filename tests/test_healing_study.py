@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from cboprune.cli import main
@@ -81,6 +82,11 @@ def test_run_chooses_the_saved_state_after_a_short_heal(tiny_checkpoint, shared_
     judge = ranking["info"]["heal_judge"]
     assert len(judge["order"]) == 3 and judge["healed_ce"] == sorted(judge["healed_ce"])
     assert judge["forward_passes"] > 0 and judge["recipe"]["heldout_eval"] == "after-ce"
+    from cboprune.hessian import load_hessian
+
+    H = load_hessian(out / "hessian.safetensors").H
+    for cand, energy in zip(ranking["candidates"], ranking["info"]["verification"]["energies"]):
+        assert energy == pytest.approx(float(H[np.ix_(cand["removed"], cand["removed"])].sum()), rel=1e-6)
     assert [c["removed"] for c in ranking["candidates"][:3]] == judge["order"]
     removal = json.loads((out / "pruned" / "M2-rank0" / "removal.json").read_text())
     assert removal["removed"] == judge["order"][0]  # the winner after healing is the saved state

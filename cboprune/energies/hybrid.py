@@ -9,6 +9,11 @@ gradient pass:
     E(x) = Σ_i d_i x_i + ½ Σ_{i≠j} F_ij x_i x_j,   d_i = L(−i) − L₀ (measured),  F = AᵀA/m
 
 so every single removal is exact (on the subset) and pairs are the fisher-linear model's.
+
+With `run_cost` r > 0 the energy also charges r × (the median single-removal increase) for every
+contiguous run of removed blocks, and verification adds the same charge to the measured held-out
+loss: among states of equal loss before healing, fewer and longer gaps heal better
+(docs/study.md, "Fewer gaps heal better").
 Cost: 3 (the gradient pass) + N · s/m forward passes (s: `single_samples` of the m fitting samples).
 """
 
@@ -28,7 +33,7 @@ def hybrid_energy(context):
     """The EnergyModel (measured singles on the first `single_samples` fitting samples)."""
     import numpy as np
 
-    from cboprune.energy import EnergyModel
+    from cboprune.energy import EnergyModel, with_run_cost
     from cboprune.masked import configurations_nll
 
     hessian = context.hessian()
@@ -45,9 +50,15 @@ def hybrid_energy(context):
     Q = 0.5 * F
     np.fill_diagonal(Q, 0.0)
     linear = np.where(np.isfinite(d), d, 0.0)
-    return EnergyModel("hybrid", Q, linear, removable=todo if len(todo) < n else None,
-                       info={"single_samples": s, "base_nll": float(base), "single_delta": d.tolist(),
-                             "configurations": 1 + len(todo), "hessian": hessian.fingerprint})
+    model = EnergyModel("hybrid", Q, linear, removable=todo if len(todo) < n else None,
+                        info={"single_samples": s, "base_nll": float(base), "single_delta": d.tolist(),
+                              "configurations": 1 + len(todo), "hessian": hessian.fingerprint})
+    run_cost = context.options.get("run_cost") or 0.0
+    if run_cost:
+        # In units of a typical block: the median loss increase of removing one removable block alone.
+        model = with_run_cost(model, run_cost * float(np.median(d[todo])))
+        model.info["run_cost"] = run_cost
+    return model
 
 
 def _select(context, remove):
@@ -64,4 +75,4 @@ register(Method(
     name="hybrid", label="CBO hybrid", kind=ENERGY, order=45,
     summary="measured single removals (on a subset) + Fisher pair interactions",
     needs=("gradients", "forward configurations"), select=_select, cost=_cost,
-    cost_formula="3 + (N + 1)·s/m (s of the m fitting samples, default m/4)", options=("single_samples",)))
+    cost_formula="3 + (N + 1)·s/m (s of the m fitting samples, default m/4)", options=("single_samples", "run_cost")))

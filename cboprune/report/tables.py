@@ -37,7 +37,8 @@ def ranking_markdown(ranking: Ranking, block_kinds: Sequence[str] | None = None)
         status = "re-ranked by held-out loss" + (", swap-refined" if ranking.info.get("refine", {}).get("accepted")
                                                  else "")
     lines = [f"### {ranking.method}: remove M = {ranking.n_remove} of N = {ranking.n_blocks} blocks ({status})", ""]
-    lines += (["| rank | held-out NLL | energy | energy rank | removed blocks | kinds |", "|---:|---:|---:|---:|---|---|"]
+    score = "held-out NLL + run cost" if verification and "heldout_nll" in verification else "held-out NLL"
+    lines += ([f"| rank | {score} | energy | energy rank | removed blocks | kinds |", "|---:|---:|---:|---:|---|---|"]
               if verification else ["| rank | energy | removed blocks | kinds |", "|---:|---:|---|---|"])
     for i, cand in enumerate(ranking.candidates):
         kinds = ""
