@@ -96,10 +96,10 @@ class Config:
                                   "alone (fewer forward passes)", "selection", kind="int", minimum=1)
     single_samples: int | None = _opt(None, "hybrid energy: fitting samples its single removals are measured on "
                                             "(default: a quarter, at least 8)", "selection", kind="int", minimum=1)
-    run_cost: float = _opt(0.0, "hybrid energy: charge per contiguous run of removed blocks, as a fraction of the "
-                                "median single-removal loss increase, in the energy and the verified loss (fewer, "
-                                "longer gaps heal better: docs/study.md; default 0: off)", "selection", kind="float",
-                           minimum=0)
+    run_cost: float | None = _opt(None, "hybrid energy: charge per contiguous run of removed blocks, as a fraction "
+                                        "of the median single-removal loss increase, in the energy and the verified "
+                                        "loss (fewer, longer gaps heal better: docs/study.md; default 0.5, 0: off)",
+                                  "selection", kind="float", minimum=0)
     relin_step: int = _opt(4, "relinearized energy: removals between expansions (default 4)", "selection",
                            kind="int", minimum=1)
     exact_samples: int | None = _opt(None, "fitting samples for the exact Hessian (N HVPs each; default all)",
@@ -246,6 +246,9 @@ class Config:
                 errors.append(str(exc))
         if "energy" in used and self.energy not in methods.names(methods.ENERGY):
             errors.append(f"energy must be one of {', '.join(methods.names(methods.ENERGY))}, got {self.energy!r}")
+        elif self.run_cost is not None and "run_cost" in used and "energy" in used and self.energy != "hybrid":
+            errors.append(f"--run-cost is an option of the hybrid energy, not of {self.energy!r}: drop it or pass "
+                          "--energy hybrid")
         if "pool" in used and self.pool is not None and isinstance(self.pool, int) and self.remove \
                 and self.pool < max(self.remove):
             errors.append(f"pool must be an integer >= the largest M, got {self.pool!r}")

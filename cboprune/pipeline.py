@@ -126,15 +126,18 @@ CPU_TOKEN_WARNING = 2_000_000
 
 def _warn_about_cost(model: torch.nn.Module, fit: CalibrationSet, n: int, m: int, energy: str, pool: int | None,
                      refine_sweeps: int) -> None:
-    """Forward configurations of the fitting set the selection needs; a warning when that is hours on CPU."""
-    p = pool or n
-    configs = (1 + n + p * (p - 1) // 2 if energy == "measured" else 0) + refine_sweeps * m * (n - m)
-    tokens = configs * fit.n_tokens
-    log.info("selection: up to %d forward configurations of the %d fitting tokens", configs, fit.n_tokens)
+    """Forward passes of the fitting set the selection needs (the method's own cost model, plus the
+    swap sweeps); a warning when that is hours on CPU."""
+    from cboprune.methods import selection_cost
+
+    passes = selection_cost(energy, n, m, pool=pool) + refine_sweeps * m * (n - m)
+    tokens = passes * fit.n_tokens
+    log.info("selection: about %.1f forward passes of the %d fitting tokens before verification", passes,
+             fit.n_tokens)
     if tokens > CPU_TOKEN_WARNING and next(model.parameters()).device.type == "cpu":
-        log.warning("selection: the %s energy%s needs up to %d forward configurations (%.1f M tokens): hours on a "
-                    "few CPU cores. Use a GPU, or --pool P, fewer --n-samples, --refine-sweeps 0, or --energy "
-                    "fisher-linear (docs/study.md)", energy, " with refinement" if refine_sweeps else "", configs,
+        log.warning("selection: the %s energy%s needs up to %.0f forward passes of the fitting set (%.1f M tokens): "
+                    "hours on a few CPU cores. Use a GPU, or --pool P, fewer --n-samples, --refine-sweeps 0, or the "
+                    "default energy (docs/study.md)", energy, " with refinement" if refine_sweeps else "", passes,
                     tokens / 1e6)
 
 

@@ -239,7 +239,9 @@ def test_run_rejects_unknown_energy_and_bad_selection_settings(tmp_path, capsys)
     for extra, fragment in [(["--energy", "curvature"], "energy must be one of"),
                             (["--refine-sweeps", "-1"], "--refine-sweeps must be"),
                             (["--heldout-samples", "0"], "--heldout-samples must be"),
-                            (["--pool", "3", "--remove", "4"], "pool must be")]:
+                            (["--pool", "3", "--remove", "4"], "pool must be"),
+                            (["--energy", "fisher", "--run-cost", "0.5"], "--run-cost is an option of the hybrid"),
+                            (["--run-cost", "-1"], "--run-cost must be")]:
         rc = main(["-q", "run", "--output-dir", str(tmp_path / "x")] + extra)
         err = capsys.readouterr().err
         assert rc == 2 and fragment in err and len(err.strip().splitlines()) == 1, (extra, err)
@@ -280,7 +282,7 @@ def test_hybrid_energy_is_exact_on_single_removals_and_takes_fisher_pairs(model,
     from cboprune import methods
     from cboprune.experiment import SelectionContext, select
 
-    context = SelectionContext(model, calib, batch_size=3, top=4, options={"single_samples": 4})
+    context = SelectionContext(model, calib, batch_size=3, top=4, options={"single_samples": 4, "run_cost": 0})
     by_m = select("hybrid", context, [1, 2])
     energy = context.energy_models["hybrid"]
     subset = calib.split(4)[0]
