@@ -56,6 +56,7 @@ def test_default_selection_on_the_real_model(shared_data, tmp_path):
     assert (cfg.energy, cfg.verify, cfg.refine_sweeps) == (RECOMMENDED.energy, True, 0) == ("hybrid", True, 0)
     (ranking,) = run_pipeline(cfg, progress=False).rankings
     assert ranking.method == "cbo-hybrid" and ranking.info["energy_single_samples"] == 8
+    assert ranking.info["energy_run_cost"] == 0.5  # fewer, longer gaps by default (docs/study.md)
     heldout = [c.score for c in ranking.candidates]
     assert heldout == sorted(heldout) and all(math.isfinite(v) for v in heldout)
     assert 29 not in ranking.best.removed  # never the final block (the paper's ground state removes it)
