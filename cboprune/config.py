@@ -165,7 +165,7 @@ class Config:
     heal_states: int = _opt(0, "study: also heal the K lowest states of every energy model, for the Spearman "
                                "correlation of energy and post-heal loss (default 0)", "healing", kind="int",
                             minimum=0)
-    heal_candidates: int = _opt(0, "run: heal the C most diverse verified low-energy states alike (--heal-steps "
+    heal_candidates: int = _opt(0, "run: heal the C best (verified) low-energy states alike (--heal-steps "
                                    "each) and save the best after healing (default 0: off)", "healing", kind="int",
                                 minimum=0)
     repair: str | None = _opt(None, "training-free repair of every pruned model: 'linear' fits a linear map for "

@@ -316,7 +316,7 @@ def _cost_section(cfg: Config, rankings: Sequence[Ranking], session, hessian: He
 
 
 def judge_by_healing(cfg: Config, session, rankings: Sequence[Ranking], staging: Path) -> tuple[list[Ranking], str]:
-    """Heal the `heal_candidates` most diverse states of each M alike (`heal_steps` each) and put them
+    """Heal the `heal_candidates` best states of each M alike (`heal_steps` each) and put them
     first, ordered by the held-out cross-entropy after healing on the heal data's own held-out
     records (never trained on): the short heal chooses the state that is saved."""
     from dataclasses import replace
@@ -324,8 +324,6 @@ def judge_by_healing(cfg: Config, session, rankings: Sequence[Ranking], staging:
     from cboprune.experiment import Entry
     from cboprune.healing_study import heal_entries
     from cboprune.report.tables import markdown_table
-    from cboprune.verify import diverse
-
     recipe = cfg.heal_recipe(staging)
     recipe.cache_dir = None  # a run's heals are its own
     recipe.heldout_eval = "after-ce"  # the one number the judge ranks by
@@ -334,7 +332,9 @@ def judge_by_healing(cfg: Config, session, rankings: Sequence[Ranking], staging:
     steps = recipe.steps[0]
     out, rows, cost = [], [], {}
     for ranking in rankings:
-        picks = diverse(ranking, cfg.heal_candidates, cfg.diverse if cfg.diverse is not None else 0.6).candidates
+        # The best states, not a structurally diverse set: one swap apart, two states heal 0.07 nats
+        # apart at M = 12 on the default model (docs/study.md, "Fewer gaps heal better").
+        picks = ranking.candidates[:cfg.heal_candidates]
         entries = [Entry(f"rank{c.rank}", ranking.n_remove, c, ranking, 0.0, nll=c.score if ranking.info.get(
             "verification") else None) for c in picks]
         heal_entries(entries, session.model, session.tokenizer, recipe, _NoEval(), nll_samples=None,
@@ -347,22 +347,21 @@ def judge_by_healing(cfg: Config, session, rankings: Sequence[Ranking], staging:
                          f"{e.healed[steps]['seconds']:.0f}"])
         chosen = [e.candidate for e in entries]
         rest = [c for c in ranking.candidates if c.removed not in {p.removed for p in chosen}]
-        info = {**ranking.info, "verification": _reordered(ranking, chosen + rest), "heal_judge": {"steps": steps, "recipe": recipe.describe(),
-                                               "order": [list(c.removed) for c in chosen],
-                                               "healed_ce": [e.healed[steps]["heal_ce"] for e in entries],
-                                               "forward_passes": round(cost[ranking.n_remove], 2)}}
+        judge = {"steps": steps, "recipe": recipe.describe(), "order": [list(c.removed) for c in chosen],
+                 "healed_ce": [e.healed[steps]["heal_ce"] for e in entries],
+                 "forward_passes": round(cost[ranking.n_remove], 2)}
+        info = {**ranking.info, "verification": _reordered(ranking, chosen + rest), "heal_judge": judge}
         out.append(replace(ranking, candidates=[replace(c, rank=r) for r, c in enumerate(chosen + rest)],
                            exact=False, info=info))
     shutil.rmtree(staging / ".heal-judge-teacher", ignore_errors=True)
     text = ["## Chosen after a short heal", "",
-            f"The {cfg.heal_candidates} most diverse states of each M (Jaccard <= "
-            f"{cfg.diverse if cfg.diverse is not None else 0.6}) were each healed alike ({steps} steps of "
+            f"The {cfg.heal_candidates} best states of each M were each healed alike ({steps} steps of "
             f"{recipe.global_batch_size} x {recipe.seq_len} tokens, lr {recipe.learning_rate}, seed {recipe.seed}, "
             "teacher outputs cached once); they now lead the ranking in their order by the cross-entropy after "
             "healing on the heal data's held-out records (never trained on), so rank 0 is the winner and rank 1 "
             "the runner-up. Cost of the judge in forward passes of the fitting set: "
             + ", ".join(f"M = {m}: {c:.1f}" for m, c in cost.items()) + ".", "",
-            markdown_table(["M", "place", "rank before", "removed", "held-out NLL before", "heal CE after",
+            markdown_table(["M", "place", "rank before", "removed", "verified score before", "heal CE after",
                             "heal s"], rows)]
     return out, "\n".join(text)
 
