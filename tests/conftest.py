@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+
+# A suite started in the background by a non-interactive shell (`make test &`, nohup) inherits SIGINT
+# as ignored, and so would every subprocess the interrupt tests signal. Restore Python's handler, so
+# that the children start with SIGINT live and those tests test the code, not the launcher.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CBOPRUNE_DATA_DIR", REPO.parent / "shared" / "data"))
