@@ -249,6 +249,10 @@ class Config:
         elif self.run_cost is not None and "run_cost" in used and "energy" in used and self.energy != "hybrid":
             errors.append(f"--run-cost is an option of the hybrid energy, not of {self.energy!r}: drop it or pass "
                           "--energy hybrid")
+        if (self.run_cost is not None and "energies" in used and isinstance(self.energies, str)
+                and "hybrid" not in [e.strip() for e in self.energies.split(",")]):
+            errors.append("--run-cost is an option of the hybrid energy, which --energies leaves out: drop it or "
+                          "add hybrid")
         if "pool" in used and self.pool is not None and isinstance(self.pool, int) and self.remove \
                 and self.pool < max(self.remove):
             errors.append(f"pool must be an integer >= the largest M, got {self.pool!r}")

@@ -202,7 +202,8 @@ def test_study_bad_input_gives_one_line_errors(tiny_checkpoint, tmp_path, capsys
     cases = [(["--energies", "fisher,curvature"], "unknown energy model"),
              (["--peers", "sleeb"], "did you mean 'sleb'"),
              (["--remove", "0"], "M >= 1"),
-             (["--diverse", "1.5"], "--diverse")]
+             (["--diverse", "1.5"], "--diverse"),
+             (["--energies", "fisher", "--run-cost", "0.5"], "--energies leaves out")]
     for extra, fragment in cases:
         rc = main(["-q", "study", "--model", str(tiny_checkpoint), "--output-dir", str(tmp_path / "x")] + extra)
         err = capsys.readouterr().err
