@@ -97,7 +97,7 @@ def rank_states(context, remove: Sequence[int], top: int, *, energy: str, verify
     if (verify or refine_sweeps) and context.heldout is None:
         raise CBOPruneError("verification needs held-out calibration samples: set heldout_samples >= 1")
     _warn_about_cost(context.model, context.fit, context.n_blocks, max(remove), energy,
-                     context.options.get("pool"), refine_sweeps)
+                     context.options.get("pool"), refine_sweeps, context.options.get("single_samples"))
     context.top = top
     by_m = select(energy, context, remove)
     hessian = context.cache.get("hessian")
@@ -125,12 +125,14 @@ CPU_TOKEN_WARNING = 2_000_000
 
 
 def _warn_about_cost(model: torch.nn.Module, fit: CalibrationSet, n: int, m: int, energy: str, pool: int | None,
-                     refine_sweeps: int) -> None:
+                     refine_sweeps: int, single_samples: int | None = None) -> None:
     """Forward passes of the fitting set the selection needs (the method's own cost model, plus the
     swap sweeps); a warning when that is hours on CPU."""
+    from cboprune.energies.hybrid import single_samples as singles_of
     from cboprune.methods import selection_cost
 
-    passes = selection_cost(energy, n, m, pool=pool) + refine_sweeps * m * (n - m)
+    fraction = singles_of(fit.n_samples, single_samples) / fit.n_samples
+    passes = selection_cost(energy, n, m, pool=pool, single_fraction=fraction) + refine_sweeps * m * (n - m)
     tokens = passes * fit.n_tokens
     log.info("selection: about %.1f forward passes of the %d fitting tokens before verification", passes,
              fit.n_tokens)
