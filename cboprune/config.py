@@ -39,6 +39,14 @@ def _opt(default: Any, help: str, section: str, *, kind: str = "", minimum: floa
     return field(default=default, metadata=meta)
 
 
+def _reads(option: str, names) -> bool:
+    """Whether any registered method among `names` reads `option` (its `Method.options`)."""
+    from cboprune import methods
+
+    known = set(methods.names())
+    return any(option in methods.get(n.strip()).options for n in names if n.strip() in known)
+
+
 def _recommended():
     from cboprune.energy import RECOMMENDED
 
@@ -85,8 +93,8 @@ class Config:
     keep: list[int] = _opt(None, "blocks never removed, e.g. 0,1,-1", "selection", kind="ints", factory=list)
     only: list[str] = _opt(None, "remove only blocks of these kinds, e.g. moe (see `cboprune archs`)",
                            "selection", kind="kinds", metavar="KIND[,KIND]", factory=list)
-    energy: str = _opt(None, "energy model (default hybrid: measured singles, Fisher pairs; the paper: fisher)", "selection", kind="energy",
-                       factory=lambda: _recommended().energy)
+    energy: str = _opt(None, "energy model (default hybrid: measured singles, Fisher pairs; the paper: fisher)",
+                       "selection", kind="energy", factory=lambda: _recommended().energy)
     verify: bool = _opt(None, "re-rank the K lowest states by measured held-out calibration loss (default: on)",
                         "selection", kind="bool", factory=lambda: _recommended().verify)
     refine_sweeps: int = _opt(None, "swap-search sweeps on the real loss from the verified pick (default 0: "
@@ -246,11 +254,12 @@ class Config:
                 errors.append(str(exc))
         if "energy" in used and self.energy not in methods.names(methods.ENERGY):
             errors.append(f"energy must be one of {', '.join(methods.names(methods.ENERGY))}, got {self.energy!r}")
-        elif self.run_cost is not None and "run_cost" in used and "energy" in used and self.energy != "hybrid":
+        elif self.run_cost is not None and "run_cost" in used and "energy" in used \
+                and not _reads("run_cost", [self.energy]):
             errors.append(f"--run-cost is an option of the hybrid energy, not of {self.energy!r}: drop it or pass "
                           "--energy hybrid")
-        if (self.run_cost is not None and "energies" in used and isinstance(self.energies, str)
-                and "hybrid" not in [e.strip() for e in self.energies.split(",")]):
+        if self.run_cost is not None and "energies" in used and isinstance(self.energies, str) \
+                and not _reads("run_cost", self.energies.split(",")):
             errors.append("--run-cost is an option of the hybrid energy, which --energies leaves out: drop it or "
                           "add hybrid")
         if "pool" in used and self.pool is not None and isinstance(self.pool, int) and self.remove \
@@ -428,8 +437,8 @@ COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
                  "heal_candidates")),
     "study": (("model", "calibration", "evaluation", "healing", "output"),
               ("remove", "energies", "peers", "top", "refine", "refine_sweeps", "diverse", "pool", "single_samples",
-               "run_cost", "relin_step", "exact_samples", "time_limit"), ("save_ranks", "save_remove", "save_dtype", "speedup",
-                                                              "heal", "heal_candidates")),
+               "run_cost", "relin_step", "exact_samples", "time_limit"),
+              ("save_ranks", "save_remove", "save_dtype", "speedup", "heal", "heal_candidates")),
 }
 COMMANDS.update({
     "solve": ((), ("remove", "top", "keep", "only", "energy", "solver", "time_limit", "node_limit", "seed",

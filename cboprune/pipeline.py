@@ -128,10 +128,10 @@ def _warn_about_cost(model: torch.nn.Module, fit: CalibrationSet, n: int, m: int
                      refine_sweeps: int, single_samples: int | None = None) -> None:
     """Forward passes of the fitting set the selection needs (the method's own cost model, plus the
     swap sweeps); a warning when that is hours on CPU."""
-    from cboprune.energies.hybrid import single_samples as singles_of
+    from cboprune.energies.hybrid import single_fraction
     from cboprune.methods import selection_cost
 
-    fraction = singles_of(fit.n_samples, single_samples) / fit.n_samples
+    fraction = single_fraction(fit.n_samples, single_samples)
     passes = selection_cost(energy, n, m, pool=pool, single_fraction=fraction) + refine_sweeps * m * (n - m)
     tokens = passes * fit.n_tokens
     log.info("selection: about %.1f forward passes of the %d fitting tokens before verification", passes,
@@ -296,10 +296,10 @@ def _cost_section(cfg: Config, rankings: Sequence[Ranking], session, hessian: He
     from cboprune.experiment import Entry
     from cboprune.healing_study import cost_of
 
-    from cboprune.energies.hybrid import single_samples
+    from cboprune.energies.hybrid import single_fraction
 
     suffix = "+refine" if cfg.refine_sweeps else "+verify" if cfg.verify else ":0"
-    fraction = single_samples(session.fit.n_samples, cfg.single_samples) / session.fit.n_samples
+    fraction = single_fraction(session.fit.n_samples, cfg.single_samples)
     heldout = session.heldout.n_tokens if session.heldout is not None else 0
     rows = []
     for r in rankings:

@@ -123,10 +123,10 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
     baseline = protocol.evaluate(net, session.tokenizer)
     baseline["heldout_nll"] = calibration_nll(net, heldout, batch_size=cfg.batch_size)
     evaluate_entries(entries, net, session.tokenizer, protocol, nll_samples=heldout, batch_size=cfg.batch_size)
-    from cboprune.energies.hybrid import single_samples
+    from cboprune.energies.hybrid import single_fraction
 
     opts = {"pool": cfg.pool, "relin_step": cfg.relin_step,
-            "single_fraction": single_samples(fit.n_samples, cfg.single_samples) / fit.n_samples}
+            "single_fraction": single_fraction(fit.n_samples, cfg.single_samples)}
     for e in entries:
         e.cost = cost_of(e, session.n_blocks, fit_tokens=fit.n_tokens, heldout_tokens=heldout.n_tokens, options=opts)
     eval_seconds = round(time.perf_counter() - t0, 2)

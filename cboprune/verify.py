@@ -57,6 +57,17 @@ def diverse(ranking: Ranking, n: int, max_jaccard: float = 0.6) -> Ranking:
                    candidates=taken, exact=False, lower_bound=ranking.lower_bound, info=info)
 
 
+def _run_cost(ranking: Ranking) -> float:
+    """The charge per contiguous run of removed blocks of the energy that listed `ranking` (nats; 0: none)."""
+    return float(ranking.info.get("energy_run_cost_nats") or 0.0)
+
+
+def charged(states: Sequence[Sequence[int]], nll: Sequence[float], run_cost: float) -> np.ndarray:
+    """Measured losses plus the energy's run cost for each state: an energy with a run cost (hybrid
+    --run-cost) is verified and refined by the same charge per gap, so re-ranking does not undo it."""
+    return np.asarray(nll, dtype=float) + run_cost * np.array([contiguous_runs(s) for s in states], dtype=float)
+
+
 def verify(model: torch.nn.Module, heldout: CalibrationSet, ranking: Ranking, *, batch_size: int = 8,
            rows_per_pass: int | None = None, nll: Sequence[float] | None = None) -> Ranking:
     """The ranking's candidates re-ordered by measured held-out NLL (lowest first).
@@ -72,9 +83,8 @@ def verify(model: torch.nn.Module, heldout: CalibrationSet, ranking: Ranking, *,
         nll = configurations_nll(model, heldout, [c.removed for c in cands], batch_size=batch_size,
                                  rows_per_pass=rows_per_pass)
     nll = np.asarray(nll, dtype=float)
-    # An energy with a run cost (hybrid --run-cost) charges the same per gap on the measured loss.
-    run_cost = float(ranking.info.get("energy_run_cost_nats") or 0.0)
-    score = nll + run_cost * np.array([contiguous_runs(c.removed) for c in cands], dtype=float)
+    run_cost = _run_cost(ranking)
+    score = charged([c.removed for c in cands], nll, run_cost)
     order = np.argsort(score, kind="stable")
     new = [replace(cands[i], score=float(score[i]), rank=r, tied_with_previous=False) for r, i in enumerate(order)]
     info = {**ranking.info, "verification": {
@@ -106,21 +116,17 @@ def refine(model: torch.nn.Module, fit: CalibrationSet, heldout: CalibrationSet,
     n = verified.n_blocks
     allowed = set(range(n) if removable is None else removable) - set(keep)
     kw = {"batch_size": batch_size, "rows_per_pass": rows_per_pass}
-    run_cost = float(verified.info.get("energy_run_cost_nats") or 0.0)  # compared like the verified scores
-
-    def charged(states, values):
-        return np.asarray(values, dtype=float) + run_cost * np.array([contiguous_runs(c) for c in states])
-
+    run_cost = _run_cost(verified)  # swaps are compared like the verified scores
     start = tuple(verified.best.removed)
     current = start
-    (fit_nll,) = charged([current], configurations_nll(model, fit, [current], **kw))
+    (fit_nll,) = charged([current], configurations_nll(model, fit, [current], **kw), run_cost)
     path, fit_path, evaluations = [list(current)], [float(fit_nll)], 1
     for _ in range(max_sweeps):
         inside = set(current)
         moves = sorted({tuple(sorted(inside - {i} | {j})) for i in inside - set(keep) for j in allowed - inside})
         if not moves:
             break
-        nll = charged(moves, configurations_nll(model, fit, moves, **kw))
+        nll = charged(moves, configurations_nll(model, fit, moves, **kw), run_cost)
         evaluations += len(moves)
         best = int(np.argmin(nll))
         if not nll[best] < fit_nll:
@@ -132,7 +138,7 @@ def refine(model: torch.nn.Module, fit: CalibrationSet, heldout: CalibrationSet,
     start_heldout = verified.best.score
     heldout_nll = start_heldout
     if current != start:
-        (heldout_nll,) = charged([current], configurations_nll(model, heldout, [current], **kw))
+        (heldout_nll,) = charged([current], configurations_nll(model, heldout, [current], **kw), run_cost)
         evaluations += 1
     accepted = current != start and heldout_nll < start_heldout
     final = current if accepted else start

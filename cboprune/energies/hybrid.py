@@ -10,9 +10,10 @@ gradient pass:
 
 so every single removal is exact (on the subset) and pairs are the fisher-linear model's.
 
-With `run_cost` r > 0 (default RUN_COST = 0.5) the energy also charges r × (the median single-removal increase) for every
-contiguous run of removed blocks, and verification adds the same charge to the measured held-out
-loss: among states of equal loss before healing, fewer and longer gaps heal better
+With `run_cost` r > 0 (default RUN_COST = 0.5) the energy also charges r × (the median
+single-removal increase) for every contiguous run of removed blocks, and verification adds the
+same charge to the measured held-out loss: among states of equal loss before healing, fewer and
+longer gaps heal better
 (docs/study.md, "Fewer gaps heal better").
 Cost: 3 (the gradient pass) + N · s/m forward passes (s: `single_samples` of the m fitting samples).
 """
@@ -31,6 +32,11 @@ RUN_COST = 0.5
 
 def single_samples(n_fit: int, requested: int | None = None) -> int:
     return max(1, min(n_fit, requested or max(8, round(SINGLE_FRACTION * n_fit))))
+
+
+def single_fraction(n_fit: int, requested: int | None = None) -> float:
+    """The share of the fitting samples the single removals are measured on (for the cost model)."""
+    return single_samples(n_fit, requested) / n_fit
 
 
 def hybrid_energy(context):
