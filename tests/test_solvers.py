@@ -426,7 +426,7 @@ def test_best_first_with_dives_equals_enumeration(seed, dive_free, pool):
     r = run_bnb_ranking(H, m, k, quick_s=0.0, dive_free=dive_free, pool_mb=pool)
     assert r.exact
     assert [c.removed for c in r] == [c.removed for c in ref]
-    assert r.info["relaxation_shift"] in ("optimized", "uniform", "scaled", "none")
+    assert r.info["relaxation_shift"] in ("dnn", "dnn+optimized", "optimized", "uniform", "scaled", "none")
     if dive_free == 0 and pool > 1:
         assert r.info["dives"] == 0
     if dive_free == 1000:
@@ -486,3 +486,35 @@ def test_best_first_same_result_with_one_or_two_threads(threads):
     r = run_bnb_ranking(H, m, k, quick_s=0.0, threads=threads, dive_free=0)
     assert r.exact and r.info["threads"] == threads
     assert [c.removed for c in r] == [c.removed for c in ref]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dnn_surrogate_bounds_validly_and_tighter(seed):
+    # x^T N x >= 0 on states: the surrogate's root bound lies below every state, above the plain one
+    from cboprune.solvers._bounds import bound_view, dnn_surrogate, relaxation_shifts, root_qp
+
+    H = wishart(18, 30, seed) if seed % 2 else gradient_gram(18, 40, seed)
+    p = make_problem(H, 6, 1)
+    found = dnn_surrogate(p, time_budget=10.0)
+    assert found is not None
+    W_bound, s, info = found
+    N = p.W - W_bound
+    assert np.all(N >= 0) and np.allclose(N, N.T) and np.all(np.diag(N) == 0)
+    lb_dnn, _ = root_qp(bound_view(p, W_bound), s)
+    lb_plain = max(root_qp(p, sh)[0] for sh in relaxation_shifts(p).values())
+    e0 = enumerate_exhaustive(H, 6, 1)[0].score
+    assert lb_dnn <= e0 + 1e-9
+    assert lb_dnn >= lb_plain - 1e-9
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_search_on_the_dnn_surrogate_equals_enumeration(seed):
+    H = wishart(22, 30, seed) if seed % 2 else gradient_gram(22, 60, seed)
+    m, k = 7 + seed % 3, 12
+    ref = enumerate_exhaustive(H, m, k)
+    r = run_bnb_ranking(H, m, k, quick_s=0.0, dive_free=seed % 2 * 6)
+    assert r.exact and r.info["relaxation_shift"].startswith("dnn")
+    assert [c.removed for c in r] == [c.removed for c in ref]
+    assert r.info["dnn"]["root_bound"] <= ref[0].score + 1e-9
+    plain = run_bnb_ranking(H, m, k, quick_s=0.0, surrogate="none")
+    assert [c.removed for c in plain] == [c.removed for c in ref] and "dnn" not in plain.info

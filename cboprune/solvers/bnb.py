@@ -9,7 +9,9 @@ Outline (details in docs/solver.md):
 3. static variable order by the root relaxation (values near 1 first);
 4. quick phase: compiled depth-first search (row bound, then the warm-started relaxation bound,
    prune when bound > cut-off + slack); small cases end here;
-5. otherwise: optimized (QCR-type) shift, then a compiled best-first search with depth-first
+5. otherwise: the doubly non-negative surrogate W - N (N >= 0 from the DNN relaxation: every
+   bound of W - N bounds W) when it raises the root bound, its optimized (QCR-type) shift, then
+   a compiled best-first search with depth-first
    dives from the root, keeping the best cut-off; on a time / node budget the minimum bound of
    the open nodes is the certificate (it rises monotonically with the search).
 """
@@ -27,8 +29,8 @@ import numba
 import numpy as np
 
 from cboprune.solvers import _kernels as kn
-from cboprune.solvers._bounds import (depth_corrections, optimize_shift, relaxation_shifts,
-                                      root_qp, row_values)
+from cboprune.solvers._bounds import (bound_view, depth_corrections, dnn_surrogate, optimize_shift,
+                                      relaxation_shifts, root_qp, row_values)
 from cboprune.solvers._problem import Problem
 from cboprune.solvers.exhaustive import new_store, store_sets
 from cboprune.solvers.heuristics import run_tabu
@@ -51,10 +53,12 @@ class _Tree:
     """Search state over one shift and static order: stacks (dives), node pool, top-K store."""
 
     def __init__(self, p: Problem, k: int, s: np.ndarray, y: np.ndarray, v: np.ndarray,
-                 use_row: bool, order: str, lam_every: int = 1) -> None:
+                 use_row: bool, order: str, lam_every: int = 1, bounds: Problem | None = None) -> None:
+        """`bounds`: the problem the relaxation reads (`bound_view` of a surrogate), default `p`."""
         n, m = p.n_free, p.m
+        pb = p if bounds is None else bounds
         self.s, self.y = s, y
-        self.Q = np.ascontiguousarray(p.W + np.diag(s))
+        self.Q = np.ascontiguousarray(pb.W + np.diag(s))
         if order == "relax":
             perm = np.lexsort((v, -np.round(y, 9)))
         elif order == "row":
@@ -64,7 +68,7 @@ class _Tree:
         else:
             raise ValueError(f"order must be 'relax', 'row' or 'frac', got {order!r}")
         self.perm = perm.astype(np.int64)
-        self.lam = depth_corrections(p, s, self.perm, lam_every)
+        self.lam = depth_corrections(pb, s, self.perm, lam_every)
         self.T = kn.build_row_table(p.W, self.perm, m) if use_row else np.zeros((1, 1, 1))
         self.topE, self.topM, self.ts = new_store(k, p.words)
         self.phase = np.zeros(n + 1, np.int64)
@@ -205,6 +209,10 @@ def run_bnb(
     bf_qp_iter: int = 40,
     bf_order: str = "frac",
     bf_batch: int = 8,
+    surrogate: str = "dnn",
+    dnn_min_free: int = 8,
+    dnn_share: float = 0.25,
+    dnn_max_s: float = 60.0,
     threads: int | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> BnBResult:
@@ -213,7 +221,10 @@ def run_bnb(
     Quick phase: depth-first search with the best closed-form shift for `quick_s` seconds (the
     small cases finish there). Then the shift is optimized (at most `shift_share` of the time
     left, `shift_max_s` s) and a best-first search with dives restarts from the root with the
-    stronger bound and the best cut-off so far; nodes with <= `dive_free` free variables
+    stronger bound and the best cut-off so far (`surrogate="dnn"`: first the doubly non-negative
+    surrogate, kept when its root bound is higher, for problems of >= `dnn_min_free` free
+    variables, its solve capped at `dnn_share` of the time left and `dnn_max_s` s; "none": the
+    diagonal shift only); nodes with <= `dive_free` free variables
     (default n // 4) or a full pool (`pool_mb` MiB) are finished depth-first. `threads` bound
     the best-first children in parallel (default: `default_threads()`). `progress`, if given,
     is called after every chunk with {"nodes", "lower_bound", "cutoff", "elapsed_s"}.
@@ -222,6 +233,8 @@ def run_bnb(
     n, m = p.n_free, p.m
     if bound not in ("row", "qp", "both"):
         raise ValueError(f"bound must be 'row', 'qp' or 'both', got {bound!r}")
+    if surrogate not in ("dnn", "none"):
+        raise ValueError(f"surrogate must be 'dnn' or 'none', got {surrogate!r}")
     use_row = bound in ("row", "both")
     use_qp = bound in ("qp", "both")
     flags = (use_row, use_qp, qp_iter, qp_min_free)
@@ -271,17 +284,29 @@ def run_bnb(
         cutoff = tree.cutoff(cutoff)
         early_sets = store_sets(p, tree.topE, tree.topM, tree.ts)
         spent = tree.nodes
-        s, y = s0, best_y
+        s, y, pb = s0, best_y, p
         if use_qp and n >= qp_min_free:
-            left = 600.0 if deadline is None else deadline - time.perf_counter()
-            t1 = time.perf_counter()
+            def left() -> float:
+                return 600.0 if deadline is None else deadline - time.perf_counter()
+
+            if surrogate == "dnn" and n >= dnn_min_free:
+                found = dnn_surrogate(p, time_budget=min(dnn_max_s, dnn_share * left()))
+                if found is not None:
+                    W_bound, s_dnn, dnn_info = found
+                    lb_dnn, y_dnn = root_qp(bound_view(p, W_bound), s_dnn, y0=best_y)
+                    opt_info["dnn"] = {**dnn_info, "root_bound": lb_dnn + p.const}
+                    if lb_dnn > best_lb:  # the surrogate is only used where it bounds better
+                        best_name, best_lb, s, y, pb = "dnn", lb_dnn, s_dnn, y_dnn, bound_view(p, W_bound)
+                        root_bounds["dnn"] = lb_dnn
+            t2 = time.perf_counter()
             s_opt, lb_opt, y_opt, its = optimize_shift(
-                p, s0, best_y, time_budget=min(shift_max_s, shift_share * left))
-            opt_info = {"shift_opt_iters": its, "shift_opt_s": time.perf_counter() - t1}
+                pb, s, y, time_budget=max(min(shift_max_s, shift_share * left()), 0.0))
+            opt_info.update({"shift_opt_iters": its, "shift_opt_s": time.perf_counter() - t2})
             if lb_opt > best_lb:
-                best_name, best_lb, s, y = "optimized", lb_opt, s_opt, y_opt
-                root_bounds["optimized"] = lb_opt
-        tree = _Tree(p, k_eff, s, y, v, use_row, bf_order)
+                best_name = "dnn+optimized" if pb is not p else "optimized"
+                best_lb, s, y = lb_opt, s_opt, y_opt
+                root_bounds[best_name] = lb_opt
+        tree = _Tree(p, k_eff, s, y, v, use_row, bf_order, bounds=pb)
         tree.start_pool(p, int(pool_mb * 2**20 / (4 * n + 8 * p.words + 32)), root_bound())
         cap = None if node_limit is None else node_limit - spent
         n_threads = default_threads() if threads is None else max(1, int(threads))
