@@ -497,10 +497,11 @@ def test_dnn_surrogate_bounds_validly_and_tighter(seed):
     p = make_problem(H, 6, 1)
     found = dnn_surrogate(p, time_budget=10.0)
     assert found is not None
-    W_bound, s, info = found
+    W_bound, s, lb_dnn, _, info = found
     N = p.W - W_bound
     assert np.all(N >= 0) and np.allclose(N, N.T) and np.all(np.diag(N) == 0)
-    lb_dnn, _ = root_qp(bound_view(p, W_bound), s)
+    assert lb_dnn == pytest.approx(root_qp(bound_view(p, W_bound), s)[0], abs=1e-9)
+    assert info["solves"][0]["eps"] == 1e-4
     lb_plain = max(root_qp(p, sh)[0] for sh in relaxation_shifts(p).values())
     e0 = enumerate_exhaustive(H, 6, 1)[0].score
     assert lb_dnn <= e0 + 1e-9

@@ -192,18 +192,22 @@ def bound_view(p: Problem, W_bound: np.ndarray) -> Problem:
     return dataclasses.replace(p, W=np.ascontiguousarray(W_bound))
 
 
-def dnn_surrogate(p: Problem, *, time_budget: float) -> tuple[np.ndarray, np.ndarray, dict] | None:
-    """(W - N, a shift s for it, info) from the doubly non-negative relaxation, or None.
+def dnn_surrogate(p: Problem, *, time_budget: float, y0: np.ndarray | None = None,
+                  tolerances: tuple[float, ...] = (1e-4, 1e-5)):
+    """(W - N, its shift s, certified root bound, root solution y, info) from the doubly
+    non-negative relaxation, or None.
 
     DNN relaxation of min x^T W x + u^T x, sum x = m, x binary: Y = [1 x^T; x X] PSD, diag X = x,
-    X 1 = m x, X >= 0, minimize <W, X> + u^T x (solved approximately by SCS through cvxpy,
-    capped at `time_budget` seconds). Its dual multiplier N >= 0 of X >= 0 gives the surrogate:
+    X 1 = m x, X >= 0, minimize <W, X> + u^T x (solved approximately by SCS through cvxpy within
+    `time_budget` seconds). Its dual multiplier N >= 0 of X >= 0 gives the surrogate:
     x^T N x >= 0 for every x >= 0, so x^T W x >= x^T (W - N) x on all states and any bound
     computed with W - N is a valid bound of the real energy, whatever the solver's accuracy (N is
     only symmetrized, clipped at 0 and its diagonal zeroed). The multiplier of diag X = x, made
     PSD on {sum y = 0} by the exact eigenvalue correction, is the matching shift: with both at
     the dual optimum the root relaxation of W - N attains the DNN bound (strong duality), against
-    the diagonal shift's SDP bound for W alone. None when cvxpy / SCS are missing or fail.
+    the diagonal shift's SDP bound for W alone. The solve is repeated, warm-started, at each
+    tighter tolerance while the time left is at least twice the last solve's; the surrogate with
+    the best certified root bound is returned. None when cvxpy / SCS are missing or fail.
     """
     import logging
     import warnings
@@ -221,28 +225,40 @@ def dnn_surrogate(p: Problem, *, time_budget: float) -> tuple[np.ndarray, np.nda
     # loss scale (a scale set by the largest entry made the gradient-like case inaccurate)
     scale = float(np.mean(np.abs(p.u))) or float(np.max(np.abs(p.W))) or 1.0
     t0 = time.perf_counter()
+    t_end = t0 + float(time_budget)
     Y = cp.Variable((n + 1, n + 1), symmetric=True)
     x, X = Y[0, 1:], Y[1:, 1:]
     nonneg = X >= 0
     diagonal = cp.diag(X) == x
     problem = cp.Problem(cp.Minimize(cp.trace((p.W / scale) @ X) + (p.u / scale) @ x),
                          [Y >> 0, Y[0, 0] == 1, diagonal, cp.sum(X, axis=1) == m * x, cp.sum(x) == m, nonneg])
-    try:
-        with warnings.catch_warnings():  # "may be inaccurate": the status goes into the info instead
-            warnings.simplefilter("ignore", UserWarning)
-            problem.solve(solver="SCS", time_limit_secs=max(float(time_budget), 0.5), eps_abs=1e-4, eps_rel=1e-4)
-    except (cp.error.SolverError, ValueError, ArithmeticError) as exc:  # pragma: no cover - solver failure
-        log.info("DNN relaxation failed (%s): the branch-and-bound uses the diagonal shift only", exc)
+    best, solves = None, []
+    for i, eps in enumerate(tolerances):
+        t1 = time.perf_counter()
+        if i and t_end - t1 < 2.0 * solves[-1]["seconds"]:
+            break
+        try:
+            with warnings.catch_warnings():  # "may be inaccurate": the status goes into the info
+                warnings.simplefilter("ignore", UserWarning)
+                problem.solve(solver="SCS", warm_start=i > 0, eps_abs=eps, eps_rel=eps,
+                              time_limit_secs=max(t_end - t1, 0.5))
+        except (cp.error.SolverError, ValueError, ArithmeticError) as exc:  # pragma: no cover
+            log.info("DNN relaxation failed (%s): the branch-and-bound uses the diagonal shift only", exc)
+            break
+        if nonneg.dual_value is None or diagonal.dual_value is None:
+            break
+        N = np.asarray(nonneg.dual_value, dtype=np.float64) * scale
+        N = np.maximum(0.5 * (N + N.T), 0.0)
+        np.fill_diagonal(N, 0.0)
+        W_bound = p.W - N
+        s = np.asarray(diagonal.dual_value, dtype=np.float64).reshape(n) * scale
+        s = s - _safe(_min_eig_perp(W_bound + np.diag(s)), float(np.max(np.abs(s))) or 1.0)  # PSD on 1^perp
+        lb, y = root_qp(bound_view(p, W_bound), s, y0=y0)
+        solves.append({"eps": eps, "status": problem.status, "seconds": round(time.perf_counter() - t1, 3),
+                       "value": None if problem.value is None else float(problem.value) * scale,
+                       "root_bound": lb})
+        if best is None or lb > best[2]:
+            best = (W_bound, s, lb, y)
+    if best is None:
         return None
-    if nonneg.dual_value is None or diagonal.dual_value is None:
-        return None
-    N = np.asarray(nonneg.dual_value, dtype=np.float64) * scale
-    N = np.maximum(0.5 * (N + N.T), 0.0)
-    np.fill_diagonal(N, 0.0)
-    W_bound = p.W - N
-    s = np.asarray(diagonal.dual_value, dtype=np.float64).reshape(n) * scale
-    s_scale = float(np.max(np.abs(s))) or 1.0
-    s = s - _safe(_min_eig_perp(W_bound + np.diag(s)), s_scale)  # exactly PSD on 1^perp
-    info = {"status": problem.status, "seconds": round(time.perf_counter() - t0, 3),
-            "value": None if problem.value is None else float(problem.value) * scale}
-    return W_bound, s, info
+    return (*best, {"seconds": round(time.perf_counter() - t0, 3), "solves": solves})

@@ -290,10 +290,9 @@ def run_bnb(
                 return 600.0 if deadline is None else deadline - time.perf_counter()
 
             if surrogate == "dnn" and n >= dnn_min_free:
-                found = dnn_surrogate(p, time_budget=min(dnn_max_s, dnn_share * left()))
+                found = dnn_surrogate(p, time_budget=min(dnn_max_s, dnn_share * left()), y0=best_y)
                 if found is not None:
-                    W_bound, s_dnn, dnn_info = found
-                    lb_dnn, y_dnn = root_qp(bound_view(p, W_bound), s_dnn, y0=best_y)
+                    W_bound, s_dnn, lb_dnn, y_dnn, dnn_info = found
                     opt_info["dnn"] = {**dnn_info, "root_bound": lb_dnn + p.const}
                     if lb_dnn > best_lb:  # the surrogate is only used where it bounds better
                         best_name, best_lb, s, y, pb = "dnn", lb_dnn, s_dnn, y_dnn, bound_view(p, W_bound)
