@@ -426,7 +426,7 @@ def test_best_first_with_dives_equals_enumeration(seed, dive_free, pool):
     r = run_bnb_ranking(H, m, k, quick_s=0.0, dive_free=dive_free, pool_mb=pool)
     assert r.exact
     assert [c.removed for c in r] == [c.removed for c in ref]
-    assert r.info["relaxation_shift"] in ("dnn", "dnn+optimized", "optimized", "uniform", "scaled", "none")
+    assert r.info["relaxation_shift"] in ("dnn", "optimized", "uniform", "scaled", "none")
     if dive_free == 0 and pool > 1:
         assert r.info["dives"] == 0
     if dive_free == 1000:
