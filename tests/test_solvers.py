@@ -228,6 +228,21 @@ def test_ties_are_marked_and_ordered_lexicographically():
             assert abs(b.score - a.score) <= r1.info["tie_abs"]
 
 
+@pytest.mark.parametrize("quick_s", [0.0, 1.0])
+def test_constant_energy_returns_the_lexicographically_first_states(quick_s):
+    # H = 0 (gates without effect) or a constant diagonal: every state ties; C(40, 12) is too many to
+    # enumerate and the search can prune nothing among exact ties, so this used to run for ever
+    for H in (np.zeros((40, 40)), 2.5 * np.eye(40)):
+        r = run_bnb_ranking(H, 12, 5, quick_s=quick_s, keep=[0, 3], force_remove=[39])
+        assert r.exact and len(r) == 5
+        free = [i for i in range(40) if i not in (0, 3, 39)]
+        want = [tuple(sorted((39,) + c)) for c in itertools.islice(itertools.combinations(free, 11), 5)]
+        assert [c.removed for c in r] == want
+        assert all(c.score == pytest.approx(12 * H[0, 0]) for c in r)
+    r = solve(np.zeros((40, 40)), 12, 3, method="auto")
+    assert [c.removed for c in r] == list(itertools.islice(itertools.combinations(range(40), 12), 3))
+
+
 def test_tie_tolerance_groups_near_degenerate():
     H = np.diag([1.0, 1.0 + 1e-13, 2.0, 3.0])
     r = solve(H, 1, 4, method="enumerate", tie_tol=1e-9)
@@ -405,12 +420,12 @@ def test_anytime_with_best_first_phase_is_sound(node_limit):
     assert all(c.score >= f.score - 1e-12 for c, f in zip(r, full))
 
 
-def run_bnb_ranking(H, m, k, **kw):
+def run_bnb_ranking(H, m, k, keep=(), force_remove=(), **kw):
     """The branch-and-bound driver with its internal knobs (quick phase, dives, pool) exposed."""
     from cboprune.solvers._problem import finalize
     from cboprune.solvers.bnb import run_bnb
 
-    p = make_problem(H, m, k)
+    p = make_problem(H, m, k, keep=keep, force_remove=force_remove)
     res = run_bnb(p, k, **kw)
     return finalize(p, res.sets, tie_tol=1e-9, exact=res.complete,
                     lower_bound=None if res.complete else res.open_bound, info=res.info)

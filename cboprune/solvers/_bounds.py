@@ -136,6 +136,8 @@ def optimize_shift(
         g = y * y - y
         # soft-min over the eigenvalues close to the smallest one (a cluster forms at the optimum)
         tau = max(1e-3 * float(lam[min(5, lam.size - 1)] - lam[0]), 1e-12 * scale)
+        if not tau > 0:  # a zero (or all-tied) quadratic: no direction to move along
+            break
         wts = np.exp(-(lam - lam[0]) / tau)
         wts /= wts.sum()
         grad = g - g.sum() * (((P @ V) ** 2) @ wts)
@@ -144,6 +146,8 @@ def optimize_shift(
             break
         if lr is None:  # constant step (a subgradient method; the best iterate is kept)
             lr = 0.05 * float(np.mean(np.abs(s))) / gmax
+        if not lr > 0 or not np.isfinite(lr):
+            break
         t = s + lr * grad
     # final, converged bound of the best shift (certified at any iterate count)
     lb, y = root_qp(p, best_s, y0=best_y)

@@ -239,6 +239,19 @@ def run_bnb(
     use_qp = bound in ("qp", "both")
     flags = (use_row, use_qp, qp_iter, qp_min_free)
     k_eff = int(min(k, p.n_feasible))
+    if not np.any(p.W) and not np.ptp(p.u):
+        # every state has the same energy (H = 0, say: gates without effect): the K lexicographically
+        # first states are the answer; the search could prune nothing among exact ties
+        import itertools
+
+        from cboprune.solvers._problem import free_sets_to_removed
+
+        sets = free_sets_to_removed(p, itertools.islice(itertools.combinations(range(n), m), k_eff))
+        e = float(m * p.u[0]) if n else 0.0
+        return BnBResult(sets=sets, complete=True, open_bound=np.inf, root_bound=e + p.const,
+                         info={"nodes": 0, "constant_energy": True, "root_bound": e + p.const,
+                               "relaxation_shift": "none", "complete": True,
+                               "time_seed_s": 0.0, "time_setup_s": time.perf_counter() - t0, "time_search_s": 0.0})
     dive_free = max(8, n // 4) if dive_free is None else int(dive_free)
 
     # 1. heuristic seed: K distinct states and the cut-off
