@@ -230,15 +230,16 @@ def test_ties_are_marked_and_ordered_lexicographically():
 
 @pytest.mark.parametrize("quick_s", [0.0, 1.0])
 def test_constant_energy_returns_the_lexicographically_first_states(quick_s):
-    # H = 0 (gates without effect) or a constant diagonal: every state ties; C(40, 12) is too many to
-    # enumerate and the search can prune nothing among exact ties, so this used to run for ever
-    for H in (np.zeros((40, 40)), 2.5 * np.eye(40)):
+    # H = 0 (gates without effect), a constant diagonal, equal blocks equally correlated: every
+    # state ties; C(40, 12) is too many to enumerate and the search can prune nothing among exact
+    # ties, so this used to run for ever
+    for H in (np.zeros((40, 40)), 2.5 * np.eye(40), -0.01 * np.ones((40, 40)) - np.eye(40)):
         r = run_bnb_ranking(H, 12, 5, quick_s=quick_s, keep=[0, 3], force_remove=[39])
         assert r.exact and len(r) == 5
         free = [i for i in range(40) if i not in (0, 3, 39)]
         want = [tuple(sorted((39,) + c)) for c in itertools.islice(itertools.combinations(free, 11), 5)]
         assert [c.removed for c in r] == want
-        assert all(c.score == pytest.approx(12 * H[0, 0]) for c in r)
+        assert all(c.score == pytest.approx(12 * H[0, 0] + 12 * 11 * H[0, 1]) for c in r)
     r = solve(np.zeros((40, 40)), 12, 3, method="auto")
     assert [c.removed for c in r] == list(itertools.islice(itertools.combinations(range(40), 12), 3))
 

@@ -239,15 +239,17 @@ def run_bnb(
     use_qp = bound in ("qp", "both")
     flags = (use_row, use_qp, qp_iter, qp_min_free)
     k_eff = int(min(k, p.n_feasible))
-    if not np.any(p.W) and not np.ptp(p.u):
-        # every state has the same energy (H = 0, say: gates without effect): the K lexicographically
-        # first states are the answer; the search could prune nothing among exact ties
+    off = p.W[~np.eye(n, dtype=bool)]
+    if (off.size == 0 or not np.ptp(off)) and (n == 0 or not np.ptp(p.u)):
+        # every state has the same energy m u + m (m - 1) w (H = 0: gates without effect; or
+        # equal blocks, equally correlated): the K lexicographically first states are the answer,
+        # the search could prune nothing among exact ties
         import itertools
 
         from cboprune.solvers._problem import free_sets_to_removed
 
         sets = free_sets_to_removed(p, itertools.islice(itertools.combinations(range(n), m), k_eff))
-        e = float(m * p.u[0]) if n else 0.0
+        e = float(m * p.u[0] + m * (m - 1) * (off[0] if off.size else 0.0)) if n else 0.0
         return BnBResult(sets=sets, complete=True, open_bound=np.inf, root_bound=e + p.const,
                          info={"nodes": 0, "constant_energy": True, "root_bound": e + p.const,
                                "relaxation_shift": "none", "complete": True,
