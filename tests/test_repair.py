@@ -232,6 +232,16 @@ def test_cli_source_resolution(tmp_path):
         resolve_source(str(pruned), [1])
     with pytest.raises(CBOPruneError, match="--blocks"):
         resolve_source(str(tmp_path), None)
+    # a hostile or damaged removal.json, a missing path: one line each, duplicates left to validate_removal
+    for text, match in (("{not json", "not valid JSON"), ("[1, 2]", "not a JSON object"),
+                        ('{"source_model": "default", "removed": "5,6"}', "list of block indices"),
+                        ('{"source_model": ["x"], "removed": [5]}', "must be a string")):
+        (pruned / "removal.json").write_text(text)
+        with pytest.raises(CBOPruneError, match=match):
+            resolve_source(str(pruned), None)
+    with pytest.raises(CBOPruneError, match="does not exist"):
+        resolve_source(str(tmp_path / "nowhere"), [1])
+    assert resolve_source("default", [3, 3])[1] == [3, 3]
 
 
 def test_one_pass_serves_several_configurations():

@@ -50,22 +50,35 @@ def add_repair_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_source(source: str, blocks: list[int] | None) -> tuple[str, list[int], dict[str, Any]]:
     """(original model spec, removed blocks, provenance to extend) for SOURCE and --blocks."""
-    removal = Path(source).expanduser() / REMOVAL_FILE
+    path = Path(source).expanduser()
+    removal = path / REMOVAL_FILE
     if removal.is_file():
-        prov = json.loads(removal.read_text())
+        try:
+            prov = json.loads(removal.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CBOPruneError(f"{removal} is not valid JSON ({exc}): restore it, or pass the original model "
+                                "and --blocks") from None
+        if not isinstance(prov, dict):
+            raise CBOPruneError(f"{removal} is not a JSON object: restore it, or pass the original model and --blocks")
         if "repair" in prov:
             raise CBOPruneError(f"{source} is already repaired: repair from its source model "
                                 f"{prov.get('source_model')!r} instead")
         original, removed = prov.get("source_model"), prov.get("removed")
         if not original or not removed:
             raise CBOPruneError(f"{removal} names no source_model or removed blocks: pass the model and --blocks")
+        if not isinstance(original, str) or not isinstance(removed, list) \
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in removed):
+            raise CBOPruneError(f"{removal}: source_model must be a string and removed a list of block indices: "
+                                "restore it, or pass the original model and --blocks")
         if blocks is not None and sorted(set(blocks)) != sorted(removed):
             raise CBOPruneError(f"--blocks {blocks} differs from the blocks {removed} removed in {source}: "
                                 "drop --blocks, or pass the original model with --blocks")
         return original, list(removed), prov
+    if not path.exists() and (source.startswith((".", "/", "~")) or path.suffix == ".gguf"):
+        raise CBOPruneError(f"{source} does not exist: pass a pruned checkpoint directory or a model")
     if blocks is None:
         raise CBOPruneError(f"{source} has no {REMOVAL_FILE}: pass the blocks to remove with --blocks 3,7,12")
-    return source, sorted(set(blocks)), {"source_model": source, "method": "manual"}
+    return source, list(blocks), {"source_model": source, "method": "manual"}  # duplicates refused later
 
 
 def run_repair_command(args: argparse.Namespace) -> int:
