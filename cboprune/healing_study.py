@@ -113,9 +113,15 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
                           repair_fit.fingerprint if repair_fit is not None else None)
             cached = cache / f"{digest}.json" if cache is not None else None
             if cached is not None and cached.is_file():
-                getattr(entry, slot)[steps] = json.loads(cached.read_text())
-                log.info("healing: %s at M = %d, %d steps: reused %s", entry.method, entry.n_remove, steps, cached)
-                continue
+                try:
+                    result = json.loads(cached.read_text())
+                except (OSError, ValueError):
+                    result = None
+                if isinstance(result, dict):
+                    getattr(entry, slot)[steps] = result
+                    log.info("healing: %s at M = %d, %d steps: reused %s", entry.method, entry.n_remove, steps, cached)
+                    continue
+                log.warning("healing: %s is damaged: healing again", cached)  # a cache, never trusted blindly
             t0 = time.perf_counter()
             student = workdir / f"{digest}-student"
             healed_dir = (recipe.keep_checkpoints / f"M{entry.n_remove}-{entry.method.replace(':', '-')}"

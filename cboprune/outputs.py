@@ -104,6 +104,19 @@ def check_output_file(path: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
+def read_json_object(path: str | Path, fix: str) -> dict[str, Any]:
+    """A JSON object file this tool wrote (removal.json, ...), read back: a user may have damaged
+    or replaced it, so anything but a JSON object is refused in one line that ends with `fix`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, bad UTF-8
+        raise CBOPruneError(f"{path} cannot be read as JSON ({exc}): {fix}") from None
+    if not isinstance(data, dict):
+        raise CBOPruneError(f"{path} is not a JSON object: {fix}")
+    return data
+
+
 # ----------------------------------------------------------------------------- staging
 
 def _tag() -> str:

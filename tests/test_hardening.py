@@ -233,6 +233,26 @@ def test_chat_records_without_template_warn_once_and_a_template_file_renders_the
     assert text.startswith("<|user|>")
 
 
+def test_files_we_wrote_are_read_back_strictly(tmp_path):
+    # removal.json and friends may be damaged or replaced by a user: one line, never a traceback
+    from cboprune.heal.cli import teacher_from_removal
+    from cboprune.outputs import read_json_object
+
+    f = tmp_path / "removal.json"
+    for text, match in (("{oops", "cannot be read as JSON"), ("[1]", "not a JSON object"),
+                        (b"\xff\xfe{", "cannot be read as JSON")):
+        f.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(CBOPruneError, match=match):
+            read_json_object(f, "restore it")
+        with pytest.raises(CBOPruneError, match="pass --teacher"):
+            teacher_from_removal(str(tmp_path))
+    f.write_text('{"source_model": ["not", "a", "name"]}')
+    with pytest.raises(CBOPruneError, match="pass --teacher"):
+        teacher_from_removal(str(tmp_path))
+    f.write_text('{"source_model": "default"}')
+    assert teacher_from_removal(str(tmp_path)) == "default"
+
+
 def test_seq_len_check_runs_before_the_data_is_read(tmp_path):
     from cboprune.data.calibration import load_calibration
 

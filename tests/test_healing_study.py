@@ -51,6 +51,10 @@ def test_compare_heals_every_distinct_configuration_alike_and_resumes(tiny_check
     assert len(list(cache.glob("*.json"))) == 2 * len(distinct)
     assert not out.with_name(out.name + ".heal-work").exists()
 
+    import cboprune.heal
+
+    real_heal = cboprune.heal.heal
+
     def no_heal(*args, **kwargs):
         raise AssertionError("a cached configuration was healed again")
 
@@ -58,6 +62,13 @@ def test_compare_heals_every_distinct_configuration_alike_and_resumes(tiny_check
     assert _compare(tiny_checkpoint, data, text, out, "--overwrite") == 0  # resumed entirely from the cache
     again = json.loads((out / "results.json").read_text())["entries"]
     assert [e["healed"] for e in again] == [e["healed"] for e in entries]
+    # a damaged cache entry is healed again, not trusted and not a traceback
+    calls = []
+    monkeypatch.setattr("cboprune.heal.heal", lambda *a, **k: calls.append(1) or real_heal(*a, **k))
+    victim = sorted(cache.glob("*.json"))[0]
+    victim.write_text("{broken")
+    assert _compare(tiny_checkpoint, data, text, out, "--overwrite") == 0
+    assert len(calls) == 1 and isinstance(json.loads(victim.read_text()), dict)
 
 
 def test_heal_options_are_checked_before_any_work(tiny_checkpoint, tmp_path, capsys):

@@ -330,7 +330,13 @@ def generate_calibration(model, tokenizer, settings: GenerationSettings = Genera
 
     cache_file = cache_dir() / "calibration" / f"generated-{key}.jsonl"
     if cache_file.is_file():
-        return [json.loads(line) for line in cache_file.read_text().splitlines() if line.strip()]
+        try:
+            cached = [json.loads(line) for line in cache_file.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError):
+            cached = None
+        if cached and all(isinstance(c, dict) for c in cached):
+            return cached
+        log.warning("generated calibration cache %s is damaged: generating again", cache_file)
 
     device = next(model.parameters()).device
     torch.manual_seed(settings.seed)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from cboprune.errors import CBOPruneError
@@ -56,8 +55,10 @@ def add_heal_arguments(p: argparse.ArgumentParser) -> None:
 def teacher_from_removal(student: str) -> str:
     removal = Path(student) / "removal.json"
     if removal.is_file():
-        source = json.loads(removal.read_text()).get("source_model")
-        if source:
+        from cboprune.outputs import read_json_object
+
+        source = read_json_object(removal, "restore it, or pass --teacher").get("source_model")
+        if source and isinstance(source, str):
             return source
     raise CBOPruneError(f"{student} has no removal.json naming its source model: pass --teacher")
 

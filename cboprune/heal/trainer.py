@@ -34,6 +34,7 @@ from cboprune.heal.loss import DistillationLoss, SparseTeacher, head_loss
 from cboprune.heal.sharding import (accelerate_without_fsdp, capture, fsdp_requested, gathered_weights, restore,
                                    shard_student)
 from cboprune.heal.state import read_state, read_state_meta, save_state
+from cboprune.outputs import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -692,7 +693,7 @@ def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[
             model.load_state_dict(weights)
     if accelerator.is_main_process:
         student_removal = Path(student_loaded.checkpoint_dir or "") / REMOVAL_FILE
-        provenance = json.loads(student_removal.read_text()) if student_removal.is_file() else {}
+        provenance = read_json_object(student_removal, "restore it or delete it") if student_removal.is_file() else {}
         model.config.use_cache = True
         model.to(_save_dtype(cfg, student_loaded.checkpoint_dir))
         _write_output(paths, model, tokenizer, provenance, report, cfg.overwrite)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 from cboprune.errors import CBOPruneError
 from cboprune.models.surgery import REMOVAL_FILE
+from cboprune.outputs import read_json_object
 
 
 def _int_list(text: str) -> list[int]:
@@ -53,13 +53,7 @@ def resolve_source(source: str, blocks: list[int] | None) -> tuple[str, list[int
     path = Path(source).expanduser()
     removal = path / REMOVAL_FILE
     if removal.is_file():
-        try:
-            prov = json.loads(removal.read_text())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CBOPruneError(f"{removal} is not valid JSON ({exc}): restore it, or pass the original model "
-                                "and --blocks") from None
-        if not isinstance(prov, dict):
-            raise CBOPruneError(f"{removal} is not a JSON object: restore it, or pass the original model and --blocks")
+        prov = read_json_object(removal, "restore it, or pass the original model and --blocks")
         if "repair" in prov:
             raise CBOPruneError(f"{source} is already repaired: repair from its source model "
                                 f"{prov.get('source_model')!r} instead")
