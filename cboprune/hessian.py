@@ -653,6 +653,14 @@ def load_hessian(path: str | Path) -> HessianResult:
     except Exception as exc:  # safetensors raises several types for a corrupt header
         raise CBOPruneError(f"{path} is not a readable cboprune Hessian file ({type(exc).__name__}): "
                             "recompute it with `cboprune hessian`") from None
-    if meta.get("format") != HESSIAN_FORMAT or A.ndim != 2 or A.shape[1] != meta.get("n_blocks"):
+    if not isinstance(meta, dict) or meta.get("format") != HESSIAN_FORMAT or A.ndim != 2 \
+            or A.shape[1] != meta.get("n_blocks"):
         raise CBOPruneError(f"{path} is not a {HESSIAN_FORMAT} file: recompute it with `cboprune hessian`")
+    m, n = A.shape
+    if m < 1 or losses.shape != (m,) or (H_exact is not None and H_exact.shape != (n, n)):
+        raise CBOPruneError(f"{path} is inconsistent ({m} gradient samples, {losses.size} losses, "
+                            f"{n} blocks): recompute it with `cboprune hessian`")
+    if not np.isfinite(A).all() or (H_exact is not None and not np.isfinite(H_exact).all()):
+        raise CBOPruneError(f"{path} holds non-finite gate gradients (the loss overflowed?): recompute it with "
+                            "`cboprune hessian`, in float32 if it ran in half precision")
     return HessianResult(A=A, losses=losses, meta=meta, H_exact=H_exact)

@@ -253,6 +253,27 @@ def test_files_we_wrote_are_read_back_strictly(tmp_path):
     assert teacher_from_removal(str(tmp_path)) == "default"
 
 
+def test_a_crafted_hessian_file_is_refused_in_one_line(tmp_path):
+    from safetensors.numpy import save_file
+
+    from cboprune.hessian import HESSIAN_FORMAT, load_hessian
+
+    rng = np.random.default_rng(0)
+    good = {"format": HESSIAN_FORMAT, "n_blocks": 6}
+    nan = rng.normal(size=(8, 6)).astype(np.float32)
+    nan[0, 0] = np.nan
+    cases = {"meta": (rng.normal(size=(8, 6)), [1, 2], 8, "not a cboprune-hessian"),
+             "empty": (np.zeros((0, 6)), good, 0, "inconsistent"),
+             "losses": (rng.normal(size=(8, 6)), good, 3, "inconsistent"),
+             "nan": (nan, good, 8, "non-finite")}
+    for name, (A, meta, n_losses, match) in cases.items():
+        f = tmp_path / f"{name}.safetensors"
+        save_file({"A": A.astype(np.float32), "losses": np.zeros(n_losses, np.float32)}, str(f),
+                  metadata={"cboprune": json.dumps(meta)})
+        with pytest.raises(CBOPruneError, match=match):
+            load_hessian(f)
+
+
 def test_seq_len_check_runs_before_the_data_is_read(tmp_path):
     from cboprune.data.calibration import load_calibration
 
