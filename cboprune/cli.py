@@ -161,9 +161,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
     from cboprune.pipeline import solve_rankings, write_solve_outputs
     from cboprune.report.tables import rankings_markdown
 
-    if args.remove is None and not args.config:
-        raise CBOPruneError("pass the numbers of blocks to remove, e.g. --remove 4 8")
-    cfg = config_from_args(args, "solve")
+    cfg = config_from_args(args, "solve")  # --remove defaults to 4 8, as its help says
     if cfg.energy not in ("fisher", "fisher-linear", "exact"):
         raise CBOPruneError(f"solve builds its energy from the Hessian file: --energy fisher (the paper, default), "
                             f"fisher-linear or exact, not {cfg.energy!r} (use `cboprune run` for it)")
