@@ -42,7 +42,7 @@ def _cases(a):
     out = str(r / "new-out")
     return {
         "solve top 0": (solve + ["--remove", "2", "--top", "0"], "--top must be a positive integer"),
-        "solve no remove": (solve, "--remove 4 8"),
+        "solve default remove too large": (solve, "removes the whole model"),
         "solve remove 0": (solve + ["--remove", "0"], "M >= 1"),
         "solve M too large": (solve + ["--remove", "6"], "below N = 6"),
         "solve measured energy": (solve + ["--remove", "2", "--energy", "measured"], "fisher-linear or exact"),

@@ -233,7 +233,7 @@ def test_cli_source_resolution(tmp_path):
     with pytest.raises(CBOPruneError, match="--blocks"):
         resolve_source(str(tmp_path), None)
     # a hostile or damaged removal.json, a missing path: one line each, duplicates left to validate_removal
-    for text, match in (("{not json", "not valid JSON"), ("[1, 2]", "not a JSON object"),
+    for text, match in (("{not json", "cannot be read as JSON"), ("[1, 2]", "not a JSON object"),
                         ('{"source_model": "default", "removed": "5,6"}', "list of block indices"),
                         ('{"source_model": ["x"], "removed": [5]}', "must be a string")):
         (pruned / "removal.json").write_text(text)

@@ -363,7 +363,16 @@ def test_qubo_files_roundtrip(tmp_path):
     q2 = Qubo.read_json(tmp_path / "p.json")
     np.testing.assert_allclose(q2.matrix, q.matrix)
     assert q2.offset == q.offset and q2.variables == q.variables
-    json.loads((tmp_path / "p.json").read_text())
+    d = json.loads((tmp_path / "p.json").read_text())
+    # a damaged file is a ValueError naming it, never a KeyError / IndexError from deep inside
+    for damage in ({"quadratic": [[0, 99, 1.0]]}, {"quadratic": [[3, 3, 1.0]]}, {"linear": [1.0]},
+                   {"n_remove": None}):
+        (tmp_path / "bad.json").write_text(json.dumps({**d, **damage}))
+        with pytest.raises(ValueError, match="malformed"):
+            Qubo.read_json(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text(json.dumps({k: v for k, v in d.items() if k != "offset"}))
+    with pytest.raises(ValueError, match="malformed"):
+        Qubo.read_json(tmp_path / "bad.json")
     q.write_qubo(tmp_path / "p.qubo")
     lines = (tmp_path / "p.qubo").read_text().splitlines()
     header = [ln for ln in lines if ln.startswith("p qubo")][0].split()

@@ -128,17 +128,25 @@ class Qubo:
     def read_json(cls, path: str | os.PathLike[str]) -> Qubo:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
-        if d.get("format") != QUBO_FORMAT:
+        if not isinstance(d, dict) or d.get("format") != QUBO_FORMAT:
             raise ValueError(f"{path}: not a {QUBO_FORMAT} file")
-        n = int(d["n_variables"])
-        Q = np.zeros((n, n))
-        Q[np.arange(n), np.arange(n)] = d["linear"]
-        for i, j, v in d["quadratic"]:
-            Q[int(i), int(j)] = float(v)
-        return cls(matrix=Q, offset=float(d["offset"]), penalty=float(d["penalty"]),
-                   variables=tuple(int(v) for v in d["variables"]), n_remove=int(d["n_remove"]),
-                   n_blocks=int(d["n_blocks"]), forced=tuple(int(v) for v in d["forced_removed"]),
-                   meta=dict(d.get("meta", {})))
+        try:
+            n = int(d["n_variables"])
+            linear = [float(v) for v in d["linear"]]
+            if len(linear) != n:  # numpy would broadcast a short list silently
+                raise ValueError(f"{len(linear)} linear terms for {n} variables")
+            Q = np.zeros((n, n))
+            Q[np.arange(n), np.arange(n)] = linear
+            for i, j, v in d["quadratic"]:
+                if not (0 <= int(i) < int(j) < n):
+                    raise IndexError(f"quadratic term ({i}, {j}) outside the upper triangle of {n} variables")
+                Q[int(i), int(j)] = float(v)
+            return cls(matrix=Q, offset=float(d["offset"]), penalty=float(d["penalty"]),
+                       variables=tuple(int(v) for v in d["variables"]), n_remove=int(d["n_remove"]),
+                       n_blocks=int(d["n_blocks"]), forced=tuple(int(v) for v in d["forced_removed"]),
+                       meta=dict(d.get("meta", {})))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ValueError(f"{path}: malformed {QUBO_FORMAT} file ({type(exc).__name__}: {exc})") from None
 
 
 def unconstrained_lower_bound(p: Problem) -> float:
