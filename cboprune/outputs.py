@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,7 +47,15 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def _writable(directory: Path) -> bool:
-    return os.access(directory, os.W_OK | os.X_OK)
+    """Whether an entry can really be created in `directory`: os.access alone says yes to root on a
+    read-only mount or /proc, and the run would then fail only when it writes its results."""
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return False
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".cboprune-probe-", dir=directory))
+    except OSError:
+        return False
+    return True
 
 
 def _check_parent(path: Path, what: str) -> None:

@@ -140,6 +140,9 @@ LIBRARY_CASES = {
     "dir not empty": (lambda w, a, mp: outputs.check_output_dir(_dir_with_file(w), False), "not empty"),
     "dir parent is a file": (lambda w, a, mp: outputs.check_output_dir(_file(w) / "out", False), "is a file"),
     "dir read-only": (lambda w, a, mp: (_readonly(mp), outputs.check_output_dir(w / "out", False)), "not writable"),
+    # /proc: os.access says yes to root, yet nothing can be created there (as on a read-only mount)
+    "dir in /proc": (lambda w, a, mp: outputs.check_output_dir("/proc/cboprune-out", False), "not writable"),
+    "file in /proc": (lambda w, a, mp: outputs.check_output_file("/proc/h.safetensors"), "not writable"),
     "file is a dir": (lambda w, a, mp: outputs.check_output_file(_dir_with_file(w), True), "is a directory"),
     "file exists": (lambda w, a, mp: outputs.check_output_file(_file(w), False), "exists"),
     "file path ends with a slash": (lambda w, a, mp: outputs.check_output_file(f"{w}/newdir/"), "is a directory"),
