@@ -62,6 +62,10 @@ def test_messages_and_sharegpt_records(tokenizer, tmp_path):
     ("short text", ".txt", "empty or too short"),
     ('{"foo": 1}\n', ".jsonl", "record 0 is malformed"),
     ('{"text": "a"\n', ".jsonl", "is not valid JSON"),
+    # a number or null where text belongs: one line, not a TypeError from inside the chat template
+    ('{"instruction": 5, "output": null}\n', ".jsonl", "record 0 is malformed .message content 5"),
+    ('{"messages": [{"role": "user", "content": ["x"]}]}\n', ".jsonl", "is not a string"),
+    ('{"text": 7}\n', ".jsonl", "text 7 is not a string"),
     ("a,b\n", ".csv", "unsupported calibration file type"),
 ])
 def test_bad_files_give_one_line_errors(tokenizer, tmp_path, content, suffix, fragment):

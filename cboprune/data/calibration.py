@@ -133,6 +133,18 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 
 def record_to_messages(record: Any) -> list[dict[str, str]] | str:
     """A chat message list for instruction/chat records, or a plain string for text records."""
+    converted = _record_to_messages(record)
+    # A number or null where text belongs would otherwise fail deep inside the chat template.
+    if isinstance(converted, str):
+        return converted
+    for m in converted:
+        for key in ("role", "content"):
+            if not isinstance(m[key], str):
+                raise ValueError(f"message {key} {m[key]!r} is not a string")
+    return converted
+
+
+def _record_to_messages(record: Any) -> list[dict[str, str]] | str:
     if isinstance(record, str):
         return record
     if not isinstance(record, dict):
@@ -149,6 +161,8 @@ def record_to_messages(record: Any) -> list[dict[str, str]] | str:
     if "turns" in record:  # questions only (e.g. MT-Bench): one user message
         return [{"role": "user", "content": "\n\n".join(record["turns"])}]
     if "text" in record:
+        if not isinstance(record["text"], str):
+            raise ValueError(f"text {record['text']!r} is not a string")
         return record["text"]
     raise ValueError(f"no known fields (found {sorted(record)[:6]})")
 
