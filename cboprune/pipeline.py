@@ -238,7 +238,7 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
         cfg.heal_recipe(out_dir)  # the healing data is checked before any work
     checks = cfg.verify or cfg.refine_sweeps > 0
     session = load_session(cfg, heldout=cfg.heldout_samples if checks else 0,
-                           heldout_hint="or pass --no-verify --refine-sweeps 0")
+                           heldout_hint="or pass --no-verify --refine-sweeps 0", check_model=True)
     kinds = session.block_kinds
     keep = cfg.check_against_model(session.n_blocks, kinds)
     removable = removable_blocks(kinds, cfg.only, keep) if cfg.only else None

@@ -38,9 +38,10 @@ def check_remove(remove: Sequence[int], n_blocks: int, min_kept: int = 1) -> Non
 
 
 def load_session(cfg, *, remove: Sequence[int] = (), min_kept: int = 1, heldout: int = 0,
-                 heldout_hint: str = "or --heldout-samples") -> Session:
+                 heldout_hint: str = "or --heldout-samples", check_model: bool = False) -> Session:
     """Model and calibration for `cfg` (a `Config`): `cfg.n_samples` fitting samples and `heldout`
-    held-out ones after them."""
+    held-out ones after them. `check_model`: `cfg.check_against_model` (M, keep, only) before the
+    calibration, which may be minutes of generation."""
     import torch
 
     from cboprune.data import GenerationSettings, load_calibration
@@ -58,6 +59,8 @@ def load_session(cfg, *, remove: Sequence[int] = (), min_kept: int = 1, heldout:
     loaded = load_model(cfg.model, dtype=cfg.dtype, device=device)
     kinds = [b.kind for b in blocks(loaded.model)]
     check_remove(remove, len(kinds), min_kept)
+    if check_model:
+        cfg.check_against_model(len(kinds), kinds)
     calibration = load_calibration(cfg.data, loaded.tokenizer, model=loaded.model, n_samples=cfg.n_samples + heldout,
                                    seq_len=cfg.seq_len, seed=cfg.seed, chat_template=cfg.chat_template,
                                    generation=GenerationSettings(max_new_tokens=cfg.gen_max_new_tokens, seed=cfg.seed))

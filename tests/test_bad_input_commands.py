@@ -77,6 +77,8 @@ def _cases(a):
         "run two heal budgets": (run + ["--heal", "--heal-steps", "3", "4", "--data", h, "--output-dir", out],
                                  "one --heal-steps"),
         "run into non-empty dir": (run + ["--output-dir", str(r / "full")], "not empty"),
+        "run keep outside the model": (run + ["--keep", "9", "--output-dir", out], "keep index 9 is outside"),
+        "run only an absent kind": (run + ["--only", "mamba", "--output-dir", out], "no block of kind 'mamba'"),
     }
 
 
@@ -88,7 +90,13 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_bad_input_is_one_line_before_any_work(name, assets, capsys):
+def test_bad_input_is_one_line_before_any_work(name, assets, capsys, monkeypatch):
+    import cboprune.data
+
+    def no_calibration(*args, **kwargs):  # without --data, calibration is minutes of generation
+        raise AssertionError("calibration was built before the input was checked")
+
+    monkeypatch.setattr(cboprune.data, "load_calibration", no_calibration)
     argv, fragment = _cases(assets)[name]
     before = _snapshot(assets["root"])
     rc = main(["-q", *argv])
