@@ -30,7 +30,9 @@ def assets(tmp_path_factory):
     (root / "full").mkdir()
     (root / "full" / "keep.txt").write_text("user data")
     (root / "afile").write_text("x")
-    return {"ck": str(ck), "h": str(hessian), "root": root}
+    (root / "heal.jsonl").write_text("".join('{"text": "a short record for healing number %d"}\n' % i
+                                             for i in range(8)))
+    return {"ck": str(ck), "h": str(hessian), "root": root, "heal_data": str(root / "heal.jsonl")}
 
 
 def _cases(a):
@@ -56,6 +58,9 @@ def _cases(a):
                                    "did you mean 'sleb'"),
         "compare heal steps 0": (cmp_ + ["--heal-steps", "0", "--output-dir", out], "--heal-steps"),
         "compare heal without data": (cmp_ + ["--heal-steps", "3", "--output-dir", out], "distillation data"),
+        "compare heal beyond the context": (cmp_ + ["--heal-steps", "3", "--heal-data", a["heal_data"],
+                                                    "--heal-seq-len", "4096", "--output-dir", out],
+                                            "--heal-seq-len 4096 exceeds the model's context of 128"),
         "compare missing heal data": (cmp_ + ["--heal-steps", "3", "--heal-data", str(r / "none.jsonl"),
                                                "--output-dir", out], "healing data not found"),
         "compare limit 0": (cmp_ + ["--limit", "0", "--output-dir", out], "--limit"),
@@ -82,7 +87,7 @@ def _cases(a):
     }
 
 
-CASES = list(_cases({"ck": "", "h": "", "root": Path("/")}))
+CASES = list(_cases({"ck": "", "h": "", "root": Path("/"), "heal_data": ""}))
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:

@@ -212,3 +212,13 @@ def test_bad_data_is_refused_before_any_model_loads(pair, shared_data, tmp_path,
     with pytest.raises(CBOPruneError) as e:
         heal(_cfg(pair, shared_data, tmp_path / "out", data=str(data)), progress=False)
     _one_line(e)
+
+
+def test_a_heal_longer_than_the_context_is_refused_before_any_model_loads(pair, shared_data, tmp_path):
+    from cboprune.heal import heal
+
+    with pytest.raises(CBOPruneError, match="--seq-len 4096 exceeds the model's context of 128") as info:
+        heal(_cfg(pair, shared_data, tmp_path / "out", seq_len=4096), progress=False)
+    _one_line(info)
+    assert not (tmp_path / "out").exists()
+

@@ -195,13 +195,13 @@ def model_context(model_or_config: Any) -> tuple[int, str] | None:
     return None
 
 
-def check_seq_len(seq_len: int, model_or_config: Any) -> None:
-    """Refuse a calibration length beyond the model's context: positions past it are untrained (or
-    out of range), so the gradients would describe a model nobody runs."""
+def check_seq_len(seq_len: int, model_or_config: Any, flag: str = "--seq-len") -> None:
+    """Refuse a calibration (or healing) length beyond the model's context: positions past it are
+    untrained (or out of range), so the gradients would describe a model nobody runs."""
     context = model_context(model_or_config)
     if context is not None and seq_len > context[0]:
-        raise CBOPruneError(f"--seq-len {seq_len} exceeds the model's context of {context[0]} tokens "
-                            f"({context[1]}): pass --seq-len {context[0]} or less")
+        raise CBOPruneError(f"{flag} {seq_len} exceeds the model's context of {context[0]} tokens "
+                            f"({context[1]}): pass {flag} {context[0]} or less")
 
 
 def load_chat_template(path: str | Path) -> str:

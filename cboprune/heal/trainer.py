@@ -630,6 +630,10 @@ def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[
     resume_from = _resume_state(cfg, paths)
     logging_dir = _check_tracker(cfg)
     items = read_distillation_items(cfg.data)  # bad data: one line before any model loads
+    from cboprune.data.calibration import check_seq_len
+    from cboprune.models.loading import load_config
+
+    check_seq_len(cfg.seq_len, load_config(cfg.student))  # positions past the context were never trained
     accelerator = _accelerator(cfg, logging_dir)
     device = accelerator.device
     torch.manual_seed(cfg.seed)
