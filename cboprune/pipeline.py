@@ -240,7 +240,7 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
     session = load_session(cfg, heldout=cfg.heldout_samples if checks else 0,
                            heldout_hint="or pass --no-verify --refine-sweeps 0", check_model=True)
     kinds = session.block_kinds
-    keep = cfg.check_against_model(session.n_blocks, kinds)
+    keep = session.keep
     removable = removable_blocks(kinds, cfg.only, keep) if cfg.only else None
     log.info("%d blocks: %s", session.n_blocks, ", ".join(f"{i}:{k}" for i, k in enumerate(kinds)))
     if removable is not None:

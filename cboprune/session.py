@@ -23,6 +23,7 @@ class Session:
     block_kinds: list[str]
     fit: Any  # CalibrationSet
     heldout: Any | None
+    keep: list[int] | None = None  # normalized keep indices, when loaded with check_model
 
     @property
     def n_blocks(self) -> int:
@@ -41,7 +42,7 @@ def load_session(cfg, *, remove: Sequence[int] = (), min_kept: int = 1, heldout:
                  heldout_hint: str = "or --heldout-samples", check_model: bool = False) -> Session:
     """Model and calibration for `cfg` (a `Config`): `cfg.n_samples` fitting samples and `heldout`
     held-out ones after them. `check_model`: `cfg.check_against_model` (M, keep, only) before the
-    calibration, which may be minutes of generation."""
+    calibration, which may be minutes of generation; its normalized keep goes to `Session.keep`."""
     import torch
 
     from cboprune.data import GenerationSettings, load_calibration
@@ -62,8 +63,7 @@ def load_session(cfg, *, remove: Sequence[int] = (), min_kept: int = 1, heldout:
     loaded = load_model(cfg.model, dtype=cfg.dtype, device=device)
     kinds = [b.kind for b in blocks(loaded.model)]
     check_remove(remove, len(kinds), min_kept)
-    if check_model:
-        cfg.check_against_model(len(kinds), kinds)
+    keep = cfg.check_against_model(len(kinds), kinds) if check_model else None
     calibration = load_calibration(cfg.data, loaded.tokenizer, model=loaded.model, n_samples=cfg.n_samples + heldout,
                                    seq_len=cfg.seq_len, seed=cfg.seed, chat_template=cfg.chat_template,
                                    generation=GenerationSettings(max_new_tokens=cfg.gen_max_new_tokens, seed=cfg.seed))
@@ -74,4 +74,4 @@ def load_session(cfg, *, remove: Sequence[int] = (), min_kept: int = 1, heldout:
         fit, held = calibration.split(cfg.n_samples)
     else:
         fit, held = calibration, None
-    return Session(loaded.model, loaded.tokenizer, device, kinds, fit, held)
+    return Session(loaded.model, loaded.tokenizer, device, kinds, fit, held, keep)
