@@ -12,7 +12,7 @@ option has one name, one help text and one default everywhere.
     evaluation   tasks, limit, ppl_limit, eval_batch_size, data_dir, max_length, include_path
     healing      heal, heal_data, heal_steps, heal_lr, heal_seq_len, heal_micro_batch_size,
                  heal_global_batch_size, heal_lora, heal_teacher_cache, heal_keep, heal_states, heal_candidates,
-                 repair
+                 judge_steps, repair
     output       output_dir, overwrite, speedup, save_dtype, save_ranks, save_remove
 
 `COMMANDS` says which sections (and fields) each subcommand takes. All problems are collected and
@@ -103,7 +103,7 @@ class Config:
     pool: int | None = _opt(None, "measured energy: measure pairs only among the P blocks cheapest to remove "
                                   "alone (fewer forward passes)", "selection", kind="int", minimum=1)
     single_samples: int | None = _opt(None, "hybrid energy: fitting samples its single removals are measured on "
-                                            "(default: a quarter, at least 8)", "selection", kind="int", minimum=1)
+                                            "(default: an eighth, at least 8)", "selection", kind="int", minimum=1)
     run_cost: float | None = _opt(None, "hybrid energy: charge per contiguous run of removed blocks, as a fraction "
                                         "of the median single-removal loss increase, in the energy and the verified "
                                         "loss (fewer, longer gaps heal better: docs/study.md; default 0.5, 0: off)",
@@ -173,9 +173,12 @@ class Config:
     heal_states: int = _opt(0, "study: also heal the K lowest states of every energy model, for the Spearman "
                                "correlation of energy and post-heal loss (default 0)", "healing", kind="int",
                             minimum=0)
-    heal_candidates: int = _opt(0, "run: heal the C best (verified) low-energy states alike (--heal-steps "
-                                   "each) and save the best after healing (default 0: off)", "healing", kind="int",
-                                minimum=0)
+    heal_candidates: int | None = _opt(None, "run: heal the C best verified states alike with the judge's short "
+                                             "recipe (--judge-steps) and save the best after healing (default: 2 "
+                                             "when the states are verified and --heal-data / --data is a local "
+                                             "file, else 0; 0: off)", "healing", kind="int", minimum=0)
+    judge_steps: int = _opt(3, "run: optimizer steps of each judge heal (default 3; docs/study.md)", "healing",
+                            kind="int", minimum=1)
     repair: str | None = _opt(None, "training-free repair of every pruned model: 'linear' fits a linear map for "
                                     "each removed run of blocks on the fitting samples and folds it into the kept "
                                     "weights (run/prune: the saved checkpoints; compare/study: each configuration "
@@ -289,10 +292,12 @@ class Config:
         heals = (self.heal or self.heal_candidates) if "heal" in used else bool(self.heal_steps)
         if "heal_steps" in used and heals and not (self.heal_data or self.data):
             errors.append("healing needs distillation data: pass --heal-data FILE (or --data FILE)")
+        if "heal_candidates" in used and self.heal_candidates and (self.heal_data or self.data) \
+                and not Path(self.heal_data or self.data).is_file():
+            errors.append("--heal-candidates heals on a local file: pass --heal-data FILE (or --data FILE), or "
+                          "--heal-candidates 0")
         if "heal" in used and self.heal_steps is not None and len(self.heal_steps) > 1:
             errors.append(f"run heals with one budget: pass one --heal-steps value, got {self.heal_steps}")
-        if "heal" in used and self.heal_candidates and not self.heal_steps:
-            errors.append("--heal-candidates needs the budget of each heal: pass --heal-steps S")
         if "repair" in used and self.repair not in (None, "linear"):
             errors.append(f"--repair must be 'linear' (the only repair), got {self.repair!r}")
         if "heal_states" in used and self.heal_states and not self.heal_steps:
@@ -434,11 +439,11 @@ COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
     "compare": (("model", "calibration", "evaluation", "healing", "output"),
                 ("remove", "methods", "cbo_ranks", "swm_threshold", "swm_rule", "time_limit"),
                 ("heldout_samples", "save_ranks", "save_remove", "save_dtype", "heal", "heal_states",
-                 "heal_candidates")),
+                 "heal_candidates", "judge_steps")),
     "study": (("model", "calibration", "evaluation", "healing", "output"),
               ("remove", "energies", "peers", "top", "refine", "refine_sweeps", "diverse", "pool", "single_samples",
                "run_cost", "relin_step", "exact_samples", "time_limit"),
-              ("save_ranks", "save_remove", "save_dtype", "speedup", "heal", "heal_candidates")),
+              ("save_ranks", "save_remove", "save_dtype", "speedup", "heal", "heal_candidates", "judge_steps")),
 }
 COMMANDS.update({
     "solve": ((), ("remove", "top", "keep", "only", "energy", "solver", "time_limit", "node_limit", "seed",

@@ -49,6 +49,7 @@ class HealRecipe:
     teacher_cache: Path | None = None  # teacher top-k outputs computed once, shared by every heal (heal.cache)
     teacher_top_k: int = 64
     heldout_eval: str = "full"  # "after-ce": the heal measures only the student's held-out CE after (judge)
+    heldout_samples: int | None = None  # held-out records measured (None: the heal's default, 64)
 
     def __post_init__(self) -> None:
         if not self.steps or any(not isinstance(s, int) or s < 1 for s in self.steps):
@@ -59,12 +60,15 @@ class HealRecipe:
 
     def describe(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items()
-             if k not in ("keep_checkpoints", "cache_dir", "teacher_cache", "teacher_top_k", "heldout_eval")}
+             if k not in ("keep_checkpoints", "cache_dir", "teacher_cache", "teacher_top_k", "heldout_eval",
+                          "heldout_samples")}
         d["tokens_per_step"] = self.global_batch_size * self.seq_len
         if self.teacher_cache is not None:  # another teacher signal (the top-k approximation): other results
             d["teacher_outputs"] = f"cached top-{self.teacher_top_k}"
         if self.heldout_eval != "full":  # fewer measurements in a result: not the same cache entry
             d["heldout_eval"] = self.heldout_eval
+        if self.heldout_samples is not None:  # other held-out records: another heal CE
+            d["heldout_samples"] = self.heldout_samples
         return d
 
 
@@ -145,7 +149,9 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
                                      global_batch_size=recipe.global_batch_size, lora=recipe.lora, seed=recipe.seed,
                                      max_samples=recipe.max_samples, save_every=max(steps, 1), overwrite=True,
                                      teacher_cache=None if recipe.teacher_cache is None else str(recipe.teacher_cache),
-                                     teacher_top_k=recipe.teacher_top_k, heldout_eval=recipe.heldout_eval),
+                                     teacher_top_k=recipe.teacher_top_k, heldout_eval=recipe.heldout_eval,
+                                     **({} if recipe.heldout_samples is None
+                                        else {"heldout_samples": recipe.heldout_samples})),
                           progress=progress)
             healed = load_model(str(healed_dir), dtype="float32", device=str(next(model.parameters()).device)).model
             result = {"nll": None if nll_samples is None else calibration_nll(healed, nll_samples,

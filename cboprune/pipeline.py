@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 import time
 import logging
 from collections.abc import Sequence
@@ -233,9 +232,12 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
     from cboprune.outputs import check_output_dir
     from cboprune.session import load_session
 
+    from cboprune.judge import auto_candidates, judge_by_healing, judge_recipe
+
     out_dir = check_output_dir(cfg.output_dir, cfg.overwrite)
-    if cfg.heal_candidates:
-        cfg.heal_recipe(out_dir)  # the healing data is checked before any work
+    candidates = auto_candidates(cfg)
+    if candidates:
+        judge_recipe(cfg, out_dir)  # the healing data is checked before any work
     checks = cfg.verify or cfg.refine_sweeps > 0
     session = load_session(cfg, heldout=cfg.heldout_samples if checks else 0,
                            heldout_hint="or pass --no-verify --refine-sweeps 0", check_model=True)
@@ -267,9 +269,15 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
         t0 = time.perf_counter()
         rankings = rank_states(context, cfg.remove, cfg.top, energy=cfg.energy, verify=cfg.verify,
                                refine_sweeps=cfg.refine_sweeps)
-        sections = [_cost_section(cfg, rankings, session, hessian, time.perf_counter() - t0)]
-        if cfg.heal_candidates:
-            rankings, judged = judge_by_healing(cfg, session, rankings, staging)
+        seconds = time.perf_counter() - t0
+        selected, judge_cost, judged = rankings, {}, None
+        if candidates:
+            t0 = time.perf_counter()
+            rankings, judged, judge_cost = judge_by_healing(cfg, session, rankings, staging, candidates)
+            judge_seconds = time.perf_counter() - t0
+        sections = [_cost_section(cfg, selected, session, hessian, seconds, judge_cost,
+                                  judge_seconds if candidates else 0.0)]
+        if judged:
             sections.append(judged)
         rankings_dir = staging / "rankings"
         rankings_dir.mkdir()
@@ -291,113 +299,42 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
 
 
 def _cost_section(cfg: Config, rankings: Sequence[Ranking], session, hessian: HessianResult,
-                  seconds: float) -> str:
-    """The selection's cost in forward passes of the fitting set and its wall time, per M."""
+                  seconds: float, judge_cost: dict[int, float], judge_seconds: float) -> str:
+    """The selection's cost in forward passes of the fitting set and its wall time, per M and for
+    all M together (the energy model, built once, counted once there)."""
+    from cboprune import methods
+    from cboprune.energies.hybrid import single_fraction
     from cboprune.experiment import Entry
     from cboprune.healing_study import cost_of
 
-    from cboprune.energies.hybrid import single_fraction
-
     suffix = "+refine" if cfg.refine_sweeps else "+verify" if cfg.verify else ":0"
-    fraction = single_fraction(session.fit.n_samples, cfg.single_samples)
+    options = {"pool": cfg.pool, "relin_step": cfg.relin_step,
+               "single_fraction": single_fraction(session.fit.n_samples, cfg.single_samples)}
     heldout = session.heldout.n_tokens if session.heldout is not None else 0
-    rows = []
+    rows, per_m = [], {}
     for r in rankings:
         entry = Entry(f"{cfg.energy}{suffix}", r.n_remove, r.best, r, 0.0)
-        rows.append(f"| {r.n_remove} | {cost_of(entry, session.n_blocks, fit_tokens=session.fit.n_tokens, heldout_tokens=heldout, options={'pool': cfg.pool, 'relin_step': cfg.relin_step, 'single_fraction': fraction}):.1f} |")
+        per_m[r.n_remove] = cost_of(entry, session.n_blocks, fit_tokens=session.fit.n_tokens,
+                                    heldout_tokens=heldout, options=options)
+        judge = judge_cost.get(r.n_remove, 0.0)
+        rows.append(f"| {r.n_remove} | {per_m[r.n_remove]:.1f} | {judge:.1f} | {per_m[r.n_remove] + judge:.1f} |")
+    # An energy model whose cost does not depend on M is built once for every M (run_pipeline's cache).
+    energy_costs = [methods.get(cfg.energy).cost(session.n_blocks, m, **options) for m in per_m]
+    shared = energy_costs[0] if len(set(energy_costs)) == 1 else 0.0
+    together = sum(per_m.values()) - shared * (len(per_m) - 1) + sum(judge_cost.values())
     grad = hessian.meta.get("seconds", 0)
+    judged = f", the judge {judge_seconds:.1f} s" if judge_cost else ""
     return "\n".join([
         "## Selection cost", "",
         f"Energy `{cfg.energy}`{', verified' if cfg.verify else ''}"
-        f"{f', refined ({cfg.refine_sweeps} sweeps at most)' if cfg.refine_sweeps else ''}, on "
+        f"{f', refined ({cfg.refine_sweeps} sweeps at most)' if cfg.refine_sweeps else ''}"
+        f"{', judged by a short heal' if judge_cost else ''}, on "
         f"{session.fit.n_samples} fitting samples ({session.fit.n_tokens} tokens). Cost in forward passes of the "
-        "fitting set (a backward counts as two; held-out passes by their tokens); the gradient pass is shared by "
-        "every M and counted in each.", "",
-        "| M | forward passes |", "|---:|---:|", *rows, "",
-        f"Wall time: gradient pass {grad} s, states for all M {seconds:.1f} s.", ""])
-
-
-def judge_by_healing(cfg: Config, session, rankings: Sequence[Ranking], staging: Path) -> tuple[list[Ranking], str]:
-    """Heal the `heal_candidates` best states of each M alike (`heal_steps` each) and put them
-    first, ordered by the held-out cross-entropy after healing on the heal data's own held-out
-    records (never trained on): the short heal chooses the state that is saved."""
-    from dataclasses import replace
-
-    from cboprune.experiment import Entry
-    from cboprune.healing_study import heal_entries
-    from cboprune.report.tables import markdown_table
-    recipe = cfg.heal_recipe(staging)
-    recipe.cache_dir = None  # a run's heals are its own
-    recipe.heldout_eval = "after-ce"  # the one number the judge ranks by
-    if recipe.teacher_cache is None:  # one teacher pass over the heal samples, shared by every candidate
-        recipe.teacher_cache = staging / ".heal-judge-teacher"
-    steps = recipe.steps[0]
-    out, rows, cost = [], [], {}
-    for ranking in rankings:
-        # The best states, not a structurally diverse set: one swap apart, two states heal 0.07 nats
-        # apart at M = 12 on the default model (docs/study.md, "Fewer gaps heal better").
-        picks = ranking.candidates[:cfg.heal_candidates]
-        entries = [Entry(f"rank{c.rank}", ranking.n_remove, c, ranking, 0.0, nll=c.score if ranking.info.get(
-            "verification") else None) for c in picks]
-        heal_entries(entries, session.model, session.tokenizer, recipe, _NoEval(), nll_samples=None,
-                     batch_size=cfg.batch_size, workdir=staging / ".heal-judge")
-        entries.sort(key=lambda e: e.healed[steps]["heal_ce"])
-        cost[ranking.n_remove] = sum(heal_cost(e.healed[steps], session.fit.n_tokens) for e in entries)
-        for place, e in enumerate(entries):
-            rows.append([str(ranking.n_remove), str(place), str(e.candidate.rank), str(list(e.candidate.removed)),
-                         "—" if e.nll is None else f"{e.nll:.4f}", f"{e.healed[steps]['heal_ce']:.4f}",
-                         f"{e.healed[steps]['seconds']:.0f}"])
-        chosen = [e.candidate for e in entries]
-        rest = [c for c in ranking.candidates if c.removed not in {p.removed for p in chosen}]
-        judge = {"steps": steps, "recipe": recipe.describe(), "order": [list(c.removed) for c in chosen],
-                 "healed_ce": [e.healed[steps]["heal_ce"] for e in entries],
-                 "forward_passes": round(cost[ranking.n_remove], 2)}
-        info = {**ranking.info, "verification": _reordered(ranking, chosen + rest), "heal_judge": judge}
-        out.append(replace(ranking, candidates=[replace(c, rank=r) for r, c in enumerate(chosen + rest)],
-                           exact=False, info=info))
-    shutil.rmtree(staging / ".heal-judge-teacher", ignore_errors=True)
-    text = ["## Chosen after a short heal", "",
-            f"The {cfg.heal_candidates} best states of each M were each healed alike ({steps} steps of "
-            f"{recipe.global_batch_size} x {recipe.seq_len} tokens, lr {recipe.learning_rate}, seed {recipe.seed}, "
-            "teacher outputs cached once); they now lead the ranking in their order by the cross-entropy after "
-            "healing on the heal data's held-out records (never trained on), so rank 0 is the winner and rank 1 "
-            "the runner-up. Cost of the judge in forward passes of the fitting set: "
-            + ", ".join(f"M = {m}: {c:.1f}" for m, c in cost.items()) + ".", "",
-            markdown_table(["M", "place", "rank before", "removed", "verified score before", "heal CE after",
-                            "heal s"], rows)]
-    return out, "\n".join(text)
-
-
-def _reordered(ranking: Ranking, order: Sequence[Candidate]) -> dict[str, Any] | None:
-    """The ranking's per-candidate verification lists, aligned with the candidates in `order`."""
-    verification = ranking.info.get("verification")
-    if not verification:
-        return verification
-    where = {c.removed: i for i, c in enumerate(ranking.candidates)}
-    aligned = {key: [verification[key][where[c.removed]] for c in order]
-               for key in ("energies", "energy_ranks", "heldout_nll") if key in verification}
-    return {**verification, **aligned}
-
-
-def heal_cost(result: dict[str, Any], fit_tokens: int) -> float:
-    """A judge heal in forward passes of the fitting set: the student's forward + backward (3) over the
-    trained positions, one forward over the held-out records, and the teacher's forward where this heal
-    computed teacher outputs (every heal without a cache; with one, the heal that filled it)."""
-    positions = result.get("token_positions") or {}
-    train, held = positions.get("train", 0), positions.get("heldout", 0)
-    computed = result.get("teacher_samples_computed")
-    teacher = train if computed is None else (train + held if computed else 0)
-    return (3 * train + held + teacher) / max(fit_tokens, 1)
-
-
-class _NoEval:
-    """The judge needs only the held-out loss, not the benchmarks."""
-
-    def evaluate(self, model, tokenizer):
-        return {"results": {}}
-
-    def describe(self):
-        return {}
+        "fitting set (a backward counts as two; held-out passes by their tokens); per M, the energy model (the "
+        "gradient pass and its measurements) is counted in each.", "",
+        "| M | selection | judge | forward passes |", "|---:|---:|---:|---:|", *rows, "",
+        f"All M together: **{together:.1f} forward passes** (the energy model counted once).", "",
+        f"Wall time: gradient pass {grad} s, states for all M {seconds:.1f} s{judged}.", ""])
 
 
 def _save_checkpoints(cfg: Config, session, rankings: Sequence[Ranking], hessian: HessianResult,

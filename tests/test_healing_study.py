@@ -86,13 +86,14 @@ def test_run_chooses_the_saved_state_after_a_short_heal(tiny_checkpoint, shared_
     data = str(shared_data / "calib" / "alpaca_en_demo.json")
     assert main(["-q", "run", "--model", str(tiny_checkpoint), "--data", data, "--n-samples", "6", "--seq-len", "32",
                  "--batch-size", "3", "--remove", "2", "--top", "6", "--heldout-samples", "3", "--energy", "fisher",
-                 "--refine-sweeps", "0", "--heal-candidates", "3", "--heal-steps", "2", "--heal-seq-len", "32",
-                 "--heal-micro-batch-size", "2", "--heal-global-batch-size", "2", "--heal-lr", "1e-3",
+                 "--refine-sweeps", "0", "--heal-candidates", "3", "--judge-steps", "2", "--heal-seq-len", "32",
                  "--output-dir", str(out)]) == 0
     ranking = json.loads((out / "rankings" / "M2.json").read_text())
     judge = ranking["info"]["heal_judge"]
     assert len(judge["order"]) == 3 and judge["healed_ce"] == sorted(judge["healed_ce"])
     assert judge["forward_passes"] > 0 and judge["recipe"]["heldout_eval"] == "after-ce"
+    assert judge["steps"] == 2 and judge["recipe"]["heldout_samples"] == 25  # the judge's own recipe
+    assert judge["recipe"]["learning_rate"] == 2e-4 and judge["recipe"]["seq_len"] == 32
     from cboprune.hessian import load_hessian
 
     H = load_hessian(out / "hessian.safetensors").H
@@ -103,7 +104,27 @@ def test_run_chooses_the_saved_state_after_a_short_heal(tiny_checkpoint, shared_
     assert removal["removed"] == judge["order"][0]  # the winner after healing is the saved state
     report = (out / "report.md").read_text()
     assert "Chosen after a short heal" in report and "Selection cost" in report
+    assert "All M together" in report and "| M | selection | judge | forward passes |" in report
+    lines = report.splitlines()
+    judge_row = lines[lines.index("| M | selection | judge | forward passes |") + 2]
+    selection, judged, total = (float(v) for v in judge_row.strip("|").split("|")[1:])
+    assert judged == pytest.approx(judge["forward_passes"], abs=0.06) and total == pytest.approx(selection + judged,
+                                                                                               abs=0.11)
     assert not list(out.rglob(".heal-judge"))
+
+
+@pytest.mark.parametrize("extra, judged", [([], 2), (["--heal-candidates", "0"], 0), (["--no-verify"], 0)])
+def test_run_judges_the_two_best_verified_states_by_default_when_there_is_heal_data(
+        tiny_checkpoint, shared_data, tmp_path, extra, judged):
+    out = tmp_path / "run"
+    data = str(shared_data / "calib" / "alpaca_en_demo.json")
+    assert main(["-q", "run", "--model", str(tiny_checkpoint), "--data", data, "--n-samples", "6", "--seq-len", "32",
+                 "--batch-size", "3", "--remove", "2", "--top", "4", "--heldout-samples", "3",
+                 "--refine-sweeps", "0", "--judge-steps", "1", "--no-speedup", "--output-dir", str(out), *extra]) == 0
+    ranking = json.loads((out / "rankings" / "M2.json").read_text())
+    judge = ranking["info"].get("heal_judge")
+    assert (len(judge["order"]) if judge else 0) == judged
+    assert ("Chosen after a short heal" in (out / "report.md").read_text()) == bool(judged)
 
 
 def test_compare_heals_from_one_teacher_pass_with_the_teacher_cache(tiny_checkpoint, shared_data, tmp_path):

@@ -79,7 +79,7 @@ def test_run_with_repair_saves_repaired_checkpoints_and_reports_them(tiny_checkp
     out = tmp_path / "run"
     assert main(["-q", "run", "--model", str(tiny_checkpoint), "--data",
                  str(shared_data / "calib" / "alpaca_en_demo.json"), "--n-samples", "6", "--heldout-samples", "2",
-                 "--seq-len", "32", "--remove", "2", "--no-speedup", "--repair", "linear",
+                 "--seq-len", "32", "--remove", "2", "--no-speedup", "--repair", "linear", "--heal-candidates", "0",
                  "--output-dir", str(out)]) == 0
     prov = json.loads((out / "pruned" / "M2-rank0" / "removal.json").read_text())
     assert prov["repair"]["calibration"]["n_samples"] == 6  # fitted on the fitting samples only

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from cboprune.methods import ENERGY, Method, register
 
-#: default fraction of the fitting samples the single removals are measured on
-SINGLE_FRACTION = 0.25
+#: default fraction of the fitting samples the single removals are measured on (at least 8 samples):
+#: an eighth since the judge joined the default, to stay within 20 forward passes (docs/study.md)
+SINGLE_FRACTION = 0.125
 #: default charge per contiguous run of removed blocks, in median single-removal increases
 #: (docs/study.md, "Fewer gaps heal better": at 0.5 the default picks the best state after healing
 #: at M = 8 and 12 on the default model; 0 is the plain hybrid energy)
@@ -86,4 +87,4 @@ register(Method(
     name="hybrid", label="CBO hybrid", kind=ENERGY, order=45,
     summary="measured single removals (on a subset) + Fisher pair interactions",
     needs=("gradients", "forward configurations"), select=_select, cost=_cost,
-    cost_formula="3 + (N + 1)·s/m (s of the m fitting samples, default m/4)", options=("single_samples", "run_cost")))
+    cost_formula="3 + (N + 1)·s/m (s of the m fitting samples, default m/8, at least 8)", options=("single_samples", "run_cost")))

@@ -1,0 +1,137 @@
+"""The judge of `cboprune run`: a short, identical heal of the best verified states of each M, which
+then lead the ranking in their order by the cross-entropy after healing on held-out records of the
+heal data (never trained on). Part of the default selection when there is local heal data.
+
+Why a heal and not a pre-heal loss: on the default model the two best verified M = 12 states are
+0.04 nats apart before healing in the wrong order, and 0.09 apart the other way after 30 steps;
+3 steps already order them as 30 do at M = 8 and 12 (docs/study.md, "The M = 12 gap").
+
+The recipe is fixed here (one place) so that every candidate, and every run, is judged alike; only
+the number of candidates (`--heal-candidates`) and of steps (`--judge-steps`) are options.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from cboprune.ranking import Candidate, Ranking
+
+#: candidates judged per M when the user does not say (`--heal-candidates`)
+JUDGE_CANDIDATES = 2
+#: optimizer steps of each candidate's heal (`--judge-steps`)
+JUDGE_STEPS = 3
+#: the recipe of every judge heal: the after-healing study's, shortened (docs/study.md)
+JUDGE_LR = 2e-4
+JUDGE_SEQ_LEN = 192  # or the calibration length when shorter
+JUDGE_BATCH = 8  # sequences per optimizer step
+JUDGE_MICRO_BATCH = 4
+#: held-out records of the heal data the candidates are ranked by (half of the evaluation's cost)
+JUDGE_RECORDS = 25
+
+
+def auto_candidates(cfg) -> int:
+    """The number of candidates the judge heals per M: `--heal-candidates` when given; otherwise
+    JUDGE_CANDIDATES when the states are verified, at least two are listed and the heal data is a
+    local file (the judge trains on it), else 0."""
+    if cfg.heal_candidates is not None:
+        return cfg.heal_candidates
+    data = cfg.heal_data or cfg.data
+    local = bool(data) and Path(data).is_file()
+    return JUDGE_CANDIDATES if cfg.verify and local and cfg.top >= 2 else 0
+
+
+def judge_recipe(cfg, output_dir: Path):
+    """The HealRecipe of every judge heal (checks the heal data before any work)."""
+    from cboprune.healing_study import HealRecipe
+
+    data = cfg.heal_data or cfg.data or ""
+    return HealRecipe(steps=[cfg.judge_steps], data=data, teacher=cfg.model, learning_rate=JUDGE_LR,
+                      seq_len=min(JUDGE_SEQ_LEN, cfg.heal_seq_len or cfg.seq_len),
+                      micro_batch_size=JUDGE_MICRO_BATCH, global_batch_size=JUDGE_BATCH, lora=cfg.heal_lora,
+                      seed=cfg.seed, teacher_cache=cfg.teacher_cache_dir(), cache_dir=None,
+                      heldout_eval="after-ce", heldout_samples=JUDGE_RECORDS)
+
+
+def judge_by_healing(cfg, session, rankings: Sequence[Ranking], staging: Path,
+                     candidates: int) -> tuple[list[Ranking], str, dict[int, float]]:
+    """Heal the `candidates` best states of each M alike and put them first, ordered by the held-out
+    cross-entropy after healing: the short heal chooses the state that is saved. Returns the new
+    rankings, the report section and the judge's cost per M in forward passes of the fitting set."""
+    from cboprune.experiment import Entry
+    from cboprune.healing_study import heal_entries
+    from cboprune.report.tables import markdown_table
+
+    recipe = judge_recipe(cfg, staging)
+    if recipe.teacher_cache is None:  # one teacher pass over the heal samples, shared by every candidate
+        recipe.teacher_cache = staging / ".heal-judge-teacher"
+    steps = recipe.steps[0]
+    out, rows, cost = [], [], {}
+    for ranking in rankings:
+        # The best states, not a structurally diverse set: one swap apart, two states heal 0.07 nats
+        # apart at M = 12 on the default model (docs/study.md, "Fewer gaps heal better").
+        picks = ranking.candidates[:candidates]
+        entries = [Entry(f"rank{c.rank}", ranking.n_remove, c, ranking, 0.0, nll=c.score if ranking.info.get(
+            "verification") else None) for c in picks]
+        heal_entries(entries, session.model, session.tokenizer, recipe, NoEval(), nll_samples=None,
+                     batch_size=cfg.batch_size, workdir=staging / ".heal-judge")
+        entries.sort(key=lambda e: e.healed[steps]["heal_ce"])
+        cost[ranking.n_remove] = sum(heal_cost(e.healed[steps], session.fit.n_tokens) for e in entries)
+        for place, e in enumerate(entries):
+            rows.append([str(ranking.n_remove), str(place), str(e.candidate.rank), str(list(e.candidate.removed)),
+                         "—" if e.nll is None else f"{e.nll:.4f}", f"{e.healed[steps]['heal_ce']:.4f}",
+                         f"{e.healed[steps]['seconds']:.0f}"])
+        chosen = [e.candidate for e in entries]
+        rest = [c for c in ranking.candidates if c.removed not in {p.removed for p in chosen}]
+        judge = {"steps": steps, "recipe": recipe.describe(), "order": [list(c.removed) for c in chosen],
+                 "healed_ce": [e.healed[steps]["heal_ce"] for e in entries],
+                 "forward_passes": round(cost[ranking.n_remove], 2)}
+        info = {**ranking.info, "verification": _reordered(ranking, chosen + rest), "heal_judge": judge}
+        out.append(replace(ranking, candidates=[replace(c, rank=r) for r, c in enumerate(chosen + rest)],
+                           exact=False, info=info))
+    shutil.rmtree(staging / ".heal-judge-teacher", ignore_errors=True)
+    text = ["## Chosen after a short heal", "",
+            f"The {candidates} best verified states of each M were each healed alike ({steps} steps of "
+            f"{recipe.global_batch_size} x {recipe.seq_len} tokens, lr {recipe.learning_rate}, seed {recipe.seed}, "
+            f"teacher outputs cached once); they now lead the ranking in their order by the cross-entropy after "
+            f"healing on {recipe.heldout_samples} held-out records of the heal data (never trained on), so rank 0 "
+            "is the winner and rank 1 the runner-up (`--heal-candidates 0`: off). Cost of the judge in forward "
+            "passes of the fitting set: " + ", ".join(f"M = {m}: {c:.1f}" for m, c in cost.items()) + ".", "",
+            markdown_table(["M", "place", "rank before", "removed", "verified score before", "heal CE after",
+                            "heal s"], rows)]
+    return out, "\n".join(text), cost
+
+
+def _reordered(ranking: Ranking, order: Sequence[Candidate]) -> dict[str, Any] | None:
+    """The ranking's per-candidate verification lists, aligned with the candidates in `order`."""
+    verification = ranking.info.get("verification")
+    if not verification:
+        return verification
+    where = {c.removed: i for i, c in enumerate(ranking.candidates)}
+    aligned = {key: [verification[key][where[c.removed]] for c in order]
+               for key in ("energies", "energy_ranks", "heldout_nll") if key in verification}
+    return {**verification, **aligned}
+
+
+def heal_cost(result: dict[str, Any], fit_tokens: int) -> float:
+    """A judge heal in forward passes of the fitting set: the student's forward + backward (3) over the
+    trained positions, one forward over the held-out records, and the teacher's forward where this heal
+    computed teacher outputs (every heal without a cache; with one, the heal that filled it)."""
+    positions = result.get("token_positions") or {}
+    train, held = positions.get("train", 0), positions.get("heldout", 0)
+    computed = result.get("teacher_samples_computed")
+    teacher = train if computed is None else (train + held if computed else 0)
+    return (3 * train + held + teacher) / max(fit_tokens, 1)
+
+
+class NoEval:
+    """The judge needs only the held-out loss, not the benchmarks."""
+
+    def evaluate(self, model, tokenizer):
+        return {"results": {}}
+
+    def describe(self):
+        return {}
