@@ -22,8 +22,6 @@ from cboprune.ranking import Candidate, Ranking
 
 #: candidates judged per M when the user does not say (`--heal-candidates`)
 JUDGE_CANDIDATES = 2
-#: optimizer steps of each candidate's heal (`--judge-steps`)
-JUDGE_STEPS = 3
 #: the recipe of every judge heal: the after-healing study's, shortened (docs/study.md)
 JUDGE_LR = 2e-4
 JUDGE_SEQ_LEN = 192  # or the calibration length when shorter
@@ -97,7 +95,7 @@ def judge_by_healing(cfg, session, rankings: Sequence[Ranking], staging: Path,
             f"The {candidates} best verified states of each M were each healed alike ({steps} steps of "
             f"{recipe.global_batch_size} x {recipe.seq_len} tokens, lr {recipe.learning_rate}, seed {recipe.seed}, "
             f"teacher outputs cached once); they now lead the ranking in their order by the cross-entropy after "
-            f"healing on {recipe.heldout_samples} held-out records of the heal data (never trained on), so rank 0 "
+            f"healing on (up to) {recipe.heldout_samples} held-out records of the heal data (never trained on), so rank 0 "
             "is the winner and rank 1 the runner-up (`--heal-candidates 0`: off). Cost of the judge in forward "
             "passes of the fitting set: " + ", ".join(f"M = {m}: {c:.1f}" for m, c in cost.items()) + ".", "",
             markdown_table(["M", "place", "rank before", "removed", "verified score before", "heal CE after",
