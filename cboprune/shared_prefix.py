@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cboprune.masked import per_sample_loss
+from cboprune.masked import sample_losses
 from cboprune.models.architectures import decoder_config
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,7 @@ class PrefixEvaluator:
             for k, v in per_layer.items():
                 setattr(self.config, k, type(v)(v[start:]))
         try:
-            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            return per_sample_loss(logits, ids, mask)
+            return sample_losses(self.model, ids, mask)
         except _Stop:
             return None
         finally:

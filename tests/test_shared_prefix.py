@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cboprune.data.calibration import CalibrationSet
-from cboprune.masked import configurations_nll, n_blocks
+from cboprune.masked import _TARGET_ROWS_OK, configurations_nll, n_blocks, per_sample_loss, sample_losses
 from cboprune.shared_prefix import _VERDICT, layer_cost
 from conftest import tiny_llama
 from test_architectures import FAMILIES, VOCAB, tiny
@@ -113,3 +113,49 @@ def test_torchrun_two_processes_gloo_split_configurations(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     single = configurations_nll(tiny_llama(n_layers=6), _calibration(), _configs(6), batch_size=4)
     np.testing.assert_allclose(np.load(out), single, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", [f.model_type for f in FAMILIES])
+def test_logits_at_target_positions_equal_the_full_head(model_type):
+    model = tiny(model_type).eval()
+    calib = _calibration(seed=7)
+    ids, mask = calib.input_ids, calib.attention_mask
+    _TARGET_ROWS_OK.pop(model, None)
+    with torch.no_grad():
+        full = per_sample_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
+        rows = sample_losses(model, ids, mask)
+    torch.testing.assert_close(rows, full, rtol=0, atol=1e-5)
+    assert model in _TARGET_ROWS_OK
+
+
+def test_a_head_post_processed_across_positions_gets_full_logits():
+    model = tiny_llama(n_layers=2).eval()
+    calib = _calibration(seed=8)
+    ids, mask = calib.input_ids, calib.attention_mask
+    with torch.no_grad():
+        full = per_sample_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
+    # Centre the logits over the positions: a selection of positions changes the answer.
+    handle = model.lm_head.register_forward_hook(lambda _m, _a, out: out - out.mean(dim=1, keepdim=True))
+    try:
+        with torch.no_grad():
+            ref = per_sample_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
+            first = sample_losses(model, ids, mask)
+            again = sample_losses(model, ids, mask)
+    finally:
+        handle.remove()
+    assert float((ref - full).abs().max()) > 1e-3  # the post-processing matters: the check can fail
+    assert _TARGET_ROWS_OK[model] is False
+    torch.testing.assert_close(first, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(again, ref, rtol=0, atol=1e-6)
+
+
+def test_a_model_without_an_output_head_module_gets_full_logits(monkeypatch):
+    model = tiny_llama(n_layers=2).eval()
+    calib = _calibration(seed=9)
+    ids, mask = calib.input_ids, calib.attention_mask
+    monkeypatch.setattr(type(model), "get_output_embeddings", lambda self: None)
+    with torch.no_grad():
+        full = per_sample_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
+        rows = sample_losses(model, ids, mask)
+    torch.testing.assert_close(rows, full, rtol=0, atol=1e-6)
+    assert _TARGET_ROWS_OK[model] is False

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from cboprune.masked import head_rows
+
 log = logging.getLogger(__name__)
 
 _PROBE_TOLERANCE = 1e-3
@@ -228,18 +230,12 @@ class Scorer:
                     flat_pos.append(p_)
                     flat_tok.append(t)
         sel = (torch.tensor(flat_rows, device=self.device), torch.tensor(flat_pos, device=self.device))
-        head = self.model.get_output_embeddings()
-        handle = None
-        if head is not None:
-            def gather(_module, args):  # [B, L, D] -> [1, N, D]
-                return (args[0][sel][None],) + tuple(args[1:])
-            handle = head.register_forward_pre_hook(gather)
-        try:
+        def scored(hidden):  # the head runs only on the scored positions: [B, L, D] -> [N, D]
+            return hidden[sel] if tuple(hidden.shape[:2]) == (b, length) else None
+
+        with head_rows(self.model, scored) as fired:
             out = self.model(input_ids=ids.to(self.device), use_cache=False, **kwargs)
-        finally:
-            if handle is not None:
-                handle.remove()
-        logits = out.logits[0] if head is not None else out.logits[sel]  # [N, V]
+        logits = out.logits[0] if fired else out.logits[sel]  # [N, V]
         logp = torch.log_softmax(logits.float(), dim=-1)
         tok = torch.tensor(flat_tok, device=logp.device)
         tok_lp = logp.gather(1, tok[:, None])[:, 0].cpu()
