@@ -174,11 +174,12 @@ class Config:
                                "correlation of energy and post-heal loss (default 0)", "healing", kind="int",
                             minimum=0)
     heal_candidates: int | None = _opt(None, "run: heal the C best verified states alike with the judge's short "
-                                             "recipe (--judge-steps) and save the best after healing (default: 2 "
-                                             "when the states are verified and --heal-data / --data is a local "
-                                             "file, else 0; 0: off)", "healing", kind="int", minimum=0)
-    judge_steps: int = _opt(3, "run: optimizer steps of each judge heal (default 3; docs/study.md)", "healing",
-                            kind="int", minimum=1)
+                                             "recipe (--judge-steps) and save the best after healing; study: the "
+                                             "same for the recommended energy model, as its '+judge' row "
+                                             "(default: 2 when the states are verified and --heal-data / --data "
+                                             "is a local file, else 0; 0: off)", "healing", kind="int", minimum=0)
+    judge_steps: int = _opt(3, "run/study: optimizer steps of each judge heal (default 3; docs/study.md)",
+                            "healing", kind="int", minimum=1)
     repair: str | None = _opt(None, "training-free repair of every pruned model: 'linear' fits a linear map for "
                                     "each removed run of blocks on the fitting samples and folds it into the kept "
                                     "weights (run/prune: the saved checkpoints; compare/study: each configuration "
@@ -290,6 +291,7 @@ class Config:
             if self.swm_rule not in MERGE_RULES:
                 errors.append(f"swm_rule must be one of {', '.join(MERGE_RULES)}, got {self.swm_rule!r}")
         heals = (self.heal or self.heal_candidates) if "heal" in used else bool(self.heal_steps)
+        heals = heals or ("heal_candidates" in used and bool(self.heal_candidates))
         if "heal_steps" in used and heals and not (self.heal_data or self.data):
             errors.append("healing needs distillation data: pass --heal-data FILE (or --data FILE)")
         if "heal_candidates" in used and self.heal_candidates and (self.heal_data or self.data) \
@@ -443,7 +445,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
     "study": (("model", "calibration", "evaluation", "healing", "output"),
               ("remove", "energies", "peers", "top", "refine", "refine_sweeps", "diverse", "pool", "single_samples",
                "run_cost", "relin_step", "exact_samples", "time_limit"),
-              ("save_ranks", "save_remove", "save_dtype", "speedup", "heal", "heal_candidates", "judge_steps")),
+              ("save_ranks", "save_remove", "save_dtype", "speedup", "heal")),
 }
 COMMANDS.update({
     "solve": ((), ("remove", "top", "keep", "only", "energy", "solver", "time_limit", "node_limit", "seed",

@@ -86,7 +86,8 @@ def judge_by_healing(cfg, session, rankings: Sequence[Ranking], staging: Path,
         rest = [c for c in ranking.candidates if c.removed not in {p.removed for p in chosen}]
         judge = {"steps": steps, "recipe": recipe.describe(), "order": [list(c.removed) for c in chosen],
                  "healed_ce": [e.healed[steps]["heal_ce"] for e in entries],
-                 "forward_passes": round(cost[ranking.n_remove], 2)}
+                 "forward_passes": round(cost[ranking.n_remove], 2),
+                 "seconds": round(sum(e.healed[steps]["seconds"] for e in entries), 2)}
         info = {**ranking.info, "verification": _reordered(ranking, chosen + rest), "heal_judge": judge}
         out.append(replace(ranking, candidates=[replace(c, rank=r) for r, c in enumerate(chosen + rest)],
                            exact=False, info=info))

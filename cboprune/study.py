@@ -50,10 +50,33 @@ class StudyResult:
     meta: dict[str, Any]
 
 
-def recommended_method() -> str:
-    """The study entry that `cboprune run` produces by default."""
+def recommended_method(judged: bool = False) -> str:
+    """The entry name of `run`'s default selection (`judged`: the short-heal judge ran)."""
     r = RECOMMENDED
+    if judged:
+        return f"{r.energy}+judge"
     return f"{r.energy}+refine" if r.refine_sweeps else f"{r.energy}+verify" if r.verify else f"{r.energy}:0"
+
+
+def _judge(cfg, session, energy_entries: list[Entry], out_dir: Path, candidates: int) -> tuple[list[Entry], str]:
+    """`run`'s judge on the verified rankings: one '+judge' entry per M, charged the verification's
+    seconds and the judge's heals."""
+    import shutil
+
+    from cboprune.judge import judge_by_healing
+
+    verified = {e.n_remove: e for e in energy_entries if e.method.endswith("+verify")}
+    work = out_dir.with_name(out_dir.name + ".judge-work")
+    try:
+        rankings, section, _ = judge_by_healing(cfg, session, [verified[m].ranking for m in sorted(verified)],
+                                                work, candidates)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    name = verified[min(verified)].method.replace("+verify", "+judge")
+    judged = [Entry(name, r.n_remove, r.best, r, round(verified[r.n_remove].selection_seconds
+                                                        + r.info["heal_judge"]["seconds"], 2), nll=r.best.score)
+              for r in rankings]
+    return judged, section.replace("## Chosen after a short heal", "## The short-heal judge (`run`'s default)")
 
 
 def run_study(cfg, *, progress: bool = True) -> StudyResult:
@@ -64,6 +87,7 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
     from cboprune.evaluation.protocol import EvalProtocol
     from cboprune.experiment import SelectionContext, energy_entries, evaluate_entries, peer_entries
     from cboprune.healing_study import cost_of, heal_and_repair
+    from cboprune.judge import auto_candidates
     from cboprune.masked import calibration_nll
     from cboprune.outputs import check_output_dir, staged_dir
     from cboprune.session import load_session
@@ -82,6 +106,10 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
 
         check_repairable(session.model, session.n_blocks)
     net, fit, heldout = session.model, session.fit, session.heldout
+    # The default selection of `run` judges the recommended model's best verified states by a short
+    # heal; the study shows that pick, at its cost, as '<energy>+judge'.
+    candidates = auto_candidates(cfg) if RECOMMENDED.energy in energies else 0
+    judge_section = None
     log.info("study: %s (N = %d), fitting %s, held-out %s, energy models %s, peers %s, M = %s", cfg.model,
              session.n_blocks, fit.describe(), heldout.n_samples, energies, peers, cfg.remove)
     context = SelectionContext(net, fit, heldout, batch_size=cfg.batch_size, seed=cfg.seed, time_limit=cfg.time_limit,
@@ -109,11 +137,15 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
         rankings_by_model[name] = [result.rankings[m] for m in cfg.remove]
         costs[name] = result.seconds
         log.info("study: energy model %s built and verified in %.1f s", name, result.seconds)
+        if name == RECOMMENDED.energy and candidates:
+            judged, judge_section = _judge(cfg, session, result.entries, out_dir, candidates)
+            entries += judged
+            costs["judge"] = sum(e.ranking.info["heal_judge"]["seconds"] for e in judged)
 
     # 2. peers, on the same fitting part
     for method in peers:
         entries += peer_entries(method, context, cfg.remove)
-    order = [f"{e}{s}" for e in energies for s in (":0", "+verify", "+refine")] + list(peers)
+    order = [f"{e}{s}" for e in energies for s in (":0", "+verify", "+judge", "+refine")] + list(peers)
     entries.sort(key=lambda e: (e.n_remove, order.index(e.method) if e.method in order
                                 else order.index(f"{e.base}+refine") + int(e.method.split(":")[1]) / 1e3))
     selection_seconds = round(time.perf_counter() - started, 2)
@@ -138,7 +170,8 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
             "max_sweeps": cfg.refine_sweeps, "diverse": cfg.diverse, "pool": cfg.pool, "relin_step": cfg.relin_step,
             "exact_samples": cfg.exact_samples, **protocol.describe(), "fit": fit.describe(),
             "heldout": heldout.describe(), "batch_size": cfg.batch_size, "seed": cfg.seed, "device": session.device,
-            "dtype": cfg.dtype, "torch_threads": torch.get_num_threads(), "recommended": recommended_method(),
+            "dtype": cfg.dtype, "torch_threads": torch.get_num_threads(),
+            "recommended": recommended_method(judged=judge_section is not None), "judge": judge_section,
             "healing": recipe.describe() if recipe is not None else None, "repair": cfg.repair,
             "heal_states": cfg.heal_states,
             "seconds": {"selection": selection_seconds, "evaluation": eval_seconds,
@@ -167,6 +200,7 @@ def _label(method: str) -> str:
     if m.kind == registry.ENERGY:
         rank = method.partition(":")[2]
         suffix = (" + verify" if "+verify" in method else " + verify + refine" if "+refine" in method
+                  else " + verify + short-heal judge" if "+judge" in method
                   else " (ground state)" if rank == "0" else f" (state {rank})")
         return f"{m.label}{suffix}"
     return m.label
@@ -177,7 +211,7 @@ def table_rows(result: StudyResult) -> tuple[list[str], list[list[str]]]:
     header = ["M", "method", "removed", "held-out calib ppl"]
     header += [f"{t} ({primary_metric(t, result.baseline['results'][t])[0]})" for t in tasks]
     header += ["mean acc", "cost (fwd passes)", "selection s"]
-    rec = recommended_method()
+    rec = result.meta["recommended"]
 
     def cells(evaluation: dict, nll: float | None) -> list[str]:
         values, mean = _scores(result, evaluation)
@@ -218,7 +252,7 @@ def _verdict(margin: float, ties_pass: bool = False) -> str:
 
 def verdict_rows(result: StudyResult) -> tuple[list[str], list[list[str]]]:
     """The recommended approach against the best peer on each criterion, per M."""
-    rec = recommended_method()
+    rec = result.meta["recommended"]
     ppl_task = result.meta["ppl_tasks"][0] if result.meta["ppl_tasks"] else None
     header = ["M", "recommended", f"best peer ({ppl_task or 'ppl'})", "ppl: beats every peer",
               "mean acc (recommended)", "best peer (mean acc)", "acc: >= best peer"]
@@ -323,6 +357,7 @@ def write_outputs(result: StudyResult, rankings_by_model: dict[str, list],
             "## Energy against held-out loss (Spearman ρ over the K verified states)\n", markdown_table(h2, r2),
             f"## The recommended approach ({_label(meta['recommended'])}) against the peers\n",
             markdown_table(h3, r3) if r3 else "(the recommended approach or the peers were not part of this study)\n",
+            *([meta["judge"] + "\n"] if meta.get("judge") else []),
             "## Figures\n", *[f"![{p.stem}]({p.name})\n" for key, p in paths.items() if p.suffix == ".png"]]
     if meta.get("repair"):
         from cboprune.repair.comparison import repair_markdown

@@ -196,6 +196,16 @@ def test_study_end_to_end(tiny_checkpoint, shared_data, tmp_path):
             assert by[("measured+refine", m)]["heldout_nll"] <= by[("measured+verify", m)]["heldout_nll"] + 1e-12
     md = (out / "study.md").read_text()
     assert "Spearman" in md and "[recommended]" in md and "beats every peer" in md
+    # `run`'s default judge (local data, K >= 2) is on by default: its pick is the recommended row,
+    # one of the two best verified states, and it costs the verification plus its heals.
+    assert data["meta"]["recommended"] == "hybrid+judge" and "short-heal judge" in md
+    for m in (2, 3):
+        judged, verified = by[("hybrid+judge", m)], by[("hybrid+verify", m)]
+        info = judged["ranking"]["info"]["heal_judge"]
+        assert info["steps"] == 3 and len(info["order"]) == 2 and judged["candidate"]["removed"] == info["order"][0]
+        assert judged["cost_forward_passes"] == pytest.approx(verified["cost_forward_passes"] + info["forward_passes"])
+        assert info["forward_passes"] > 0
+    assert not (tmp_path / "study.judge-work").exists()
 
 
 def test_study_bad_input_gives_one_line_errors(tiny_checkpoint, tmp_path, capsys):
