@@ -64,6 +64,7 @@ def _judge(cfg, session, energy_entries: list[Entry], out_dir: Path, candidates:
     import shutil
 
     from cboprune.judge import judge_by_healing
+    from cboprune.verify import measured_nll
 
     verified = {e.n_remove: e for e in energy_entries if e.method.endswith("+verify")}
     work = out_dir.with_name(out_dir.name + ".judge-work")
@@ -74,7 +75,7 @@ def _judge(cfg, session, energy_entries: list[Entry], out_dir: Path, candidates:
         shutil.rmtree(work, ignore_errors=True)
     name = verified[min(verified)].method.replace("+verify", "+judge")
     judged = [Entry(name, r.n_remove, r.best, r, round(verified[r.n_remove].selection_seconds
-                                                        + r.info["heal_judge"]["seconds"], 2), nll=r.best.score)
+                                                        + r.info["heal_judge"]["seconds"], 2), nll=measured_nll(r)[0])
               for r in rankings]
     return judged, section.replace("## Chosen after a short heal", "## The short-heal judge (`run`'s default)")
 

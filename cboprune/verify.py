@@ -68,6 +68,13 @@ def charged(states: Sequence[Sequence[int]], nll: Sequence[float], run_cost: flo
     return np.asarray(nll, dtype=float) + run_cost * np.array([contiguous_runs(s) for s in states], dtype=float)
 
 
+def measured_nll(verified: Ranking) -> list[float]:
+    """The held-out NLL of each candidate of a verified ranking, in its order, without the run cost
+    its scores may carry (the number a table of held-out perplexities shows)."""
+    raw = (verified.info.get("verification") or {}).get("heldout_nll")
+    return list(raw) if raw is not None else [c.score for c in verified.candidates]
+
+
 def verify(model: torch.nn.Module, heldout: CalibrationSet, ranking: Ranking, *, batch_size: int = 8,
            rows_per_pass: int | None = None, nll: Sequence[float] | None = None) -> Ranking:
     """The ranking's candidates re-ordered by measured held-out NLL (lowest first).

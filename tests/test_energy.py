@@ -336,3 +336,25 @@ def test_run_cost_charges_each_contiguous_run_of_removed_blocks(model, calib):
         assert cand.score == pytest.approx(value + lam * contiguous_runs(cand.removed), abs=1e-9)
     assert [c.score for c in verified.candidates] == sorted(c.score for c in verified.candidates)
     assert verified.info["verification"]["heldout_nll"] == pytest.approx(list(nll))
+
+
+def test_study_tables_show_the_measured_nll_not_the_run_cost_score(tiny_checkpoint, shared_data, tmp_path):
+    out = tmp_path / "study"
+    text = tmp_path / "text.txt"
+    text.write_text("The cat sat on the mat. It was a sunny day, and the children played in the park. " * 3)
+    assert main(["-q", "study", "--model", str(tiny_checkpoint), "--data",
+                 str(shared_data / "calib" / "alpaca_en_demo.json"), "--n-samples", "6", "--heldout-samples", "4",
+                 "--seq-len", "32", "--batch-size", "4", "--remove", "2", "--top", "4", "--energies", "hybrid",
+                 "--refine", "hybrid", "--refine-sweeps", "1", "--run-cost", "0.5", "--peers", "sleb",
+                 "--heal-candidates", "0", "--tasks", f"file:{text}", "--ppl-limit", "1", "--max-length", "64",
+                 "--output-dir", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    by = {e["method"]: e for e in data["entries"]}
+    ver = by["hybrid+verify"]["ranking"]["info"]["verification"]
+    assert ver["heldout_nll"][0] < by["hybrid+verify"]["ranking"]["candidates"][0]["score"]  # charged: can fail
+    raw = {tuple(c["removed"]): v for c, v in zip(by["hybrid+verify"]["ranking"]["candidates"], ver["heldout_nll"])}
+    for name in ("hybrid:0", "hybrid+verify", "hybrid+refine"):  # the refined state is measured afresh
+        removed = tuple(by[name]["candidate"]["removed"])
+        if removed in raw:
+            assert by[name]["heldout_nll"] == pytest.approx(raw[removed], abs=1e-6), name
+    assert by["hybrid+refine"]["heldout_nll"] is not None
