@@ -270,13 +270,12 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
         rankings = rank_states(context, cfg.remove, cfg.top, energy=cfg.energy, verify=cfg.verify,
                                refine_sweeps=cfg.refine_sweeps)
         seconds = time.perf_counter() - t0
-        selected, judge_cost, judged = rankings, {}, None
+        selected, judge_cost, judged, judge_seconds = rankings, {}, None, 0.0
         if candidates:
             t0 = time.perf_counter()
             rankings, judged, judge_cost = judge_by_healing(cfg, session, rankings, staging, candidates)
             judge_seconds = time.perf_counter() - t0
-        sections = [_cost_section(cfg, selected, session, hessian, seconds, judge_cost,
-                                  judge_seconds if candidates else 0.0)]
+        sections = [_cost_section(cfg, selected, session, hessian, seconds, judge_cost, judge_seconds)]
         if judged:
             sections.append(judged)
         rankings_dir = staging / "rankings"
