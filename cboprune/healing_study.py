@@ -234,25 +234,38 @@ def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return spearman(list(a), list(b))
 
 
+def _heal_ce_pairs(rows: Sequence[Entry], steps: int, before) -> tuple[list[float], list[float]]:
+    """(before(row), heal CE after `steps`) over the rows that have both."""
+    pairs = [(before(r), r.healed[steps].get("heal_ce")) for r in rows]
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    return [a for a, _ in pairs], [b for _, b in pairs]
+
+
 def heal_correlations(entries: Sequence[Entry], steps: Sequence[int]) -> dict[int, dict[str, Any]]:
-    """Per M: Spearman between pre-heal and post-heal NLL over the distinct configurations, for every
-    budget; and between the first and the last budget's post-heal NLL (does the order converge?)."""
+    """Per M: Spearman between pre-heal and post-heal loss over the distinct configurations, for every
+    budget, and between the first and the last budget's post-heal loss (does the order converge?).
+    Twice: on the comparison's NLL samples (`pre_vs_post_S`; for study, samples of the calibration file,
+    which the heal may have trained on when it is also the heal data) and on the heal data's held-out
+    records, never trained on (`..._ce`: heal CE before against after)."""
     out: dict[int, dict[str, Any]] = {}
     for m in sorted({e.n_remove for e in entries}):
         rows = [e for e in entries if e.n_remove == m and e.same_as is None and e.healed and e.nll is not None]
         d: dict[str, Any] = {"n": len(rows)}
         for s in steps:
             d[f"pre_vs_post_{s}"] = _spearman([e.nll for e in rows], [e.healed[s]["nll"] for e in rows])
+            d[f"pre_vs_post_{s}_ce"] = _spearman(*_heal_ce_pairs(rows, s, lambda r, s=s: r.healed[s].get("heal_ce_before")))
         if len(steps) > 1:
             d["post_first_vs_last"] = _spearman([e.healed[steps[0]]["nll"] for e in rows],
                                                 [e.healed[steps[-1]]["nll"] for e in rows])
+            d["post_first_vs_last_ce"] = _spearman(*_heal_ce_pairs(
+                rows, steps[-1], lambda r: r.healed[steps[0]].get("heal_ce")))
         out[m] = d
     return out
 
 
 def energy_heal_correlations(entries: Sequence[Entry], steps: Sequence[int]) -> dict[str, dict[int, dict]]:
-    """Per energy model and M: Spearman between the energy and the post-heal NLL over its healed
-    low-energy states (entries `<energy>:<rank>`)."""
+    """Per energy model and M: Spearman between the energy and the loss before and after healing over
+    its healed low-energy states (entries `<energy>:<rank>`): the NLL and, after, also the heal CE."""
     from cboprune import methods
 
     out: dict[str, dict[int, dict]] = {}
@@ -267,9 +280,11 @@ def energy_heal_correlations(entries: Sequence[Entry], steps: Sequence[int]) -> 
             if len(rows) < 3:
                 continue
             energies = [r.candidate.score for r in rows]
-            result.setdefault(name, {})[m] = {"n": len(rows), **{
-                f"energy_vs_post_{s}": _spearman(energies, [r.healed[s]["nll"] for r in rows]) for s in steps},
-                "energy_vs_pre": _spearman(energies, [r.nll for r in rows])}
+            d: dict[str, Any] = {"n": len(rows), "energy_vs_pre": _spearman(energies, [r.nll for r in rows])}
+            for s in steps:
+                d[f"energy_vs_post_{s}"] = _spearman(energies, [r.healed[s]["nll"] for r in rows])
+                d[f"energy_vs_post_{s}_ce"] = _spearman(*_heal_ce_pairs(rows, s, lambda r: r.candidate.score))
+            result.setdefault(name, {})[m] = d
     return result
 
 
@@ -279,7 +294,7 @@ def heal_table(entries: Sequence[Entry], steps: Sequence[int], label, ppl_task: 
     after, heal seconds."""
     from cboprune.evaluation.protocol import mean_accuracy, primary_scores
 
-    header = ["M", "method", "removed", "NLL before"]
+    header = ["M", "method", "removed", "NLL before", "heal CE before"]
     for s in steps:
         header += [f"NLL after {s}", f"heal CE after {s}"] + ([f"{ppl_task} after {s}"] if ppl_task else []) \
             + [f"mean acc after {s}"]
@@ -290,6 +305,8 @@ def heal_table(entries: Sequence[Entry], steps: Sequence[int], label, ppl_task: 
             continue
         row = [str(e.n_remove), label(e.method) + (f" (= {label(e.same_as)})" if e.same_as else ""),
                "[" + ", ".join(map(str, e.candidate.removed)) + "]", "—" if e.nll is None else f"{e.nll:.4f}"]
+        ce_before = e.healed[steps[0]].get("heal_ce_before")  # the same pruned model for every budget
+        row.append("—" if ce_before is None else f"{ce_before:.4f}")
         seconds = 0.0
         for s in steps:
             h = e.healed[s]
@@ -306,19 +323,19 @@ def heal_table(entries: Sequence[Entry], steps: Sequence[int], label, ppl_task: 
     return header, rows
 
 
+def _rho(x) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.2f}"
+
+
 def correlation_table(corr: dict[int, dict[str, Any]], steps: Sequence[int]) -> tuple[list[str], list[list[str]]]:
-    header = ["M", "configurations", *[f"ρ(pre, post {s})" for s in steps]]
+    header = ["M", "configurations", *[f"ρ(pre, post {s}) {what}" for s in steps for what in ("NLL", "heal CE")]]
     if len(steps) > 1:
-        header.append(f"ρ(post {steps[0]}, post {steps[-1]})")
-
-    def f(x):
-        return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.2f}"
-
+        header += [f"ρ(post {steps[0]}, post {steps[-1]}) {what}" for what in ("NLL", "heal CE")]
     rows = []
     for m, d in corr.items():
-        row = [str(m), str(d["n"]), *[f(d[f"pre_vs_post_{s}"]) for s in steps]]
+        row = [str(m), str(d["n"]), *[_rho(d[f"pre_vs_post_{s}{k}"]) for s in steps for k in ("", "_ce")]]
         if len(steps) > 1:
-            row.append(f(d["post_first_vs_last"]))
+            row += [_rho(d["post_first_vs_last"]), _rho(d["post_first_vs_last_ce"])]
         rows.append(row)
     return header, rows
 
@@ -346,11 +363,10 @@ def healing_markdown(entries: Sequence[Entry], meta: dict[str, Any], label) -> s
             markdown_table(h2, r2)]
     by_energy = energy_heal_correlations(entries, steps)
     if by_energy:
-        def f(x):
-            return "—" if x is None or math.isnan(x) else f"{x:+.2f}"
-
-        header = ["energy model", "M", "states", "ρ(energy, pre)", *[f"ρ(energy, post {s})" for s in steps]]
-        rows = [[name, str(m), str(d["n"]), f(d["energy_vs_pre"]), *[f(d[f"energy_vs_post_{s}"]) for s in steps]]
+        header = ["energy model", "M", "states", "ρ(energy, NLL before)",
+                  *[f"ρ(energy, {what} after {s})" for s in steps for what in ("NLL", "heal CE")]]
+        rows = [[name, str(m), str(d["n"]), _rho(d["energy_vs_pre"]),
+                 *[_rho(d[f"energy_vs_post_{s}{k}"]) for s in steps for k in ("", "_ce")]]
                 for name, by_m in by_energy.items() for m, d in sorted(by_m.items())]
         text += ["## Does the energy predict the loss after healing? (its lowest states)\n", markdown_table(header, rows)]
     return "\n".join(text)

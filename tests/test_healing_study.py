@@ -143,3 +143,39 @@ def test_compare_heals_from_one_teacher_pass_with_the_teacher_cache(tiny_checkpo
     # The first configuration's two budgets compute the rows they visit; every later heal computes none.
     assert len(heals) >= 6 and max(computed) > 0 and sum(1 for c in computed if c) <= 2, computed
     assert len(list(out.with_name("cmp.teacher-cache").glob("*/meta.json"))) == 1
+
+
+def test_study_heals_the_lowest_states_and_correlates_their_energy_with_the_loss_after(tiny_checkpoint, shared_data,
+                                                                                      tmp_path):
+    """--heal-states K: every energy model's K lowest states are healed alike; healing.md gives the
+    Spearman correlation of the energy with the loss after healing (NLL and heal CE), as results.json
+    lets one recompute it."""
+    from scipy.stats import spearmanr
+
+    data = str(shared_data / "calib" / "alpaca_en_demo.json")
+    text = tmp_path / "text.txt"
+    text.write_text("The cat sat on the mat. It was a sunny day, and the children played in the park. " * 3)
+    out = tmp_path / "study"
+    assert main(["-q", "study", "--model", str(tiny_checkpoint), "--data", data, "--n-samples", "6",
+                 "--heldout-samples", "3", "--seq-len", "32", "--batch-size", "3", "--remove", "2", "--top", "6",
+                 "--energies", "fisher", "--refine", "", "--peers", "bi", "--heal-states", "4", "--heal-steps", "1",
+                 "--heal-seq-len", "32", "--heal-micro-batch-size", "2", "--heal-global-batch-size", "2",
+                 "--heal-lr", "1e-3", "--tasks", f"file:{text}", "--ppl-limit", "1", "--max-length", "64",
+                 "--output-dir", str(out)]) == 0
+    entries = json.loads((out / "results.json").read_text())["entries"]
+    states = sorted((e for e in entries if e["method"].startswith("fisher:")), key=lambda e: int(e["method"][7:]))
+    assert [e["method"] for e in states] == [f"fisher:{r}" for r in range(4)]
+    ranking = states[0]["ranking"]["candidates"]
+    assert [e["candidate"]["removed"] for e in states] == [c["removed"] for c in ranking[:4]]
+    for e in entries:
+        assert e["healed"]["1"]["heal_ce"] > 0 and e["healed"]["1"]["heal_ce_before"] > 0
+    energies = [e["candidate"]["score"] for e in states]
+    assert energies == sorted(energies)
+    rho_nll = spearmanr(energies, [e["healed"]["1"]["nll"] for e in states]).statistic
+    rho_ce = spearmanr(energies, [e["healed"]["1"]["heal_ce"] for e in states]).statistic
+    rho_pre = spearmanr(energies, [e["heldout_nll"] for e in states]).statistic
+    md = (out / "healing.md").read_text()
+    assert "heal CE before" in md and "ρ(pre, post 1) heal CE" in md
+    row = next(line for line in md.splitlines() if line.startswith("| fisher | 2 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "4" and [float(c) for c in cells[3:6]] == pytest.approx([rho_pre, rho_nll, rho_ce], abs=0.006)
