@@ -56,10 +56,11 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
 
     from cboprune import methods as registry
     from cboprune.evaluation.protocol import EvalProtocol
-    from cboprune.experiment import SelectionContext, energy_entries, evaluate_entries, peer_entries
+    from cboprune.experiment import (SelectionContext, energy_entries, evaluate_entries, evaluate_original,
+                                     peer_entries)
     from cboprune.healing_study import cost_of, heal_and_repair
-    from cboprune.masked import calibration_nll
     from cboprune.outputs import check_output_dir, staged_dir
+    from cboprune.resume import StepCache, entries_from_state, entries_state, selection_settings, weights_fingerprint
     from cboprune.session import load_session
 
     names = registry.parse_names(cfg.methods, extra=("cbo",))
@@ -82,29 +83,46 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
     context = SelectionContext(net, calibration, batch_size=cfg.batch_size, seed=cfg.seed, time_limit=cfg.time_limit,
                                options={"swm_threshold": cfg.swm_threshold, "swm_rule": cfg.swm_rule},
                                model_name=cfg.model, progress=progress)
+    # With healing (hours), every finished step is kept so that an interrupted comparison resumes.
+    steps = StepCache(recipe.cache_dir / "steps" if recipe is not None and recipe.cache_dir is not None else None)
+    weights = weights_fingerprint(net) if steps.directory is not None else None
+    step_fields = {"command": "compare", "weights": weights, "fit": calibration.fingerprint,
+                   "settings": selection_settings(cfg, "compare")}
     entries: list[Entry] = []
+    hessian_meta: dict[str, Any] = {}
     for name in names:
+        fields = {**step_fields, "step": "selection", "method": name}
+        state = steps.load(fields)
+        if state is not None:
+            entries += entries_from_state(state["entries"])
+            hessian_meta = state.get("hessian") or hessian_meta
+            continue
         if name == "cbo":
             ranks = sorted(set(cfg.cbo_ranks))
-            entries += energy_entries("fisher", context, cfg.remove, ranks=ranks, k=max(ranks) + 1,
+            selected = energy_entries("fisher", context, cfg.remove, ranks=ranks, k=max(ranks) + 1,
                                       alias="cbo").entries
         else:
-            entries += peer_entries(name, context, cfg.remove)
+            selected = peer_entries(name, context, cfg.remove)
+        hessian = context.cache.get("hessian")
+        if hessian is not None:
+            hessian_meta = {k: v for k, v in hessian.meta.items() if k != "block_names"}
+        steps.save(fields, {"entries": entries_state(selected), "hessian": hessian_meta})
+        entries += selected
     entries.sort(key=lambda e: (e.n_remove, names.index(e.base), e.method))
     selection_seconds = round(time.perf_counter() - started, 2)
 
     t0 = time.perf_counter()
-    baseline = protocol.evaluate(net, tokenizer=session.tokenizer)
-    baseline["calib_ppl"] = math.exp(calibration_nll(net, calibration, batch_size=cfg.batch_size))
+    baseline = evaluate_original(net, session.tokenizer, protocol, calibration, cfg.batch_size, steps,
+                                 {"weights": weights}, key="calib_nll")
+    baseline["calib_ppl"] = math.exp(baseline.pop("calib_nll"))
     evaluate_entries(entries, net, session.tokenizer, protocol, nll_samples=calibration, batch_size=cfg.batch_size,
-                     speedup=cfg.speedup)
+                     speedup=cfg.speedup, cache=steps, cache_fields={"weights": weights})
     for e in entries:
         e.cost = cost_of(e, session.n_blocks, fit_tokens=calibration.n_tokens)
     eval_seconds = round(time.perf_counter() - t0, 2)
     heal_and_repair(entries, net, session.tokenizer, protocol, recipe=recipe, repair=cfg.repair, fit=calibration,
                     nll_samples=calibration, batch_size=cfg.batch_size, progress=progress,
                     workdir=out_dir.with_name(out_dir.name + ".heal-work"))
-    hessian = context.cache.get("hessian")
     meta = {"model": cfg.model, "n_blocks": session.n_blocks, "methods": names, "remove": cfg.remove,
             "cbo_ranks": sorted(set(cfg.cbo_ranks)), **protocol.describe(), "calibration": calibration.describe(),
             "batch_size": cfg.batch_size, "seed": cfg.seed, "device": session.device, "dtype": cfg.dtype,
@@ -112,7 +130,7 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
             "seconds": {"selection": selection_seconds, "evaluation": eval_seconds,
                         "total": round(time.perf_counter() - started, 2)},
             "healing": recipe.describe() if recipe is not None else None, "repair": cfg.repair,
-            "hessian": {k: v for k, v in hessian.meta.items() if k != "block_names"} if hessian else {}}
+            "hessian": hessian_meta}
     result = CompareResult(output_dir=out_dir, entries=entries, baseline=baseline, meta=meta)
     with staged_dir(out_dir, overwrite=cfg.overwrite) as stage:  # all of it or nothing
         write_outputs(result, stage)

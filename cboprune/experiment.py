@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from cboprune.data.calibration import CalibrationSet
     from cboprune.evaluation.protocol import EvalProtocol
     from cboprune.ranking import Candidate, Ranking
+    from cboprune.resume import StepCache
 
 log = logging.getLogger(__name__)
 
@@ -242,10 +243,12 @@ def apply_configuration(model: torch.nn.Module, candidate: Candidate, merge_rule
 
 
 def evaluate_entries(entries: Sequence[Entry], model: torch.nn.Module, tokenizer, protocol: EvalProtocol, *,
-                     nll_samples: CalibrationSet, batch_size: int = 8, speedup: bool = False) -> None:
+                     nll_samples: CalibrationSet, batch_size: int = 8, speedup: bool = False,
+                     cache: StepCache | None = None, cache_fields: dict[str, Any] | None = None) -> None:
     """Evaluate every distinct configuration once (entries with an equal configuration share the
     result and name the first in `same_as`); an entry's `nll` is measured on `nll_samples` when the
-    selection did not already measure it there."""
+    selection did not already measure it there. `cache` (with `cache_fields`, the weights' fingerprint):
+    evaluations finished by an earlier, interrupted run are reused."""
     from cboprune.masked import calibration_nll
 
     done: dict[tuple, Entry] = {}
@@ -257,6 +260,16 @@ def evaluate_entries(entries: Sequence[Entry], model: torch.nn.Module, tokenizer
             entry.eval, entry.same_as, entry.speedup = first.eval, first.method, first.speedup
             entry.nll = first.nll if entry.nll is None else entry.nll
             continue
+        done[key] = entry
+        fields = {**(cache_fields or {}), "step": "evaluation", "removed": list(entry.candidate.removed),
+                  "merged": [list(g) for g in entry.candidate.merged], "rule": rule if entry.candidate.merged else None,
+                  "eval": protocol.describe(), "nll_samples": nll_samples.fingerprint, "speedup": speedup}
+        state = cache.load(fields) if cache is not None else None
+        if state is not None and (entry.nll is not None or state.get("nll") is not None):
+            entry.eval, entry.speedup = state["eval"], state.get("speedup")
+            entry.nll = state["nll"] if entry.nll is None else entry.nll
+            log.info("reused the evaluation of %s at M = %d", entry.method, entry.n_remove)
+            continue
         pruned = apply_configuration(model, entry.candidate, rule)
         if entry.nll is None:
             entry.nll = calibration_nll(pruned, nll_samples, batch_size=batch_size)
@@ -266,9 +279,28 @@ def evaluate_entries(entries: Sequence[Entry], model: torch.nn.Module, tokenizer
 
             entry.speedup = speedup_summary(model, pruned)
         del pruned
-        done[key] = entry
+        if cache is not None:  # the NLL on these samples, whichever step measured it
+            cache.save(fields, {"nll": entry.nll, "eval": entry.eval, "speedup": entry.speedup})
         log.info("evaluated %s at M = %d: removed %s, NLL %.4f", entry.method, entry.n_remove,
                  list(entry.candidate.removed), entry.nll)
+
+
+def evaluate_original(model: torch.nn.Module, tokenizer, protocol: EvalProtocol, nll_samples: CalibrationSet,
+                      batch_size: int, cache: StepCache | None = None, cache_fields: dict[str, Any] | None = None, *,
+                      key: str) -> dict[str, Any]:
+    """The unpruned model's evaluation, with its mean NLL on `nll_samples` under `key`."""
+    from cboprune.masked import calibration_nll
+
+    fields = {**(cache_fields or {}), "step": "original", "eval": protocol.describe(),
+              "nll_samples": nll_samples.fingerprint}
+    state = cache.load(fields) if cache is not None else None
+    if state is not None and isinstance(state.get("nll"), (int, float)):
+        return {**state["eval"], key: state["nll"]}
+    evaluation = protocol.evaluate(model, tokenizer)
+    nll = calibration_nll(model, nll_samples, batch_size=batch_size)
+    if cache is not None:
+        cache.save(fields, {"eval": evaluation, "nll": nll})
+    return {**evaluation, key: nll}
 
 
 def entry_dict(entry: Entry, nll_key: str) -> dict[str, Any]:

@@ -72,18 +72,18 @@ class HealRecipe:
         return d
 
 
-def _key(entry: Entry, recipe: HealRecipe, steps: int, protocol: EvalProtocol, nll_fingerprint: str,
-         repair_fit: str | None = None) -> str:
+def _heal_fields(entry: Entry, recipe: HealRecipe, steps: int, protocol: EvalProtocol, nll_fingerprint: str | None,
+                 weights: str | None, repair_fit: str | None = None) -> dict[str, Any]:
+    """Everything a heal's result depends on: its cache entry's fingerprint."""
     from cboprune.experiment import merge_rule_of
 
     fields = {"removed": list(entry.candidate.removed), "merged": [list(g) for g in entry.candidate.merged],
               "rule": merge_rule_of(entry) if entry.candidate.merged else None,
               "recipe": {**recipe.describe(), "steps": steps}, "eval": protocol.describe(),
-              "nll_samples": nll_fingerprint}
+              "nll_samples": nll_fingerprint, "weights": weights}
     if repair_fit is not None:  # healed from the linear repair fitted on these samples
         fields["repair"] = {"method": "linear", "fit": repair_fit}
-    text = json.dumps(fields, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
+    return fields
 
 
 def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe, protocol: EvalProtocol, *,
@@ -98,9 +98,10 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
     from cboprune.models import load_model
     from cboprune.models.surgery import save_pruned
 
-    cache = recipe.cache_dir
-    if cache is not None:
-        cache.mkdir(parents=True, exist_ok=True)
+    from cboprune.resume import StepCache, weights_fingerprint
+
+    cache = StepCache(recipe.cache_dir)
+    weights = weights_fingerprint(model)  # the teacher's name alone would reuse heals of replaced weights
     workdir.mkdir(parents=True, exist_ok=True)
     done: dict[tuple, Entry] = {}
     slot = "healed" if repair_fit is None else "repair_healed"
@@ -113,19 +114,16 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
             continue
         done[key] = entry
         for steps in recipe.steps:
-            digest = _key(entry, recipe, steps, protocol, None if nll_samples is None else nll_samples.fingerprint,
-                          repair_fit.fingerprint if repair_fit is not None else None)
-            cached = cache / f"{digest}.json" if cache is not None else None
-            if cached is not None and cached.is_file():
-                try:
-                    result = json.loads(cached.read_text())
-                except (OSError, ValueError):
-                    result = None
-                if isinstance(result, dict):
-                    getattr(entry, slot)[steps] = result
-                    log.info("healing: %s at M = %d, %d steps: reused %s", entry.method, entry.n_remove, steps, cached)
-                    continue
-                log.warning("healing: %s is damaged: healing again", cached)  # a cache, never trusted blindly
+            fields = _heal_fields(entry, recipe, steps, protocol,
+                                  None if nll_samples is None else nll_samples.fingerprint, weights,
+                                  repair_fit.fingerprint if repair_fit is not None else None)
+            digest = cache.key(fields)
+            result = cache.load(fields)
+            if result is not None:
+                getattr(entry, slot)[steps] = result
+                log.info("healing: %s at M = %d, %d steps: reused %s", entry.method, entry.n_remove, steps,
+                         cache.path(fields))
+                continue
             t0 = time.perf_counter()
             student = workdir / f"{digest}-student"
             healed_dir = (recipe.keep_checkpoints / f"M{entry.n_remove}-{entry.method.replace(':', '-')}"
@@ -172,10 +170,7 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
             if recipe.keep_checkpoints is None:
                 shutil.rmtree(healed_dir, ignore_errors=True)
             getattr(entry, slot)[steps] = result
-            if cached is not None:
-                tmp = cached.with_suffix(".tmp")
-                tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
-                tmp.replace(cached)  # atomic: a kill never leaves a half-written result
+            cache.save(fields, result)
             log.info("healing: %s at M = %d, %d steps: NLL %.4f -> %.4f, heal CE %.4f (%.0f s)", entry.method,
                      entry.n_remove, steps, _or_nan(entry.nll), _or_nan(result["nll"]), _or_nan(result["heal_ce"]),
                      result["seconds"])

@@ -80,17 +80,46 @@ def _judge(cfg, session, energy_entries: list[Entry], out_dir: Path, candidates:
     return judged, section.replace("## Chosen after a short heal", "## The short-heal judge (`run`'s default)")
 
 
+def heal_order(entries: list[Entry]) -> list[Entry]:
+    """The table's configurations first, then the extra low-energy states of --heal-states rank by
+    rank across M and energy models: a study stopped part-way has every group equally far along."""
+    def extra_rank(e: Entry) -> int:
+        rank = e.method.partition(":")[2]
+        return int(rank) if rank.isdigit() else 0
+
+    return sorted(entries, key=extra_rank)  # stable: the table's order within a rank
+
+
+def _energy_state(result) -> dict[str, Any]:
+    from cboprune.resume import entries_state
+
+    return {"entries": entries_state(result.entries), "seconds": result.seconds,
+            "rankings": [[m, r.to_dict()] for m, r in result.rankings.items()],
+            "correlations": [[m, c] for m, c in result.correlations.items()]}
+
+
+def _energy_result(state: dict[str, Any]):
+    from cboprune.experiment import EnergyResult
+    from cboprune.ranking import Ranking
+    from cboprune.resume import entries_from_state
+
+    return EnergyResult(entries_from_state(state["entries"]),
+                        {int(m): Ranking.from_dict(r) for m, r in state["rankings"]},
+                        {int(m): c for m, c in state["correlations"]}, float(state["seconds"]))
+
+
 def run_study(cfg, *, progress: bool = True) -> StudyResult:
     """Every energy model's K lowest states verified on held-out samples, every peer on the same
     fitting samples, every distinct configuration evaluated once. `cfg`: a `Config` for "study"."""
     import torch
 
     from cboprune.evaluation.protocol import EvalProtocol
-    from cboprune.experiment import SelectionContext, energy_entries, evaluate_entries, peer_entries
+    from cboprune.experiment import (SelectionContext, energy_entries, evaluate_entries, evaluate_original,
+                                     peer_entries)
     from cboprune.healing_study import cost_of, heal_and_repair
     from cboprune.judge import auto_candidates
-    from cboprune.masked import calibration_nll
     from cboprune.outputs import check_output_dir, staged_dir
+    from cboprune.resume import StepCache, entries_from_state, entries_state, selection_settings, weights_fingerprint
     from cboprune.session import load_session
 
     energies = registry.parse_names(cfg.energies, registry.ENERGY)
@@ -119,17 +148,31 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
                                         "exact_samples": cfg.exact_samples},
                                model_name=cfg.model, progress=progress)
 
+    # With healing (hours), every finished step is kept so that an interrupted study resumes.
+    steps = StepCache(recipe.cache_dir / "steps" if recipe is not None and recipe.cache_dir is not None else None)
+    weights = weights_fingerprint(net) if steps.directory is not None else None
+    step_fields = {"command": "study", "weights": weights, "fit": fit.fingerprint,
+                   "heldout": heldout.fingerprint if heldout is not None else None,
+                   "settings": selection_settings(cfg, "study")}
+
     # 1. energy models -> K lowest states -> verified on the held-out part
     entries: list[Entry] = []
     correlations: dict[str, dict[int, dict[str, Any]]] = {}
     rankings_by_model: dict[str, list] = {}
+    done = {name: steps.load({**step_fields, "step": "energy", "method": name}) for name in energies}
     t0 = time.perf_counter()
-    if any("gradients" in registry.get(e).needs and e != "exact" for e in energies):
+    if any(done[e] is None and "gradients" in registry.get(e).needs and e != "exact" for e in energies):
         context.hessian()  # shared by the gradient-based models (exact makes its own)
     costs = {"gate gradients": time.perf_counter() - t0}
     for name in energies:
-        result = energy_entries(name, context, cfg.remove, k=cfg.top, verify=True, diverse=cfg.diverse,
-                                refine_sweeps=cfg.refine_sweeps if name in refine else 0)
+        fields = {**step_fields, "step": "energy", "method": name}
+        if done[name] is None:
+            result = energy_entries(name, context, cfg.remove, k=cfg.top, verify=True, diverse=cfg.diverse,
+                                    refine_sweeps=cfg.refine_sweeps if name in refine else 0)
+            steps.save(fields, _energy_state(result))
+        else:
+            result = _energy_result(done[name])
+            log.info("study: energy model %s reused from %s", name, steps.path(fields))
         entries += result.entries
         for m, ranking in result.rankings.items():  # more low-energy states, healed for ρ(energy, post-heal)
             entries += [Entry(f"{name}:{r}", m, c, ranking, result.entries[0].selection_seconds)
@@ -139,13 +182,26 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
         costs[name] = result.seconds
         log.info("study: energy model %s built and verified in %.1f s", name, result.seconds)
         if name == RECOMMENDED.energy and candidates:
-            judged, judge_section = _judge(cfg, session, result.entries, out_dir, candidates)
+            fields = {**step_fields, "step": "judge", "method": name}
+            state = steps.load(fields)
+            if state is None:
+                judged, judge_section = _judge(cfg, session, result.entries, out_dir, candidates)
+                steps.save(fields, {"entries": entries_state(judged), "section": judge_section})
+            else:
+                judged, judge_section = entries_from_state(state["entries"]), state["section"]
             entries += judged
             costs["judge"] = sum(e.ranking.info["heal_judge"]["seconds"] for e in judged)
 
     # 2. peers, on the same fitting part
     for method in peers:
-        entries += peer_entries(method, context, cfg.remove)
+        fields = {**step_fields, "step": "peer", "method": method}
+        state = steps.load(fields)
+        if state is None:
+            selected = peer_entries(method, context, cfg.remove)
+            steps.save(fields, {"entries": entries_state(selected)})
+        else:
+            selected = entries_from_state(state["entries"])
+        entries += selected
     order = [f"{e}{s}" for e in energies for s in (":0", "+verify", "+judge", "+refine")] + list(peers)
     entries.sort(key=lambda e: (e.n_remove, order.index(e.method) if e.method in order
                                 else order.index(f"{e.base}+refine") + int(e.method.split(":")[1]) / 1e3))
@@ -153,9 +209,10 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
 
     # 3. evaluation of every distinct configuration
     t0 = time.perf_counter()
-    baseline = protocol.evaluate(net, session.tokenizer)
-    baseline["heldout_nll"] = calibration_nll(net, heldout, batch_size=cfg.batch_size)
-    evaluate_entries(entries, net, session.tokenizer, protocol, nll_samples=heldout, batch_size=cfg.batch_size)
+    baseline = evaluate_original(net, session.tokenizer, protocol, heldout, cfg.batch_size, steps,
+                                 {"weights": weights}, key="heldout_nll")
+    evaluate_entries(entries, net, session.tokenizer, protocol, nll_samples=heldout, batch_size=cfg.batch_size,
+                     cache=steps, cache_fields={"weights": weights})
     from cboprune.energies.hybrid import single_fraction
 
     opts = {"pool": cfg.pool, "relin_step": cfg.relin_step,
@@ -163,7 +220,7 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
     for e in entries:
         e.cost = cost_of(e, session.n_blocks, fit_tokens=fit.n_tokens, heldout_tokens=heldout.n_tokens, options=opts)
     eval_seconds = round(time.perf_counter() - t0, 2)
-    heal_and_repair(entries, net, session.tokenizer, protocol, recipe=recipe, repair=cfg.repair, fit=fit,
+    heal_and_repair(heal_order(entries), net, session.tokenizer, protocol, recipe=recipe, repair=cfg.repair, fit=fit,
                     nll_samples=heldout, batch_size=cfg.batch_size, progress=progress,
                     workdir=out_dir.with_name(out_dir.name + ".heal-work"))
     meta = {"model": cfg.model, "n_blocks": session.n_blocks, "block_kinds": session.block_kinds,

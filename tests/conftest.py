@@ -36,14 +36,14 @@ def tiny_llama(n_layers: int = 6, seed: int = 0, vocab_size: int = 128):
     return model
 
 
-def save_tiny_checkpoint(path: Path, n_layers: int = 6) -> Path:
+def save_tiny_checkpoint(path: Path, n_layers: int = 6, seed: int = 0) -> Path:
     """A random tiny Llama with the default model's tokenizer, saved like any HF checkpoint."""
     from transformers import AutoTokenizer
 
     from cboprune.models.loading import resolve_model_source
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_source("default")[0])
-    model = tiny_llama(n_layers=n_layers, vocab_size=len(tokenizer))
+    model = tiny_llama(n_layers=n_layers, seed=seed, vocab_size=len(tokenizer))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

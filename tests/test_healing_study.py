@@ -179,3 +179,79 @@ def test_study_heals_the_lowest_states_and_correlates_their_energy_with_the_loss
     row = next(line for line in md.splitlines() if line.startswith("| fisher | 2 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "4" and [float(c) for c in cells[3:6]] == pytest.approx([rho_pre, rho_nll, rho_ce], abs=0.006)
+
+
+def _forbid_recomputation(monkeypatch):
+    """Make every selection, evaluation and heal fail if it runs."""
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished step was computed again")
+
+    for target in ("cboprune.heal.heal", "cboprune.experiment.energy_entries", "cboprune.experiment.peer_entries",
+                   "cboprune.evaluation.protocol.EvalProtocol.evaluate", "cboprune.masked.calibration_nll",
+                   "cboprune.judge.judge_by_healing"):
+        monkeypatch.setattr(target, fail)
+
+
+def test_an_interrupted_study_resumes_without_redoing_selection_evaluation_or_heals(tiny_checkpoint, shared_data,
+                                                                                    tmp_path, monkeypatch):
+    data = str(shared_data / "calib" / "alpaca_en_demo.json")
+    text = tmp_path / "text.txt"
+    text.write_text("The cat sat on the mat. It was a sunny day, and the children played in the park. " * 3)
+    out = tmp_path / "study"
+    argv = ["-q", "study", "--model", str(tiny_checkpoint), "--data", data, "--n-samples", "6",
+            "--heldout-samples", "3", "--seq-len", "32", "--batch-size", "3", "--remove", "2", "--top", "3",
+            "--energies", "fisher,hybrid", "--refine", "", "--peers", "bi,sleb", "--heal-states", "3",
+            "--heal-steps", "1", "--judge-steps", "1", "--heal-seq-len", "32", "--heal-micro-batch-size", "2",
+            "--heal-global-batch-size", "2", "--heal-lr", "1e-3", "--tasks", f"file:{text}", "--ppl-limit", "1",
+            "--max-length", "64", "--output-dir", str(out)]
+    assert main(argv) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert any(e["method"] == "hybrid+judge" for e in first["entries"])  # the judge's heals are a step too
+    healing_md = (out / "healing.md").read_text()
+    steps = out.with_name(out.name + ".heal-cache") / "steps"
+    assert len(list(steps.glob("*.json"))) >= 6  # 2 energies, the judge, 2 peers, the original, evaluations
+    # the study was stopped before writing its outputs: a rerun computes nothing again
+    import shutil
+
+    shutil.rmtree(out)
+    with monkeypatch.context() as patch:
+        _forbid_recomputation(patch)
+        assert main(argv) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["entries"] == first["entries"] and again["baseline"] == first["baseline"]
+    assert again["correlations"] == first["correlations"]
+    assert (out / "healing.md").read_text() == healing_md
+    # a damaged step file is computed again, not trusted
+    victim = next(p for p in sorted(steps.glob("*.json")) if '"section"' in p.read_text())  # the judge
+    victim.write_text("[1, 2]")
+    assert main(argv + ["--overwrite"]) == 0
+    assert isinstance(json.loads(victim.read_text()), dict)
+    redone = json.loads((out / "results.json").read_text())["entries"]  # the same picks, new wall times
+
+    def picks(entries):
+        return [(e["method"], e["candidate"]["removed"], e["healed"]["1"]["heal_ce"]) for e in entries]
+
+    assert picks(redone) == picks(first["entries"])
+
+
+def test_compare_resumes_but_never_reuses_results_of_other_weights_at_the_same_path(shared_data, tmp_path,
+                                                                                    monkeypatch):
+    data = str(shared_data / "calib" / "alpaca_en_demo.json")
+    text = tmp_path / "text.txt"
+    text.write_text("The cat sat on the mat. It was a sunny day, and the children played in the park. " * 3)
+    ck = tmp_path / "model"
+    save_tiny_checkpoint(ck, n_layers=5, seed=0)
+    out = tmp_path / "cmp"
+    assert _compare(ck, data, text, out) == 0
+    first = json.loads((out / "results.json").read_text())
+    with monkeypatch.context() as patch:
+        _forbid_recomputation(patch)
+        assert _compare(ck, data, text, out, "--overwrite") == 0
+    assert json.loads((out / "results.json").read_text())["entries"] == first["entries"]
+    save_tiny_checkpoint(ck, n_layers=5, seed=1)  # other weights, same path and configuration
+    import cboprune.heal
+
+    real_heal, calls = cboprune.heal.heal, []
+    monkeypatch.setattr("cboprune.heal.heal", lambda *a, **k: calls.append(1) or real_heal(*a, **k))
+    assert _compare(ck, data, text, out, "--overwrite") == 0
+    assert calls and json.loads((out / "results.json").read_text())["baseline"] != first["baseline"]

@@ -1,0 +1,121 @@
+"""Resuming a long comparison: with healing, every finished step of `compare` / `study` (a method's
+selection, a configuration's evaluation, a heal) is kept as one JSON file under
+`<output-dir>.heal-cache`, named by a fingerprint of everything it depends on (the weights, the
+samples, the settings), so that rerunning an interrupted command redoes only what did not finish.
+
+    StepCache(directory)      load(fields) / save(fields, value): one JSON file per fingerprint
+    weights_fingerprint(m)    identifies the weights themselves, not the path they came from
+    selection_settings(cfg)   the settings that can change a selection (a conservative superset)
+    entries_state / entries_from_state   selected entries to JSON and back
+
+Files are written atomically and read back strictly: one that does not parse is computed again,
+never trusted (and nothing here is unpickled)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cboprune.experiment import Entry
+
+log = logging.getLogger(__name__)
+
+#: settings that change what is evaluated or healed afterwards, never what a method selects
+_NOT_SELECTION = frozenset({"tasks", "limit", "ppl_limit", "eval_batch_size", "data_dir", "max_length", "include_path",
+                            "heal_steps", "heal_lr", "heal_micro_batch_size", "heal_global_batch_size", "heal_keep",
+                            "heal_states", "repair", "output_dir", "overwrite", "speedup"})
+
+
+class StepCache:
+    """One JSON file per finished step in `directory` (None: nothing is kept)."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+
+    @staticmethod
+    def key(fields: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+    def path(self, fields: dict[str, Any]) -> Path | None:
+        return None if self.directory is None else self.directory / f"{self.key(fields)}.json"
+
+    def load(self, fields: dict[str, Any]) -> dict[str, Any] | None:
+        path = self.path(fields)
+        if path is None or not path.is_file():
+            return None
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            value = None
+        if isinstance(value, dict):
+            return value
+        log.warning("resume: %s is damaged: computing it again", path)
+        return None
+
+    def save(self, fields: dict[str, Any], value: dict[str, Any]) -> None:
+        path = self.path(fields)
+        if path is None:
+            return
+        try:
+            text = json.dumps(value, indent=1, default=_plain)
+        except (TypeError, ValueError) as exc:  # a value JSON cannot hold exactly: not kept, not corrupted
+            log.warning("resume: a step could not be kept (%s): a rerun computes it again", exc)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text + "\n", encoding="utf-8")
+        tmp.replace(path)  # atomic: a kill never leaves a half-written result
+
+
+def _plain(value: Any) -> Any:
+    """numpy / torch numbers and arrays, and paths, as JSON; anything else is refused (TypeError)
+    rather than stored as its str(), which would come back as a different value."""
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if type(value).__module__ == "torch" and hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def weights_fingerprint(model) -> str:
+    """The model's configuration and a checksum of every parameter and buffer: a checkpoint replaced
+    at the same path gets other cache entries (the model name alone would reuse stale ones)."""
+    import torch
+
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            flat = t.detach().reshape(-1)
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{float(flat.sum(dtype=torch.float64)):.12e}|"
+                     f"{float(flat[::97].abs().sum(dtype=torch.float64)):.12e}".encode())
+    return h.hexdigest()[:16]
+
+
+def selection_settings(cfg, command: str) -> dict[str, Any]:
+    """The command's settings minus those that only change the evaluation or the healing."""
+    return {k: v for k, v in cfg.to_dict(command).items() if k not in _NOT_SELECTION}
+
+
+def entries_state(entries: Sequence[Entry]) -> list[dict[str, Any]]:
+    return [{"method": e.method, "n_remove": e.n_remove, "candidate": e.candidate.to_dict(),
+             "ranking": e.ranking.to_dict(), "selection_seconds": e.selection_seconds, "nll": e.nll}
+            for e in entries]
+
+
+def entries_from_state(states: Sequence[dict[str, Any]]) -> list[Entry]:
+    from cboprune.experiment import Entry
+    from cboprune.ranking import Candidate, Ranking
+
+    return [Entry(s["method"], int(s["n_remove"]), Candidate.from_dict(s["candidate"]), Ranking.from_dict(s["ranking"]),
+                  float(s["selection_seconds"]), nll=s["nll"]) for s in states]
