@@ -112,3 +112,17 @@ def test_yaml_config_with_flags_winning(tmp_path, capsys):
     assert cfg.remove == [3, 5] and cfg.top == 4 and cfg.n_samples == 12
     cfg_file.write_text("remove: [3]\nbogus: 1\n")
     _fails(["run", "--config", str(cfg_file)], capsys, "unknown config keys ['bogus']")
+
+
+def test_every_shipped_config_is_valid_for_its_command():
+    """configs/*.yaml name their command in the first line ("cboprune <command> --config ...")."""
+    import re
+    from pathlib import Path
+
+    from cboprune.config import Config
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(files) >= 3
+    for path in files:
+        command = re.search(r"cboprune (\w+) --config", path.read_text().splitlines()[0]).group(1)
+        Config.from_sources(str(path), command=command)  # unknown keys or bad values raise
