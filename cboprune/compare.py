@@ -92,10 +92,10 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
     hessian_meta: dict[str, Any] = {}
     for name in names:
         fields = {**step_fields, "step": "selection", "method": name}
-        state = steps.load(fields)
+        state = steps.load(fields, lambda v: (entries_from_state(v["entries"]), dict(v.get("hessian") or {})))
         if state is not None:
-            entries += entries_from_state(state["entries"])
-            hessian_meta = state.get("hessian") or hessian_meta
+            entries += state[0]
+            hessian_meta = state[1] or hessian_meta
             continue
         if name == "cbo":
             ranks = sorted(set(cfg.cbo_ranks))

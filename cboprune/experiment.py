@@ -250,6 +250,7 @@ def evaluate_entries(entries: Sequence[Entry], model: torch.nn.Module, tokenizer
     selection did not already measure it there. `cache` (with `cache_fields`, the weights' fingerprint):
     evaluations finished by an earlier, interrupted run are reused."""
     from cboprune.masked import calibration_nll
+    from cboprune.resume import evaluation_state
 
     done: dict[tuple, Entry] = {}
     for entry in entries:
@@ -263,9 +264,9 @@ def evaluate_entries(entries: Sequence[Entry], model: torch.nn.Module, tokenizer
         done[key] = entry
         fields = {**(cache_fields or {}), "step": "evaluation", "removed": list(entry.candidate.removed),
                   "merged": [list(g) for g in entry.candidate.merged], "rule": rule if entry.candidate.merged else None,
-                  "eval": protocol.describe(), "nll_samples": nll_samples.fingerprint, "speedup": speedup}
-        state = cache.load(fields) if cache is not None else None
-        if state is not None and (entry.nll is not None or state.get("nll") is not None):
+                  "eval": protocol.identity(), "nll_samples": nll_samples.fingerprint, "speedup": speedup}
+        state = cache.load(fields, evaluation_state) if cache is not None else None
+        if state is not None and (entry.nll is not None or state["nll"] is not None):
             entry.eval, entry.speedup = state["eval"], state.get("speedup")
             entry.nll = state["nll"] if entry.nll is None else entry.nll
             log.info("reused the evaluation of %s at M = %d", entry.method, entry.n_remove)
@@ -290,11 +291,12 @@ def evaluate_original(model: torch.nn.Module, tokenizer, protocol: EvalProtocol,
                       key: str) -> dict[str, Any]:
     """The unpruned model's evaluation, with its mean NLL on `nll_samples` under `key`."""
     from cboprune.masked import calibration_nll
+    from cboprune.resume import evaluation_state
 
-    fields = {**(cache_fields or {}), "step": "original", "eval": protocol.describe(),
+    fields = {**(cache_fields or {}), "step": "original", "eval": protocol.identity(),
               "nll_samples": nll_samples.fingerprint}
-    state = cache.load(fields) if cache is not None else None
-    if state is not None and isinstance(state.get("nll"), (int, float)):
+    state = cache.load(fields, evaluation_state) if cache is not None else None
+    if state is not None and state["nll"] is not None:
         return {**state["eval"], key: state["nll"]}
     evaluation = protocol.evaluate(model, tokenizer)
     nll = calibration_nll(model, nll_samples, batch_size=batch_size)

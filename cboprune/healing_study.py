@@ -79,7 +79,7 @@ def _heal_fields(entry: Entry, recipe: HealRecipe, steps: int, protocol: EvalPro
 
     fields = {"removed": list(entry.candidate.removed), "merged": [list(g) for g in entry.candidate.merged],
               "rule": merge_rule_of(entry) if entry.candidate.merged else None,
-              "recipe": {**recipe.describe(), "steps": steps}, "eval": protocol.describe(),
+              "recipe": {**recipe.describe(), "steps": steps}, "eval": protocol.identity(),
               "nll_samples": nll_fingerprint, "weights": weights}
     if repair_fit is not None:  # healed from the linear repair fitted on these samples
         fields["repair"] = {"method": "linear", "fit": repair_fit}
@@ -98,7 +98,7 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
     from cboprune.models import load_model
     from cboprune.models.surgery import save_pruned
 
-    from cboprune.resume import StepCache, weights_fingerprint
+    from cboprune.resume import StepCache, heal_state, weights_fingerprint
 
     cache = StepCache(recipe.cache_dir)
     weights = weights_fingerprint(model)  # the teacher's name alone would reuse heals of replaced weights
@@ -118,7 +118,7 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
                                   None if nll_samples is None else nll_samples.fingerprint, weights,
                                   repair_fit.fingerprint if repair_fit is not None else None)
             digest = cache.key(fields)
-            result = cache.load(fields)
+            result = cache.load(fields, heal_state)
             if result is not None:
                 getattr(entry, slot)[steps] = result
                 log.info("healing: %s at M = %d, %d steps: reused %s", entry.method, entry.n_remove, steps,

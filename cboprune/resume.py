@@ -16,14 +16,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from cboprune.experiment import Entry
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: settings that change what is evaluated or healed afterwards, never what a method selects
 _NOT_SELECTION = frozenset({"tasks", "limit", "ppl_limit", "eval_batch_size", "data_dir", "max_length", "include_path",
@@ -44,18 +45,20 @@ class StepCache:
     def path(self, fields: dict[str, Any]) -> Path | None:
         return None if self.directory is None else self.directory / f"{self.key(fields)}.json"
 
-    def load(self, fields: dict[str, Any]) -> dict[str, Any] | None:
+    def load(self, fields: dict[str, Any], parse: Callable[[dict[str, Any]], T] | None = None) -> T | None:
+        """The kept value (through `parse`, which raises on a value of the wrong shape), or None when
+        there is none or it is damaged (then it is computed again)."""
         path = self.path(fields)
         if path is None or not path.is_file():
             return None
         try:
             value = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            value = None
-        if isinstance(value, dict):
-            return value
-        log.warning("resume: %s is damaged: computing it again", path)
-        return None
+            if not isinstance(value, dict):
+                raise ValueError("not a JSON object")
+            return parse(value) if parse is not None else value
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            log.warning("resume: %s is damaged (%s): computing it again", path, exc)
+            return None
 
     def save(self, fields: dict[str, Any], value: dict[str, Any]) -> None:
         path = self.path(fields)
@@ -114,8 +117,41 @@ def entries_state(entries: Sequence[Entry]) -> list[dict[str, Any]]:
 
 
 def entries_from_state(states: Sequence[dict[str, Any]]) -> list[Entry]:
+    """Entries back from `entries_state` (raises on anything of another shape)."""
     from cboprune.experiment import Entry
     from cboprune.ranking import Candidate, Ranking
 
-    return [Entry(s["method"], int(s["n_remove"]), Candidate.from_dict(s["candidate"]), Ranking.from_dict(s["ranking"]),
-                  float(s["selection_seconds"]), nll=s["nll"]) for s in states]
+    if not isinstance(states, list):
+        raise TypeError("entries must be a list")
+    entries = []
+    for s in states:
+        entry = Entry(str(s["method"]), int(s["n_remove"]), Candidate.from_dict(s["candidate"]),
+                      Ranking.from_dict(s["ranking"]), float(s["selection_seconds"]), nll=_number(s["nll"]))
+        if len(entry.candidate.removed) != entry.n_remove or not entry.ranking.candidates:
+            raise ValueError(f"{entry.method}: a configuration that does not remove M blocks")
+        entries.append(entry)
+    return entries
+
+
+def _number(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{value!r} is not a number")
+    return float(value)
+
+
+def evaluation_state(value: dict[str, Any]) -> dict[str, Any]:
+    """A kept evaluation: {"nll", "eval": {"results": ...}, ...} (raises on another shape)."""
+    _number(value["nll"])
+    if not isinstance(value["eval"], dict) or not isinstance(value["eval"].get("results"), dict):
+        raise TypeError("eval must be an evaluation with results")
+    return value
+
+
+def heal_state(value: dict[str, Any]) -> dict[str, Any]:
+    """A kept heal result: an evaluation plus the heal's cross-entropies (raises on another shape)."""
+    evaluation_state(value)
+    for key in ("heal_ce", "heal_ce_before", "teacher_ce", "heal_kl", "seconds"):
+        _number(value.get(key))
+    return value

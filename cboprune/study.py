@@ -98,14 +98,20 @@ def _energy_state(result) -> dict[str, Any]:
             "correlations": [[m, c] for m, c in result.correlations.items()]}
 
 
-def _energy_result(state: dict[str, Any]):
+def _energy_result(state: dict[str, Any], remove: list[int]):
+    """An energy model's kept result (raises on anything of another shape)."""
     from cboprune.experiment import EnergyResult
     from cboprune.ranking import Ranking
     from cboprune.resume import entries_from_state
 
-    return EnergyResult(entries_from_state(state["entries"]),
-                        {int(m): Ranking.from_dict(r) for m, r in state["rankings"]},
-                        {int(m): c for m, c in state["correlations"]}, float(state["seconds"]))
+    result = EnergyResult(entries_from_state(state["entries"]),
+                          {int(m): Ranking.from_dict(r) for m, r in state["rankings"]},
+                          {int(m): dict(c) for m, c in state["correlations"]}, float(state["seconds"]))
+    for m in remove:
+        c = result.correlations[m]
+        if not (len(c["energies"]) == len(c["heldout_nll"]) == len(c["energy_ranks"]) and result.rankings[m].candidates):
+            raise ValueError(f"M = {m}: inconsistent verification")
+    return result
 
 
 def run_study(cfg, *, progress: bool = True) -> StudyResult:
@@ -159,7 +165,8 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
     entries: list[Entry] = []
     correlations: dict[str, dict[int, dict[str, Any]]] = {}
     rankings_by_model: dict[str, list] = {}
-    done = {name: steps.load({**step_fields, "step": "energy", "method": name}) for name in energies}
+    done = {name: steps.load({**step_fields, "step": "energy", "method": name},
+                             lambda v: _energy_result(v, cfg.remove)) for name in energies}
     t0 = time.perf_counter()
     if any(done[e] is None and "gradients" in registry.get(e).needs and e != "exact" for e in energies):
         context.hessian()  # shared by the gradient-based models (exact makes its own)
@@ -171,7 +178,7 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
                                     refine_sweeps=cfg.refine_sweeps if name in refine else 0)
             steps.save(fields, _energy_state(result))
         else:
-            result = _energy_result(done[name])
+            result = done[name]
             log.info("study: energy model %s reused from %s", name, steps.path(fields))
         entries += result.entries
         for m, ranking in result.rankings.items():  # more low-energy states, healed for ρ(energy, post-heal)
@@ -183,24 +190,22 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
         log.info("study: energy model %s built and verified in %.1f s", name, result.seconds)
         if name == RECOMMENDED.energy and candidates:
             fields = {**step_fields, "step": "judge", "method": name}
-            state = steps.load(fields)
+            state = steps.load(fields, lambda v: (entries_from_state(v["entries"]), str(v["section"])))
             if state is None:
                 judged, judge_section = _judge(cfg, session, result.entries, out_dir, candidates)
                 steps.save(fields, {"entries": entries_state(judged), "section": judge_section})
             else:
-                judged, judge_section = entries_from_state(state["entries"]), state["section"]
+                judged, judge_section = state
             entries += judged
             costs["judge"] = sum(e.ranking.info["heal_judge"]["seconds"] for e in judged)
 
     # 2. peers, on the same fitting part
     for method in peers:
         fields = {**step_fields, "step": "peer", "method": method}
-        state = steps.load(fields)
-        if state is None:
+        selected = steps.load(fields, lambda v: entries_from_state(v["entries"]))
+        if selected is None:
             selected = peer_entries(method, context, cfg.remove)
             steps.save(fields, {"entries": entries_state(selected)})
-        else:
-            selected = entries_from_state(state["entries"])
         entries += selected
     order = [f"{e}{s}" for e in energies for s in (":0", "+verify", "+judge", "+refine")] + list(peers)
     entries.sort(key=lambda e: (e.n_remove, order.index(e.method) if e.method in order

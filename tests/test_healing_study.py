@@ -232,6 +232,12 @@ def test_an_interrupted_study_resumes_without_redoing_selection_evaluation_or_he
         return [(e["method"], e["candidate"]["removed"], e["healed"]["1"]["heal_ce"]) for e in entries]
 
     assert picks(redone) == picks(first["entries"])
+    # step files replaced by JSON objects of the wrong shape: computed again, never a traceback
+    for i, path in enumerate(sorted(steps.glob("*.json"))):
+        path.write_text(json.dumps([{"entries": 5, "nll": "x", "eval": 1}, {"entries": [{"method": "x"}]},
+                                    {"nll": 1.0, "eval": {"results": {}}, "rankings": {}, "correlations": 3}][i % 3]))
+    assert main(argv + ["--overwrite"]) == 0
+    assert picks(json.loads((out / "results.json").read_text())["entries"]) == picks(first["entries"])
 
 
 def test_compare_resumes_but_never_reuses_results_of_other_weights_at_the_same_path(shared_data, tmp_path,

@@ -71,6 +71,13 @@ class EvalProtocol:
         return {"tasks": self.task_names, "ppl_tasks": self.ppl_tasks, "limit": self.limit,
                 "ppl_limit": self.ppl_limit, "max_length": self.max_length, "include_path": self.include_path}
 
+    def identity(self) -> dict[str, Any]:
+        """Everything that can change a result: what kept evaluations are fingerprinted by."""
+        from pathlib import Path
+
+        return {**self.describe(), "seed": self.seed, "batch_size": self.batch_size,
+                "data_dir": str(Path(self.data_dir).resolve()) if self.data_dir else None}
+
 
 def primary_metric(task: str, entry: dict[str, Any]) -> tuple[str, float]:
     """The number a table cell shows: word perplexity for perplexity tasks, else acc_norm when
