@@ -145,42 +145,6 @@ def test_compare_heals_from_one_teacher_pass_with_the_teacher_cache(tiny_checkpo
     assert len(list(out.with_name("cmp.teacher-cache").glob("*/meta.json"))) == 1
 
 
-def test_study_heals_the_lowest_states_and_correlates_their_energy_with_the_loss_after(tiny_checkpoint, shared_data,
-                                                                                      tmp_path):
-    """--heal-states K: every energy model's K lowest states are healed alike; healing.md gives the
-    Spearman correlation of the energy with the loss after healing (NLL and heal CE), as results.json
-    lets one recompute it."""
-    from scipy.stats import spearmanr
-
-    data = str(shared_data / "calib" / "alpaca_en_demo.json")
-    text = tmp_path / "text.txt"
-    text.write_text("The cat sat on the mat. It was a sunny day, and the children played in the park. " * 3)
-    out = tmp_path / "study"
-    assert main(["-q", "study", "--model", str(tiny_checkpoint), "--data", data, "--n-samples", "6",
-                 "--heldout-samples", "3", "--seq-len", "32", "--batch-size", "3", "--remove", "2", "--top", "6",
-                 "--energies", "fisher", "--refine", "", "--peers", "bi", "--heal-states", "4", "--heal-steps", "1",
-                 "--heal-seq-len", "32", "--heal-micro-batch-size", "2", "--heal-global-batch-size", "2",
-                 "--heal-lr", "1e-3", "--tasks", f"file:{text}", "--ppl-limit", "1", "--max-length", "64",
-                 "--output-dir", str(out)]) == 0
-    entries = json.loads((out / "results.json").read_text())["entries"]
-    states = sorted((e for e in entries if e["method"].startswith("fisher:")), key=lambda e: int(e["method"][7:]))
-    assert [e["method"] for e in states] == [f"fisher:{r}" for r in range(4)]
-    ranking = states[0]["ranking"]["candidates"]
-    assert [e["candidate"]["removed"] for e in states] == [c["removed"] for c in ranking[:4]]
-    for e in entries:
-        assert e["healed"]["1"]["heal_ce"] > 0 and e["healed"]["1"]["heal_ce_before"] > 0
-    energies = [e["candidate"]["score"] for e in states]
-    assert energies == sorted(energies)
-    rho_nll = spearmanr(energies, [e["healed"]["1"]["nll"] for e in states]).statistic
-    rho_ce = spearmanr(energies, [e["healed"]["1"]["heal_ce"] for e in states]).statistic
-    rho_pre = spearmanr(energies, [e["heldout_nll"] for e in states]).statistic
-    md = (out / "healing.md").read_text()
-    assert "heal CE before" in md and "ρ(pre, post 1) heal CE" in md
-    row = next(line for line in md.splitlines() if line.startswith("| fisher | 2 |"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[2] == "4" and [float(c) for c in cells[3:6]] == pytest.approx([rho_pre, rho_nll, rho_ce], abs=0.006)
-
-
 def _forbid_recomputation(monkeypatch):
     """Make every selection, evaluation and heal fail if it runs."""
     def fail(*args, **kwargs):
@@ -192,27 +156,52 @@ def _forbid_recomputation(monkeypatch):
         monkeypatch.setattr(target, fail)
 
 
-def test_an_interrupted_study_resumes_without_redoing_selection_evaluation_or_heals(tiny_checkpoint, shared_data,
-                                                                                    tmp_path, monkeypatch):
+def test_study_heals_the_lowest_states_correlates_their_energy_and_resumes_without_redoing_anything(
+        tiny_checkpoint, shared_data, tmp_path, monkeypatch):
+    """--heal-states K: every energy model's K lowest states are healed alike, and healing.md gives the
+    Spearman correlation of the energy with the loss after healing (NLL and heal CE) as results.json
+    lets one recompute it. An interrupted study resumes: no selection, evaluation or heal is redone;
+    a damaged or wrongly shaped kept step is computed again."""
+    import shutil
+
+    from scipy.stats import spearmanr
+
     data = str(shared_data / "calib" / "alpaca_en_demo.json")
     text = tmp_path / "text.txt"
     text.write_text("The cat sat on the mat. It was a sunny day, and the children played in the park. " * 3)
     out = tmp_path / "study"
     argv = ["-q", "study", "--model", str(tiny_checkpoint), "--data", data, "--n-samples", "6",
-            "--heldout-samples", "3", "--seq-len", "32", "--batch-size", "3", "--remove", "2", "--top", "3",
-            "--energies", "fisher,hybrid", "--refine", "", "--peers", "bi,sleb", "--heal-states", "3",
+            "--heldout-samples", "3", "--seq-len", "32", "--batch-size", "3", "--remove", "2", "--top", "4",
+            "--energies", "fisher,hybrid", "--refine", "", "--peers", "bi,sleb", "--heal-states", "4",
             "--heal-steps", "1", "--judge-steps", "1", "--heal-seq-len", "32", "--heal-micro-batch-size", "2",
             "--heal-global-batch-size", "2", "--heal-lr", "1e-3", "--tasks", f"file:{text}", "--ppl-limit", "1",
             "--max-length", "64", "--output-dir", str(out)]
     assert main(argv) == 0
     first = json.loads((out / "results.json").read_text())
-    assert any(e["method"] == "hybrid+judge" for e in first["entries"])  # the judge's heals are a step too
+    entries = first["entries"]
+    assert any(e["method"] == "hybrid+judge" for e in entries)  # the judge's heals are a step too
+    for e in entries:
+        assert e["healed"]["1"]["heal_ce"] > 0 and e["healed"]["1"]["heal_ce_before"] > 0
     healing_md = (out / "healing.md").read_text()
+    assert "heal CE before" in healing_md and "ρ(pre, post 1) heal CE" in healing_md
+    for name in ("fisher", "hybrid"):
+        states = sorted((e for e in entries if e["method"].startswith(f"{name}:")), key=lambda e: int(e["method"][len(name) + 1:]))
+        assert [e["method"] for e in states] == [f"{name}:{r}" for r in range(4)]
+        ranking = states[0]["ranking"]["candidates"]
+        assert [e["candidate"]["removed"] for e in states] == [c["removed"] for c in ranking[:4]]
+        energies = [e["candidate"]["score"] for e in states]
+        assert energies == sorted(energies)
+        expected = [spearmanr(energies, values).statistic for values in (
+            [e["heldout_nll"] for e in states], [e["healed"]["1"]["nll"] for e in states],
+            [e["healed"]["1"]["heal_ce"] for e in states])]
+        row = next(line for line in healing_md.splitlines() if line.startswith(f"| {name} | 2 |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[2] == "4"
+        assert [float(c) for c in cells[3:6]] == pytest.approx(expected, abs=0.006)
+
     steps = out.with_name(out.name + ".heal-cache") / "steps"
     assert len(list(steps.glob("*.json"))) >= 6  # 2 energies, the judge, 2 peers, the original, evaluations
     # the study was stopped before writing its outputs: a rerun computes nothing again
-    import shutil
-
     shutil.rmtree(out)
     with monkeypatch.context() as patch:
         _forbid_recomputation(patch)
@@ -221,22 +210,20 @@ def test_an_interrupted_study_resumes_without_redoing_selection_evaluation_or_he
     assert again["entries"] == first["entries"] and again["baseline"] == first["baseline"]
     assert again["correlations"] == first["correlations"]
     assert (out / "healing.md").read_text() == healing_md
-    # a damaged step file is computed again, not trusted
-    victim = next(p for p in sorted(steps.glob("*.json")) if '"section"' in p.read_text())  # the judge
-    victim.write_text("[1, 2]")
+    # damaged step files, and JSON objects of the wrong shape: computed again, never a traceback
+    files = sorted(steps.glob("*.json"))
+    for i, path in enumerate(files):
+        path.write_text(["{broken", "[1, 2]", json.dumps({"entries": 5, "nll": "x", "eval": 1}),
+                         json.dumps({"entries": [{"method": "x"}]}),
+                         json.dumps({"nll": 1.0, "eval": {"results": {}}, "rankings": {}, "correlations": 3})][i % 5])
     assert main(argv + ["--overwrite"]) == 0
-    assert isinstance(json.loads(victim.read_text()), dict)
-    redone = json.loads((out / "results.json").read_text())["entries"]  # the same picks, new wall times
+    rewritten = [json.loads(p.read_text()) for p in files]
+    assert all(isinstance(d, dict) and d.get("entries") not in (5, [{"method": "x"}]) and d.get("nll") != "x"
+               and d.get("correlations") != 3 for d in rewritten)
 
-    def picks(entries):
+    def picks(entries):  # the same picks and heals, new wall times
         return [(e["method"], e["candidate"]["removed"], e["healed"]["1"]["heal_ce"]) for e in entries]
 
-    assert picks(redone) == picks(first["entries"])
-    # step files replaced by JSON objects of the wrong shape: computed again, never a traceback
-    for i, path in enumerate(sorted(steps.glob("*.json"))):
-        path.write_text(json.dumps([{"entries": 5, "nll": "x", "eval": 1}, {"entries": [{"method": "x"}]},
-                                    {"nll": 1.0, "eval": {"results": {}}, "rankings": {}, "correlations": 3}][i % 3]))
-    assert main(argv + ["--overwrite"]) == 0
     assert picks(json.loads((out / "results.json").read_text())["entries"]) == picks(first["entries"])
 
 
