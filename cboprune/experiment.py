@@ -265,7 +265,7 @@ def evaluate_entries(entries: Sequence[Entry], model: torch.nn.Module, tokenizer
         fields = {**(cache_fields or {}), "step": "evaluation", "removed": list(entry.candidate.removed),
                   "merged": [list(g) for g in entry.candidate.merged], "rule": rule if entry.candidate.merged else None,
                   "eval": protocol.identity(), "nll_samples": nll_samples.fingerprint, "speedup": speedup}
-        state = cache.load(fields, evaluation_state) if cache is not None else None
+        state = cache.load(fields, lambda v: evaluation_state(v, protocol.task_names)) if cache is not None else None
         if state is not None and (entry.nll is not None or state["nll"] is not None):
             entry.eval, entry.speedup = state["eval"], state.get("speedup")
             entry.nll = state["nll"] if entry.nll is None else entry.nll
@@ -295,7 +295,7 @@ def evaluate_original(model: torch.nn.Module, tokenizer, protocol: EvalProtocol,
 
     fields = {**(cache_fields or {}), "step": "original", "eval": protocol.identity(),
               "nll_samples": nll_samples.fingerprint}
-    state = cache.load(fields, evaluation_state) if cache is not None else None
+    state = cache.load(fields, lambda v: evaluation_state(v, protocol.task_names)) if cache is not None else None
     if state is not None and state["nll"] is not None:
         return {**state["eval"], key: state["nll"]}
     evaluation = protocol.evaluate(model, tokenizer)

@@ -118,7 +118,7 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
                                   None if nll_samples is None else nll_samples.fingerprint, weights,
                                   repair_fit.fingerprint if repair_fit is not None else None)
             digest = cache.key(fields)
-            result = cache.load(fields, heal_state)
+            result = cache.load(fields, lambda v: heal_state(v, getattr(protocol, "task_names", ())))
             if result is not None:
                 getattr(entry, slot)[steps] = result
                 log.info("healing: %s at M = %d, %d steps: reused %s", entry.method, entry.n_remove, steps,

@@ -129,6 +129,8 @@ def heal_cost(result: dict[str, Any], fit_tokens: int) -> float:
 class NoEval:
     """The judge needs only the held-out loss, not the benchmarks."""
 
+    task_names: list[str] = []
+
     def evaluate(self, model, tokenizer):
         return {"results": {}}
 

@@ -141,17 +141,19 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
-def evaluation_state(value: dict[str, Any]) -> dict[str, Any]:
-    """A kept evaluation: {"nll", "eval": {"results": ...}, ...} (raises on another shape)."""
+def evaluation_state(value: dict[str, Any], tasks: Sequence[str] = ()) -> dict[str, Any]:
+    """A kept evaluation: {"nll", "eval": {"results": {task: ...}}, ...} with a result for every one
+    of `tasks` (raises on another shape)."""
     _number(value["nll"])
-    if not isinstance(value["eval"], dict) or not isinstance(value["eval"].get("results"), dict):
-        raise TypeError("eval must be an evaluation with results")
+    results = value["eval"]["results"] if isinstance(value["eval"], dict) else None
+    if not isinstance(results, dict) or not all(isinstance(results.get(t), dict) for t in tasks):
+        raise ValueError(f"eval must hold a result for each of {list(tasks)}")
     return value
 
 
-def heal_state(value: dict[str, Any]) -> dict[str, Any]:
+def heal_state(value: dict[str, Any], tasks: Sequence[str] = ()) -> dict[str, Any]:
     """A kept heal result: an evaluation plus the heal's cross-entropies (raises on another shape)."""
-    evaluation_state(value)
+    evaluation_state(value, tasks)
     for key in ("heal_ce", "heal_ce_before", "teacher_ce", "heal_kl", "seconds"):
         _number(value.get(key))
     return value
