@@ -286,14 +286,14 @@ def energy_heal_correlations(entries: Sequence[Entry], steps: Sequence[int]) -> 
 def heal_table(entries: Sequence[Entry], steps: Sequence[int], label, ppl_task: str | None,
                accuracy_tasks: list[str]) -> tuple[list[str], list[list[str]]]:
     """One row per entry: NLL before and after each budget, the perplexity task and mean accuracy
-    after, heal seconds."""
+    after, heal seconds, and the selection's cost beside them (quality against cost on one page)."""
     from cboprune.evaluation.protocol import mean_accuracy, primary_scores
 
     header = ["M", "method", "removed", "NLL before", "heal CE before"]
     for s in steps:
         header += [f"NLL after {s}", f"heal CE after {s}"] + ([f"{ppl_task} after {s}"] if ppl_task else []) \
             + [f"mean acc after {s}"]
-    header.append("heal s")
+    header += ["heal s", "selection cost (fwd passes)", "selection s"]
     rows = []
     for e in entries:
         if not e.healed:
@@ -314,6 +314,7 @@ def heal_table(entries: Sequence[Entry], steps: Sequence[int], label, ppl_task: 
             row.append("—" if acc is None else f"{acc:.4f}")
             seconds += h.get("seconds") or 0.0
         row.append("0" if e.same_as else f"{seconds:.0f}")
+        row += ["—" if e.cost is None else f"{e.cost:.4g}", f"{e.selection_seconds:.1f}"]
         rows.append(row)
     return header, rows
 

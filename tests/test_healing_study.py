@@ -46,6 +46,7 @@ def test_compare_heals_every_distinct_configuration_alike_and_resumes(tiny_check
         assert e["healed"] == distinct[tuple(e["candidate"]["removed"])]
     md = (out / "healing.md").read_text()
     assert "NLL after 2" in md and "ρ(pre, post 1)" in md and "Last M before final" in md
+    assert "selection cost (fwd passes)" in md
     assert "cost (fwd passes)" in (out / "table.md").read_text()
     cache = out.with_name(out.name + ".heal-cache")
     assert len(list(cache.glob("*.json"))) == 2 * len(distinct)
