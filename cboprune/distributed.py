@@ -7,6 +7,7 @@ without those variables is world size 1 and every helper here is a no-op.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from dataclasses import dataclass
@@ -60,8 +61,17 @@ def init_from_env(backend: str | None = None) -> DistInfo:
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend)
+    # Leave the group before the interpreter tears down: otherwise gloo's threads can abort the
+    # process at exit ("terminate called without an active exception", exit code -6), which
+    # torchrun reports as a failed run after the work was done (seen in the test suite under load).
+    atexit.register(_leave)
     log.info("joined process group: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return info()
+
+
+def _leave() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_device() -> str:
