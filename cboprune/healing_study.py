@@ -101,7 +101,8 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
     from cboprune.resume import StepCache, heal_state, weights_fingerprint
 
     cache = StepCache(recipe.cache_dir)
-    weights = weights_fingerprint(model)  # the teacher's name alone would reuse heals of replaced weights
+    # the teacher's name alone would reuse heals of replaced weights (nothing to key without a cache)
+    weights = weights_fingerprint(model) if cache.directory is not None else None
     workdir.mkdir(parents=True, exist_ok=True)
     done: dict[tuple, Entry] = {}
     slot = "healed" if repair_fit is None else "repair_healed"
