@@ -12,8 +12,6 @@ evaluation as before healing.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import shutil
