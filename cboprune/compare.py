@@ -60,7 +60,7 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
                                      peer_entries)
     from cboprune.healing_study import cost_of, heal_and_repair
     from cboprune.outputs import check_output_dir, staged_dir
-    from cboprune.resume import StepCache, entries_from_state, entries_state, selection_settings, weights_fingerprint
+    from cboprune.resume import command_steps, entries_from_state, entries_state, selection_settings
     from cboprune.session import load_session
 
     names = registry.parse_names(cfg.methods, extra=("cbo",))
@@ -84,8 +84,7 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
                                options={"swm_threshold": cfg.swm_threshold, "swm_rule": cfg.swm_rule},
                                model_name=cfg.model, progress=progress)
     # With healing (hours), every finished step is kept so that an interrupted comparison resumes.
-    steps = StepCache(recipe.cache_dir / "steps" if recipe is not None and recipe.cache_dir is not None else None)
-    weights = weights_fingerprint(net) if steps.directory is not None else None
+    steps, weights = command_steps(recipe, net)
     step_fields = {"command": "compare", "weights": weights, "fit": calibration.fingerprint,
                    "settings": selection_settings(cfg, "compare")}
     entries: list[Entry] = []
@@ -122,7 +121,7 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
     eval_seconds = round(time.perf_counter() - t0, 2)
     heal_and_repair(entries, net, session.tokenizer, protocol, recipe=recipe, repair=cfg.repair, fit=calibration,
                     nll_samples=calibration, batch_size=cfg.batch_size, progress=progress,
-                    workdir=out_dir.with_name(out_dir.name + ".heal-work"))
+                    workdir=out_dir.with_name(out_dir.name + ".heal-work"), weights=weights)
     meta = {"model": cfg.model, "n_blocks": session.n_blocks, "methods": names, "remove": cfg.remove,
             "cbo_ranks": sorted(set(cfg.cbo_ranks)), **protocol.describe(), "calibration": calibration.describe(),
             "batch_size": cfg.batch_size, "seed": cfg.seed, "device": session.device, "dtype": cfg.dtype,

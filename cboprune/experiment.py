@@ -227,6 +227,12 @@ def configuration_key(candidate: Candidate, merge_rule: str | None) -> tuple:
     return candidate.removed, candidate.merged, merge_rule if candidate.merged else None
 
 
+def configuration_fields(candidate: Candidate, merge_rule: str | None) -> dict[str, Any]:
+    """`configuration_key` as JSON fields, for the fingerprints of kept results."""
+    removed, merged, rule = configuration_key(candidate, merge_rule)
+    return {"removed": list(removed), "merged": [list(g) for g in merged], "rule": rule}
+
+
 def merge_rule_of(entry: Entry) -> str:
     from cboprune.models.merging import DEFAULT_MERGE_RULE
 
@@ -262,8 +268,7 @@ def evaluate_entries(entries: Sequence[Entry], model: torch.nn.Module, tokenizer
             entry.nll = first.nll if entry.nll is None else entry.nll
             continue
         done[key] = entry
-        fields = {**(cache_fields or {}), "step": "evaluation", "removed": list(entry.candidate.removed),
-                  "merged": [list(g) for g in entry.candidate.merged], "rule": rule if entry.candidate.merged else None,
+        fields = {**(cache_fields or {}), "step": "evaluation", **configuration_fields(entry.candidate, rule),
                   "eval": protocol.identity(), "nll_samples": nll_samples.fingerprint, "speedup": speedup}
         state = cache.load(fields, lambda v: evaluation_state(v, protocol.task_names)) if cache is not None else None
         if state is not None and (entry.nll is not None or state["nll"] is not None):

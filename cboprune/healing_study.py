@@ -73,10 +73,9 @@ class HealRecipe:
 def _heal_fields(entry: Entry, recipe: HealRecipe, steps: int, protocol: EvalProtocol, nll_fingerprint: str | None,
                  weights: str | None, repair_fit: str | None = None) -> dict[str, Any]:
     """Everything a heal's result depends on: its cache entry's fingerprint."""
-    from cboprune.experiment import merge_rule_of
+    from cboprune.experiment import configuration_fields, merge_rule_of
 
-    fields = {"removed": list(entry.candidate.removed), "merged": [list(g) for g in entry.candidate.merged],
-              "rule": merge_rule_of(entry) if entry.candidate.merged else None,
+    fields = {**configuration_fields(entry.candidate, merge_rule_of(entry)),
               "recipe": {**recipe.describe(), "steps": steps}, "eval": protocol.identity(),
               "nll_samples": nll_fingerprint, "weights": weights}
     if repair_fit is not None:  # healed from the linear repair fitted on these samples
@@ -85,11 +84,13 @@ def _heal_fields(entry: Entry, recipe: HealRecipe, steps: int, protocol: EvalPro
 
 
 def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe, protocol: EvalProtocol, *,
-                 nll_samples, batch_size: int = 8, workdir: Path, progress: bool = False, repair_fit=None) -> None:
+                 nll_samples, batch_size: int = 8, workdir: Path, progress: bool = False, repair_fit=None,
+                 weights: str | None = None) -> None:
     """entry.healed[S] = {"nll", "eval", "heal_ce", "heal_kl", "seconds"} for every budget S; entries
     with the same configuration share one heal. `nll_samples` None: no calibration NLL after (the
     judge ranks by heal CE alone). With `repair_fit` (calibration samples) every student
-    starts from the linear repair fitted on them instead, and the results go to entry.repair_healed."""
+    starts from the linear repair fitted on them instead, and the results go to entry.repair_healed.
+    `weights`: `weights_fingerprint(model)` when the caller has it already."""
     from cboprune.experiment import apply_configuration, configuration_key, merge_rule_of
     from cboprune.heal import HealConfig, heal
     from cboprune.masked import calibration_nll
@@ -100,7 +101,8 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
 
     cache = StepCache(recipe.cache_dir)
     # the teacher's name alone would reuse heals of replaced weights (nothing to key without a cache)
-    weights = weights_fingerprint(model) if cache.directory is not None else None
+    if weights is None and cache.directory is not None:
+        weights = weights_fingerprint(model)
     workdir.mkdir(parents=True, exist_ok=True)
     done: dict[tuple, Entry] = {}
     slot = "healed" if repair_fit is None else "repair_healed"
@@ -182,10 +184,10 @@ def _or_nan(value: float | None) -> float:
 
 def heal_and_repair(entries: Sequence[Entry], model, tokenizer, protocol: EvalProtocol, *,
                     recipe: HealRecipe | None, repair: str | None, fit, nll_samples, batch_size: int,
-                    workdir: Path, progress: bool) -> None:
+                    workdir: Path, progress: bool, weights: str | None = None) -> None:
     """The after-pruning judges of compare/study: heal every configuration with `recipe` (if any);
     with `repair`, also evaluate it repaired (fitted on `fit`) and heal it from the repair."""
-    kw = dict(nll_samples=nll_samples, batch_size=batch_size, workdir=workdir, progress=progress)
+    kw = dict(nll_samples=nll_samples, batch_size=batch_size, workdir=workdir, progress=progress, weights=weights)
     if recipe is not None:
         heal_entries(entries, model, tokenizer, recipe, protocol, **kw)
     if repair:

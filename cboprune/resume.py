@@ -4,6 +4,7 @@ selection, a configuration's evaluation, a heal) is kept as one JSON file under
 samples, the settings), so that rerunning an interrupted command redoes only what did not finish.
 
     StepCache(directory)      load(fields) / save(fields, value): one JSON file per fingerprint
+    command_steps(recipe, m)  a command's step cache and the weights' fingerprint its keys carry
     weights_fingerprint(m)    identifies the weights themselves, not the path they came from
     selection_settings(cfg)   the settings that can change a selection (a conservative superset)
     entries_state / entries_from_state   selected entries to JSON and back
@@ -73,6 +74,14 @@ class StepCache:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text + "\n", encoding="utf-8")
         tmp.replace(path)  # atomic: a kill never leaves a half-written result
+
+
+def command_steps(recipe, model) -> tuple[StepCache, str | None]:
+    """compare/study: the step cache beside the heals (`recipe.cache_dir / "steps"`; nothing kept
+    without healing) and the weights' fingerprint that every key carries (None when nothing is kept)."""
+    if recipe is None or recipe.cache_dir is None:
+        return StepCache(None), None
+    return StepCache(recipe.cache_dir / "steps"), weights_fingerprint(model)
 
 
 def _plain(value: Any) -> Any:

@@ -125,7 +125,7 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
     from cboprune.healing_study import cost_of, heal_and_repair
     from cboprune.judge import auto_candidates
     from cboprune.outputs import check_output_dir, staged_dir
-    from cboprune.resume import StepCache, entries_from_state, entries_state, selection_settings, weights_fingerprint
+    from cboprune.resume import command_steps, entries_from_state, entries_state, selection_settings
     from cboprune.session import load_session
 
     energies = registry.parse_names(cfg.energies, registry.ENERGY)
@@ -155,8 +155,7 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
                                model_name=cfg.model, progress=progress)
 
     # With healing (hours), every finished step is kept so that an interrupted study resumes.
-    steps = StepCache(recipe.cache_dir / "steps" if recipe is not None and recipe.cache_dir is not None else None)
-    weights = weights_fingerprint(net) if steps.directory is not None else None
+    steps, weights = command_steps(recipe, net)
     step_fields = {"command": "study", "weights": weights, "fit": fit.fingerprint,
                    "heldout": heldout.fingerprint if heldout is not None else None,
                    "settings": selection_settings(cfg, "study")}
@@ -227,7 +226,7 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
     eval_seconds = round(time.perf_counter() - t0, 2)
     heal_and_repair(heal_order(entries), net, session.tokenizer, protocol, recipe=recipe, repair=cfg.repair, fit=fit,
                     nll_samples=heldout, batch_size=cfg.batch_size, progress=progress,
-                    workdir=out_dir.with_name(out_dir.name + ".heal-work"))
+                    workdir=out_dir.with_name(out_dir.name + ".heal-work"), weights=weights)
     meta = {"model": cfg.model, "n_blocks": session.n_blocks, "block_kinds": session.block_kinds,
             "remove": cfg.remove, "energies": energies, "peers": peers, "k": cfg.top, "refine": refine,
             "max_sweeps": cfg.refine_sweeps, "diverse": cfg.diverse, "pool": cfg.pool, "relin_step": cfg.relin_step,
