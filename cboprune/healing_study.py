@@ -93,6 +93,7 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
     `weights`: `weights_fingerprint(model)` when the caller has it already."""
     from cboprune.experiment import apply_configuration, configuration_key, merge_rule_of
     from cboprune.heal import HealConfig, heal
+    from cboprune.heal.trainer import STATE_SUFFIX
     from cboprune.masked import calibration_nll
     from cboprune.models import load_model
     from cboprune.models.surgery import save_pruned
@@ -131,6 +132,9 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
                                                         f"{'-repaired' if repair_fit is not None else ''}-S{steps}"
                           if recipe.keep_checkpoints is not None else workdir / f"{digest}-healed")
             shutil.rmtree(student, ignore_errors=True)
+            # A study killed during this heal left its training state: the heal saves only at its last
+            # step, so nothing there is worth resuming, and heal() would refuse to start over it.
+            shutil.rmtree(healed_dir.with_name(healed_dir.name + STATE_SUFFIX), ignore_errors=True)
             if repair_fit is not None:
                 from cboprune.repair.comparison import repaired_copy
 

@@ -249,3 +249,28 @@ def test_compare_resumes_but_never_reuses_results_of_other_weights_at_the_same_p
     monkeypatch.setattr("cboprune.heal.heal", lambda *a, **k: calls.append(1) or real_heal(*a, **k))
     assert _compare(ck, data, text, out, "--overwrite") == 0
     assert calls and json.loads((out / "results.json").read_text())["baseline"] != first["baseline"]
+
+
+def test_a_study_killed_during_a_heal_resumes(tiny_checkpoint, shared_data, tmp_path, monkeypatch):
+    """A kill during a heal leaves its training state in the work directory; the rerun heals that
+    configuration again instead of refusing ('holds an unfinished healing run')."""
+    from pathlib import Path
+
+    import cboprune.heal
+
+    data = str(shared_data / "calib" / "alpaca_en_demo.json")
+    text = tmp_path / "text.txt"
+    text.write_text("The cat sat on the mat. It was a sunny day, and the children played in the park. " * 3)
+    out = tmp_path / "cmp"
+    real_heal = cboprune.heal.heal
+
+    def killed(cfg, *args, **kwargs):  # as a kill after the first saved state would leave it
+        (Path(cfg.output_dir + ".heal-state") / "latest").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("cboprune.heal.heal", killed)
+    assert _compare(tiny_checkpoint, data, text, out) == 130  # "cboprune: interrupted"
+    assert list(out.with_name(out.name + ".heal-work").glob("*.heal-state"))
+    monkeypatch.setattr("cboprune.heal.heal", real_heal)
+    assert _compare(tiny_checkpoint, data, text, out) == 0
+    assert not out.with_name(out.name + ".heal-work").exists()
