@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import logging
 import os
 import shlex
@@ -415,9 +414,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
     text = markdown_report(report)
     print(text)
     if targets:
-        from cboprune.evaluation.results import write_files_atomically
+        from cboprune.outputs import dumps_strict, write_texts
 
-        write_files_atomically([(targets[0], json.dumps(report, indent=2) + "\n"), (targets[1], text)])
+        write_texts([(targets[0], dumps_strict(report, indent=2) + "\n"), (targets[1], text)])
         print(f"wrote {targets[0]} and {targets[1]}")
     return 0
 

@@ -37,6 +37,19 @@ _STAGING = "cboprune-staging"
 _OLD = "cboprune-old"
 
 
+# ----------------------------------------------------------------------------- who writes
+
+def is_main_process() -> bool:
+    """Under torchrun / accelerate launch only the main process (RANK 0) checks, stages and writes
+    outputs; the other ranks wait at a barrier and never touch the staging area (two ranks staging
+    one target race on it). Read from the launcher's environment, so it holds before any process
+    group exists and without importing torch."""
+    try:
+        return int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
+
+
 # ----------------------------------------------------------------------------- checks
 
 def _nearest_existing(path: Path) -> Path:
@@ -262,6 +275,36 @@ def staged_file(target: str | Path, *, overwrite: bool = True) -> Iterator[Path]
         raise
 
 
+def write_texts(pairs: list[tuple[str | Path, str]], *, overwrite: bool = True) -> list[Path]:
+    """Write several text files that belong together (a report's .json and .md): each is staged
+    next to its target first, then all are renamed; an exception before the renames leaves none."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for target, text in pairs:
+            target = Path(target).expanduser()
+            if target.is_dir():
+                raise CBOPruneError(f"output file {target} is a directory: pass a file path")
+            if target.exists() and not overwrite:
+                raise CBOPruneError(f"output file {target} exists: choose another or pass --overwrite")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale_staging(target)
+            stage = _sibling(target, _STAGING)
+            staged.append((stage, target))
+            with open(stage, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        for stage, target in staged:
+            os.replace(stage, target)
+        for parent in {t.parent for _, t in staged}:
+            _fsync_dir(parent)
+    except BaseException:
+        for stage, _ in staged:
+            _remove(stage)
+        raise
+    return [t for _, t in staged]
+
+
 # ----------------------------------------------------------------------------- strict JSON
 
 def json_safe(obj: Any) -> Any:
@@ -291,5 +334,5 @@ def write_json(path: str | Path, obj: Any, *, overwrite: bool = True) -> Path:
     return path
 
 
-__all__ = ["check_output_dir", "check_output_file", "clean_stale_staging", "dumps_strict", "json_safe",
-           "staged_dir", "staged_file", "write_json"]
+__all__ = ["check_output_dir", "check_output_file", "clean_stale_staging", "dumps_strict", "is_main_process",
+           "json_safe", "staged_dir", "staged_file", "write_json", "write_texts"]

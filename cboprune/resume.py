@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from cboprune.outputs import staged_file
+
 if TYPE_CHECKING:
     from cboprune.experiment import Entry
 
@@ -30,7 +32,8 @@ T = TypeVar("T")
 #: settings that change what is evaluated or healed afterwards, never what a method selects
 _NOT_SELECTION = frozenset({"tasks", "limit", "ppl_limit", "eval_batch_size", "data_dir", "max_length", "include_path",
                             "heal_steps", "heal_lr", "heal_micro_batch_size", "heal_global_batch_size", "heal_keep",
-                            "heal_states", "repair", "output_dir", "overwrite", "speedup"})
+                            "heal_states", "repair", "output_dir", "overwrite", "speedup", "domains", "domain_limit",
+                            "heal_seeds", "calibrations"})
 
 
 class StepCache:
@@ -70,10 +73,8 @@ class StepCache:
         except (TypeError, ValueError) as exc:  # a value JSON cannot hold exactly: not kept, not corrupted
             log.warning("resume: a step could not be kept (%s): a rerun computes it again", exc)
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        tmp.replace(path)  # atomic: a kill never leaves a half-written result
+        with staged_file(path) as stage:  # atomic: a kill never leaves a half-written result
+            stage.write_text(text + "\n", encoding="utf-8")
 
 
 def command_steps(recipe, model) -> tuple[StepCache, str | None]:

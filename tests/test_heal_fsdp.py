@@ -21,10 +21,22 @@ from cboprune.models.surgery import remove_blocks, save_pruned
 from conftest import save_tiny_checkpoint
 
 WORKER = """
-import json, sys
+import json, os, sys
 import torch
 torch.set_num_threads(1)
+import cboprune.outputs as outputs
 from cboprune.heal import HealConfig, heal
+
+# Every staging entry, writability probe and removal of the one writer, logged per rank: only the
+# main process may touch the output's staging area.
+audit = open(os.path.join(os.path.dirname(sys.argv[0]), f"writes-rank{os.environ['RANK']}.txt"), "a")
+def logged(name, fn):
+    def wrapper(*args, **kwargs):
+        audit.write(f"{name} {args[0]}\\n"); audit.flush()
+        return fn(*args, **kwargs)
+    return wrapper
+for name in ("_sibling", "_writable", "_remove"):
+    setattr(outputs, name, logged(name, getattr(outputs, name)))
 kw = json.loads(sys.argv[1])
 print(json.dumps(heal(HealConfig(**kw), progress=False).get("stopped_at_step")))
 """
@@ -84,6 +96,10 @@ def test_two_process_fsdp_heal_resumes_exactly_and_matches_one_process(tied_pair
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
+    # only the main process checked, staged and wrote (checkpoint, heal state); the other rank waited
+    assert (tmp_path / "writes-rank1.txt").read_text() == ""
+    assert "straight" in (tmp_path / "writes-rank0.txt").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     report = json.loads((tmp_path / "straight" / "healing.json").read_text())
     assert report["processes"] == 2 and report["config"]["fsdp"] and report["sharding"] == "fsdp2" and report["steps"] == 5
 

@@ -9,16 +9,15 @@ output read ours. The key `cboprune` holds this package's summary (per task `met
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from cboprune.errors import CBOPruneError
+from cboprune.outputs import dumps_strict, write_texts
 
 log = logging.getLogger(__name__)
 
@@ -119,24 +118,6 @@ def output_paths(path: str | Path, *, overwrite: bool = False) -> tuple[Path, Pa
     return targets
 
 
-def write_files_atomically(pairs: list[tuple[Path, str]]) -> None:
-    """Write every (path, text) into a temporary sibling first, then rename them all."""
-    staged = []
-    try:
-        for path, text in pairs:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            staged.append((tmp, path))
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _ in staged:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _json_default(o: Any) -> Any:
     """numpy scalars as numbers, sets as lists, anything else as its string (lm-eval's rule)."""
     if hasattr(o, "item") and callable(o.item):
@@ -153,7 +134,7 @@ def write_results(results: dict, path: str | Path, *, overwrite: bool = True) ->
     """
     json_path, md_path = output_paths(path, overwrite=overwrite)
     doc = to_lm_eval_schema(results)
-    write_files_atomically([(json_path, json.dumps(doc, indent=2, default=_json_default) + "\n"),
-                   (md_path, markdown_table(results))])
+    write_texts([(json_path, dumps_strict(doc, indent=2, default=_json_default) + "\n"),
+                 (md_path, markdown_table(results))])
     log.info("wrote %s and %s", json_path, md_path)
     return json_path, md_path

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Iterable
 
@@ -29,6 +28,7 @@ from safetensors.torch import save_file
 from cboprune.errors import CBOPruneError
 from cboprune.heal.data import TokenizedSet
 from cboprune.heal.loss import SparseTeacher
+from cboprune.outputs import staged_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,7 @@ class TeacherCache:
             raise CBOPruneError(f"teacher cache directory {root} is not empty and has no {META_FILE}: pass a new "
                                 "directory")
         else:
-            root.mkdir(parents=True, exist_ok=True)
-            meta_path.write_text(json.dumps({**meta, "fingerprint": fingerprint}, indent=1) + "\n")
+            write_json(meta_path, {**meta, "fingerprint": fingerprint})
         return cls(root, fingerprint, meta)
 
     def _scan(self) -> None:
@@ -153,9 +152,8 @@ class TeacherCache:
             tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             tensors["rows"] = torch.tensor(chunk, dtype=torch.int64)
             name = f"shard-{split}-{len(list(self.root.glob('shard-*.safetensors'))):05d}.safetensors"
-            tmp = self.root / f".{name}.tmp"
-            save_file(tensors, tmp, metadata={"fingerprint": self.fingerprint, "split": split})
-            os.replace(tmp, self.root / name)
+            with staged_file(self.root / name) as stage:
+                save_file(tensors, stage, metadata={"fingerprint": self.fingerprint, "split": split})
             for pos, row in enumerate(chunk):
                 self._where[(split, row)] = (self.root / name, pos)
             self.teacher_passes += len(chunk)

@@ -14,8 +14,6 @@ that cannot be read back exactly is a one-line `CBOPruneError`.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from cboprune.errors import CBOPruneError
+from cboprune.outputs import staged_dir
 
 STATE_FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")
 FORMAT = 1
@@ -32,13 +31,17 @@ FORMAT = 1
 
 def save_state(state_dir: Path, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
                scheduler_state: dict[str, Any], step: int, fingerprint: str, extra: dict[str, Any] | None = None) -> None:
-    """Write the state into a sibling staging directory, then rename it over `state_dir`.
+    """Write the state into a staging directory next to `state_dir`, then rename it over it
+    (`outputs.staged_dir`: a kill between the two renames leaves the previous state, put back next run).
 
     weights: the trainable parameters by name (whole tensors); optimizer_state: a torch optimizer
     state dict whose parameters are numbered (see heal.sharding.capture)."""
-    tmp = state_dir.with_name(state_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with staged_dir(state_dir, overwrite=True) as tmp:
+        _write_state(tmp, weights, optimizer_state, scheduler_state, step, fingerprint, extra)
+
+
+def _write_state(tmp: Path, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                 scheduler_state: dict[str, Any], step: int, fingerprint: str, extra: dict[str, Any] | None) -> None:
     save_file({n: t.detach().cpu().contiguous() for n, t in weights.items()}, tmp / STATE_FILES[0])
     tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
     scalars: dict[str, dict[str, Any]] = {}
@@ -58,12 +61,6 @@ def save_state(state_dir: Path, weights: dict[str, torch.Tensor], optimizer_stat
             "param_groups": optimizer_state["param_groups"], "state_scalars": scalars,
             "state_ids": [str(p) for p in optimizer_state["state"]], "scheduler": scheduler_state, **(extra or {})}
     (tmp / STATE_FILES[2]).write_text(json.dumps(meta, indent=1))
-    old = state_dir.with_name(state_dir.name + ".old")  # a kill between the renames leaves this one
-    shutil.rmtree(old, ignore_errors=True)
-    if state_dir.exists():
-        os.replace(state_dir, old)
-    os.replace(tmp, state_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_state_meta(state_dir: Path) -> dict[str, Any]:

@@ -34,14 +34,14 @@ from cboprune.heal.loss import DistillationLoss, SparseTeacher, head_loss
 from cboprune.heal.sharding import (accelerate_without_fsdp, capture, fsdp_requested, gathered_weights, restore,
                                    shard_student)
 from cboprune.heal.state import read_state, read_state_meta, save_state
-from cboprune.outputs import read_json_object
+from cboprune.models.surgery import write_checkpoint
+from cboprune.outputs import check_output_dir, clean_stale_staging, dumps_strict, is_main_process, read_json_object, staged_dir
 
 log = logging.getLogger(__name__)
 
 HEALING_FILE = "healing.json"
 CURVE_FILE = "healing_curve.png"
 STATE_SUFFIX = ".heal-state"
-STAGING_SUFFIX = ".heal-partial"
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -245,12 +245,14 @@ def _micro_batch_indices(n: int, micro: int, seed: int, index: int) -> torch.Ten
 class _Paths:
     out: Path  # the healed checkpoint
     state: Path  # resumable training state (<out>.heal-state), removed when the run completes
-    staging: Path  # the checkpoint is written here and renamed onto `out` (.<out>.heal-partial)
 
 
 def check_output_paths(cfg: HealConfig) -> _Paths:
-    """Refuse an output that cannot be written or would destroy inputs, before any work; remove the
-    staging directory an interrupted save left behind."""
+    """Refuse an output that cannot be written or would destroy inputs, before any work.
+
+    Every rank refuses the same inputs (cheap, read-only checks), but only the main process probes
+    the place and cleans what an interrupted save left (`outputs.check_output_dir`, probe names
+    unique per process): two ranks staging or removing one fixed entry raced."""
     out = Path(cfg.output_dir).expanduser()
     resolved = out.resolve()
     cwd = Path.cwd().resolve()
@@ -268,21 +270,12 @@ def check_output_paths(cfg: HealConfig) -> _Paths:
         raise CBOPruneError(f"output path {cfg.output_dir} is a file: pass a directory with --output-dir")
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
         raise CBOPruneError(f"output directory {cfg.output_dir} is not empty: choose another or pass --overwrite")
-    paths = _Paths(resolved, resolved.with_name(resolved.name + STATE_SUFFIX),
-                   resolved.with_name(f".{resolved.name}{STAGING_SUFFIX}"))
+    paths = _Paths(resolved, resolved.with_name(resolved.name + STATE_SUFFIX))
     if paths.state.exists() and not cfg.resume:
         raise CBOPruneError(f"{paths.state} holds an unfinished healing run: pass --resume to continue it, "
                             "or delete it to start over")
-    try:
-        if paths.staging.exists():
-            log.info("removing %s left by an interrupted save", paths.staging)
-            shutil.rmtree(paths.staging)
-        paths.staging.parent.mkdir(parents=True, exist_ok=True)
-        paths.staging.mkdir()  # probe: the place is writable
-        paths.staging.rmdir()
-    except OSError as e:
-        raise CBOPruneError(f"cannot write the output directory {cfg.output_dir} ({e.strerror or e}): "
-                            "choose a writable place with --output-dir") from None
+    if is_main_process():
+        check_output_dir(resolved, overwrite=cfg.overwrite)
     return paths
 
 
@@ -293,10 +286,10 @@ def _resume_state(cfg: HealConfig, paths: _Paths) -> Path | None:
     if paths.state.exists() and not paths.state.is_dir():
         raise CBOPruneError(f"heal state {paths.state} is not a directory: delete it to start over")
     latest = paths.state / "latest"
-    if not latest.exists() and (paths.state / "latest.old").is_dir():
-        latest = paths.state / "latest.old"  # killed between the two renames of a state save
+    if is_main_process():  # a kill between the two renames of a state save: the previous one is put back
+        clean_stale_staging(latest)
     if not latest.exists():
-        if paths.state.is_dir() and any(p.name != "latest.tmp" for p in paths.state.iterdir()):
+        if paths.state.is_dir() and any(not p.name.startswith(".latest.") for p in paths.state.iterdir()):
             raise CBOPruneError(f"heal state {paths.state} has no checkpoint 'latest' but other files: "
                                 "delete it to start over")
         log.warning("--resume given but no checkpoint in %s: starting from step 0", paths.state)
@@ -319,20 +312,13 @@ def _save_dtype(cfg: HealConfig, checkpoint_dir: str | None) -> torch.dtype:
 
 
 def _write_output(paths: _Paths, model, tokenizer, provenance: dict, report: dict, overwrite: bool) -> None:
-    """Checkpoint + healing.json + curve written in staging, then renamed onto the output directory:
-    an interruption leaves either the complete output or none (the staging is cleaned next run)."""
-    from cboprune.models.surgery import save_pruned
-
-    shutil.rmtree(paths.staging, ignore_errors=True)
-    paths.staging.mkdir()
-    checkpoint = paths.staging / "checkpoint"
-    save_pruned(model, tokenizer, checkpoint, provenance, overwrite=True)
-    (checkpoint / HEALING_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    plot_curve(report, checkpoint / CURVE_FILE)
-    if paths.out.exists():  # empty, or overwrite was given
-        os.replace(paths.out, paths.staging / "previous")
-    os.replace(checkpoint, paths.out)
-    shutil.rmtree(paths.staging, ignore_errors=True)
+    """Checkpoint + healing.json + curve, staged and committed by `outputs.staged_dir`: an
+    interruption leaves either the complete output or none (a killed run's staging is cleaned next run).
+    The main process only."""
+    with staged_dir(paths.out, overwrite=overwrite) as stage:
+        write_checkpoint(model, tokenizer, stage, provenance)
+        (stage / HEALING_FILE).write_text(dumps_strict(report, indent=2) + "\n", encoding="utf-8")
+        plot_curve(report, stage / CURVE_FILE)
 
 
 def plot_curve(report: dict, path: Path) -> Path | None:
@@ -702,6 +688,7 @@ def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[
         model.to(_save_dtype(cfg, student_loaded.checkpoint_dir))
         _write_output(paths, model, tokenizer, provenance, report, cfg.overwrite)
         shutil.rmtree(paths.state, ignore_errors=True)
+    accelerator.wait_for_everyone()  # no rank returns before the output exists
     if logging_dir is not None:
         accelerator.end_training()
     return report

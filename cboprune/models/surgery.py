@@ -228,11 +228,18 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, provenance: di
     score that is not a number (a manual `--blocks` removal has no energy) is written as null.
     """
     out_dir = check_output_dir(out_dir, overwrite)
-    text = dumps_strict(provenance, indent=2) + "\n"  # before the save: a bad value fails at once
+    dumps_strict(provenance)  # before the save: a bad value fails at once
     with staged_dir(out_dir, overwrite=overwrite) as stage:
-        dtype = save_weights(model, stage, provenance, save_dtype)  # source dtype unless save_dtype says
-        if tokenizer is not None:
-            tokenizer.save_pretrained(stage)
-        (stage / REMOVAL_FILE).write_text(text, encoding="utf-8")
-        write_model_card(stage, provenance, model, dtype=dtype)
+        write_checkpoint(model, tokenizer, stage, provenance, save_dtype)
     return out_dir
+
+
+def write_checkpoint(model: nn.Module, tokenizer, directory: Path, provenance: dict[str, Any],
+                     save_dtype: str | None = None) -> None:
+    """The checkpoint's files (weights, tokenizer, removal.json, model card) into `directory`, which
+    the caller stages (`outputs.staged_dir`)."""
+    dtype = save_weights(model, directory, provenance, save_dtype)  # source dtype unless save_dtype says
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    (directory / REMOVAL_FILE).write_text(dumps_strict(provenance, indent=2) + "\n", encoding="utf-8")
+    write_model_card(directory, provenance, model, dtype=dtype)
