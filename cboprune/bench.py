@@ -362,7 +362,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `bench` subcommand's arguments on `parser`."""
     parser.add_argument("models", nargs="+", metavar="MODEL",
                         help="the original ('default', a checkpoint directory, a .gguf file or a hub id), "
-                             "then one or more pruned checkpoints")
+                             "then one or more pruned checkpoints (--engine llama.cpp: GGUF files)")
+    parser.add_argument("--engine", default="torch", choices=("torch", "llama.cpp"),
+                        help="torch (default: transformers in PyTorch) or llama.cpp (GGUF files as they are, "
+                             "through llama-cpp-python; docs/gguf.md)")
     parser.add_argument("--batch-sizes", type=_ints, default=(1, 8), help="comma-separated (default: 1,8)")
     parser.add_argument("--lengths", type=_ints, default=(128, 512), help="prompt lengths in tokens (default: 128,512)")
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps per run (default: 32)")
@@ -385,6 +388,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if len(args.models) < 2:
         raise CBOPruneError("bench needs the original model and at least one pruned checkpoint: "
                             "cboprune bench ORIGINAL PRUNED [PRUNED ...]")
+    if args.engine == "llama.cpp":
+        from cboprune.gguf.bench import run_llama_bench
+
+        return run_llama_bench(args)
     devices = tuple(d for d in (args.device or ",".join(default_devices())).replace(" ", "").split(",") if d)
     settings = BenchSettings(batch_sizes=args.batch_sizes, lengths=args.lengths, new_tokens=args.new_tokens,
                              repeats=args.repeats, warmup=args.warmup, devices=devices, seed=args.seed,

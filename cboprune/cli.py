@@ -7,7 +7,8 @@
     cboprune eval     evaluate a model or checkpoint (perplexity, benchmarks)
     cboprune heal     distill the original model into a pruned checkpoint (resumable, LoRA option)
     cboprune repair   training-free linear repair of removed blocks, folded into the kept weights
-    cboprune bench    size and speed of pruned checkpoints next to the original
+    cboprune bench    size and speed of pruned checkpoints next to the original (--engine llama.cpp: GGUF files)
+    cboprune export   a checkpoint to GGUF (f16, bf16, q8_0) for llama.cpp
     cboprune methods  every registered selection method: needs and cost
     cboprune compare  CBO and its peers (BI, SLEB, SWM, ...) at equal M, evaluated alike
     cboprune study    every energy model and peer: energy vs real loss, which configuration wins
@@ -37,6 +38,7 @@ _MODULE_COMMANDS = (
     ("repair", "cboprune.repair.cli", "training-free linear repair of removed blocks, folded into the kept weights"),
     ("eval", "cboprune.evaluation.cli", "perplexity and benchmarks (built-in or lm-eval backend)"),
     ("heal", "cboprune.heal.cli", "knowledge-distillation retraining of a pruned checkpoint (LoRA option)"),
+    ("export", "cboprune.gguf.cli", "a Hugging Face checkpoint to GGUF (f16, bf16, q8_0) for llama.cpp"),
 )
 
 
@@ -75,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hessian", help="pick the state from this Hessian's ranking (with --remove M and --rank)")
     p.add_argument("--rank", type=int, default=0, help="which state of the ranking (0 = ground state)")
     p.add_argument("--blocks", type=_int_list, help="explicit block indices to remove, e.g. 3,7,12")
+    p.add_argument("--output", metavar="FILE.gguf", help="write a GGUF instead of a checkpoint: --model is a GGUF "
+                   "whose kept blocks' quantized tensors are copied bit for bit (docs/gguf.md)")
     _add_config(p, "prune")
     p.set_defaults(func=cmd_prune)
 
@@ -208,6 +212,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from cboprune.pipeline import pick_device, provenance, prune_to_checkpoint, solve_rankings
     from cboprune.ranking import Candidate, Ranking
 
+    if args.output is not None:
+        from cboprune.gguf.cli import prune_to_gguf
+
+        return prune_to_gguf(args)
     if (args.blocks is None) == (args.hessian is None):
         raise CBOPruneError("pass either --blocks 3,7,12 or --hessian FILE --remove M [--rank R]")
     if args.output_dir is None:

@@ -1,0 +1,98 @@
+"""The GGUF front ends: `cboprune export` and the GGUF route of `cboprune prune --output FILE.gguf`."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+from cboprune.errors import CBOPruneError
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the `export` subcommand's arguments on `parser`."""
+    from cboprune.gguf.export import OUTTYPES
+
+    parser.add_argument("checkpoint", help="a Hugging Face checkpoint directory (pruned, healed, or any)")
+    parser.add_argument("--output", "-o", required=True, metavar="FILE.gguf", help="the GGUF file to write")
+    parser.add_argument("--outtype", default="q8_0", choices=OUTTYPES, help="tensor type (default q8_0; 1-D "
+                        "tensors stay f32)")
+    parser.add_argument("--tokenizer-gguf", default=None, metavar="FILE.gguf",
+                        help="copy the tokenizer from this GGUF (default: the source model named in the checkpoint's "
+                             "removal.json when it is a GGUF, e.g. 'default'; else read from tokenizer.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+def run_export_command(args: argparse.Namespace) -> int:
+    from cboprune.gguf.export import export_gguf
+
+    _check_gguf_name(args.output)
+    t0 = time.perf_counter()
+    out = export_gguf(args.checkpoint, args.output, outtype=args.outtype, tokenizer_gguf=args.tokenizer_gguf,
+                      overwrite=args.overwrite)
+    print(f"exported {args.checkpoint} -> {out} ({args.outtype}, {out.stat().st_size / 2**20:.1f} MiB, "
+          f"{time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _check_gguf_name(path: str) -> None:
+    if not str(path).endswith(".gguf"):
+        raise CBOPruneError(f"--output {path}: a GGUF file name ends with .gguf")
+
+
+def prune_to_gguf(args: argparse.Namespace) -> int:
+    """`cboprune prune --model X.gguf (--blocks ... | --hessian H --remove M [--rank R]) --output Y.gguf`:
+    the kept blocks' quantized tensors copied bit for bit (no model is loaded into torch)."""
+    from cboprune.gguf.prune import open_gguf, plan_prune, write_gguf
+    from cboprune.models.loading import DEFAULT_MODEL, default_gguf_path
+    from cboprune.outputs import check_output_file
+
+    _check_gguf_name(args.output)
+    if (args.blocks is None) == (args.hessian is None):
+        raise CBOPruneError("pass either --blocks 3,7,12 or --hessian FILE --remove M [--rank R]")
+    if args.output_dir is not None:
+        raise CBOPruneError("pass --output FILE.gguf (a GGUF) or --output-dir DIR (a checkpoint), not both")
+    for flag in ("repair", "speedup", "save_dtype"):
+        if getattr(args, flag, None):
+            raise CBOPruneError(f"--{flag.replace('_', '-')} needs the checkpoint route (--output-dir): a GGUF "
+                                "output copies the source's tensors as they are")
+    if args.rank < 0:
+        raise CBOPruneError(f"--rank must be >= 0, got {args.rank}")
+    model = args.model or DEFAULT_MODEL
+    source_path = default_gguf_path() if model == DEFAULT_MODEL else Path(model).expanduser()
+    if source_path.suffix != ".gguf":
+        raise CBOPruneError(f"--output {args.output} writes a GGUF from a GGUF --model, but {model} is not one: "
+                            f"prune to a checkpoint (--output-dir DIR), then `cboprune export DIR -o {args.output}`")
+    out = check_output_file(args.output, args.overwrite or False)
+    t0 = time.perf_counter()
+    source = open_gguf(source_path)
+    method, energy, rank = "manual", None, None
+    if args.hessian is not None:
+        if args.remove is None or len(args.remove) != 1:
+            raise CBOPruneError("with --hessian pass one --remove M (and optionally --rank R)")
+        from cboprune.hessian import load_hessian
+        from cboprune.pipeline import solve_rankings
+
+        hessian = load_hessian(args.hessian)
+        if hessian.n_blocks != source.n_blocks:
+            raise CBOPruneError(f"the Hessian has {hessian.n_blocks} blocks but {source.path} has {source.n_blocks}: "
+                                "pass the --model it was computed on")
+        ranking = solve_rankings(hessian, args.remove, args.rank + 1, keep=list(args.keep or []))[0]
+        if args.rank >= len(ranking.candidates):
+            raise CBOPruneError(f"rank {args.rank} does not exist: only {len(ranking.candidates)} states")
+        cand = ranking.candidates[args.rank]
+        removed, method, rank = list(cand.removed), ranking.method, args.rank
+        energy = cand.score if math.isfinite(cand.score) else None
+    else:
+        removed = list(args.blocks)
+    plan = plan_prune(source, removed, {"method": method, "energy": energy, "state_rank": rank})
+    write_gguf(plan, out, overwrite=args.overwrite or False)
+    before, after = source.path.stat().st_size, out.stat().st_size
+    print(f"removed blocks {plan.removed} of {source.n_blocks} ({source.arch}) -> {out}: {after / 2**20:.1f} MiB "
+          f"({100 * (1 - after / before):.1f}% smaller than {before / 2**20:.1f} MiB), "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+__all__ = ["add_export_arguments", "prune_to_gguf", "run_export_command"]
