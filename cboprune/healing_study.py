@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cboprune.errors import CBOPruneError
+from cboprune.errors import DivergedError
+from cboprune.finite import metric_cell, require_finite
 
 if TYPE_CHECKING:
     from cboprune.evaluation.protocol import EvalProtocol
@@ -146,19 +148,29 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
                          "merged": [list(g) for g in entry.candidate.merged], "method": entry.method},
                         save_dtype="float32")  # the student starts from exactly the evaluated model
             del start
-            report = heal(HealConfig(student=str(student), teacher=recipe.teacher, data=recipe.data,
-                                     output_dir=str(healed_dir), max_steps=steps, learning_rate=recipe.learning_rate,
-                                     seq_len=recipe.seq_len, micro_batch_size=recipe.micro_batch_size,
-                                     global_batch_size=recipe.global_batch_size, lora=recipe.lora, seed=recipe.seed,
-                                     max_samples=recipe.max_samples, save_every=max(steps, 1), overwrite=True,
-                                     teacher_cache=None if recipe.teacher_cache is None else str(recipe.teacher_cache),
-                                     teacher_top_k=recipe.teacher_top_k, heldout_eval=recipe.heldout_eval,
-                                     **({} if recipe.heldout_samples is None
-                                        else {"heldout_samples": recipe.heldout_samples})),
-                          progress=progress)
+            try:
+                report = heal(HealConfig(student=str(student), teacher=recipe.teacher, data=recipe.data,
+                                         output_dir=str(healed_dir), max_steps=steps, learning_rate=recipe.learning_rate,
+                                         seq_len=recipe.seq_len, micro_batch_size=recipe.micro_batch_size,
+                                         global_batch_size=recipe.global_batch_size, lora=recipe.lora, seed=recipe.seed,
+                                         max_samples=recipe.max_samples, save_every=max(steps, 1), overwrite=True,
+                                         teacher_cache=None if recipe.teacher_cache is None else str(recipe.teacher_cache),
+                                         teacher_top_k=recipe.teacher_top_k, heldout_eval=recipe.heldout_eval,
+                                         **({} if recipe.heldout_samples is None
+                                            else {"heldout_samples": recipe.heldout_samples})),
+                              progress=progress)
+            except DivergedError as exc:  # a catastrophic removal may heal into NaN: a result, shown as diverged
+                log.warning("%s", exc)
+                result = _diverged_result(entry, recipe, str(exc), round(time.perf_counter() - t0, 1))
+                shutil.rmtree(student, ignore_errors=True)
+                getattr(entry, slot)[steps] = result
+                cache.save(fields, result)
+                continue
             healed = load_model(str(healed_dir), dtype="float32", device=str(next(model.parameters()).device)).model
-            result = {"nll": None if nll_samples is None else calibration_nll(healed, nll_samples,
-                                                                               batch_size=batch_size),
+            nll = None if nll_samples is None else require_finite(
+                calibration_nll(healed, nll_samples, batch_size=batch_size), "the held-out NLL",
+                f"{entry.method} at M = {entry.n_remove} healed", f"step {steps}")
+            result = {"nll": nll,
                       "eval": protocol.evaluate(healed, tokenizer),
                       "heal_ce": (report.get("heldout_loss_after") or {}).get("student"),
                       "heal_kl": (report.get("heldout_loss_after") or {}).get("kl_to_teacher"),
@@ -176,14 +188,20 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
                 shutil.rmtree(healed_dir, ignore_errors=True)
             getattr(entry, slot)[steps] = result
             cache.save(fields, result)
-            log.info("healing: %s at M = %d, %d steps: NLL %.4f -> %.4f, heal CE %.4f (%.0f s)", entry.method,
-                     entry.n_remove, steps, _or_nan(entry.nll), _or_nan(result["nll"]), _or_nan(result["heal_ce"]),
-                     result["seconds"])
+            log.info("healing: %s at M = %d, %d steps: NLL %s -> %s, heal CE %s (%.0f s)", entry.method,
+                     entry.n_remove, steps, metric_cell(entry.nll), metric_cell(result["nll"]),
+                     metric_cell(result["heal_ce"]), result["seconds"])
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _or_nan(value: float | None) -> float:
-    return math.nan if value is None else value
+def _diverged_result(entry: Entry, recipe: HealRecipe, why: str, seconds: float) -> dict[str, Any]:
+    """A heal whose loss stopped being a number: every metric NaN (tables read "diverged", sorts put
+    it last, results files say "diverged"), with the reason."""
+    nan = math.nan
+    return {"nll": nan, "eval": {"results": {}}, "heal_ce": nan, "heal_kl": nan, "heal_ce_before": None,
+            "teacher_ce": None, "steps": None, "seconds": seconds, "diverged": why, "method": entry.method,
+            "n_remove": entry.n_remove, "removed": list(entry.candidate.removed), "start": "pruned",
+            "seed": recipe.seed, "teacher_samples_computed": None, "token_positions": None}
 
 
 def heal_and_repair(entries: Sequence[Entry], model, tokenizer, protocol: EvalProtocol, *,
@@ -304,19 +322,19 @@ def heal_table(entries: Sequence[Entry], steps: Sequence[int], label, ppl_task: 
         if not e.healed:
             continue
         row = [str(e.n_remove), label(e.method) + (f" (= {label(e.same_as)})" if e.same_as else ""),
-               "[" + ", ".join(map(str, e.candidate.removed)) + "]", "—" if e.nll is None else f"{e.nll:.4f}"]
+               "[" + ", ".join(map(str, e.candidate.removed)) + "]", metric_cell(e.nll)]
         ce_before = e.healed[steps[0]].get("heal_ce_before")  # the same pruned model for every budget
-        row.append("—" if ce_before is None else f"{ce_before:.4f}")
+        row.append(metric_cell(ce_before))
         seconds = 0.0
         for s in steps:
             h = e.healed[s]
             ce = h.get("heal_ce")
-            row += [f"{h['nll']:.4f}", "—" if ce is None else f"{ce:.4f}"]
+            row += [metric_cell(h['nll']), metric_cell(ce)]
             if ppl_task:
                 v = primary_scores(h["eval"]).get(ppl_task)
-                row.append("—" if v is None else f"{v:.2f}")
+                row.append(metric_cell(v, ".2f"))
             acc = mean_accuracy(h["eval"], accuracy_tasks)
-            row.append("—" if acc is None else f"{acc:.4f}")
+            row.append(metric_cell(acc))
             seconds += h.get("seconds") or 0.0
         row.append("0" if e.same_as else f"{seconds:.0f}")
         row += ["—" if e.cost is None else f"{e.cost:.4g}", f"{e.selection_seconds:.1f}"]

@@ -18,7 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from cboprune.finite import metric_cell, metric_key
 from cboprune.ranking import Candidate, Ranking
+from cboprune.verify import measured_nll
 
 #: candidates judged per M when the user does not say (`--heal-candidates`)
 JUDGE_CANDIDATES = 2
@@ -72,20 +74,27 @@ def judge_by_healing(cfg, session, rankings: Sequence[Ranking], staging: Path,
         # The best states, not a structurally diverse set: one swap apart, two states heal 0.07 nats
         # apart at M = 12 on the default model (docs/study.md, "Fewer gaps heal better").
         picks = ranking.candidates[:candidates]
-        entries = [Entry(f"rank{c.rank}", ranking.n_remove, c, ranking, 0.0, nll=c.score if ranking.info.get(
-            "verification") else None) for c in picks]
-        heal_entries(entries, session.model, session.tokenizer, recipe, NoEval(), nll_samples=None,
+        # Before and after on the same samples, the verification's held-out ones: the NLL proper, not
+        # the verified score (which may carry the energy's run cost).
+        nll_before = measured_nll(ranking) if ranking.info.get("verification") else [None] * len(picks)
+        entries = [Entry(f"rank{c.rank}", ranking.n_remove, c, ranking, 0.0, nll=nll_before[i])
+                   for i, c in enumerate(picks)]
+        heal_entries(entries, session.model, session.tokenizer, recipe, NoEval(), nll_samples=session.heldout,
                      batch_size=cfg.batch_size, workdir=staging / ".heal-judge")
-        entries.sort(key=lambda e: e.healed[steps]["heal_ce"])
-        cost[ranking.n_remove] = sum(heal_cost(e.healed[steps], session.fit.n_tokens) for e in entries)
+        entries.sort(key=lambda e: metric_key(e.healed[steps]["heal_ce"]))
+        held_tokens = session.heldout.n_tokens if session.heldout is not None else 0
+        cost[ranking.n_remove] = sum(heal_cost(e.healed[steps], session.fit.n_tokens, held_tokens) for e in entries)
         for place, e in enumerate(entries):
+            h = e.healed[steps]
             rows.append([str(ranking.n_remove), str(place), str(e.candidate.rank), str(list(e.candidate.removed)),
-                         "—" if e.nll is None else f"{e.nll:.4f}", f"{e.healed[steps]['heal_ce']:.4f}",
-                         f"{e.healed[steps]['seconds']:.0f}"])
+                         metric_cell(e.nll), metric_cell(h["nll"]), metric_cell(h["heal_ce"]),
+                         f"{h['seconds']:.0f}"])
         chosen = [e.candidate for e in entries]
         rest = [c for c in ranking.candidates if c.removed not in {p.removed for p in chosen}]
         judge = {"steps": steps, "recipe": recipe.describe(), "order": [list(c.removed) for c in chosen],
                  "healed_ce": [e.healed[steps]["heal_ce"] for e in entries],
+                 "heldout_nll_before": [e.nll for e in entries],
+                 "heldout_nll_after": [e.healed[steps]["nll"] for e in entries],
                  "forward_passes": round(cost[ranking.n_remove], 2),
                  "seconds": round(sum(e.healed[steps]["seconds"] for e in entries), 2)}
         info = {**ranking.info, "verification": _reordered(ranking, chosen + rest), "heal_judge": judge}
@@ -99,8 +108,8 @@ def judge_by_healing(cfg, session, rankings: Sequence[Ranking], staging: Path,
             f"healing on (up to) {recipe.heldout_samples} held-out records of the heal data (never trained on), so rank 0 "
             "is the winner and rank 1 the runner-up (`--heal-candidates 0`: off). Cost of the judge in forward "
             "passes of the fitting set: " + ", ".join(f"M = {m}: {c:.1f}" for m, c in cost.items()) + ".", "",
-            markdown_table(["M", "place", "rank before", "removed", "verified score before", "heal CE after",
-                            "heal s"], rows)]
+            markdown_table(["M", "place", "rank before", "removed", "held-out NLL before", "held-out NLL after",
+                            "heal CE after", "heal s"], rows)]
     return out, "\n".join(text), cost
 
 
@@ -115,15 +124,17 @@ def _reordered(ranking: Ranking, order: Sequence[Candidate]) -> dict[str, Any] |
     return {**verification, **aligned}
 
 
-def heal_cost(result: dict[str, Any], fit_tokens: int) -> float:
+def heal_cost(result: dict[str, Any], fit_tokens: int, nll_tokens: int = 0) -> float:
     """A judge heal in forward passes of the fitting set: the student's forward + backward (3) over the
-    trained positions, one forward over the held-out records, and the teacher's forward where this heal
-    computed teacher outputs (every heal without a cache; with one, the heal that filled it)."""
+    trained positions, one forward over the held-out records, the teacher's forward where this heal
+    computed teacher outputs (every heal without a cache; with one, the heal that filled it), and one
+    forward of the healed model over the `nll_tokens` verification samples it is scored on."""
     positions = result.get("token_positions") or {}
     train, held = positions.get("train", 0), positions.get("heldout", 0)
     computed = result.get("teacher_samples_computed")
     teacher = train if computed is None else (train + held if computed else 0)
-    return (3 * train + held + teacher) / max(fit_tokens, 1)
+    measured = nll_tokens if result.get("nll") is not None else 0
+    return (3 * train + held + teacher + measured) / max(fit_tokens, 1)
 
 
 class NoEval:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cboprune.errors import CBOPruneError
+from cboprune.finite import DIVERGED
 
 log = logging.getLogger(__name__)
 
@@ -308,8 +309,9 @@ def write_texts(pairs: list[tuple[str | Path, str]], *, overwrite: bool = True) 
 # ----------------------------------------------------------------------------- strict JSON
 
 def json_safe(obj: Any) -> Any:
-    """A copy of `obj` with every non-finite float (NaN, ±inf) replaced by None, so that strict JSON
-    parsers read it; tuples become lists and numpy scalars become Python numbers."""
+    """A copy of `obj` with every non-finite float (NaN, ±inf) replaced by "diverged" (`cboprune.finite`:
+    never a NaN literal, never a silent null), so that strict JSON parsers read it; tuples become lists
+    and numpy scalars become Python numbers."""
     if isinstance(obj, dict):
         return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -317,12 +319,12 @@ def json_safe(obj: Any) -> Any:
     if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
         obj = obj.item()  # numpy / torch scalars
     if isinstance(obj, float) and not math.isfinite(obj):
-        return None
+        return DIVERGED
     return obj
 
 
 def dumps_strict(obj: Any, **kwargs: Any) -> str:
-    """json.dumps with NaN/inf written as null and `allow_nan=False` (never emits invalid JSON)."""
+    """json.dumps with NaN/inf written as "diverged" and `allow_nan=False` (never emits invalid JSON)."""
     return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
 
 

@@ -49,6 +49,13 @@ def save_tiny_checkpoint(path: Path, n_layers: int = 6, seed: int = 0) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A random tiny Llama of 6 blocks saved as a checkpoint, shared by the whole session (tests must
+    not write into it; a module that needs another depth defines its own)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", n_layers=6)
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_llama()

@@ -11,12 +11,6 @@ from transformers import AutoModelForCausalLM
 from cboprune.cli import main
 from cboprune.ranking import Ranking
 
-from conftest import save_tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")

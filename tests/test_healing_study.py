@@ -13,11 +13,6 @@ from cboprune.cli import main
 from conftest import save_tiny_checkpoint
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", n_layers=6)
-
-
 def _compare(ck, data, text, out, *extra):
     return main(["-q", "compare", "--model", str(ck), "--data", data, "--n-samples", "4", "--seq-len", "32",
                  "--batch-size", "4", "--remove", "2", "--methods", "cbo,bi,sleb,last-m", "--tasks", f"file:{text}",

@@ -10,12 +10,6 @@ import pytest
 import torch
 
 from cboprune.cli import main
-from conftest import save_tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", n_layers=6)
 
 
 def test_prune_with_repair_saves_the_folded_model(tiny_checkpoint, shared_data, tmp_path):

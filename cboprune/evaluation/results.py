@@ -10,13 +10,13 @@ output read ours. The key `cboprune` holds this package's summary (per task `met
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from cboprune.errors import CBOPruneError
+from cboprune.finite import is_number, metric_cell
 from cboprune.outputs import dumps_strict, write_texts
 
 log = logging.getLogger(__name__)
@@ -26,9 +26,7 @@ _SUFFIXES = (".json", ".md")
 
 
 def _fmt(value: float | None, scale: float) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return f"{value * scale:.2f}"
+    return metric_cell(value if not is_number(value) else value * scale, ".2f")
 
 
 def markdown_table(results: dict) -> str:

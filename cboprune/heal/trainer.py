@@ -28,7 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from cboprune import __version__
-from cboprune.errors import CBOPruneError
+from cboprune.errors import CBOPruneError, DivergedError
+from cboprune.finite import require_finite
 from cboprune.heal.data import TokenizedSet, load_distillation_data, read_distillation_items
 from cboprune.heal.loss import DistillationLoss, SparseTeacher, head_loss
 from cboprune.heal.sharding import (accelerate_without_fsdp, capture, fsdp_requested, gathered_weights, restore,
@@ -466,6 +467,8 @@ def head_is_plain(model, ids: torch.Tensor) -> bool:
         hidden = decoder(input_ids=ids).last_hidden_state
     except (TypeError, AttributeError, RuntimeError):
         return False
+    if not bool(torch.isfinite(logits).all()):  # a broken student: the first step reports it, in one line
+        return False
     return bool(torch.allclose(head(hidden), logits, rtol=1e-4, atol=1e-5 * float(logits.abs().max())))
 
 
@@ -493,6 +496,9 @@ def _train(run: _Run, step: int, progress: bool) -> tuple[int, bool, bool]:
             run.optimizer.zero_grad(set_to_none=True)
             step += 1
             loss_value = float(acc.reduce(step_loss, reduction="mean")) if acc.num_processes > 1 else float(step_loss)
+            if not math.isfinite(loss_value):  # every rank sees the reduced value: all stop together
+                raise DivergedError(f"healing {cfg.student} diverged at step {step}: the training loss is {loss_value}; "
+                                    "lower --heal-lr / --lr, or check the student's weights and dtype")
             _record(run, step, {"train/loss": loss_value, "train/lr": lr})
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -643,6 +649,8 @@ def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[
         raise CBOPruneError("student and teacher have different vocabularies: the teacher must be the model "
                             "the student was pruned from")
     before = _heldout_metrics(student, teacher, cache, held, with_teacher=True) if cfg.heldout_eval == "full" else {}
+    if "teacher" in before:  # the reference every heal is judged against: never a NaN
+        require_finite(before["teacher"], "the held-out loss", f"the teacher {cfg.teacher}", "before healing")
 
     run = _prepare_run(cfg, accelerator, student, train, held, teacher, cache, paths, accumulation, total_steps)
     step = 0
@@ -674,6 +682,9 @@ def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[
     if cfg.lora:
         model = model.merge_and_unload()
     after = _heldout_metrics(model, teacher, cache, held, ce_only=cfg.heldout_eval == "after-ce")
+    if "student" in after and not math.isfinite(after["student"]):  # the last update broke the weights
+        raise DivergedError(f"healing {cfg.student} diverged at step {step}: the held-out loss after healing is "
+                            f"{after['student']}; lower --heal-lr / --lr, or check the student's weights and dtype")
     report = _report(run, teacher_precision, step, stopped_early, before, after, seconds)
     if cfg.fsdp:  # gather the shards into an unsharded copy of the student, on the main process only
         weights = gathered_weights(model)

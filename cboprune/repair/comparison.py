@@ -15,6 +15,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from cboprune.finite import metric_cell
+
 if TYPE_CHECKING:
     from cboprune.data.calibration import CalibrationSet
     from cboprune.evaluation.protocol import EvalProtocol
@@ -69,9 +71,9 @@ def repair_markdown(entries: Sequence[Entry], meta: dict[str, Any], label) -> st
         out = []
         if ppl:
             v = primary_scores(ev).get(ppl) if ev else None
-            out.append("—" if v is None else f"{v:.2f}")
+            out.append(metric_cell(v, ".2f"))
         acc = mean_accuracy(ev, accuracy) if ev else None
-        return out + ["—" if acc is None else f"{acc:.4f}"]
+        return out + [metric_cell(acc)]
 
     cols = ([ppl] if ppl else []) + ["mean acc"]
     header = ["M", "method", "removed", "NLL pruned", "NLL repaired", *[f"{c} pruned" for c in cols],
@@ -82,7 +84,7 @@ def repair_markdown(entries: Sequence[Entry], meta: dict[str, Any], label) -> st
             continue
         r = e.repaired
         rows.append([str(e.n_remove), label(e.method), "[" + ", ".join(map(str, e.candidate.removed)) + "]",
-                     "—" if e.nll is None else f"{e.nll:.4f}", f"{r['nll']:.4f}", *scores(e.eval),
+                     metric_cell(e.nll), metric_cell(r['nll']), *scores(e.eval),
                      *scores(r["eval"]), f"{r['seconds']:.1f}"])
     text = [f"# Training-free linear repair: {meta['model']} (N = {meta['n_blocks']})\n",
             "Each removed run of blocks replaced by a least-squares linear map fitted on the fitting samples "
@@ -102,7 +104,7 @@ def repair_markdown(entries: Sequence[Entry], meta: dict[str, Any], label) -> st
                 h, rh = e.healed.get(s) or {}, e.repair_healed.get(s) or {}
 
                 def f(d, k):
-                    return "—" if d.get(k) is None else f"{d[k]:.4f}"
+                    return metric_cell(d.get(k))
 
                 row += [f(h, "nll"), f(rh, "nll"), f(h, "heal_ce"), f(rh, "heal_ce")]
             rows.append(row)

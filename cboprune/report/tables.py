@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cboprune.finite import metric_cell
+
 from cboprune.ranking import Ranking
 
 
@@ -47,7 +49,7 @@ def ranking_markdown(ranking: Ranking, block_kinds: Sequence[str] | None = None)
         tie = " (tie)" if cand.tied_with_previous else ""
         if verification:
             e_rank = verification["energy_ranks"][i]
-            lines.append(f"| {cand.rank} | {cand.score:.4f} | {verification['energies'][i]:.6g} | "
+            lines.append(f"| {cand.rank} | {metric_cell(cand.score)} | {metric_cell(verification['energies'][i], '.6g')} | "
                          f"{'swap search' if e_rank is None else e_rank} | {_ranges(cand.removed)} | {kinds} |")
         else:
             lines.append(f"| {cand.rank}{tie} | {cand.score:.6g} | {_ranges(cand.removed)} | {kinds} |")
@@ -84,7 +86,7 @@ def write_report(out_dir: str | Path, rankings: Sequence[Ranking], *, meta: dict
         f"- model: `{meta.get('model', '')}` ({meta.get('model_type', '')}, {meta.get('n_blocks')} blocks, "
         f"{meta.get('model_params', 0) / 1e6:.1f} M parameters)",
         f"- calibration: {cal.get('source', '')} — {cal.get('n_samples')} samples, {cal.get('n_tokens')} tokens "
-        f"(fingerprint {cal.get('fingerprint', '')})",
+        f"(fingerprint {cal.get('fingerprint', '')}; rendered as {cal.get('rendering', 'plain text')})",
         f"- Hessian: {meta.get('variant', 'fisher')} H = AᵀA/m, mean calibration loss {meta.get('mean_loss', 0):.4f}, "
         f"{meta.get('seconds', 0)} s ({meta.get('tokens_per_second', 0)} tokens/s)",
         "",
