@@ -65,7 +65,8 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
 
     names = registry.parse_names(cfg.methods, extra=("cbo",))
     protocol = EvalProtocol(cfg.tasks, cfg.limit, cfg.ppl_limit, cfg.eval_batch_size, cfg.data_dir, cfg.max_length,
-                            cfg.seed, progress, cfg.include_path)
+                            cfg.seed, progress, cfg.include_path, domains=cfg.domains, domain_limit=cfg.domain_limit,
+                            data=cfg.data)
     out_dir = check_output_dir(cfg.output_dir, cfg.overwrite)
     recipe = cfg.heal_recipe(out_dir)  # the healing data is checked before any work
     started = time.perf_counter()
@@ -75,6 +76,7 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
 
         check_repairable(session.model, session.n_blocks)
     net, calibration = session.model, session.fit
+    protocol.check_heldout(calibration, cfg.heal_data or cfg.data)
     if "cbo" in names and calibration.n_samples < session.n_blocks:
         log.warning("compare: %d calibration samples for N = %d blocks: the CBO matrix H = AᵀA/m has rank <= %d, "
                     "so the solver can pick states in its null space (energy ~0, real loss large). Use "
@@ -277,6 +279,13 @@ def write_outputs(result: CompareResult, directory: Path | None = None) -> dict[
 
         paths["repair_md"] = out / "repair.md"
         paths["repair_md"].write_text(repair_markdown(result.entries, result.meta, label), encoding="utf-8")
+    if result.baseline.get("domains"):
+        from cboprune.evaluation.domains import domain_markdown
+
+        paths["domains_md"] = out / "domains.md"
+        paths["domains_md"].write_text(domain_markdown(result.entries, result.baseline, label,
+                                                       (result.meta.get("healing") or {}).get("steps")),
+                                       encoding="utf-8")
     if result.meta.get("healing"):
         paths["healing_md"] = out / "healing.md"
         paths["healing_md"].write_text(healing_markdown(result.entries, result.meta, label), encoding="utf-8")

@@ -63,7 +63,8 @@ class Config:
                                     "(default: cuda when available)", "model", kind="str")
     seed: int = _opt(0, "random seed (default 0)", "model", kind="int", minimum=0)
     # calibration
-    data: str | None = _opt(None, "calibration .jsonl/.json/.txt file or hub dataset name; omit for "
+    data: str | None = _opt(None, "calibration .jsonl/.json/.txt file, a weighted mix of them (a.json:0.7,b.txt:0.3; "
+                                  "'generated' is the built-in prompts) or a hub dataset name; omit for "
                                   "model-generated calibration", "calibration", kind="str")
     n_samples: int = _opt(64, "calibration (fitting) samples m (default 64)", "calibration", kind="int", minimum=1)
     seq_len: int = _opt(256, "tokens per sample (default 256)", "calibration", kind="int", minimum=1)
@@ -127,6 +128,11 @@ class Config:
                          factory=lambda: ",".join(_energy_names()))
     peers: str = _opt(None, "peer criteria to study (default: all; '' for none)", "comparison", kind="str",
                       factory=lambda: ",".join(_peer_names()))
+    calibrations: list[str] | None = _opt(None, "study: the calibration axis, e.g. a.json c4.jsonl "
+                                                "a.json:0.5,c4.jsonl:0.5 generated: the whole study once per "
+                                                "calibration (each resumable), then one table of calibration x "
+                                                "method x domain (--domains) after healing", "comparison",
+                                          kind="strs", metavar="DATA")
     refine: str = _opt("measured", "energy models whose verified pick is refined by swap search (default: "
                                    "measured; '' for none)", "comparison", kind="str")
     cbo_ranks: list[int] = _opt(None, "CBO states to evaluate, e.g. 0,17 (default 0)", "comparison", kind="ints",
@@ -149,10 +155,18 @@ class Config:
                                   "evaluation", kind="int", minimum=1)
     include_path: str | None = _opt(None, "folder of your own lm-eval task YAMLs (any task lm-eval knows is "
                                           "accepted in --tasks)", "evaluation", kind="str")
+    domains: str | None = _opt(None, "held-out domains every configuration is also scored on, each reported "
+                                     "separately with standard errors: calib (the calibration files' unread records), "
+                                     "alpaca, c4, wiki, mmlu, arc_easy, arc_challenge, hellaswag, piqa, winogrande, or a "
+                                     "data file (docs/study.md; --tasks '' for the domains alone)", "evaluation",
+                               kind="str")
+    domain_limit: int = _opt(200, "items per held-out domain (default 200)", "evaluation", kind="int", minimum=1)
     # healing of the saved checkpoints (see `cboprune heal`)
     heal: bool = _opt(False, "distill the original model into every saved checkpoint (-> <checkpoint>-healed)",
                       "healing", kind="flag")
-    heal_data: str | None = _opt(None, "distillation data for --heal (default: --data)", "healing", kind="str")
+    heal_data: str | None = _opt(None, "distillation data of every heal (--heal, the judge, compare/study's "
+                                       "--heal-steps), named apart from the calibration so one recipe can judge "
+                                       "every calibration (default: --data)", "healing", kind="str")
     heal_steps: list[int] | None = _opt(None, "optimizer steps of healing; compare/study: one or several budgets, "
                                               "e.g. 30 120, each configuration healed alike for each (run "
                                               "default: one epoch)", "healing", kind="steps")
@@ -163,6 +177,10 @@ class Config:
                                       minimum=1)
     heal_global_batch_size: int = _opt(16, "healing samples per optimizer step (default 16)", "healing",
                                        kind="int", minimum=1)
+    heal_seeds: list[int] | None = _opt(None, "compare/study: seeds of the heal (data order), e.g. 0,1: study with "
+                                              "--calibrations heals every configuration once per seed and reports "
+                                              "their spread; otherwise the first is the heal's seed (default: --seed)",
+                                        "healing", kind="ints")
     heal_lora: bool = _opt(False, "heal LoRA adapters (merged on save) instead of all weights", "healing",
                            kind="flag")
     heal_teacher_cache: bool = _opt(False, "compute the teacher's top-k outputs once per healing sample (under "
@@ -298,6 +316,19 @@ class Config:
                 and not Path(self.heal_data or self.data).is_file():
             errors.append("--heal-candidates heals on a local file: pass --heal-data FILE (or --data FILE), or "
                           "--heal-candidates 0")
+        from cboprune.data.mix import is_mix, parse_mix
+
+        for spec in ([self.data] if "data" in used else []) + list(
+                (self.calibrations or []) if "calibrations" in used and isinstance(self.calibrations, list) else []):
+            if isinstance(spec, str) and is_mix(spec):
+                try:
+                    parse_mix(spec)
+                except CBOPruneError as exc:
+                    errors.append(str(exc))
+        if "heal_data" in used and heals and not self.heal_data and isinstance(self.data, str) and is_mix(self.data):
+            errors.append("healing trains on one file, not a calibration mix: pass --heal-data FILE")
+        if "calibrations" in used and self.calibrations and not self.heal_steps:
+            errors.append("--calibrations compares calibrations after healing: pass --heal-steps (and --heal-data)")
         if "heal" in used and self.heal_steps is not None and len(self.heal_steps) > 1:
             errors.append(f"run heals with one budget: pass one --heal-steps value, got {self.heal_steps}")
         if "repair" in used and self.repair not in (None, "linear"):
@@ -355,7 +386,7 @@ class Config:
         return HealRecipe(steps=list(self.heal_steps), data=self.heal_data or self.data or "", teacher=self.model,
                           learning_rate=self.heal_lr, seq_len=self.heal_seq_len or self.seq_len,
                           micro_batch_size=self.heal_micro_batch_size, global_batch_size=self.heal_global_batch_size,
-                          lora=self.heal_lora, seed=self.seed,
+                          lora=self.heal_lora, seed=self.heal_seeds[0] if self.heal_seeds else self.seed,
                           teacher_cache=self.teacher_cache_dir(),
                           keep_checkpoints=out / "healed" if self.heal_keep else None,
                           cache_dir=out.with_name(out.name + ".heal-cache"))
@@ -421,6 +452,9 @@ def _check_field(f, value: Any) -> str | None:
     if kind == "kinds" and not (isinstance(value, str) or (isinstance(value, list) and all(
             isinstance(k, str) and k for k in value))):
         return f"{name} must be a list of block kinds such as [moe], got {value!r}"
+    if kind == "strs" and (not isinstance(value, list) or not value or not all(
+            isinstance(v, str) and v.strip() for v in value)):
+        return f"{name} must be a list of one or more data specs, got {value!r}"
     if kind == "str" and not isinstance(value, str):
         return f"{name} must be a string, got {value!r}"
     if minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
@@ -436,7 +470,7 @@ SECTIONS = ("model", "calibration", "hessian", "selection", "comparison", "evalu
 #: command -> (sections, extra fields, fields left out)
 COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "run": (("model", "calibration", "hessian", "selection", "healing", "output"), (),
-            ("exact_samples", "diverse", "heal_keep", "heal_states")),
+            ("exact_samples", "diverse", "heal_keep", "heal_states", "heal_seeds")),
     "hessian": (("model", "calibration", "hessian"), (), ("heldout_samples",)),
     "compare": (("model", "calibration", "evaluation", "healing", "output"),
                 ("remove", "methods", "cbo_ranks", "swm_threshold", "swm_rule", "time_limit"),
@@ -444,7 +478,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
                  "heal_candidates", "judge_steps")),
     "study": (("model", "calibration", "evaluation", "healing", "output"),
               ("remove", "energies", "peers", "top", "refine", "refine_sweeps", "diverse", "pool", "single_samples",
-               "run_cost", "relin_step", "exact_samples", "time_limit"),
+               "run_cost", "relin_step", "exact_samples", "time_limit", "calibrations"),
               ("save_ranks", "save_remove", "save_dtype", "speedup", "heal")),
 }
 COMMANDS.update({
@@ -503,6 +537,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, command: str, *, only:
         elif kind in ("Ms", "steps"):
             kw.setdefault("metavar", "M" if kind == "Ms" else "STEPS")
             group.add_argument(flag, type=int, nargs="+", **kw)
+        elif kind == "strs":
+            group.add_argument(flag, nargs="+", **kw)
         elif kind == "energy":  # names checked by validate (one line, a suggestion), listed in the help
             kw["help"] = f"{help_}: {', '.join(_energy_names())}"
             group.add_argument(flag, **kw)

@@ -132,7 +132,8 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
     refine = [r for r in registry.parse_names(cfg.refine, registry.ENERGY, allow_empty=True) if r in energies]
     peers = registry.parse_names(cfg.peers, registry.PEER, allow_empty=True)
     protocol = EvalProtocol(cfg.tasks, cfg.limit, cfg.ppl_limit, cfg.eval_batch_size, cfg.data_dir, cfg.max_length,
-                            cfg.seed, progress, cfg.include_path)
+                            cfg.seed, progress, cfg.include_path, domains=cfg.domains, domain_limit=cfg.domain_limit,
+                            data=cfg.data)
     out_dir = check_output_dir(cfg.output_dir, cfg.overwrite)
     recipe = cfg.heal_recipe(out_dir)  # the healing data is checked before any work
     started = time.perf_counter()
@@ -142,6 +143,7 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
 
         check_repairable(session.model, session.n_blocks)
     net, fit, heldout = session.model, session.fit, session.heldout
+    protocol.check_heldout(fit, cfg.heal_data or cfg.data)  # read counts cover the held-out part too
     # The default selection of `run` judges the recommended model's best verified states by a short
     # heal; the study shows that pick, at its cost, as '<energy>+judge'.
     candidates = auto_candidates(cfg) if RECOMMENDED.energy in energies else 0
@@ -426,6 +428,11 @@ def write_outputs(result: StudyResult, rankings_by_model: dict[str, list],
 
         paths["repair_md"] = out / "repair.md"
         paths["repair_md"].write_text(repair_markdown(result.entries, meta, _label), encoding="utf-8")
+    if result.baseline.get("domains"):
+        from cboprune.evaluation.domains import domain_markdown
+
+        text.insert(-1, domain_markdown(result.entries, result.baseline, _label,
+                                        (meta.get("healing") or {}).get("steps")))
     if meta.get("healing"):
         from cboprune.healing_study import healing_markdown
 
@@ -446,7 +453,15 @@ def write_outputs(result: StudyResult, rankings_by_model: dict[str, list],
 def run_study_command(args: argparse.Namespace) -> int:
     from cboprune.config import config_from_args
 
-    result = run_study(config_from_args(args, "study"), progress=not getattr(args, "quiet", False))
+    cfg = config_from_args(args, "study")
+    if cfg.calibrations:  # the calibration axis: one study per calibration and heal seed, one table
+        from cboprune.domain_study import run_domain_study
+
+        out = run_domain_study(cfg, progress=not getattr(args, "quiet", False))
+        print((out / "domains.md").read_text(encoding="utf-8"))
+        print(f"wrote {out}")
+        return 0
+    result = run_study(cfg, progress=not getattr(args, "quiet", False))
     print((result.output_dir / "study.md").read_text(encoding="utf-8"))
     print(f"wrote {result.output_dir}")
     return 0

@@ -279,7 +279,9 @@ def build_calibration(records: list[Any], tokenizer, *, n_samples: int, seq_len:
     if chats:
         rng.shuffle(chats)
         samples = []
+        used, total = 0, len(chats)
         for messages in chats:
+            used += 1
             text = render_chat(tokenizer, messages, chat_template)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"][:seq_len]
             if len(ids) >= MIN_SAMPLE_TOKENS:
@@ -291,7 +293,9 @@ def build_calibration(records: list[Any], tokenizer, *, n_samples: int, seq_len:
         rng.shuffle(texts)
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         stream: list[int] = []
+        used, total = 0, len(texts)
         for text in texts:
+            used += 1
             stream += tokenizer(text, add_special_tokens=False)["input_ids"] + eos
             if len(stream) >= n_samples * seq_len:
                 break
@@ -304,7 +308,10 @@ def build_calibration(records: list[Any], tokenizer, *, n_samples: int, seq_len:
     if len(samples) < n_samples:
         log.warning("calibration data %s gave %d samples, fewer than the %d requested", source, len(samples), n_samples)
     ids, mask = pad_samples(samples, seq_len, pad_id)
-    return CalibrationSet(ids, mask, source=source, info={"kind": kind, "seed": seed})
+    # The records read are the first `used` of the seeded shuffle: held-out domain records are
+    # taken from its other end (cboprune.evaluation.domains), so they never overlap.
+    return CalibrationSet(ids, mask, source=source, info={"kind": kind, "seed": seed, "records_used": used,
+                                                          "records_total": total})
 
 
 # ----------------------------------------------------------------------------- generated calibration
@@ -391,6 +398,11 @@ def check_data(data: str | None) -> int | None:
     None for generated data and hub dataset names (checked when loaded)."""
     if data in (None, "", GENERATED):
         return None
+    from cboprune.data.mix import check_mix, is_mix
+
+    if is_mix(data):
+        check_mix(data)
+        return None
     path = Path(data).expanduser()
     if not path.exists() and _looks_like_hub_dataset(data):
         return None
@@ -405,7 +417,8 @@ def load_calibration(data: str | None, tokenizer, *, model=None, n_samples: int 
                      seed: int = 0, generation: GenerationSettings | None = None,
                      split: str = "train", chat_template: str | Path | None = None) -> CalibrationSet:
     """Calibration samples from `data`: None / "generated" (the model answers built-in prompts),
-    a local .jsonl/.json/.txt file, or a hub dataset name (online only).
+    a local .jsonl/.json/.txt file, a hub dataset name (online only), or a weighted mix of files and
+    `generated` (`a.json:0.7,b.txt:0.3`, `cboprune.data.mix`).
 
     chat_template: a template file (see `load_chat_template`) for tokenizers without one, or to
     override it. With `model`, a `seq_len` beyond its context is refused before any work.
@@ -418,6 +431,15 @@ def load_calibration(data: str | None, tokenizer, *, model=None, n_samples: int 
         check_chat_template(tokenizer, template, f"chat template {chat_template}")
     build = functools.partial(build_calibration, tokenizer=tokenizer, n_samples=n_samples, seq_len=seq_len,
                               seed=seed, chat_template=template)
+    from cboprune.data.mix import is_mix, load_mix, parse_mix
+
+    if is_mix(data):
+        def one(source, n):
+            spec = None if source.generated else source.spec
+            return load_calibration(spec, tokenizer, model=model, n_samples=n, seq_len=seq_len, seed=seed,
+                                    generation=generation, split=split, chat_template=chat_template)
+
+        return load_mix(parse_mix(data), one, n_samples)
     if data in (None, "", GENERATED):
         if model is None:
             raise CBOPruneError("model-generated calibration needs the model: pass --data FILE instead")

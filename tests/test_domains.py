@@ -1,0 +1,195 @@
+"""Held-out domains (cboprune.evaluation.domains) and the calibration x method x domain study."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from cboprune.errors import CBOPruneError
+
+from conftest import save_tiny_checkpoint, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from cboprune.models.loading import resolve_model_source
+
+    return AutoTokenizer.from_pretrained(resolve_model_source("default")[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", n_layers=6)
+
+
+def test_domain_records_never_overlap_the_calibration(tokenizer, shared_data):
+    """A calibration reads a prefix of its seeded shuffle; a domain takes records from the other end."""
+    from cboprune.data.calibration import load_calibration, read_records, records_to_messages, render_chat
+    from cboprune.evaluation.domains import heldout_records
+
+    path = shared_data / "calib" / "alpaca_en_demo.json"
+    cal = load_calibration(str(path), tokenizer, n_samples=40, seq_len=64, seed=3)
+    used, total = cal.info["records_used"], cal.info["records_total"]
+    assert 40 <= used < total == len(read_records(path))
+    rendered = {tokenizer.decode(cal.input_ids[r][cal.attention_mask[r].bool()]) for r in range(cal.n_samples)}
+    held = heldout_records(path, seed=3)[:total - used]
+    held_text = [render_chat(tokenizer, m) for m in held]
+    assert not any(t[:200] in r or r[:200] in t for t in held_text for r in rendered)
+    # ...and it is the complement: the records read are exactly the rest
+    all_records = records_to_messages(read_records(path), str(path))
+    assert len(held) + used == len(all_records)
+
+
+def test_domain_scores_have_standard_errors_and_depend_on_the_model(tokenizer, shared_data):
+    from cboprune.evaluation.domains import evaluate_domains, resolve_domains
+
+    domains = resolve_domains("c4,wiki,mmlu,winogrande", data_dir=str(shared_data))
+    assert [d.kind for d in domains] == ["records", "documents", "choice", "choice"]
+    assert len(domains[2].tasks) == 57
+    results = []
+    for seed in (0, 1):
+        model = tiny_llama(vocab_size=len(tokenizer), seed=seed)
+        results.append(evaluate_domains(model, tokenizer, domains, limit=6, max_length=64, data_dir=str(shared_data)))
+    a, b = results
+    for name in ("c4", "wiki"):
+        assert a[name]["n"] == 6 and a[name]["stderr"]["loss"] > 0
+        assert math.isclose(a[name]["metrics"]["loss"], math.log(len(tokenizer)), rel_tol=0.2)  # random model
+        assert a[name]["metrics"]["loss"] != b[name]["metrics"]["loss"]
+    for name in ("mmlu", "winogrande"):
+        m = a[name]["metrics"]
+        assert a[name]["n"] == 6 and m["gold_ll"] < 0 and 1 <= m["gold_rank"] <= 4
+        assert a[name]["stderr"]["gold_ll"] > 0 and 0 <= m["acc"] <= 1
+        assert m["gold_ll"] != b[name]["metrics"]["gold_ll"]
+
+
+def test_mmlu_items_come_round_robin_from_every_subject(shared_data):
+    from cboprune.evaluation.data import resolve_eval_dir
+    from cboprune.evaluation.domains import choice_items, resolve_domains
+
+    (mmlu,) = resolve_domains("mmlu", data_dir=str(shared_data))
+    items = choice_items(mmlu, resolve_eval_dir(str(shared_data)), 60)
+    assert len({spec.name for spec, _ in items[:57]}) == 57 and len(items) == 60
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("", "--domains is empty"),
+    ("c4,c4", "listed twice"),
+    ("wikk", "did you mean wiki"),
+    ("calib", "needs calibration files"),
+    ("/nope/data.jsonl", "unknown domain"),
+])
+def test_bad_domains_are_one_line_errors(spec, fragment, shared_data):
+    from cboprune.evaluation.domains import resolve_domains
+
+    with pytest.raises(CBOPruneError, match=fragment) as info:
+        resolve_domains(spec, data_dir=str(shared_data))
+    assert "\n" not in str(info.value)
+
+
+def test_check_heldout_refuses_a_limit_the_calibration_leaves_no_room_for(tokenizer, tmp_path):
+    from cboprune.data.calibration import load_calibration
+    from cboprune.evaluation.domains import check_heldout, resolve_domains
+
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"Say {i} twice, please, and then some more words.",
+                                        "output": f"{i} {i}, and some more words to pass the minimum."}) + "\n"
+                            for i in range(30)))
+    cal = load_calibration(str(path), tokenizer, n_samples=20, seq_len=64)
+    domains = resolve_domains("calib", data=str(path))
+    check_heldout(domains, cal, limit=10)
+    with pytest.raises(CBOPruneError, match="too many to hold out 11"):
+        check_heldout(domains, cal, limit=11)
+
+
+def test_the_protocol_adds_domains_without_changing_old_cache_keys(shared_data):
+    from cboprune.evaluation.protocol import EvalProtocol
+
+    plain = EvalProtocol("arc_easy", 5, data_dir=str(shared_data))
+    assert "domains" not in plain.identity()
+    with_domains = EvalProtocol("", domains="wiki,piqa", domain_limit=4, data_dir=str(shared_data))
+    assert with_domains.task_names == [] and with_domains.identity()["domain_limit"] == 4
+    with pytest.raises(CBOPruneError, match="no evaluation task"):
+        EvalProtocol("", data_dir=str(shared_data))
+
+
+def test_study_with_calibrations_heal_seeds_and_domains_resumes(tiny_checkpoint, shared_data, tmp_path, monkeypatch):
+    """`study --calibrations A B --heal-seeds 0 1`: one study per calibration and seed, every cell healed
+    on the same heal data and scored on the same domains, one cross table; a rerun heals nothing."""
+    from cboprune.cli import main
+
+    calib = shared_data / "calib"
+    mix = f"{calib / 'alpaca_en_demo.json'}:0.5,{calib / 'c4_demo.jsonl'}:0.5"
+    out = tmp_path / "dom"
+    argv = ["-q", "study", "--model", str(tiny_checkpoint), "--calibrations", str(calib / "alpaca_en_demo.json"), mix,
+            "--n-samples", "6", "--heldout-samples", "4", "--seq-len", "32", "--batch-size", "4", "--remove", "2",
+            "--top", "3", "--energies", "hybrid", "--refine", "", "--peers", "last-m", "--heal-steps", "1",
+            "--heal-seeds", "0,1", "--heal-candidates", "0", "--heal-data", str(calib / "alpaca_eval_gpt4_outputs.json"),
+            "--heal-seq-len", "32", "--heal-micro-batch-size", "2", "--heal-global-batch-size", "2",
+            "--heal-lr", "1e-3", "--tasks", "", "--domains", "alpaca,c4,wiki,arc_easy", "--domain-limit", "3",
+            "--max-length", "64", "--data-dir", str(shared_data), "--output-dir", str(out)]
+    assert main(argv) == 0
+    result = json.loads((out / "domains.json").read_text())
+    cells = result["cells"]
+    assert {c["seed"] for c in cells} == {0, 1} and len({c["calibration"] for c in cells}) == 2
+    for c in cells:
+        assert set(c["after"]["1"] if "1" in c["after"] else c["after"][1]) == {"alpaca", "c4", "wiki", "arc_easy"}
+    # the two heal seeds train differently: some after-heal score differs between them
+    by_key = {}
+    for c in cells:
+        after = c["after"].get("1") or c["after"].get(1)
+        by_key.setdefault((c["calibration"], c["method"]), []).append(after["c4"]["metrics"]["loss"])
+    assert any(len(set(v)) > 1 for v in by_key.values())
+    md = (out / "domains.md").read_text()
+    assert "after 1 healing steps" in md and "(Δ" in md and "Calibration or search?" in md
+    assert "**[default]**" in md and "Verdict" in md
+    runs = out.with_name(out.name + ".runs")
+    study_md = (runs / "alpaca_en_demo" / "study.md").read_text()
+    assert "## Held-out domains" in study_md and "±" in study_md
+
+    import cboprune.heal
+
+    def no_heal(*args, **kwargs):
+        raise AssertionError("a finished heal was run again")
+
+    monkeypatch.setattr(cboprune.heal, "heal", no_heal)
+    assert main(argv + ["--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("name", ["study-domains.yaml", "study-domains-gpu.yaml"])
+def test_shipped_domain_study_configs_are_runnable_as_written(name, shared_data):
+    """Each config is one command: its calibrations and heal data exist, its domains resolve, the heal
+    file is none of the domains' (after-heal scores stay held out), and the records each calibration
+    reads leave room for the domain's held-out records."""
+    import re
+    from pathlib import Path
+
+    from cboprune.config import Config
+    from cboprune.data.calibration import read_records
+    from cboprune.data.mix import is_mix, parse_mix
+    from cboprune.evaluation.domains import resolve_domains
+
+    repo = Path(__file__).resolve().parents[1]
+    path = repo / "configs" / name
+    assert re.match(rf"# cboprune study --config configs/{name}$", path.read_text().splitlines()[0])
+    cfg = Config.from_sources(str(path), command="study")
+    assert len(cfg.calibrations) == 5 and cfg.heal_seeds == [0, 1] and cfg.heal_steps == [30, 120]
+    assert cfg.remove == [8, 12] and cfg.tasks == ""
+    domains = resolve_domains(cfg.domains, data_dir=str(shared_data))
+    assert {d.kind for d in domains} == {"records", "documents", "choice"}
+    heal = Path(cfg.heal_data).resolve()
+    assert heal.is_file() and heal not in {d.path for d in domains}
+    files = set()
+    for spec in cfg.calibrations:
+        if spec == "generated":
+            continue
+        files |= {Path(s.spec).resolve() for s in parse_mix(spec)} if is_mix(spec) else {Path(spec).resolve()}
+    assert heal not in files
+    for d in domains:
+        if d.kind == "records" and d.path in files and d.path.suffix != ".txt":
+            # chat: a record per sample at most (plus the few too short); text: fewer records than samples
+            assert cfg.n_samples + cfg.heldout_samples + cfg.domain_limit <= len(read_records(d.path)) // 2
