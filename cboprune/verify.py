@@ -85,8 +85,18 @@ def verify(model: torch.nn.Module, heldout: CalibrationSet, ranking: Ranking, *,
     """
     from cboprune.masked import configurations_nll
 
+    from cboprune.data.mix import by_domain, target_tokens
+
     cands = ranking.candidates
-    if nll is None:
+    per_domain = None
+    parts = by_domain(heldout) if nll is None else None
+    if parts:  # a mixed calibration: the same samples, measured per domain, so the worst one is known too
+        per_domain = {name: np.asarray(configurations_nll(model, part, [c.removed for c in cands],
+                                                          batch_size=batch_size, rows_per_pass=rows_per_pass))
+                      for name, part in parts.items()}
+        weights = {name: target_tokens(part) for name, part in parts.items()}
+        nll = sum(weights[n] * v for n, v in per_domain.items()) / max(sum(weights.values()), 1)
+    elif nll is None:
         nll = configurations_nll(model, heldout, [c.removed for c in cands], batch_size=batch_size,
                                  rows_per_pass=rows_per_pass)
     nll = np.asarray(nll, dtype=float)
@@ -102,6 +112,11 @@ def verify(model: torch.nn.Module, heldout: CalibrationSet, ranking: Ranking, *,
         "score": "held-out calibration NLL" + (f" + {run_cost:.4g} per contiguous run of removed blocks"
                                                if run_cost else ""),
         **({"heldout_nll": [float(nll[i]) for i in order]} if run_cost else {}),
+        # mixed calibration: each domain's held-out NLL of every state (in the new order) and the
+        # worst domain of each, beside the token-weighted mean that ranks them
+        **({"domains": {n: [float(v[i]) for i in order] for n, v in per_domain.items()},
+            "worst_domain": [max(per_domain, key=lambda n: per_domain[n][i]) for i in order]}
+           if per_domain else {}),
     }}
     return Ranking(method=ranking.method, n_blocks=ranking.n_blocks, n_remove=ranking.n_remove, candidates=new,
                    exact=False, lower_bound=None, info=info)

@@ -153,3 +153,33 @@ def test_healing_on_a_mix_needs_its_own_heal_data(files, tmp_path, capsys):
                "--heal-steps", "1", "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "pass --heal-data FILE" in err, err
+
+
+def test_verification_on_a_mix_ranks_by_the_mean_and_reports_every_domain(files, tokenizer):
+    """The held-out part of a mix is measured per domain: the token-weighted mean is the plain
+    verification's number (the same order), and each state's worst domain is kept beside it."""
+    import numpy as np
+
+    from cboprune.data.calibration import load_calibration
+    from cboprune.data.mix import domain_losses
+    from cboprune.masked import configurations_nll
+    from cboprune.ranking import Candidate, Ranking
+    from cboprune.verify import verify
+
+    from conftest import tiny_llama
+
+    a, b = files
+    model = tiny_llama(vocab_size=len(tokenizer))
+    _, held = load_calibration(f"{a}:0.5,{b}:0.5", tokenizer, n_samples=12, seq_len=32).split(4)
+    states = [(0, 1), (2, 3), (4, 5), (1, 4)]
+    ranking = Ranking("x", 6, 2, [Candidate(s, float(r), r) for r, s in enumerate(states)])
+    verified = verify(model, held, ranking, batch_size=4)
+    plain = configurations_nll(model, held, states, batch_size=4)
+    assert [c.removed for c in verified.candidates] == [states[i] for i in np.argsort(plain, kind="stable")]
+    assert [c.score for c in verified.candidates] == pytest.approx(sorted(plain), abs=1e-5)
+    info = verified.info["verification"]
+    assert set(info["domains"]) == {"a", "b"}
+    best = verified.candidates[0].removed
+    direct = domain_losses(model, held, batch_size=4, removed=best)
+    assert [info["domains"][n][0] for n in ("a", "b")] == pytest.approx([direct["a"], direct["b"]], abs=1e-5)
+    assert info["worst_domain"][0] == max(direct, key=direct.get)

@@ -164,20 +164,34 @@ def sample_domains(calibration) -> list[str] | None:
     return list(names[lo:hi])
 
 
-def domain_losses(model, calibration, *, batch_size: int = 8, removed=()) -> dict[str, float] | None:
-    """Token-weighted mean NLL (as `calibration_nll`) on each domain of a mixed calibration set, with
-    `removed` switched off (None when it is not a mix): the verification's one number taken apart,
-    so that a report can show the worst domain beside the mean."""
+def by_domain(calibration):
+    """{domain: the samples of that domain} of a (split part of a) mixed set, in first-seen order;
+    None for a single source."""
     from cboprune.data.calibration import CalibrationSet
-    from cboprune.masked import calibration_nll
 
     names = sample_domains(calibration)
     if names is None:
         return None
-    out = {}
+    parts = {}
     for name in dict.fromkeys(names):
         rows = [r for r, n in enumerate(names) if n == name]
-        part = CalibrationSet(calibration.input_ids[rows], calibration.attention_mask[rows], calibration.source,
-                              {"domain": name})
-        out[name] = calibration_nll(model, part, batch_size=batch_size, removed=removed)
-    return out
+        parts[name] = CalibrationSet(calibration.input_ids[rows], calibration.attention_mask[rows], calibration.source,
+                                     {"domain": name})
+    return parts
+
+
+def target_tokens(calibration) -> int:
+    """Positions with a next-token target: the weights of a token-weighted mean NLL."""
+    return int(calibration.attention_mask[:, 1:].sum())
+
+
+def domain_losses(model, calibration, *, batch_size: int = 8, removed=()) -> dict[str, float] | None:
+    """Token-weighted mean NLL (as `calibration_nll`) on each domain of a mixed calibration set, with
+    `removed` switched off (None when it is not a mix): the verification's one number taken apart,
+    so that a report can show the worst domain beside the mean."""
+    from cboprune.masked import calibration_nll
+
+    parts = by_domain(calibration)
+    if parts is None:
+        return None
+    return {name: calibration_nll(model, part, batch_size=batch_size, removed=removed) for name, part in parts.items()}
