@@ -199,3 +199,22 @@ def test_shipped_domain_study_configs_are_runnable_as_written(name, shared_data,
                                    seq_len=cfg.seq_len, seed=cfg.seed)
             check_heldout([d], cal, cfg.domain_limit)  # raises when they would overlap
             assert cal.info["records_total"] == len(read_records(d.path))
+
+
+def test_compare_scores_every_configuration_on_the_domains(tiny_checkpoint, shared_data, tmp_path):
+    from cboprune.cli import main
+
+    out = tmp_path / "cmp"
+    rc = main(["-q", "compare", "--model", str(tiny_checkpoint), "--data", str(shared_data / "calib" / "c4_demo.jsonl"),
+               "--n-samples", "4", "--seq-len", "32", "--batch-size", "4", "--remove", "2", "--methods", "bi,last-m",
+               "--tasks", "", "--domains", "calib,wiki,piqa", "--domain-limit", "4", "--max-length", "64",
+               "--data-dir", str(shared_data), "--output-dir", str(out)])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["baseline"]["domains"]) == {"calib:c4_demo", "wiki", "piqa"}
+    for e in results["entries"]:
+        d = e["eval"]["domains"]
+        assert d["piqa"]["n"] == 4 and d["wiki"]["stderr"]["loss"] > 0
+        assert d["calib:c4_demo"]["metrics"]["loss"] != results["baseline"]["domains"]["calib:c4_demo"]["metrics"]["loss"]
+    md = (out / "domains.md").read_text()
+    assert "piqa (gold_ll)" in md and "wiki (loss)" in md and " ± " in md and "worst text domain" in md
