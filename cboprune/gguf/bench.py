@@ -160,7 +160,6 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 def run_llama_bench(args: Any) -> int:
     """`cboprune bench --engine llama.cpp`: the `bench` command's flags that apply to llama.cpp."""
-    import json
     import shlex
     import sys
 
@@ -193,9 +192,9 @@ def run_llama_bench(args: Any) -> int:
     text = markdown_report(report)
     print(text)
     if targets:
-        from cboprune.evaluation.results import write_files_atomically
+        from cboprune.outputs import dumps_strict, write_texts
 
-        write_files_atomically([(targets[0], json.dumps(report, indent=2) + "\n"), (targets[1], text)])
+        write_texts([(targets[0], dumps_strict(report, indent=2) + "\n"), (targets[1], text)])
         print(f"wrote {targets[0]} and {targets[1]}")
     return 0
 

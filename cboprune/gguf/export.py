@@ -132,6 +132,19 @@ def _hparams(writer: Any, config: Any, family: Family, n_blocks: int) -> None:
         writer.add_rope_scaling_factor(scaling["factor"])
 
 
+def _check_expressible(config: Any, family: Family) -> None:
+    """Settings llama.cpp hard-codes for the family, refused when the checkpoint differs."""
+    if family.arch == "GEMMA3":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        scalar = getattr(config, "query_pre_attn_scalar", head_dim)
+        # gemma3.cpp: 1/sqrt(head_dim), except its 27B (62 layers): 1/sqrt(hidden / heads); no key
+        expected = config.hidden_size / config.num_attention_heads if config.num_hidden_layers == 62 else head_dim
+        if scalar != expected:
+            raise CBOPruneError(f"this gemma3 checkpoint scales attention by query_pre_attn_scalar={scalar}, but "
+                                f"llama.cpp uses {expected:g} for a {config.num_hidden_layers}-layer gemma3 and reads "
+                                "no key for it: the GGUF would compute another model")
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 def _source_gguf(checkpoint: Path) -> Path | None:
@@ -266,6 +279,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, *, outtype: str = "q8_0
     if family is None:
         raise CBOPruneError(f"the GGUF export does not know the tensor layout of the {config.model_type!r} family; "
                             f"it exports {', '.join(sorted(FAMILIES))}")
+    _check_expressible(config, family)
     tok_source = Path(tokenizer_gguf).expanduser() if tokenizer_gguf else _source_gguf(checkpoint)
     if tok_source is not None and not tok_source.is_file():
         raise CBOPruneError(f"tokenizer GGUF not found: {tok_source}")

@@ -68,6 +68,15 @@ ARCHITECTURES: dict[str, tuple[IndexRule, ...]] = {
 }
 
 
+#: GGUF architecture -> {block_count: what llama.cpp sets from that depth alone}: llama.cpp keys some
+#: hyper-parameters on the layer count itself, so a model of that depth cannot change depth
+DEPTH_IMPLIED: dict[str, dict[int, str]] = {
+    # gemma3.cpp: the 62-layer 27B scales attention by 1/sqrt(hidden / heads), every other depth
+    # by 1/sqrt(head_dim); no key overrides it
+    "gemma3": {62: "attention scale (1/sqrt(hidden/heads) for 62 layers, 1/sqrt(head_dim) otherwise)"},
+}
+
+
 def check_architecture(arch: str, path: object) -> tuple[IndexRule, ...]:
     if arch not in ARCHITECTURES:
         raise CBOPruneError(f"GGUF file {path} is of architecture {arch!r}, whose depth-dependent metadata cboprune "
@@ -90,6 +99,10 @@ def plan_metadata(arch: str, fields: dict[str, object], n_layers: int, kept: lis
     written, when the kept blocks' layer pattern cannot be expressed in this architecture's metadata."""
     rules = check_architecture(arch, path)
     n_new = len(kept)
+    implied = DEPTH_IMPLIED.get(arch, {}).get(n_layers)
+    if implied and n_new != n_layers:
+        raise CBOPruneError(f"cannot remove blocks from this {n_layers}-block {arch} GGUF: llama.cpp derives its "
+                            f"{implied} from the block count itself, so a shallower file would compute another model")
     plan: dict[str, object] = {f"{arch}.block_count": n_new}
     prefix = f"{arch}."
     for key, value in fields.items():
@@ -133,4 +146,4 @@ def _positive(value: object) -> bool:
         return False
 
 
-__all__ = ["ARCHITECTURES", "IndexRule", "PER_LAYER_KEYS", "check_architecture", "plan_metadata"]
+__all__ = ["ARCHITECTURES", "DEPTH_IMPLIED", "IndexRule", "PER_LAYER_KEYS", "check_architecture", "plan_metadata"]
