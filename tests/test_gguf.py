@@ -431,3 +431,19 @@ def test_bench_engine_llama_cpp(llama_cpp, exported, tmp_path, capsys):
     assert "generation tok/s" in capsys.readouterr().out
     assert main(["bench", "--engine", "llama.cpp", str(src), str(tmp_path)]) == 2
     assert "not GGUF" in capsys.readouterr().err
+
+
+def test_export_without_a_source_gguf_reads_tokenizer_json(tmp_path):
+    """No GGUF to copy the tokenizer from: gguf.vocab reads tokenizer.json (ids, merges, specials)."""
+    from transformers import AutoTokenizer
+
+    from conftest import save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny", n_layers=2)
+    out = open_gguf(export_gguf(ckpt, tmp_path / "t.gguf", outtype="f16"))
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    tokens = out.values["tokenizer.ggml.tokens"]
+    assert len(tokens) == VOCAB and out.values["tokenizer.ggml.pre"] == "default"
+    assert [tokens[i] for i in (0, 1, 2, 500, 49151)] == tok.convert_ids_to_tokens([0, 1, 2, 500, 49151])
+    assert len(out.values["tokenizer.ggml.merges"]) > 40000
+    assert out.values["tokenizer.ggml.eos_token_id"] == tok.eos_token_id

@@ -10,6 +10,7 @@ paired ratios original time / pruned time. Sizes are the files' bytes.
 
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import time
@@ -21,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from cboprune.errors import CBOPruneError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,9 @@ def bench_gguf(paths: Sequence[str | Path], settings: LlamaBenchSettings | None 
                     t = _time_one(llms[name], prompts[length], settings.new_tokens)
                     if i >= settings.warmup:
                         times[length][name].append(t)
+            log.info("llama.cpp bench: %s %d/%d done", "repetition" if i >= settings.warmup else "warm-up",
+                     i + 1 - settings.warmup if i >= settings.warmup else i + 1,
+                     settings.repeats if i >= settings.warmup else settings.warmup)
     finally:
         for cm in reversed(stack):
             cm.__exit__(None, None, None)
