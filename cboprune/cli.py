@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", type=_int_list, help="explicit block indices to remove, e.g. 3,7,12")
     p.add_argument("--output", metavar="FILE.gguf", help="write a GGUF instead of a checkpoint: --model is a GGUF "
                    "whose kept blocks' quantized tensors are copied bit for bit (docs/gguf.md)")
+    p.add_argument("--blocks-from", metavar="CHECKPOINT", help="with --output: remove the blocks a pruned or healed "
+                   "checkpoint's removal.json names (e.g. `run`'s pick) from the source GGUF, quantization kept")
     _add_config(p, "prune")
     p.set_defaults(func=cmd_prune)
 
@@ -212,7 +214,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from cboprune.pipeline import pick_device, provenance, prune_to_checkpoint, solve_rankings
     from cboprune.ranking import Candidate, Ranking
 
-    if args.output is not None:
+    if args.output is not None or args.blocks_from is not None:
         from cboprune.gguf.cli import prune_to_gguf
 
         return prune_to_gguf(args)

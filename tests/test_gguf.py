@@ -257,11 +257,24 @@ def test_cli_prune_to_gguf_and_its_errors(tmp_path, exported, capsys):
             (["--blocks", "1", "--output", str(tmp_path / "p.gguf")], "exists"),
             (["--blocks", "9", "--output", str(tmp_path / "q.gguf")], "does not exist"),
             (["--blocks", "1", "--output", str(tmp_path / "q.txt")], "ends with .gguf"),
-            (["--output", str(tmp_path / "q.gguf")], "pass either --blocks")):
+            (["--output", str(tmp_path / "q.gguf")], "pass one of --blocks")):
         assert main(["prune", "--model", str(src), *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("cboprune: error:") and words in err and "\n" not in err, err
     assert not (tmp_path / "q.gguf").exists()
+    # the blocks of a pruned checkpoint (e.g. `run`'s pick), removed inside the source GGUF
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "removal.json").write_text(json.dumps({"removed": [0, 2], "n_blocks_original": 6, "method": "cbo",
+                                                   "energy": 0.5, "state_rank": 1}))
+    assert main(["prune", "--model", str(src), "--blocks-from", str(ckpt), "--output", str(tmp_path / "r.gguf")]) == 0
+    meta = open_gguf(tmp_path / "r.gguf").values
+    assert meta["cboprune.removed_blocks"] == [0, 2] and meta["cboprune.method"] == "cbo"
+    assert meta["cboprune.energy"] == 0.5 and meta["cboprune.state_rank"] == 1
+    (ckpt / "removal.json").write_text(json.dumps({"removed": [0, 2], "n_blocks_original": 30}))
+    assert main(["prune", "--model", str(src), "--blocks-from", str(ckpt), "--output", str(tmp_path / "s.gguf")]) == 2
+    assert "30-block model" in capsys.readouterr().err
+    assert not (tmp_path / "s.gguf").exists()
 
 
 # ----------------------------------------------------------------------------- HF -> GGUF

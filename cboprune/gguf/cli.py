@@ -48,9 +48,12 @@ def prune_to_gguf(args: argparse.Namespace) -> int:
     from cboprune.models.loading import DEFAULT_MODEL, default_gguf_path
     from cboprune.outputs import check_output_file
 
+    if args.output is None:
+        raise CBOPruneError("--blocks-from writes a GGUF: pass --output FILE.gguf (and a GGUF --model)")
     _check_gguf_name(args.output)
-    if (args.blocks is None) == (args.hessian is None):
-        raise CBOPruneError("pass either --blocks 3,7,12 or --hessian FILE --remove M [--rank R]")
+    if sum(x is not None for x in (args.blocks, args.hessian, args.blocks_from)) != 1:
+        raise CBOPruneError("pass one of --blocks 3,7,12, --hessian FILE --remove M [--rank R], or --blocks-from "
+                            "CHECKPOINT")
     if args.output_dir is not None:
         raise CBOPruneError("pass --output FILE.gguf (a GGUF) or --output-dir DIR (a checkpoint), not both")
     for flag in ("repair", "speedup", "save_dtype"):
@@ -84,6 +87,8 @@ def prune_to_gguf(args: argparse.Namespace) -> int:
         cand = ranking.candidates[args.rank]
         removed, method, rank = list(cand.removed), ranking.method, args.rank
         energy = cand.score if math.isfinite(cand.score) else None
+    elif args.blocks_from is not None:
+        removed, method, energy, rank = _removal_of(Path(args.blocks_from), source.n_blocks)
     else:
         removed = list(args.blocks)
     plan = plan_prune(source, removed, {"method": method, "energy": energy, "state_rank": rank})
@@ -93,6 +98,29 @@ def prune_to_gguf(args: argparse.Namespace) -> int:
           f"({100 * (1 - after / before):.1f}% smaller than {before / 2**20:.1f} MiB), "
           f"{time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _removal_of(checkpoint: Path, n_blocks: int) -> tuple[list[int], str, float | None, int | None]:
+    """(removed blocks, method, energy, state rank) from a pruned checkpoint's removal.json."""
+    from cboprune.outputs import read_json_object
+
+    path = checkpoint / "removal.json" if checkpoint.is_dir() else checkpoint
+    if not path.is_file():
+        raise CBOPruneError(f"--blocks-from {checkpoint}: no removal.json there; pass a checkpoint written by "
+                            "cboprune prune / run / heal")
+    info = read_json_object(path, "pass a checkpoint written by cboprune prune / run / heal")
+    removed = info.get("removed")
+    if not isinstance(removed, list) or not removed or not all(isinstance(i, int) for i in removed):
+        raise CBOPruneError(f"{path} names no removed blocks (a 'removed' list of block indices)")
+    original = info.get("n_blocks_original")
+    if isinstance(original, int) and original != n_blocks:
+        raise CBOPruneError(f"{path} removed blocks of a {original}-block model, but the GGUF has {n_blocks} blocks: "
+                            "pass the --model it was pruned from")
+    energy = info.get("energy")
+    energy = float(energy) if isinstance(energy, (int, float)) and math.isfinite(energy) else None
+    rank = info.get("state_rank") if isinstance(info.get("state_rank"), int) else None
+    method = str(info.get("method") or "manual")
+    return removed, method, energy, rank
 
 
 __all__ = ["add_export_arguments", "prune_to_gguf", "run_export_command"]
