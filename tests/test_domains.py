@@ -218,3 +218,32 @@ def test_compare_scores_every_configuration_on_the_domains(tiny_checkpoint, shar
         assert d["calib:c4_demo"]["metrics"]["loss"] != results["baseline"]["domains"]["calib:c4_demo"]["metrics"]["loss"]
     md = (out / "domains.md").read_text()
     assert "piqa (gold_ll)" in md and "wiki (loss)" in md and " ± " in md and "worst text domain" in md
+
+
+def test_cross_table_counts_a_difference_only_beyond_the_seed_spread():
+    """The verdict: the default loses a domain only when the best other method beats it by more than
+    the larger seed spread; the variance split compares the calibration and the method axes."""
+    from cboprune.domain_study import Cell, cross_tables
+
+    def doms(c4, wiki, piqa):
+        return {"c4": {"kind": "records", "metrics": {"loss": c4}, "stderr": {"loss": 0.01}, "n": 50},
+                "wiki": {"kind": "documents", "metrics": {"loss": wiki}, "stderr": {"loss": 0.01}, "n": 50},
+                "piqa": {"kind": "choice", "metrics": {"gold_ll": piqa}, "stderr": {"gold_ll": 0.5}, "n": 50}}
+
+    cells = []
+    for cal, shift in (("a.json", 0.0), ("c4.jsonl", 0.3)):
+        for seed, noise in ((0, 0.0), (1, 0.02)):
+            # the default: better on c4 by 0.1 (beyond the spread 0.02), worse on wiki by 0.01 (within it),
+            # worse on piqa by 2 nats (beyond it)
+            cells.append(Cell(cal, seed, "hybrid+judge", "default", 8, [1, 2], None,
+                              {30: doms(3.0 + shift + noise, 3.51 + shift + noise, -40.0 + noise)}, True))
+            cells.append(Cell(cal, seed, "bi-iter", "BI", 8, [3, 4], None,
+                              {30: doms(3.1 + shift + noise, 3.5 + shift + noise, -38.0 + noise)}, False))
+    md = cross_tables(cells, [30])
+    assert "M = 8, after 30 healing steps" in md and "(Δ0.020)" in md
+    verdicts = [line for line in md.splitlines() if line.startswith("- ")]
+    assert len(verdicts) == 2
+    for line in verdicts:
+        assert "piqa (BI by 2.000" in line and "wiki" not in line and "better beyond it on 2" in line
+    # calibration moves the mean text loss by 0.3; the method by |(3.0+3.51)-(3.1+3.5)|/2 = 0.045
+    assert "moves by 0.300 nats across calibrations" in md and "by 0.045 across methods" in md
