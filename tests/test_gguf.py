@@ -201,6 +201,12 @@ def test_gemma3_implied_pattern_is_written_explicitly(tmp_path):
     norms = [float(np.asarray(out.reader.data[int(t.data_offset):int(t.data_offset) + 4]).view(np.float32)[0])
              for t in out.reader.tensors if t.name.endswith("attn_norm.weight")]
     assert norms == [0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    # pruned again: the record stays in the first file's indices (old 0 and 3 are new 0 and 2)
+    again = open_gguf(prune_gguf(tmp_path / "p.gguf", [0, 2], tmp_path / "r.gguf"))
+    assert again.values["cboprune.removed_blocks"] == [0, 1, 3]
+    assert again.values["cboprune.source_block_count"] == 12 and again.values["cboprune.source_file"] == "g.gguf"
+    assert again.values["gemma3.attention.sliding_window_pattern"] == [expected[i] for i in range(12)
+                                                                      if i not in (0, 1, 3)]
 
 
 def test_per_layer_arrays_are_sliced(tmp_path):

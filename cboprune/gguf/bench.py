@@ -146,7 +146,7 @@ def _cell(s: dict[str, float], fmt: str = "{:.1f}") -> str:
 
 
 def markdown_report(report: dict[str, Any]) -> str:
-    lines = ["| model | blocks | file MB | tensor types |", "|---|---:|---:|---|"]
+    lines = ["| model | blocks | file MiB | tensor types |", "|---|---:|---:|---|"]
     for name, m in report["models"].items():
         types = ", ".join(f"{k} × {v}" for k, v in sorted(m["tensor_types"].items()))
         lines.append(f"| {name} | {m['blocks']} | {m['file_bytes'] / 2**20:.1f} | {types} |")

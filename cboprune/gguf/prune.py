@@ -160,12 +160,24 @@ def _provenance_fields(plan: PrunePlan) -> dict[str, tuple[Any, Any]]:
     from cboprune import __version__
 
     p = plan.provenance
+    v = plan.source.values
+    removed, n_source = plan.removed, plan.source.n_blocks
+    source_file, source_sha = plan.source.path.name, p.get("source_sha256") or sha256_file(plan.source.path)
+    earlier, n_first = v.get(f"{NAMESPACE}.removed_blocks"), v.get(f"{NAMESPACE}.source_block_count")
+    if isinstance(earlier, list) and isinstance(n_first, int) and n_first - len(earlier) == n_source:
+        # pruned again: the kept tensors are still the first source's bytes, so the record stays
+        # about that file, the blocks removed counted in its indices
+        kept_first = [i for i in range(n_first) if i not in set(earlier)]
+        removed = sorted(set(earlier) | {kept_first[i] for i in plan.removed})
+        n_source = n_first
+        source_file = v.get(f"{NAMESPACE}.source_file", source_file)
+        source_sha = v.get(f"{NAMESPACE}.source_sha256", source_sha)
     out: dict[str, tuple[Any, Any]] = {
         f"{NAMESPACE}.version": (__version__, T.STRING),
-        f"{NAMESPACE}.removed_blocks": (plan.removed, (T.ARRAY, T.UINT32)),
-        f"{NAMESPACE}.source_block_count": (plan.source.n_blocks, T.UINT32),
-        f"{NAMESPACE}.source_file": (plan.source.path.name, T.STRING),
-        f"{NAMESPACE}.source_sha256": (p.get("source_sha256") or sha256_file(plan.source.path), T.STRING),
+        f"{NAMESPACE}.removed_blocks": (removed, (T.ARRAY, T.UINT32)),
+        f"{NAMESPACE}.source_block_count": (n_source, T.UINT32),
+        f"{NAMESPACE}.source_file": (source_file, T.STRING),
+        f"{NAMESPACE}.source_sha256": (source_sha, T.STRING),
     }
     if p.get("method"):
         out[f"{NAMESPACE}.method"] = (str(p["method"]), T.STRING)
