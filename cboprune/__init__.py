@@ -3,3 +3,15 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `import cboprune` stays light (the CLI's start-up): the in-memory API loads torch on first use
+    if name == "prune":
+        from cboprune.api import prune
+
+        return prune
+    raise AttributeError(f"module 'cboprune' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "prune"]

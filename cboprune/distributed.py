@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cboprune.errors import CBOPruneError
+
 log = logging.getLogger(__name__)
 
 
@@ -72,6 +74,40 @@ def init_from_env(backend: str | None = None) -> DistInfo:
 def _leave() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def check_device(spec: str | None) -> str | None:
+    """The device string normalized ("cpu", "cuda", "cuda:1", "mps", "auto", None = choose later), or a
+    one-line error for a malformed device, a missing GPU or a GPU index that does not exist."""
+    if spec is None or str(spec).strip() == "":
+        return None
+    text = str(spec).strip().lower()
+    if text == "auto":
+        if not torch.cuda.is_available():
+            raise CBOPruneError("--device auto spreads the model over GPUs but none is available: use --device cpu")
+        return text
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise CBOPruneError(f"invalid device {spec!r}: use cpu, cuda, cuda:N, mps or auto") from None
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CBOPruneError(f"device {spec!r} requested but no CUDA GPU is available: use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CBOPruneError(f"device {spec!r} does not exist: this machine has {torch.cuda.device_count()} "
+                                f"GPU(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        return text
+    backend = getattr(torch, device.type, None) if device.type != "mps" else getattr(torch.backends, "mps", None)
+    if backend is None or not getattr(backend, "is_available", lambda: False)():
+        raise CBOPruneError(f"device {spec!r} is not available on this machine: use cpu or cuda")
+    return text
+
+
+def pick_device(device: str | None) -> str:
+    """The device to load onto: as given (checked by `check_device`), else cuda when available, else cpu."""
+    return check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def local_device() -> str:

@@ -34,7 +34,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cboprune.errors import CBOPruneError
+from cboprune.hessian import compute_hessian
+from cboprune.masked import configurations_nll, n_blocks
+from cboprune.methods import PAPER, RECOMMENDED, Recommendation  # noqa: F401 (their old home)
 from cboprune.ranking import Ranking
+from cboprune.solvers import solve
 
 if TYPE_CHECKING:
     import torch
@@ -48,22 +52,6 @@ log = logging.getLogger(__name__)
 HESSIAN_MODELS = ("fisher", "fisher-linear", "exact")
 
 
-@dataclass(frozen=True)
-class Recommendation:
-    energy: str
-    verify: bool  # re-rank the K lowest states by measured held-out loss
-    refine_sweeps: int  # swap-search sweeps on the real loss from the verified pick (0: none)
-
-
-#: What `cboprune run` does by default (docs/study.md, "The default selection"): measured single
-#: removals with the Fisher's pair interactions and a charge per contiguous run of removed blocks
-#: (`hybrid`'s run cost), its K lowest states re-ranked by held-out loss plus that charge, and, with
-#: local heal data, the two best judged by a 3-step heal (`cboprune.judge`) — 19.6 forward passes of
-#: the fitting set for two values of M on the default model, against ~2,000 for `measured` with
-#: refinement, which ties with the cheap peers after healing. The paper's method is PAPER (no
-#: verification, so no judge); the expensive variants stay available (`--energy measured --refine-sweeps 8`).
-RECOMMENDED = Recommendation("hybrid", verify=True, refine_sweeps=0)
-PAPER = Recommendation("fisher", verify=False, refine_sweeps=0)
 
 
 @dataclass
@@ -90,7 +78,6 @@ class EnergyModel:
              method: str = "auto", time_limit: float | None = None, node_limit: int | None = None,
              seed: int = 0) -> Ranking:
         """The K lowest states with M = n_remove removed blocks (`removable` intersects the model's own)."""
-        from cboprune.solvers import solve  # numba compiles on first use: keep `import cboprune.energy` light
 
         allowed = self.removable
         if removable is not None:
@@ -174,7 +161,6 @@ def measure_losses(model: torch.nn.Module, calibration: CalibrationSet, *, pool_
                    rows_per_pass: int | None = None) -> MeasuredLosses:
     """Single removals of every block, then all pairs among the `pool_size` blocks whose single removal
     costs least (default: every removable block not kept), several configurations per forward pass."""
-    from cboprune.masked import configurations_nll, n_blocks
 
     start = time.perf_counter()
     n = n_blocks(model)
@@ -205,7 +191,6 @@ def relinearized_rankings(model: torch.nn.Module, calibration: CalibrationSet, r
     recompute the gate gradients with those blocks off, until the largest M. The ranking for each M
     lists the K lowest states of the last expansion with the blocks removed before it held fixed.
     `first` reuses a Hessian already computed at alpha = 1."""
-    from cboprune.hessian import compute_hessian
 
     if step < 1:
         raise CBOPruneError(f"the re-linearization step must be >= 1 block, got {step}")

@@ -23,8 +23,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from cboprune import masked
 from cboprune import methods as registry
+from cboprune.baselines._common import collect_block_stats
+from cboprune.bench import speedup_summary
 from cboprune.errors import CBOPruneError
+from cboprune.hessian import compute_hessian
+from cboprune.masked import n_blocks, single_removal_nll
+from cboprune.models.merging import DEFAULT_MERGE_RULE, apply_candidate
+from cboprune.ranking import Entry, check_n_remove
+from cboprune.resume import evaluation_state
+from cboprune.verify import diverse as diverse_set
+from cboprune.verify import measured_nll, refine, with_refined
+from cboprune.verify import verify as verify_ranking
 
 if TYPE_CHECKING:
     import torch
@@ -62,8 +73,6 @@ class SelectionContext:
 
     @property
     def n_blocks(self) -> int:
-        from cboprune.masked import n_blocks
-
         return self.cached("n_blocks", lambda: n_blocks(self.model))
 
     def cached(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -76,20 +85,15 @@ class SelectionContext:
                 "time_limit": self.time_limit, "node_limit": self.node_limit, "seed": self.seed}
 
     def block_stats(self):
-        from cboprune.baselines._common import collect_block_stats
-
         return self.cached("block_stats", lambda: collect_block_stats(self.model, self.fit,
                                                                       batch_size=self.batch_size))
 
     def single_removal_nll(self) -> dict[int, float]:
-        from cboprune.masked import single_removal_nll
-
         return self.cached("single_removal_nll", lambda: single_removal_nll(self.model, self.fit,
                                                                             batch_size=self.batch_size))
 
     def hessian(self):
         """The gate-gradient pass on the fitting samples (with `hessian_options`)."""
-        from cboprune.hessian import compute_hessian
 
         return self.cached("hessian", lambda: compute_hessian(self.model, self.fit, batch_size=self.batch_size,
                                                               model_name=self.model_name, progress=self.progress,
@@ -98,7 +102,6 @@ class SelectionContext:
     def exact_hessian(self):
         """The Hessian with the exact gate Hessian (N HVPs): the main one when it is exact, else its own
         pass on the first `exact_samples` fitting samples."""
-        from cboprune.hessian import compute_hessian
 
         main = self.cache.get("hessian")
         if main is not None and main.H_exact is not None:
@@ -113,39 +116,12 @@ class SelectionContext:
 
 def select(name: str, context: SelectionContext, remove: Sequence[int]) -> dict[int, Ranking]:
     """Run one registered method for every M (greedy methods run once, to the largest M)."""
-    from cboprune.ranking import check_n_remove
 
     method = registry.get(name)
     remove = sorted({int(m) for m in remove})
     for m in remove:
         check_n_remove(m, context.n_blocks, len(context.keep), leave=method.min_kept)
     return method.select(context, remove)
-
-
-@dataclass
-class Entry:
-    """One row of a comparison: a method's configuration at one M and its evaluation.
-
-    method: "fisher:0", "measured+verify", "cbo:1", "bi-iter", ...; nll: the mean NLL on the set the
-    front end judges by (compare: the calibration samples; study: the held-out samples)."""
-
-    method: str
-    n_remove: int
-    candidate: Candidate
-    ranking: Ranking
-    selection_seconds: float
-    nll: float | None = None
-    eval: dict[str, Any] = field(default_factory=dict)
-    same_as: str | None = None
-    healed: dict[int, dict[str, Any]] = field(default_factory=dict)  # steps -> nll, eval, heal CE after healing
-    cost: float | None = None  # selection cost in forward passes of the fitting set
-    speedup: dict[str, Any] | None = None  # parameters removed, measured prefill / decode speed-up
-    repaired: dict[str, Any] | None = None  # --repair: nll, eval, seconds of the repaired configuration
-    repair_healed: dict[int, dict[str, Any]] = field(default_factory=dict)  # like healed, from the repaired model
-
-    @property
-    def base(self) -> str:
-        return self.method.split(":")[0].split("+")[0]
 
 
 @dataclass
@@ -156,53 +132,109 @@ class EnergyResult:
     seconds: float
 
 
+@dataclass
+class SelectedStates:
+    """One M's states of an energy model, through the one verify / refine path that `run`, `compare`
+    and `study` share: the listed lowest states, re-ranked by held-out loss, and the swap-refined pick."""
+
+    listed: Ranking
+    verified: Ranking | None = None
+    refined: Ranking | None = None
+    verify_seconds: float = 0.0
+    refine_seconds: float = 0.0
+
+
+def energy_states(name: str, context: SelectionContext, remove: Sequence[int], *, top: int, verify: bool = False,
+                  refine_sweeps: int = 0, diverse: float | None = None) -> tuple[dict[int, SelectedStates], float]:
+    """The `top` lowest states per M of a registered energy model on `context.fit` ({M: states},
+    seconds to list them): verified on `context.heldout` when `verify` or `refine_sweeps`, the verified
+    pick swap-refined for `refine_sweeps` sweeps. `diverse`: thin the list to states with Jaccard
+    similarity at most this (from 5 x top states)."""
+    if registry.get(name).kind != registry.ENERGY:
+        raise CBOPruneError(f"{name!r} is a peer criterion, not an energy model: use `cboprune compare`")
+    if (verify or refine_sweeps) and context.heldout is None:
+        raise CBOPruneError("verification needs held-out calibration samples: set heldout_samples >= 1")
+    t0 = time.perf_counter()
+    context.top = top * 5 if diverse is not None else top
+    by_m = select(name, context, remove)
+    build = time.perf_counter() - t0
+    out: dict[int, SelectedStates] = {}
+    for m in sorted(by_m):
+        states = SelectedStates(diverse_set(by_m[m], top, diverse) if diverse is not None else by_m[m])
+        if verify or refine_sweeps:
+            t1 = time.perf_counter()
+            states.verified = verify_ranking(context.model, context.heldout, states.listed,
+                                             batch_size=context.batch_size)
+            states.verify_seconds = time.perf_counter() - t1
+        if refine_sweeps:
+            t2 = time.perf_counter()
+            states.refined = refine(context.model, context.fit, context.heldout, states.verified,
+                                    removable=context.removable, keep=context.keep, max_sweeps=refine_sweeps,
+                                    batch_size=context.batch_size)
+            states.refine_seconds = time.perf_counter() - t2
+        out[m] = states
+    return out, build
+
+
+def rank_states(context: SelectionContext, remove: Sequence[int], top: int, *, energy: str, verify: bool,
+                refine_sweeps: int) -> list[Ranking]:
+    """`run`'s rankings: the `top` best states per M of an energy model (`energy_states`), verified
+    when asked, with the swap-refined state first when `refine_sweeps` (docs/study.md)."""
+    by_m, _ = energy_states(energy, context, remove, top=top, verify=verify, refine_sweeps=refine_sweeps)
+    hessian = context.cache.get("hessian")
+    rankings = []
+    for m, states in by_m.items():
+        ranking = states.verified or states.listed
+        for r in {id(states.listed): states.listed, id(ranking): ranking}.values():
+            if hessian is not None:
+                r.info.setdefault("hessian", hessian.fingerprint)
+            if context.removable is not None:
+                r.info["removable"] = sorted(int(i) for i in context.removable)
+        if states.refined is not None:
+            model = context.energy_models.get(energy)
+            ranking = with_refined(ranking, states.refined, model.energy(states.refined.best.removed)
+                                   if model is not None else float("nan"))
+        rankings.append(ranking)
+    return rankings
+
+
 def energy_entries(name: str, context: SelectionContext, remove: Sequence[int], *, ranks: Sequence[int] = (0,),
                    verify: bool = False, refine_sweeps: int = 0, diverse: float | None = None,
                    k: int | None = None, alias: str | None = None) -> EnergyResult:
     """The states of one energy model: entries `<alias>:<rank>` for `ranks`, `+verify` (the best of
     the K states on the held-out samples) and `+refine` (swap search from it) when asked.
     `diverse`: thin the list to states with Jaccard similarity at most this (from 5K states)."""
-    from cboprune.verify import diverse as diverse_set
-    from cboprune.verify import measured_nll, refine, verify as verify_ranking
-
     alias = alias or name
-    k = k or context.top
     t0 = time.perf_counter()
-    context.top = k * 5 if diverse is not None else k
-    by_m = select(name, context, remove)
-    build = time.perf_counter() - t0
+    by_m, build = energy_states(name, context, remove, top=k or context.top, verify=verify,
+                                refine_sweeps=refine_sweeps if verify else 0, diverse=diverse)
     result = EnergyResult([], {}, {}, 0.0)
-    for m in sorted(by_m):
-        ranking = diverse_set(by_m[m], k, diverse) if diverse is not None else by_m[m]
+    for m, states in by_m.items():
+        ranking = states.listed
         result.rankings[m] = ranking
-        if not verify:
+        if states.verified is None:
             result.entries += [Entry(f"{alias}:{r}", m, ranking.candidates[r], ranking, round(build, 2))
                                for r in ranks if r < len(ranking.candidates)]
             continue
-        if context.heldout is None:
-            raise CBOPruneError("verification needs held-out calibration samples: set heldout_samples >= 1")
-        t1 = time.perf_counter()
-        verified = verify_ranking(context.model, context.heldout, ranking, batch_size=context.batch_size)
+        verified = states.verified
         vinfo = verified.info["verification"]
         # Tables show the measured held-out NLL; a run cost (hybrid) only orders the states.
         nll = measured_nll(verified)
         result.correlations[m] = {"spearman": vinfo["spearman"], "energies": vinfo["energies"],
                                   "heldout_nll": nll, "energy_ranks": vinfo["energy_ranks"]}
         by_removed = {c.removed: v for c, v in zip(verified.candidates, nll)}
-        seconds = round(build + time.perf_counter() - t1, 2)
+        seconds = round(build + states.verify_seconds, 2)
         result.entries.append(Entry(f"{alias}:0", m, ranking.best, ranking, round(build, 2),
                                     nll=by_removed[ranking.best.removed]))
         result.entries.append(Entry(f"{alias}+verify", m, verified.best, verified, seconds, nll=nll[0]))
         log.info("%s M = %d: ground state %s held-out NLL %.4f; verified pick %s (energy rank %d) %.4f; Spearman %.2f",
                  name, m, list(ranking.best.removed), by_removed[ranking.best.removed], list(verified.best.removed),
                  vinfo["energy_ranks"][0], nll[0], vinfo["spearman"])
-        if refine_sweeps:
-            t2 = time.perf_counter()
-            refined = refine(context.model, context.fit, context.heldout, verified, removable=context.removable,
-                             keep=context.keep, max_sweeps=refine_sweeps, batch_size=context.batch_size)
+        if states.refined is not None:
+            refined = states.refined
             charged = vinfo.get("heldout_nll") is not None  # a run cost in the score: measure the raw NLL later
             result.entries.append(Entry(f"{alias}+refine", m, refined.best, refined,
-                                        round(seconds + time.perf_counter() - t2, 2),
+                                        round(seconds + states.refine_seconds, 2),
                                         nll=None if charged else refined.best.score))
             model = context.energy_models.get(name)
             result.correlations[m]["refined"] = {
@@ -234,14 +266,11 @@ def configuration_fields(candidate: Candidate, merge_rule: str | None) -> dict[s
 
 
 def merge_rule_of(entry: Entry) -> str:
-    from cboprune.models.merging import DEFAULT_MERGE_RULE
-
     return entry.ranking.info.get("merge_rule", DEFAULT_MERGE_RULE)
 
 
 def apply_configuration(model: torch.nn.Module, candidate: Candidate, merge_rule: str) -> torch.nn.Module:
     """A pruned copy (removal or merging); the original stays intact for the next configuration."""
-    from cboprune.models.merging import apply_candidate
 
     pruned = copy.deepcopy(model)
     apply_candidate(pruned, candidate, merge_rule=merge_rule)
@@ -255,8 +284,6 @@ def evaluate_entries(entries: Sequence[Entry], model: torch.nn.Module, tokenizer
     result and name the first in `same_as`); an entry's `nll` is measured on `nll_samples` when the
     selection did not already measure it there. `cache` (with `cache_fields`, the weights' fingerprint):
     evaluations finished by an earlier, interrupted run are reused."""
-    from cboprune.masked import calibration_nll
-    from cboprune.resume import evaluation_state
 
     done: dict[tuple, Entry] = {}
     for entry in entries:
@@ -278,11 +305,9 @@ def evaluate_entries(entries: Sequence[Entry], model: torch.nn.Module, tokenizer
             continue
         pruned = apply_configuration(model, entry.candidate, rule)
         if entry.nll is None:
-            entry.nll = calibration_nll(pruned, nll_samples, batch_size=batch_size)
+            entry.nll = masked.calibration_nll(pruned, nll_samples, batch_size=batch_size)
         entry.eval = protocol.evaluate(pruned, tokenizer)
         if speedup:
-            from cboprune.pipeline import speedup_summary
-
             entry.speedup = speedup_summary(model, pruned)
         del pruned
         if cache is not None:  # the NLL on these samples, whichever step measured it
@@ -295,8 +320,6 @@ def evaluate_original(model: torch.nn.Module, tokenizer, protocol: EvalProtocol,
                       batch_size: int, cache: StepCache | None = None, cache_fields: dict[str, Any] | None = None, *,
                       key: str) -> dict[str, Any]:
     """The unpruned model's evaluation, with its mean NLL on `nll_samples` under `key`."""
-    from cboprune.masked import calibration_nll
-    from cboprune.resume import evaluation_state
 
     fields = {**(cache_fields or {}), "step": "original", "eval": protocol.identity(),
               "nll_samples": nll_samples.fingerprint}
@@ -304,7 +327,7 @@ def evaluate_original(model: torch.nn.Module, tokenizer, protocol: EvalProtocol,
     if state is not None and state["nll"] is not None:
         return {**state["eval"], key: state["nll"]}
     evaluation = protocol.evaluate(model, tokenizer)
-    nll = calibration_nll(model, nll_samples, batch_size=batch_size)
+    nll = masked.calibration_nll(model, nll_samples, batch_size=batch_size)
     if cache is not None:
         cache.save(fields, {"eval": evaluation, "nll": nll})
     return {**evaluation, key: nll}

@@ -59,17 +59,5 @@ def metric_key(value: Any) -> float:
     return float(value) if is_number(value) else math.inf
 
 
-def mark_diverged(obj: Any) -> Any:
-    """A copy of `obj` (JSON-like) with every non-finite float replaced by "diverged", so that a
-    results file says what happened instead of holding NaN or a silent null."""
-    if isinstance(obj, dict):
-        return {k: mark_diverged(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [mark_diverged(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return DIVERGED
-    return obj
-
-
-__all__ = ["DIVERGED", "NOT_MEASURED", "diverged", "is_number", "mark_diverged", "metric_cell", "metric_key",
+__all__ = ["DIVERGED", "NOT_MEASURED", "diverged", "is_number", "metric_cell", "metric_key",
            "require_finite"]

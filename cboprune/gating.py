@@ -14,12 +14,15 @@ h + g * (layer(h) - h), written so that g = 1 gives layer(h) and g = 0 gives h b
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from cboprune.errors import CBOPruneError
-from cboprune.models.architectures import Block, blocks, decoder_config
+
+if TYPE_CHECKING:
+    from cboprune.models.architectures import Block
 
 
 def broadcast_gate(gate: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -39,12 +42,14 @@ def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
 class GateManager:
     """Owns the gate hooks of one model. Use as a context manager, or call `remove()`.
 
-    Hooks are inert while `gates` is None, so a manager can stay attached between uses.
+    Hooks are inert while `gates` is None, so a manager can stay attached between uses. The blocks
+    are given (`models.architectures.blocks(model)`): architecture discovery verifies its guesses
+    for unknown families with `check_gates`, so this module must not depend on it.
     """
 
-    def __init__(self, model: nn.Module, block_list: Sequence[Block] | None = None):
+    def __init__(self, model: nn.Module, block_list: Sequence[Block]):
         self.model = model
-        self.blocks = list(block_list) if block_list is not None else blocks(model)
+        self.blocks = list(block_list)
         self.gates: torch.Tensor | None = None  # [N] or [B, N]
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         owner: dict[int, str] = {}
@@ -124,7 +129,7 @@ class GateManager:
 
 def _probe_ids(model: nn.Module) -> torch.Tensor:
     emb = model.get_input_embeddings()
-    vocab = getattr(decoder_config(model), "vocab_size", None) or emb.num_embeddings
+    vocab = emb.num_embeddings  # the ids only have to be valid for the embedding
     return ((torch.arange(8) * 7 + 3) % vocab).view(1, -1).to(emb.weight.device)  # [1, 8]
 
 

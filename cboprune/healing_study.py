@@ -2,7 +2,7 @@
 same distillation recipe (data and order, seed, steps, learning rate, teacher), then the same
 evaluation as before healing.
 
-    HealRecipe            the recipe, one or several step budgets (each healed from the pruned model)
+    HealRecipe            (cboprune.heal.recipe) the recipe, one or several step budgets
     heal_entries(...)     heal and evaluate every distinct configuration once per budget; results
                           are cached on disk by a fingerprint of (model, configuration, recipe,
                           evaluation), so an interrupted study continues where it stopped
@@ -17,65 +17,38 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cboprune.errors import CBOPruneError
+from cboprune import heal as healing
+from cboprune import masked, methods, models
+from cboprune.energy import spearman
 from cboprune.errors import DivergedError
+from cboprune.evaluation.protocol import mean_accuracy, primary_scores
+from cboprune.experiment import (
+    apply_configuration,
+    configuration_fields,
+    configuration_key,
+    merge_rule_of,
+)
 from cboprune.finite import metric_cell, require_finite
+from cboprune.heal.recipe import HealRecipe
+from cboprune.heal.trainer import STATE_SUFFIX
+from cboprune.models.surgery import save_pruned
+from cboprune.repair.comparison import repair_entries, repaired_copy
+from cboprune.report.tables import markdown_table
+from cboprune.resume import StepCache, heal_state, weights_fingerprint
 
 if TYPE_CHECKING:
     from cboprune.evaluation.protocol import EvalProtocol
-    from cboprune.experiment import Entry
+    from cboprune.ranking import Entry
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class HealRecipe:
-    steps: list[int]
-    data: str
-    teacher: str  # model spec of the original model
-    learning_rate: float = 5e-5
-    seq_len: int = 256
-    micro_batch_size: int = 4
-    global_batch_size: int = 16
-    lora: bool = False
-    seed: int = 0
-    max_samples: int | None = None
-    keep_checkpoints: Path | None = None  # healed checkpoints are kept here when given (disk)
-    cache_dir: Path | None = None  # finished heals (results only) for resume
-    teacher_cache: Path | None = None  # teacher top-k outputs computed once, shared by every heal (heal.cache)
-    teacher_top_k: int = 64
-    heldout_eval: str = "full"  # "after-ce": the heal measures only the student's held-out CE after (judge)
-    heldout_samples: int | None = None  # held-out records measured (None: the heal's default, 64)
-
-    def __post_init__(self) -> None:
-        if not self.steps or any(not isinstance(s, int) or s < 1 for s in self.steps):
-            raise CBOPruneError(f"--heal-steps needs positive numbers of optimizer steps, got {self.steps}")
-        if not Path(self.data).is_file():
-            raise CBOPruneError(f"healing data not found: {self.data}: pass --heal-data FILE (or --data FILE)")
-        self.steps = sorted(set(self.steps))
-
-    def describe(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items()
-             if k not in ("keep_checkpoints", "cache_dir", "teacher_cache", "teacher_top_k", "heldout_eval",
-                          "heldout_samples")}
-        d["tokens_per_step"] = self.global_batch_size * self.seq_len
-        if self.teacher_cache is not None:  # another teacher signal (the top-k approximation): other results
-            d["teacher_outputs"] = f"cached top-{self.teacher_top_k}"
-        if self.heldout_eval != "full":  # fewer measurements in a result: not the same cache entry
-            d["heldout_eval"] = self.heldout_eval
-        if self.heldout_samples is not None:  # other held-out records: another heal CE
-            d["heldout_samples"] = self.heldout_samples
-        return d
 
 
 def _heal_fields(entry: Entry, recipe: HealRecipe, steps: int, protocol: EvalProtocol, nll_fingerprint: str | None,
                  weights: str | None, repair_fit: str | None = None) -> dict[str, Any]:
     """Everything a heal's result depends on: its cache entry's fingerprint."""
-    from cboprune.experiment import configuration_fields, merge_rule_of
 
     fields = {**configuration_fields(entry.candidate, merge_rule_of(entry)),
               "recipe": {**recipe.describe(), "steps": steps}, "eval": protocol.identity(),
@@ -93,14 +66,7 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
     judge ranks by heal CE alone). With `repair_fit` (calibration samples) every student
     starts from the linear repair fitted on them instead, and the results go to entry.repair_healed.
     `weights`: `weights_fingerprint(model)` when the caller has it already."""
-    from cboprune.experiment import apply_configuration, configuration_key, merge_rule_of
-    from cboprune.heal import HealConfig, heal
-    from cboprune.heal.trainer import STATE_SUFFIX
-    from cboprune.masked import calibration_nll
-    from cboprune.models import load_model
-    from cboprune.models.surgery import save_pruned
 
-    from cboprune.resume import StepCache, heal_state, weights_fingerprint
 
     cache = StepCache(recipe.cache_dir)
     # the teacher's name alone would reuse heals of replaced weights (nothing to key without a cache)
@@ -138,8 +104,6 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
             # step, so nothing there is worth resuming, and heal() would refuse to start over it.
             shutil.rmtree(healed_dir.with_name(healed_dir.name + STATE_SUFFIX), ignore_errors=True)
             if repair_fit is not None:
-                from cboprune.repair.comparison import repaired_copy
-
                 start = repaired_copy(model, entry.candidate.removed, repair_fit, batch_size=batch_size)[0]
             else:
                 start = apply_configuration(model, entry.candidate, merge_rule_of(entry))
@@ -149,7 +113,7 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
                         save_dtype="float32")  # the student starts from exactly the evaluated model
             del start
             try:
-                report = heal(HealConfig(student=str(student), teacher=recipe.teacher, data=recipe.data,
+                report = healing.heal(healing.HealConfig(student=str(student), teacher=recipe.teacher, data=recipe.data,
                                          output_dir=str(healed_dir), max_steps=steps, learning_rate=recipe.learning_rate,
                                          seq_len=recipe.seq_len, micro_batch_size=recipe.micro_batch_size,
                                          global_batch_size=recipe.global_batch_size, lora=recipe.lora, seed=recipe.seed,
@@ -166,9 +130,9 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
                 getattr(entry, slot)[steps] = result
                 cache.save(fields, result)
                 continue
-            healed = load_model(str(healed_dir), dtype="float32", device=str(next(model.parameters()).device)).model
+            healed = models.load_model(str(healed_dir), dtype="float32", device=str(next(model.parameters()).device)).model
             nll = None if nll_samples is None else require_finite(
-                calibration_nll(healed, nll_samples, batch_size=batch_size), "the held-out NLL",
+                masked.calibration_nll(healed, nll_samples, batch_size=batch_size), "the held-out NLL",
                 f"{entry.method} at M = {entry.n_remove} healed", f"step {steps}")
             result = {"nll": nll,
                       "eval": protocol.evaluate(healed, tokenizer),
@@ -213,8 +177,6 @@ def heal_and_repair(entries: Sequence[Entry], model, tokenizer, protocol: EvalPr
     if recipe is not None:
         heal_entries(entries, model, tokenizer, recipe, protocol, **kw)
     if repair:
-        from cboprune.repair.comparison import repair_entries
-
         repair_entries(entries, model, tokenizer, protocol, fit=fit, nll_samples=nll_samples, batch_size=batch_size)
         if recipe is not None:
             heal_entries(entries, model, tokenizer, recipe, protocol, repair_fit=fit, **kw)
@@ -228,7 +190,6 @@ def cost_of(entry: Entry, n_blocks: int, *, fit_tokens: int, heldout_tokens: int
     method's cost model plus, for `+verify`, the K held-out evaluations, for `+refine`, the swap
     search's evaluations and, for `+judge`, the verification and the judge's heals (measured, from
     the ranking's info)."""
-    from cboprune import methods
 
     cost = methods.get(entry.base).cost(n_blocks, entry.n_remove, **(options or {}))
     ratio = heldout_tokens / max(fit_tokens, 1)
@@ -247,8 +208,6 @@ def cost_of(entry: Entry, n_blocks: int, *, fit_tokens: int, heldout_tokens: int
 # ----------------------------------------------------------------------------- tables
 
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    from cboprune.energy import spearman
-
     return spearman(list(a), list(b))
 
 
@@ -284,7 +243,6 @@ def heal_correlations(entries: Sequence[Entry], steps: Sequence[int]) -> dict[in
 def energy_heal_correlations(entries: Sequence[Entry], steps: Sequence[int]) -> dict[str, dict[int, dict]]:
     """Per energy model and M: Spearman between the energy and the loss before and after healing over
     its healed low-energy states (entries `<energy>:<rank>`): the NLL and, after, also the heal CE."""
-    from cboprune import methods
 
     out: dict[str, dict[int, dict]] = {}
     for e in entries:
@@ -310,7 +268,6 @@ def heal_table(entries: Sequence[Entry], steps: Sequence[int], label, ppl_task: 
                accuracy_tasks: list[str]) -> tuple[list[str], list[list[str]]]:
     """One row per entry: NLL before and after each budget, the perplexity task and mean accuracy
     after, heal seconds, and the selection's cost beside them (quality against cost on one page)."""
-    from cboprune.evaluation.protocol import mean_accuracy, primary_scores
 
     header = ["M", "method", "removed", "NLL before", "heal CE before"]
     for s in steps:
@@ -361,7 +318,6 @@ def correlation_table(corr: dict[int, dict[str, Any]], steps: Sequence[int]) -> 
 
 def healing_markdown(entries: Sequence[Entry], meta: dict[str, Any], label) -> str:
     """The before/after page of a comparison: the recipe, the table, the Spearman correlations."""
-    from cboprune.report.tables import markdown_table
 
     recipe = meta["healing"]
     steps = recipe["steps"]

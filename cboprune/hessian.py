@@ -41,27 +41,23 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cboprune import distributed
+from cboprune.config import AUTOCAST_NAMES, HESSIAN_VARIANTS
 from cboprune.data.calibration import CalibrationSet
 from cboprune.errors import CBOPruneError
 from cboprune.gating import GateManager, broadcast_gate
-from cboprune.masked import per_sample_loss
+from cboprune.models.forward_loss import per_sample_loss
+from cboprune.models.architectures import blocks
 from cboprune.outputs import check_output_file, dumps_strict, staged_file
 
 log = logging.getLogger(__name__)
 
 HESSIAN_FORMAT = "cboprune-hessian/1"
 SHARD_FORMAT = "cboprune-hessian-shards/1"
-VARIANTS = {
-    "fisher": "empirical Fisher AᵀA/m (the paper's H)",
-    "centered": "gradient covariance AᵀA/m - ḡḡᵀ",
-    "exact": "exact Hessian of the mean loss w.r.t. the gates at alpha = 1 (N Hessian-vector products)",
-}
-AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-                   "fp16": torch.float16}
+VARIANTS = HESSIAN_VARIANTS
+AUTOCAST_DTYPES = dict(zip(AUTOCAST_NAMES, (torch.bfloat16, torch.bfloat16, torch.float16, torch.float16)))
 DEFAULT_SHARD_SAMPLES = 256
 _FP16_LOSS_SCALE = 2.0 ** 12
 
@@ -410,7 +406,7 @@ def gate_gradient_pass(model: torch.nn.Module, calibration: CalibrationSet, *, b
     dinfo = distributed.init_from_env() if (distributed_run or (distributed_run is None and distributed.launched())) \
         else distributed.DistInfo()
     own_gates = gates is None
-    gates = gates or Fp32GateManager(model)
+    gates = gates or Fp32GateManager(model, blocks(model))
     n, m = gates.n_blocks, calibration.n_samples
     lengths = calibration.attention_mask.sum(dim=1).numpy()
     plan = plan_batches(lengths, batch_size, bucket=bucket, shard_samples=shard_samples)
@@ -553,7 +549,7 @@ def compute_hessian(model: torch.nn.Module, calibration: CalibrationSet, *, batc
     options: autocast, gradient_checkpointing, bucket, shard_dir, shard_samples, distributed_run,
     on_shard (see `gate_gradient_pass`). Every rank of a distributed run returns the same result.
     """
-    gates = Fp32GateManager(model)
+    gates = Fp32GateManager(model, blocks(model))
     n_params = sum(p.numel() for p in model.parameters())
     try:
         out = gate_gradient_pass(model, calibration, batch_size=batch_size, gates=gates, progress=progress,

@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from cboprune.finite import metric_cell, metric_key
-from cboprune.ranking import Candidate, Ranking
+from cboprune.heal.recipe import HealRecipe
+from cboprune.healing_study import heal_entries
+from cboprune.ranking import Candidate, Entry, Ranking
+from cboprune.report.tables import markdown_table
 from cboprune.verify import measured_nll
 
 #: candidates judged per M when the user does not say (`--heal-candidates`)
@@ -46,8 +49,6 @@ def auto_candidates(cfg) -> int:
 
 def judge_recipe(cfg, output_dir: Path):
     """The HealRecipe of every judge heal (checks the heal data before any work)."""
-    from cboprune.healing_study import HealRecipe
-
     data = cfg.heal_data or cfg.data or ""
     return HealRecipe(steps=[cfg.judge_steps], data=data, teacher=cfg.model, learning_rate=JUDGE_LR,
                       seq_len=min(JUDGE_SEQ_LEN, cfg.heal_seq_len or cfg.seq_len),
@@ -61,9 +62,6 @@ def judge_by_healing(cfg, session, rankings: Sequence[Ranking], staging: Path,
     """Heal the `candidates` best states of each M alike and put them first, ordered by the held-out
     cross-entropy after healing: the short heal chooses the state that is saved. Returns the new
     rankings, the report section and the judge's cost per M in forward passes of the fitting set."""
-    from cboprune.experiment import Entry
-    from cboprune.healing_study import heal_entries
-    from cboprune.report.tables import markdown_table
 
     recipe = judge_recipe(cfg, staging)
     if recipe.teacher_cache is None:  # one teacher pass over the heal samples, shared by every candidate

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from cboprune.errors import CBOPruneError
-from cboprune.finite import DIVERGED
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +48,12 @@ def is_main_process() -> bool:
         return int(os.environ.get("RANK", "0")) == 0
     except ValueError:
         return True
+
+
+def cache_dir() -> Path:
+    """Where cboprune keeps what it computes once: de-quantized GGUF checkpoints, generated calibration,
+    the solvers' compiled kernels (`CBOPRUNE_CACHE`, default ~/.cache/cboprune)."""
+    return Path(os.environ.get("CBOPRUNE_CACHE", Path.home() / ".cache" / "cboprune"))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -309,9 +314,9 @@ def write_texts(pairs: list[tuple[str | Path, str]], *, overwrite: bool = True) 
 # ----------------------------------------------------------------------------- strict JSON
 
 def json_safe(obj: Any) -> Any:
-    """A copy of `obj` with every non-finite float (NaN, ±inf) replaced by "diverged" (`cboprune.finite`:
-    never a NaN literal, never a silent null), so that strict JSON parsers read it; tuples become lists
-    and numpy scalars become Python numbers."""
+    """A copy of `obj` with every non-finite float (NaN, ±inf) replaced by None, so that strict JSON
+    parsers read it (never a NaN literal); tuples become lists and numpy scalars become Python numbers.
+    A diverged result says so in words next to its nulls (`cboprune.finite`, "diverged")."""
     if isinstance(obj, dict):
         return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -319,12 +324,12 @@ def json_safe(obj: Any) -> Any:
     if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
         obj = obj.item()  # numpy / torch scalars
     if isinstance(obj, float) and not math.isfinite(obj):
-        return DIVERGED
+        return None
     return obj
 
 
 def dumps_strict(obj: Any, **kwargs: Any) -> str:
-    """json.dumps with NaN/inf written as "diverged" and `allow_nan=False` (never emits invalid JSON)."""
+    """json.dumps with NaN/inf written as null and `allow_nan=False` (never emits invalid JSON)."""
     return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
 
 
@@ -336,5 +341,5 @@ def write_json(path: str | Path, obj: Any, *, overwrite: bool = True) -> Path:
     return path
 
 
-__all__ = ["check_output_dir", "check_output_file", "clean_stale_staging", "dumps_strict", "is_main_process",
+__all__ = ["cache_dir", "check_output_dir", "check_output_file", "clean_stale_staging", "dumps_strict", "is_main_process",
            "json_safe", "staged_dir", "staged_file", "write_json", "write_texts"]

@@ -2,7 +2,7 @@
 
     run_pipeline(cfg)           model -> calibration -> Hessian -> energy model -> K lowest states per M
                                 (verified on held-out samples, refined) -> report -> checkpoints
-    rank_states(...)            the K best states per M by any energy model, verification and refinement
+    rank_states(...)            (cboprune.experiment) the K best states per M, verified and refined
     solve_rankings(hessian, ...) K lowest states per M from a saved Hessian
     prune_to_checkpoint(...)    remove blocks from a model and save a normal HF checkpoint
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import time
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,32 +21,35 @@ from typing import Any
 
 import torch
 
-from cboprune import __version__
+from cboprune import __version__, methods
+from cboprune import heal as healing
+from cboprune.bench import speedup_summary
 from cboprune.config import Config
 from cboprune.data.calibration import CalibrationSet
+from cboprune.energies.hybrid import single_fraction
+from cboprune.energy import from_hessian
 from cboprune.errors import CBOPruneError
-from cboprune.experiment import SelectionContext
+from cboprune.experiment import SelectionContext, rank_states
+from cboprune.healing_study import cost_of
 from cboprune.hessian import HessianResult, compute_hessian, save_hessian
+from cboprune.judge import auto_candidates, judge_by_healing, judge_recipe
+from cboprune.methods import selection_cost
 from cboprune.models.architectures import decoder_layers, removable_blocks
-from cboprune.models.surgery import UnsupportedRemoval, remove_blocks, save_pruned, validate_removal
-from cboprune.ranking import Candidate, Ranking
+from cboprune.models.surgery import (
+    UnsupportedRemoval,
+    remove_blocks,
+    save_pruned,
+    validate_removal,
+)
+from cboprune.outputs import check_output_dir, dumps_strict, staged_dir
+from cboprune.ranking import Candidate, Entry, Ranking
+from cboprune.repair import check_repairable, repair_linear
 from cboprune.report import plot_hessian, plot_removal_frequency, write_report
+from cboprune.session import load_session
 
 log = logging.getLogger(__name__)
 
 HESSIAN_FILE = "hessian.safetensors"
-
-
-def pick_device(device: str | None) -> str:
-    if device == "auto":  # device_map="auto": the model spread over every visible GPU
-        if not torch.cuda.is_available():
-            raise CBOPruneError("--device auto spreads the model over GPUs but none is available: use --device cpu")
-        return device
-    if device:
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise CBOPruneError(f"device {device!r} requested but no CUDA GPU is available: use --device cpu")
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def hessian_options(cfg: Config) -> dict[str, Any]:
@@ -65,7 +68,6 @@ def solve_rankings(hessian: HessianResult, remove: Sequence[int], top: int, *, k
     energy: "fisher" (the paper's xᵀHx with the Hessian's own variant), "fisher-linear" or "exact"
     (see `cboprune.energy`). removable: the only blocks that may be removed (e.g. those of one kind,
     see `removable_blocks`); None: every block not in `keep`."""
-    from cboprune.energy import from_hessian
 
     n = hessian.n_blocks
     model_ = from_hessian(hessian, energy)
@@ -82,43 +84,6 @@ def solve_rankings(hessian: HessianResult, remove: Sequence[int], top: int, *, k
     return rankings
 
 
-def rank_states(context, remove: Sequence[int], top: int, *, energy: str, verify: bool,
-                refine_sweeps: int) -> list[Ranking]:
-    """The `top` best states per M of a registered energy model (`cboprune.methods`) on
-    `context.fit`: its lowest states, re-ranked by held-out loss when `verify`, with the swap-refined
-    state first when `refine_sweeps` (docs/study.md)."""
-    from cboprune import methods
-    from cboprune.experiment import select
-    from cboprune.verify import refine, verify as verify_ranking, with_refined
-
-    if methods.get(energy).kind != methods.ENERGY:
-        raise CBOPruneError(f"{energy!r} is a peer criterion, not an energy model: use `cboprune compare`")
-    if (verify or refine_sweeps) and context.heldout is None:
-        raise CBOPruneError("verification needs held-out calibration samples: set heldout_samples >= 1")
-    _warn_about_cost(context.model, context.fit, context.n_blocks, max(remove), energy,
-                     context.options.get("pool"), refine_sweeps, context.options.get("single_samples"))
-    context.top = top
-    by_m = select(energy, context, remove)
-    hessian = context.cache.get("hessian")
-    rankings = []
-    for m in sorted(by_m):
-        ranking = by_m[m]
-        if hessian is not None:
-            ranking.info.setdefault("hessian", hessian.fingerprint)
-        if context.removable is not None:
-            ranking.info["removable"] = sorted(int(i) for i in context.removable)
-        if verify or refine_sweeps:
-            ranking = verify_ranking(context.model, context.heldout, ranking, batch_size=context.batch_size)
-        if refine_sweeps:
-            refined = refine(context.model, context.fit, context.heldout, ranking, removable=context.removable,
-                             keep=context.keep, max_sweeps=refine_sweeps, batch_size=context.batch_size)
-            model_ = context.energy_models.get(energy)
-            ranking = with_refined(ranking, refined,
-                                   model_.energy(refined.best.removed) if model_ is not None else float("nan"))
-        rankings.append(ranking)
-    return rankings
-
-
 #: forward tokens above which the selection warns on CPU (2 cores run the default model at ~300 tokens/s)
 CPU_TOKEN_WARNING = 2_000_000
 
@@ -127,8 +92,6 @@ def _warn_about_cost(model: torch.nn.Module, fit: CalibrationSet, n: int, m: int
                      refine_sweeps: int, single_samples: int | None = None) -> None:
     """Forward passes of the fitting set the selection needs (the method's own cost model, plus the
     swap sweeps); a warning when that is hours on CPU."""
-    from cboprune.energies.hybrid import single_fraction
-    from cboprune.methods import selection_cost
 
     fraction = single_fraction(fit.n_samples, single_samples)
     passes = selection_cost(energy, n, m, pool=pool, single_fraction=fraction) + refine_sweeps * m * (n - m)
@@ -188,8 +151,6 @@ def prune_to_checkpoint(model: torch.nn.Module, tokenizer, removed: Sequence[int
     validate_removal(removed, len(layers))
     pruned = copy.deepcopy(model) if copy_model else model
     if repair:
-        from cboprune.repair import repair_linear
-
         if calibration is None:
             raise ValueError("repair needs the calibration samples to fit the maps on")
         pruned, repair_info = repair_linear(pruned, removed, calibration, batch_size=batch_size)
@@ -201,25 +162,6 @@ def prune_to_checkpoint(model: torch.nn.Module, tokenizer, removed: Sequence[int
     return save_pruned(pruned, tokenizer, out_dir, info, overwrite=overwrite, save_dtype=save_dtype)
 
 
-def check_repairable(model: torch.nn.Module, n_blocks: int) -> None:
-    """Refuse --repair before any work when this family's folding is not exact (one line)."""
-    from cboprune.repair import plan_repair
-
-    plan_repair(model, [min(1, n_blocks - 1)])
-
-
-def speedup_summary(original: torch.nn.Module, pruned: torch.nn.Module) -> dict[str, Any]:
-    """Parameters removed and the measured prefill / decode speed-up (batch 1, 128 prompt tokens or what
-    the context allows, 16 decoded, 3 repeats)."""
-    from cboprune.bench import measure_speedup
-    from cboprune.data.calibration import model_context
-
-    context = (model_context(original) or (4096, ""))[0]
-    new_tokens = min(16, max(1, context // 8))
-    sp = measure_speedup(original, pruned, lengths=(min(128, context - new_tokens),), new_tokens=new_tokens)
-    return {k: v for k, v in sp.items() if k not in ("runs",)}
-
-
 @dataclass
 class RunResult:
     output_dir: Path
@@ -229,11 +171,6 @@ class RunResult:
 
 
 def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
-    from cboprune.outputs import check_output_dir
-    from cboprune.session import load_session
-
-    from cboprune.judge import auto_candidates, judge_by_healing, judge_recipe
-
     out_dir = check_output_dir(cfg.output_dir, cfg.overwrite)
     candidates = auto_candidates(cfg)
     if candidates:
@@ -254,7 +191,6 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
              if heldout is not None else "", f", refined by up to {cfg.refine_sweeps} swap sweeps"
              if cfg.refine_sweeps else "")
     # Everything that can be wrong with the input has been checked: now write, staged next to out_dir.
-    from cboprune.outputs import dumps_strict, staged_dir
 
     with staged_dir(out_dir, overwrite=cfg.overwrite) as staging:
         hessian = compute_hessian(session.model, fit, batch_size=cfg.batch_size, model_name=cfg.model,
@@ -267,6 +203,8 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
                                             "run_cost": cfg.run_cost},
                                    model_name=cfg.model, progress=progress, cache={"hessian": hessian})
         t0 = time.perf_counter()
+        _warn_about_cost(context.model, context.fit, context.n_blocks, max(cfg.remove), cfg.energy,
+                         cfg.pool, cfg.refine_sweeps, cfg.single_samples)
         rankings = rank_states(context, cfg.remove, cfg.top, energy=cfg.energy, verify=cfg.verify,
                                refine_sweeps=cfg.refine_sweeps)
         seconds = time.perf_counter() - t0
@@ -301,10 +239,6 @@ def _cost_section(cfg: Config, rankings: Sequence[Ranking], session, hessian: He
                   seconds: float, judge_cost: dict[int, float], judge_seconds: float) -> str:
     """The selection's cost in forward passes of the fitting set and its wall time, per M and for
     all M together (the energy model, built once, counted once there)."""
-    from cboprune import methods
-    from cboprune.energies.hybrid import single_fraction
-    from cboprune.experiment import Entry
-    from cboprune.healing_study import cost_of
 
     suffix = "+refine" if cfg.refine_sweeps else "+verify" if cfg.verify else ":0"
     options = {"pool": cfg.pool, "relin_step": cfg.relin_step,
@@ -365,11 +299,10 @@ def _save_checkpoints(cfg: Config, session, rankings: Sequence[Ranking], hessian
 
 def heal_checkpoint(cfg: Config, checkpoint: str, *, progress: bool = True) -> str:
     """Distill cfg.model into a saved pruned checkpoint; the healed copy goes beside it."""
-    from cboprune.heal import HealConfig, heal
 
     out = f"{checkpoint}-healed"
     cache = cfg.teacher_cache_dir()
-    heal(HealConfig(student=checkpoint, teacher=cfg.model, data=cfg.heal_data or cfg.data, output_dir=out,
+    healing.heal(healing.HealConfig(student=checkpoint, teacher=cfg.model, data=cfg.heal_data or cfg.data, output_dir=out,
                     max_steps=cfg.heal_steps[0] if cfg.heal_steps else None, seq_len=cfg.heal_seq_len or cfg.seq_len,
                     learning_rate=cfg.heal_lr, micro_batch_size=cfg.heal_micro_batch_size,
                     global_batch_size=cfg.heal_global_batch_size, lora=cfg.heal_lora, seed=cfg.seed,

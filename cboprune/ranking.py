@@ -119,3 +119,29 @@ def prefix_ranking(ranking: Ranking, m: int, score: float) -> Ranking:
             info[key] = info[key][:m]
     cand = Candidate(removed=tuple(sorted(info["order"])), score=score, rank=0)
     return Ranking(method=ranking.method, n_blocks=ranking.n_blocks, n_remove=m, candidates=[cand], info=info)
+
+
+@dataclass
+class Entry:
+    """One row of a comparison: a method's configuration at one M and its evaluation.
+
+    method: "fisher:0", "measured+verify", "cbo:1", "bi-iter", ...; nll: the mean NLL on the set the
+    front end judges by (compare: the calibration samples; study: the held-out samples)."""
+
+    method: str
+    n_remove: int
+    candidate: Candidate
+    ranking: Ranking
+    selection_seconds: float
+    nll: float | None = None
+    eval: dict[str, Any] = field(default_factory=dict)
+    same_as: str | None = None
+    healed: dict[int, dict[str, Any]] = field(default_factory=dict)  # steps -> nll, eval, heal CE after healing
+    cost: float | None = None  # selection cost in forward passes of the fitting set
+    speedup: dict[str, Any] | None = None  # parameters removed, measured prefill / decode speed-up
+    repaired: dict[str, Any] | None = None  # --repair: nll, eval, seconds of the repaired configuration
+    repair_healed: dict[int, dict[str, Any]] = field(default_factory=dict)  # like healed, from the repaired model
+
+    @property
+    def base(self) -> str:
+        return self.method.split(":")[0].split("+")[0]

@@ -19,12 +19,11 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from cboprune.outputs import staged_file
+from cboprune.ranking import Candidate, Entry, Ranking
 
-if TYPE_CHECKING:
-    from cboprune.experiment import Entry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -131,8 +130,6 @@ def entries_state(entries: Sequence[Entry]) -> list[dict[str, Any]]:
 
 def entries_from_state(states: Sequence[dict[str, Any]]) -> list[Entry]:
     """Entries back from `entries_state` (raises on anything of another shape)."""
-    from cboprune.experiment import Entry
-    from cboprune.ranking import Candidate, Ranking
 
     if not isinstance(states, list):
         raise TypeError("entries must be a list")

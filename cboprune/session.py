@@ -10,7 +10,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from cboprune import data as calibration_data
+from cboprune import models
+from cboprune.data.calibration import check_data, check_seq_len
+from cboprune.distributed import pick_device
 from cboprune.errors import CBOPruneError
+from cboprune.models.architectures import blocks, removable_blocks
+from cboprune.models.loading import load_config
 
 log = logging.getLogger(__name__)
 
@@ -38,21 +46,41 @@ def check_remove(remove: Sequence[int], n_blocks: int, min_kept: int = 1) -> Non
                             + (" (a selected method never removes the last block)" if min_kept > 1 else ""))
 
 
+def check_against_model(cfg, n_blocks: int, block_kinds: list[str] | None = None) -> list[int]:
+    """Validate M values, keep indices and `only` kinds for a model with n_blocks (of kinds
+    `block_kinds`); return keep normalized."""
+    errors = []
+    keep = []
+    for i in cfg.keep:
+        j = i + n_blocks if i < 0 else i
+        if not 0 <= j < n_blocks:
+            errors.append(f"keep index {i} is outside the model's {n_blocks} blocks")
+        keep.append(j)
+    removable = n_blocks - len(set(keep))
+    restriction = f"keep={cfg.keep}"
+    if cfg.only and block_kinds is not None:
+        try:
+            allowed = removable_blocks(block_kinds, cfg.only, keep=[j for j in keep if 0 <= j < n_blocks])
+        except CBOPruneError as exc:
+            errors.append(str(exc))
+        else:
+            removable = len(allowed)
+            restriction = f"only={','.join(cfg.only)}" + (f", keep={cfg.keep}" if cfg.keep else "")
+    for m in cfg.remove:
+        if m >= n_blocks:
+            errors.append(f"M = {m} removes the whole model: M must be below N = {n_blocks}")
+        elif m > removable:
+            errors.append(f"M = {m} exceeds the {removable} removable blocks left after {restriction}")
+    if errors:
+        raise CBOPruneError("; ".join(errors))
+    return sorted(set(keep))
+
+
 def load_session(cfg, *, remove: Sequence[int] = (), min_kept: int = 1, heldout: int = 0,
                  heldout_hint: str = "or --heldout-samples", check_model: bool = False) -> Session:
     """Model and calibration for `cfg` (a `Config`): `cfg.n_samples` fitting samples and `heldout`
-    held-out ones after them. `check_model`: `cfg.check_against_model` (M, keep, only) before the
+    held-out ones after them. `check_model`: `check_against_model` (M, keep, only) before the
     calibration, which may be minutes of generation; its normalized keep goes to `Session.keep`."""
-    import torch
-
-    from cboprune.data import GenerationSettings, load_calibration
-    from cboprune.models import load_model
-    from cboprune.models.architectures import blocks
-    from cboprune.pipeline import pick_device
-
-    from cboprune.data.calibration import check_data, check_seq_len
-    from cboprune.models.loading import load_config
-
     check_data(cfg.data)  # a bad data file fails before the model loads
     model_config = load_config(cfg.model)
     check_seq_len(cfg.seq_len, model_config)  # and a length beyond the context, from the config
@@ -60,13 +88,13 @@ def load_session(cfg, *, remove: Sequence[int] = (), min_kept: int = 1, heldout:
         check_seq_len(cfg.heal_seq_len or cfg.seq_len, model_config, "--heal-seq-len")
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    loaded = load_model(cfg.model, dtype=cfg.dtype, device=device)
+    loaded = models.load_model(cfg.model, dtype=cfg.dtype, device=device)
     kinds = [b.kind for b in blocks(loaded.model)]
     check_remove(remove, len(kinds), min_kept)
-    keep = cfg.check_against_model(len(kinds), kinds) if check_model else None
-    calibration = load_calibration(cfg.data, loaded.tokenizer, model=loaded.model, n_samples=cfg.n_samples + heldout,
+    keep = check_against_model(cfg, len(kinds), kinds) if check_model else None
+    calibration = calibration_data.load_calibration(cfg.data, loaded.tokenizer, model=loaded.model, n_samples=cfg.n_samples + heldout,
                                    seq_len=cfg.seq_len, seed=cfg.seed, chat_template=cfg.chat_template,
-                                   generation=GenerationSettings(max_new_tokens=cfg.gen_max_new_tokens, seed=cfg.seed))
+                                   generation=calibration_data.GenerationSettings(max_new_tokens=cfg.gen_max_new_tokens, seed=cfg.seed))
     if heldout:
         if calibration.n_samples <= cfg.n_samples:
             raise CBOPruneError(f"the calibration data gave {calibration.n_samples} samples, not enough for "

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cboprune.masked import sample_losses
+from cboprune.models.forward_loss import sample_losses
 from cboprune.models.architectures import decoder_config
 
 log = logging.getLogger(__name__)

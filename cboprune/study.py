@@ -19,7 +19,6 @@ For one model and several M, on one calibration set split into a fitting part an
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
@@ -30,8 +29,10 @@ from typing import Any
 from cboprune import methods as registry
 from cboprune.energy import RECOMMENDED
 from cboprune.evaluation.protocol import mean_accuracy, primary_metric, primary_scores
-from cboprune.experiment import Entry
+from cboprune.ranking import Entry
+from cboprune.outputs import dumps_strict
 from cboprune.report.tables import markdown_table, write_csv
+from cboprune.finite import metric_cell, metric_key
 
 # Imported when the CLI parser is built: torch, the solvers and the baselines load lazily.
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
     started = time.perf_counter()
     session = load_session(cfg, remove=cfg.remove, min_kept=2, heldout=cfg.heldout_samples)
     if cfg.repair:
-        from cboprune.pipeline import check_repairable
+        from cboprune.repair import check_repairable
 
         check_repairable(session.model, session.n_blocks)
     net, fit, heldout = session.model, session.fit, session.heldout
@@ -270,6 +271,11 @@ def _label(method: str) -> str:
     return m.label
 
 
+def _exp(nll: float | None) -> float | None:
+    """Perplexity from a mean NLL; a diverged NLL stays diverged (inf), never an overflow error."""
+    return None if nll is None else (math.exp(nll) if nll < 700 else math.inf)
+
+
 def table_rows(result: StudyResult) -> tuple[list[str], list[list[str]]]:
     tasks = list(result.baseline["results"])
     header = ["M", "method", "removed", "held-out calib ppl"]
@@ -279,11 +285,11 @@ def table_rows(result: StudyResult) -> tuple[list[str], list[list[str]]]:
 
     def cells(evaluation: dict, nll: float | None) -> list[str]:
         values, mean = _scores(result, evaluation)
-        row = [f"{math.exp(nll):.2f}" if nll is not None else "—"]
+        row = [metric_cell(_exp(nll), ".2f")]
         for t in tasks:
             v = values.get(t)
-            row.append("—" if v is None else (f"{v:.2f}" if t in result.meta["ppl_tasks"] else f"{v:.4f}"))
-        row.append("—" if mean is None else f"{mean:.4f}")
+            row.append(metric_cell(v, ".2f" if t in result.meta["ppl_tasks"] else ".4f"))
+        row.append(metric_cell(mean))
         return row
 
     rows = [["0", f"original ({result.meta['model']})", "", *cells(result.baseline, result.baseline["heldout_nll"]),
@@ -330,7 +336,7 @@ def verdict_rows(result: StudyResult) -> tuple[list[str], list[list[str]]]:
         peer_scores = [(e, *_scores(result, e.eval)) for e in peers]
         row = [str(m), f"{vals.get(ppl_task, float('nan')):.2f}" if ppl_task else "—"]
         if ppl_task:
-            best = min(peer_scores, key=lambda t: t[1].get(ppl_task, math.inf))
+            best = min(peer_scores, key=lambda t: metric_key(t[1].get(ppl_task)))
             bv = best[1].get(ppl_task, math.nan)
             mv = vals.get(ppl_task, math.nan)
             row += [f"{_label(best[0].method)} {bv:.2f}", f"{_verdict(bv - mv)} ({(mv / bv - 1) * 100:+.1f}%)"]
@@ -444,7 +450,7 @@ def write_outputs(result: StudyResult, rankings_by_model: dict[str, list],
     data = {"meta": meta, "baseline": result.baseline, "correlations": {n: {str(m): v for m, v in d.items()}
                                                                           for n, d in result.correlations.items()},
             "entries": [entry_dict(e, "heldout_nll") for e in result.entries]}
-    paths["json"].write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    paths["json"].write_text(dumps_strict(data, indent=2, default=str) + "\n", encoding="utf-8")
     return paths
 
 

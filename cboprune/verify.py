@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cboprune.data.mix import by_domain, target_tokens
 from cboprune.energy import contiguous_runs, spearman
+from cboprune.masked import configurations_nll
 from cboprune.ranking import Candidate, Ranking
 
 log = logging.getLogger(__name__)
@@ -83,9 +85,7 @@ def verify(model: torch.nn.Module, heldout: CalibrationSet, ranking: Ranking, *,
     candidate's energy and its rank in the energy order, and the Spearman correlation between
     energy and held-out NLL over all verified candidates. `nll` passes losses already measured.
     """
-    from cboprune.masked import configurations_nll
 
-    from cboprune.data.mix import by_domain, target_tokens
 
     cands = ranking.candidates
     per_domain = None
@@ -133,7 +133,6 @@ def refine(model: torch.nn.Module, fit: CalibrationSet, heldout: CalibrationSet,
     held-out NLL is lower than the starting state's, else the starting state; info["refine"] holds
     the path, the losses and the number of evaluations.
     """
-    from cboprune.masked import configurations_nll
 
     n = verified.n_blocks
     allowed = set(range(n) if removable is None else removable) - set(keep)

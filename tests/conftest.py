@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -87,3 +89,66 @@ def _one_thread_for_tiny_models(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- no NaN in any output
+# A NaN is never a result (issue 34): after the whole session, every report and results file the
+# suite wrote under pytest's temporary directory is read; a NaN or infinity literal fails the run.
+_NAN_LITERAL = re.compile(r"(?<![\w.])-?(nan|NaN|inf|Infinity)(?![\w])")
+REPORT_SUFFIXES = (".json", ".md", ".csv")
+#: files written by transformers / tokenizers (a vocabulary holds the words "nan" and "inf")
+NOT_OURS = re.compile(r"^(tokenizer.*|vocab|special_tokens_map|added_tokens|config|generation_config|"
+                      r"model\.safetensors\.index|chat_template|merges)\.(json|txt|jinja)$|^README\.md$")
+
+
+def _json_nan(text: str) -> bool:
+    found = []
+
+    def constant(name):
+        found.append(name)
+        return None
+
+    try:
+        json.loads(text, parse_constant=constant)
+    except ValueError:
+        return False  # not JSON (a crafted bad file): not a result
+    return bool(found)
+
+
+def nan_literals(root: Path) -> list[str]:
+    """Every report or results file under `root` holding a NaN / infinity literal: a JSON number
+    constant NaN / Infinity, or the word nan / inf as a cell of a markdown or CSV table."""
+    found = []
+    for path in sorted(root.rglob("*")):
+        if path.suffix not in REPORT_SUFFIXES or NOT_OURS.match(path.name) or not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if path.suffix == ".json":
+            if _json_nan(text):
+                found.append(f"{path}: NaN or Infinity in JSON")
+            continue
+        for number, line in enumerate(text.splitlines(), 1):
+            if _NAN_LITERAL.search(line):
+                found.append(f"{path}:{number}: {line.strip()[:160]}")
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if hasattr(session.config, "workerinput"):  # pytest-xdist worker: the controller scans everything
+        return
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    try:
+        root = factory.getbasetemp()
+    except (OSError, ValueError):
+        return
+    found = nan_literals(root)
+    if found:
+        session.config.get_terminal_writer().line(
+            "NaN or infinity written as a result (issue 34: a NaN is never a result):\n  " + "\n  ".join(found[:50]),
+            red=True)
+        session.exitstatus = 1

@@ -26,8 +26,18 @@ from cboprune.errors import CBOPruneError
 from cboprune.gating import GateManager
 from cboprune.hessian import compute_gate_gradients
 from cboprune.models import architectures as arch
-from cboprune.models.architectures import ARCHITECTURES, block_kinds, blocks, removable_blocks
-from cboprune.models.surgery import UnsupportedRemoval, plan_removal, remove_blocks, save_pruned
+from cboprune.models.architectures import (
+    ARCHITECTURES,
+    block_kinds,
+    blocks,
+    removable_blocks,
+)
+from cboprune.models.surgery import (
+    UnsupportedRemoval,
+    plan_removal,
+    remove_blocks,
+    save_pruned,
+)
 
 VOCAB = 128
 BASE: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=2,
@@ -169,7 +179,7 @@ def test_gates_at_one_reproduce_the_model(family):
     ids = _ids()
     with torch.no_grad():
         ref = model(ids).logits
-        with GateManager(model) as gates:
+        with GateManager(model, blocks(model)) as gates:
             gates.set(torch.ones(gates.n_blocks))
             shared = model(ids).logits
             gates.set(torch.ones(ids.shape[0], gates.n_blocks))
@@ -186,7 +196,7 @@ def test_gates_at_zero_equal_the_pruned_reloaded_checkpoint(family, tmp_path):
     assert max(removed) - min(removed) + 1 > len(removed), "S must be non-contiguous"
     kept = [i for i in range(len(kinds)) if i not in removed]
     ids = _ids()
-    with torch.no_grad(), GateManager(model) as gates:
+    with torch.no_grad(), GateManager(model, blocks(model)) as gates:
         full = model(ids).logits
         gates.set(gates.removal_gates(removed))
         gated = model(ids).logits
@@ -299,7 +309,7 @@ def test_unknown_type_uses_generic_discovery_and_logs_once(monkeypatch, caplog, 
     assert [r.message.count("not in the architecture table") for r in caplog.records] == [1]
     assert found[2].branches == ("model.layers.2.self_attn", "model.layers.2.mlp")
     ids = _ids()
-    with torch.no_grad(), GateManager(model) as gates:
+    with torch.no_grad(), GateManager(model, blocks(model)) as gates:
         gates.set(gates.removal_gates([1, 4]))
         gated = model(ids).logits
     remove_blocks(model, [1, 4])
@@ -365,15 +375,16 @@ def test_solve_only_moe_restricts_the_solver(tmp_path, capsys):
 
 def test_run_config_only_is_validated_against_the_model_kinds():
     from cboprune.config import RunConfig
+    from cboprune.session import check_against_model
 
     cfg = RunConfig.from_sources(None, {"only": "moe", "remove": [2], "keep": [-1]})
     assert cfg.only == ["moe"]
     kinds = ["mamba", "moe", "attention", "moe", "mamba", "mlp", "attention", "moe"]
-    assert cfg.check_against_model(8, kinds) == [7]
+    assert check_against_model(cfg, 8, kinds) == [7]
     with pytest.raises(CBOPruneError, match="exceeds the 2 removable blocks left after only=moe"):
-        RunConfig.from_sources(None, {"only": ["moe"], "remove": [3], "keep": [-1]}).check_against_model(8, kinds)
+        check_against_model(RunConfig.from_sources(None, {"only": ["moe"], "remove": [3], "keep": [-1]}), 8, kinds)
     with pytest.raises(CBOPruneError, match="no block of kind 'conv'"):
-        RunConfig.from_sources(None, {"only": ["conv"], "remove": [1]}).check_against_model(8, kinds)
+        check_against_model(RunConfig.from_sources(None, {"only": ["conv"], "remove": [1]}), 8, kinds)
 
 
 def test_heterogeneous_per_layer_config_is_rekeyed():
@@ -420,7 +431,7 @@ def test_fallback_is_exact_at_zero_and_one_and_matches_the_saved_model(model_typ
         assert arch.describe(model)[0]["branches"] == [arch.WHOLE_LAYER_TEXT]
     ids = _ids()
     removed = [1, 3]
-    with torch.no_grad(), GateManager(model) as gates:
+    with torch.no_grad(), GateManager(model, blocks(model)) as gates:
         full = model(ids).logits
         gates.set(torch.ones(gates.n_blocks))
         ones = model(ids).logits
@@ -453,7 +464,7 @@ def test_fallback_gate_gradients_flow(model_type):
     assert A.shape == (3, 5) and np.isfinite(A).all() and (np.abs(A).max(axis=0) > 0).all()
     model = model.double()
     eps = 1e-4
-    with torch.no_grad(), GateManager(model) as gates:
+    with torch.no_grad(), GateManager(model, blocks(model)) as gates:
         losses = []
         for delta in (eps, -eps):
             g = torch.ones(5, dtype=torch.float64)

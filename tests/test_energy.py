@@ -8,17 +8,23 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_checkpoint, tiny_llama
 
-from cboprune.masked import calibration_nll, configurations_nll
 from cboprune.cli import main
 from cboprune.data.calibration import CalibrationSet
-from cboprune.energy import EnergyModel, from_hessian, measure_losses, relinearized_rankings, spearman
+from cboprune.energy import (
+    EnergyModel,
+    from_hessian,
+    measure_losses,
+    relinearized_rankings,
+    spearman,
+)
 from cboprune.gating import GateManager
 from cboprune.hessian import compute_hessian, per_sample_loss
+from cboprune.masked import calibration_nll, configurations_nll
+from cboprune.models.architectures import blocks
 from cboprune.ranking import Candidate, Ranking
 from cboprune.verify import diverse, jaccard, refine, verify, with_refined
-
-from conftest import save_tiny_checkpoint, tiny_llama
 
 
 def _calibration(n: int, seq: int = 12, vocab: int = 128, seed: int = 0) -> CalibrationSet:
@@ -83,7 +89,7 @@ def test_gradient_at_a_removed_point_matches_finite_differences(model, calib):
     """Re-linearization expands at alpha with block 2 off: its gradient is the derivative there."""
     h = compute_hessian(model, calib, batch_size=6, progress=False, at_removed=[2])
     assert h.meta["at_removed"] == [2]
-    gates = GateManager(model)
+    gates = GateManager(model, blocks(model))
     ids, mask = calib.input_ids, calib.attention_mask
 
     def loss(alpha):

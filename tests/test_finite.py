@@ -86,7 +86,7 @@ def test_the_guard_shows_diverged_never_nan_and_sorts_it_last():
     assert metric_cell(None) == "—" and metric_cell(1.23456) == "1.2346" and metric_cell(2.5, ".2f") == "2.50"
     values = [3.0, float("nan"), None, 1.0, float("inf")]
     assert sorted(values, key=metric_key)[:2] == [1.0, 3.0]
-    assert json.loads(dumps_strict({"loss": float("nan"), "ok": 1.5})) == {"loss": DIVERGED, "ok": 1.5}
+    assert json.loads(dumps_strict({"loss": float("nan"), "ok": 1.5})) == {"loss": None, "ok": 1.5}
     with pytest.raises(CBOPruneError) as e:
         require_finite(float("nan"), "the held-out loss", "model X", "step 3")
     assert str(e.value).count("\n") == 0 and "model X" in str(e.value) and "step 3" in str(e.value)
@@ -140,3 +140,16 @@ def test_a_diverged_heal_in_a_study_is_a_diverged_row_not_a_number(tiny_checkpoi
     assert "NaN" not in raw and "Infinity" not in raw and DIVERGED in raw
     healing = (out / "healing.md").read_text()
     assert DIVERGED in healing and "nan" not in healing.lower()
+
+
+def test_the_suite_wide_nan_scan_finds_nan_literals(tmp_path):
+    from conftest import nan_literals
+
+    (tmp_path / "ok.json").write_text('{"loss": null, "note": "diverged", "name": "nano", "words": ["nan", "inf"]}')
+    (tmp_path / "tokenizer.json").write_text('{"x": NaN}')  # transformers' files are not our results
+    (tmp_path / "bad.json").write_text('{"loss": NaN}')
+    (tmp_path / "bad.md").write_text("| 8 | fisher | nan |")
+    found = nan_literals(tmp_path)
+    assert len(found) == 2 and any("bad.json" in f for f in found) and any("bad.md" in f for f in found)
+    for bad in ("bad.json", "bad.md"):
+        (tmp_path / bad).unlink()

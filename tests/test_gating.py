@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from cboprune.gating import GateManager
 from cboprune.hessian import per_sample_loss
+from cboprune.models.architectures import blocks
 from cboprune.models.surgery import remove_blocks, save_pruned
 
 torch.set_default_dtype(torch.float32)
@@ -22,7 +23,7 @@ def test_gates_at_one_reproduce_the_model(tiny_model):
     ids = _inputs()
     with torch.no_grad():
         ref = tiny_model(ids).logits
-        with GateManager(tiny_model) as gates:
+        with GateManager(tiny_model, blocks(tiny_model)) as gates:
             gates.set(torch.ones(gates.n_blocks))
             gated = tiny_model(ids).logits
             gates.set(torch.ones(3, gates.n_blocks))  # per-sample shape
@@ -35,7 +36,7 @@ def test_hooks_are_removed_on_exit(tiny_model):
     ids = _inputs()
     with torch.no_grad():
         ref = tiny_model(ids).logits
-        with GateManager(tiny_model) as gates:
+        with GateManager(tiny_model, blocks(tiny_model)) as gates:
             gates.set(torch.zeros(gates.n_blocks))
             assert (tiny_model(ids).logits - ref).abs().max() > 1e-3
         assert (tiny_model(ids).logits - ref).abs().max() == 0
@@ -44,7 +45,7 @@ def test_hooks_are_removed_on_exit(tiny_model):
 @pytest.mark.parametrize("removed", [[0], [2], [1, 4], [0, 3, 5]])
 def test_gate_zero_equals_pruned_checkpoint(tiny_model, tmp_path, removed):
     ids = _inputs()
-    with torch.no_grad(), GateManager(tiny_model) as gates:
+    with torch.no_grad(), GateManager(tiny_model, blocks(tiny_model)) as gates:
         gates.set(gates.removal_gates(removed))
         gated = tiny_model(ids).logits
         gates.set(None)
@@ -64,7 +65,7 @@ def test_per_sample_gates_are_independent(tiny_model):
     g = torch.ones(2, 6)
     g[0, 1] = 0.0
     g[1, 4] = 0.3
-    with torch.no_grad(), GateManager(tiny_model) as gates:
+    with torch.no_grad(), GateManager(tiny_model, blocks(tiny_model)) as gates:
         gates.set(g)
         batched = tiny_model(ids).logits
         for b in range(2):
@@ -79,7 +80,7 @@ def test_batched_per_sample_gradients_equal_one_backward_per_sample(tiny_model):
     mask[1, 10:] = 0  # right padding: a shorter sample in the batch
     mask[3, 6:] = 0
     n = 6
-    with GateManager(tiny_model) as gates:
+    with GateManager(tiny_model, blocks(tiny_model)) as gates:
         alpha = torch.ones(4, n, requires_grad=True)
         gates.set(alpha)
         loss = per_sample_loss(tiny_model(input_ids=ids, attention_mask=mask).logits, ids, mask)

@@ -9,7 +9,13 @@ import torch
 from cboprune.data.calibration import CalibrationSet
 from cboprune.errors import CBOPruneError
 from cboprune.gating import GateManager
-from cboprune.hessian import compute_hessian, load_hessian, per_sample_loss, save_hessian
+from cboprune.hessian import (
+    compute_hessian,
+    load_hessian,
+    per_sample_loss,
+    save_hessian,
+)
+from cboprune.models.architectures import blocks
 
 
 def _calibration(m=6, seq=14, vocab=128):
@@ -36,7 +42,7 @@ def test_gradients_match_finite_differences(tiny_model):
         logits = tiny_model(input_ids=cal.input_ids, attention_mask=cal.attention_mask).logits
         return per_sample_loss(logits, cal.input_ids, cal.attention_mask).double()
 
-    with torch.no_grad(), GateManager(tiny_model) as gates:
+    with torch.no_grad(), GateManager(tiny_model, blocks(tiny_model)) as gates:
         for i in (0, 3, 5):
             d = {h: (loss_at(gates, i, h) - loss_at(gates, i, -h)) / (2 * h) for h in (1e-2, 5e-3)}
             fd = ((4 * d[5e-3] - d[1e-2]) / 3).numpy()

@@ -12,13 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, tiny_llama
 
 from cboprune.data.calibration import CalibrationSet
 from cboprune.errors import CBOPruneError
 from cboprune.gating import GateManager
-from cboprune.hessian import compute_hessian, load_hessian, per_sample_loss, plan_batches, save_hessian
-
-from conftest import REPO, tiny_llama
+from cboprune.hessian import (
+    compute_hessian,
+    load_hessian,
+    per_sample_loss,
+    plan_batches,
+    save_hessian,
+)
+from cboprune.models.architectures import blocks
 
 TESTS = Path(__file__).resolve().parent
 
@@ -42,7 +48,7 @@ def test_exact_variant_matches_autograd_hessian():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def mean_loss(alpha):
-        with GateManager(model) as gates:
+        with GateManager(model, blocks(model)) as gates:
             gates.set(alpha)
             logits = model(input_ids=cal.input_ids, attention_mask=cal.attention_mask).logits
             return per_sample_loss(logits, cal.input_ids, cal.attention_mask).mean()

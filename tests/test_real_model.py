@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cboprune.config import RunConfig
 from cboprune.gating import GateManager
+from cboprune.models.architectures import blocks
 from cboprune.pipeline import run_pipeline
 
 pytestmark = pytest.mark.real_model
@@ -21,7 +22,7 @@ def test_gates_at_one_reproduce_the_real_model(default_model):
     ids = tok(["The capital of France is", "def fibonacci(n):"], return_tensors="pt", padding=True)
     with torch.no_grad():
         ref = model(**ids).logits
-        with GateManager(model) as gates:
+        with GateManager(model, blocks(model)) as gates:
             assert gates.n_blocks == 30
             gates.set(torch.ones(30))
             assert (model(**ids).logits - ref).abs().max() <= 1e-6

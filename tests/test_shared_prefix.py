@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cboprune.data.calibration import CalibrationSet
-from cboprune.masked import _TARGET_ROWS_OK, configurations_nll, n_blocks, per_sample_loss, sample_losses
+from cboprune.masked import configurations_nll, n_blocks
+from cboprune.models.forward_loss import _TARGET_ROWS_OK, per_sample_loss, sample_losses
 from cboprune.shared_prefix import _VERDICT, layer_cost
 from conftest import tiny_llama
 from test_architectures import FAMILIES, VOCAB, tiny

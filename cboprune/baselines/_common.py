@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from cboprune.data.calibration import CalibrationSet
 from cboprune.errors import CBOPruneError
 from cboprune.gating import GateManager
-from cboprune.masked import inference, model_device, removed_blocks
+from cboprune.masked import inference, removed_blocks
+from cboprune.models.forward_loss import model_device
 from cboprune.models.architectures import decoder_layers
 from cboprune.ranking import Candidate, Ranking, check_n_remove
 

@@ -24,7 +24,8 @@ import torch
 from cboprune.baselines._common import top_m_ranking
 from cboprune.data.calibration import CalibrationSet
 from cboprune.gating import GateManager
-from cboprune.masked import model_device, n_blocks, per_sample_loss, single_removal_nll
+from cboprune.masked import n_blocks, single_removal_nll
+from cboprune.models.forward_loss import model_device, per_sample_loss
 from cboprune.models.architectures import blocks
 from cboprune.ranking import Candidate, Ranking, check_n_remove
 
@@ -68,7 +69,7 @@ def sleb(model: torch.nn.Module, calibration: CalibrationSet, n_remove: int, *, 
     removed: list[int] = []
     step_ppl: list[float] = []
     passes = 0
-    gates = GateManager(model)
+    gates = GateManager(model, blocks(model))
     try:
         for step in range(n_remove):
             if step == 0 and first_step is not None:

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from cboprune.baselines._common import BlockStats, collect_block_stats, top_m_ranking
-from cboprune.masked import n_blocks
 from cboprune.data.calibration import CalibrationSet
 from cboprune.gating import GateManager
+from cboprune.masked import n_blocks
+from cboprune.models.architectures import blocks
 from cboprune.ranking import Candidate, Ranking, check_n_remove
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def block_influence_iterative(model: torch.nn.Module, calibration: CalibrationSe
     shrunk: list[int] = []
     step_scores: list[float] = []
     all_scores: list[list[float]] = []
-    gates = GateManager(model)
+    gates = GateManager(model, blocks(model))
     try:
         for step in range(n_remove):
             if step == 0 and first_stats is not None and not first_stats.removed:

@@ -41,7 +41,9 @@ import torch
 from cboprune.data.calibration import CalibrationSet
 from cboprune.errors import CBOPruneError
 from cboprune.gating import GateManager
-from cboprune.masked import inference, model_device, n_blocks
+from cboprune.masked import inference, n_blocks
+from cboprune.models.forward_loss import model_device
+from cboprune.models.architectures import blocks
 from cboprune.models.merging import DEFAULT_MERGE_RULE, branch_parameters, merged_state
 from cboprune.ranking import Candidate, Ranking, check_n_remove
 
@@ -69,7 +71,7 @@ class MergeSimilarity:
     def __init__(self, model: torch.nn.Module, calibration: CalibrationSet, *, batch_size: int = 8,
                  rule: str = DEFAULT_MERGE_RULE):
         self.model, self.calibration, self.batch_size, self.rule = model, calibration, batch_size, rule
-        self.gates = GateManager(model)
+        self.gates = GateManager(model, blocks(model))
         self.cache: dict[tuple[Group, ...], float] = {}
         self.passes = 0
         self.reference = [h.float() for h in self._outputs()]

@@ -289,6 +289,9 @@ def build_calibration(records: list[Any], tokenizer, *, n_samples: int, seq_len:
             if len(samples) == n_samples:
                 break
         kind = "chat"
+        rendering = ("the given chat template" if chat_template else "the tokenizer's chat template"
+                     if getattr(tokenizer, "chat_template", None) else
+                     "plain text: no chat template, messages joined by blank lines")
     else:
         rng.shuffle(texts)
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -301,6 +304,7 @@ def build_calibration(records: list[Any], tokenizer, *, n_samples: int, seq_len:
                 break
         samples = [stream[i:i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)][:n_samples]
         kind = "packed text"
+        rendering = "plain text"
     if not samples:
         what = f"{MIN_SAMPLE_TOKENS} tokens" if kind == "chat" else f"one window of {seq_len} tokens"
         raise CBOPruneError(f"calibration data {source} is empty or too short: no sample reaches {what}. "
@@ -310,8 +314,8 @@ def build_calibration(records: list[Any], tokenizer, *, n_samples: int, seq_len:
     ids, mask = pad_samples(samples, seq_len, pad_id)
     # The records read are the first `used` of the seeded shuffle: held-out domain records are
     # taken from its other end (cboprune.evaluation.domains), so they never overlap.
-    return CalibrationSet(ids, mask, source=source, info={"kind": kind, "seed": seed, "records_used": used,
-                                                          "records_total": total})
+    return CalibrationSet(ids, mask, source=source, info={"kind": kind, "rendering": rendering, "seed": seed,
+                                                          "records_used": used, "records_total": total})
 
 
 # ----------------------------------------------------------------------------- generated calibration
@@ -347,7 +351,7 @@ def generate_calibration(model, tokenizer, settings: GenerationSettings = Genera
     parts = [model_fingerprint(model), prompts, asdict(settings)] + ([chat_template] if chat_template else [])
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
     template = chat_template or getattr(tokenizer, "chat_template", None)
-    from cboprune.models.loading import cache_dir
+    from cboprune.outputs import cache_dir
 
     cache_file = cache_dir() / "calibration" / f"generated-{key}.jsonl"
     if cache_file.is_file():

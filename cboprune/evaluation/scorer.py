@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from cboprune.masked import head_rows
+from cboprune.models.forward_loss import head_rows
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from cboprune.errors import CBOPruneError
+from cboprune.heal import recipe
 from cboprune.heal.trainer import MIXED_PRECISION, OPTIMIZERS, REPORT_TO, SAVE_DTYPES
 
 
@@ -17,10 +18,10 @@ def add_heal_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", required=True, help="where the healed checkpoint goes")
     p.add_argument("--steps", type=int, dest="max_steps", help="optimizer steps (default: --epochs over the data)")
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--lr", type=float, dest="learning_rate", default=5e-5)
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--global-batch-size", type=int, default=16, help="gradient accumulation reaches this")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, dest="learning_rate", default=recipe.LEARNING_RATE)
+    p.add_argument("--micro-batch-size", type=int, default=recipe.MICRO_BATCH_SIZE)
+    p.add_argument("--global-batch-size", type=int, default=recipe.GLOBAL_BATCH_SIZE, help="gradient accumulation reaches this")
+    p.add_argument("--seq-len", type=int, default=recipe.SEQ_LEN)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--kd-weight", type=float, default=1.0, help="1: pure KL distillation; <1 mixes in cross-entropy")
     p.add_argument("--loss-on", choices=["all", "responses"], default="all")

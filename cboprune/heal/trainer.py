@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from cboprune import __version__
 from cboprune.errors import CBOPruneError, DivergedError
 from cboprune.finite import require_finite
+from cboprune.heal import recipe
 from cboprune.heal.data import TokenizedSet, load_distillation_data, read_distillation_items
 from cboprune.heal.loss import DistillationLoss, SparseTeacher, head_loss
 from cboprune.heal.sharding import (accelerate_without_fsdp, capture, fsdp_requested, gathered_weights, restore,
@@ -56,12 +57,12 @@ class HealConfig:
     teacher: str
     data: str
     output_dir: str
-    seq_len: int = 256
-    micro_batch_size: int = 4
-    global_batch_size: int = 16
+    seq_len: int = recipe.SEQ_LEN
+    micro_batch_size: int = recipe.MICRO_BATCH_SIZE
+    global_batch_size: int = recipe.GLOBAL_BATCH_SIZE
     max_steps: int | None = None  # None: `epochs` passes over the training set
     epochs: float = 1.0
-    learning_rate: float = 5e-5
+    learning_rate: float = recipe.LEARNING_RATE
     warmup_ratio: float = 0.05
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0

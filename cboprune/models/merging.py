@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cboprune.config import MERGE_RULES
 from cboprune.errors import CBOPruneError
 from cboprune.models.architectures import blocks
 from cboprune.models.surgery import remove_blocks, save_pruned, validate_removal
@@ -35,7 +36,6 @@ from cboprune.ranking import Candidate
 
 log = logging.getLogger(__name__)
 
-MERGE_RULES = ("difference", "reference-code")
 DEFAULT_MERGE_RULE = "difference"
 
 

@@ -81,7 +81,7 @@ def run_repair_command(args: argparse.Namespace) -> int:
     from cboprune.models import load_model
     from cboprune.models.surgery import save_pruned, validate_removal
     from cboprune.outputs import check_output_dir
-    from cboprune.pipeline import pick_device
+    from cboprune.distributed import pick_device
     from cboprune.repair.linear import check_options, plan_repair, repair_linear
 
     if args.heldout < 0 or args.n_samples < 1:

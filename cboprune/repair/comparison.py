@@ -15,19 +15,23 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from cboprune.evaluation.protocol import mean_accuracy, primary_scores
+from cboprune.experiment import configuration_key, merge_rule_of
 from cboprune.finite import metric_cell
+from cboprune.masked import calibration_nll
+from cboprune.repair import repair_linear
+from cboprune.report.tables import markdown_table
 
 if TYPE_CHECKING:
     from cboprune.data.calibration import CalibrationSet
     from cboprune.evaluation.protocol import EvalProtocol
-    from cboprune.experiment import Entry
+    from cboprune.ranking import Entry
 
 log = logging.getLogger(__name__)
 
 
 def repaired_copy(model, removed: Sequence[int], fit: CalibrationSet, *, batch_size: int = 8):
     """(a repaired, pruned copy of `model`, the repair info); the original stays intact."""
-    from cboprune.repair import repair_linear
 
     return repair_linear(copy.deepcopy(model), list(removed), fit, batch_size=batch_size)
 
@@ -36,8 +40,6 @@ def repair_entries(entries: Sequence[Entry], model, tokenizer, protocol: EvalPro
                    nll_samples: CalibrationSet, batch_size: int = 8) -> None:
     """entry.repaired for every distinct removal configuration (merged ones, e.g. SWM's, stay None:
     the linear stand-in replaces removed blocks, not merged ones)."""
-    from cboprune.experiment import configuration_key, merge_rule_of
-    from cboprune.masked import calibration_nll
 
     done: dict[tuple, Entry] = {}
     for entry in entries:
@@ -61,8 +63,6 @@ def repair_entries(entries: Sequence[Entry], model, tokenizer, protocol: EvalPro
 
 def repair_markdown(entries: Sequence[Entry], meta: dict[str, Any], label) -> str:
     """Before and after repair side by side, and, where healed, repair + heal against heal alone."""
-    from cboprune.evaluation.protocol import mean_accuracy, primary_scores
-    from cboprune.report.tables import markdown_table
 
     ppl = meta["ppl_tasks"][0] if meta.get("ppl_tasks") else None
     accuracy = [t for t in meta["tasks"] if t not in meta.get("ppl_tasks", [])]

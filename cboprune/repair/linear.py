@@ -345,3 +345,8 @@ def repair_linear(model: nn.Module, removed: Sequence[int], calibration: Calibra
                  r["fold_into"][0], r["fit_error"], r["identity_error"])
     return model, {"method": "linear", "objective": objective, "ridge": ridge, "runs": runs,
                    "calibration": calibration.describe(), "seconds": round(time.perf_counter() - start, 2)}
+
+
+def check_repairable(model: nn.Module, n_blocks: int) -> None:
+    """Refuse --repair before any work when this family's folding is not exact (one line)."""
+    plan_repair(model, [min(1, n_blocks - 1)])

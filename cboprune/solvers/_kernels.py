@@ -16,8 +16,18 @@ differing index comes first".
 
 from __future__ import annotations
 
+import os
+
 import numba as nb
 import numpy as np
+
+from cboprune.outputs import cache_dir
+
+# numba keeps its compiled kernels (and index files it unpickles) next to the source by default:
+# in site-packages, unwritable on a read-only install, where every process compiled again (28 s).
+# They go under cboprune's cache directory instead, set before the first kernel is decorated.
+if not os.environ.get("NUMBA_CACHE_DIR"):
+    nb.config.CACHE_DIR = str(cache_dir() / "numba")
 
 _JIT = {"cache": True, "nogil": True}
 
