@@ -21,9 +21,7 @@ import argparse
 import inspect
 import logging
 import os
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -358,76 +356,6 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,8, got {text!r}") from None
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the `bench` subcommand's arguments on `parser`."""
-    parser.add_argument("models", nargs="+", metavar="MODEL",
-                        help="the original ('default', a checkpoint directory, a .gguf file or a hub id), "
-                             "then one or more pruned checkpoints (--engine llama.cpp: GGUF files)")
-    parser.add_argument("--engine", default="torch", choices=("torch", "llama.cpp"),
-                        help="torch (default: transformers in PyTorch) or llama.cpp (GGUF files as they are, "
-                             "through llama-cpp-python; docs/gguf.md)")
-    parser.add_argument("--batch-sizes", type=_ints, default=(1, 8), help="comma-separated (default: 1,8)")
-    parser.add_argument("--lengths", type=_ints, default=(128, 512), help="prompt lengths in tokens (default: 128,512)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="decode steps per run (default: 32)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per shape (default: 5)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (default: 1)")
-    parser.add_argument("--device", default=None, help="comma-separated, e.g. cpu,cuda (default: cpu, and cuda when present)")
-    parser.add_argument("--dtype", default="float32", help="every model runs in this dtype (default: float32)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the memory pass (KV cache, CUDA peak)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", "-o", default=None, help="write OUTPUT.json and OUTPUT.md")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing OUTPUT.json / OUTPUT.md")
-
-
-def run_bench_command(args: argparse.Namespace) -> int:
-    """Run `cboprune bench`: load the models, measure, print the markdown, write the files."""
-    from cboprune.evaluation.results import output_paths
-    from cboprune.models.loading import default_gguf_path, load_model, resolve_dtype
-
-    if len(args.models) < 2:
-        raise CBOPruneError("bench needs the original model and at least one pruned checkpoint: "
-                            "cboprune bench ORIGINAL PRUNED [PRUNED ...]")
-    if args.engine == "llama.cpp":
-        from cboprune.gguf.bench import run_llama_bench
-
-        return run_llama_bench(args)
-    devices = tuple(d for d in (args.device or ",".join(default_devices())).replace(" ", "").split(",") if d)
-    settings = BenchSettings(batch_sizes=args.batch_sizes, lengths=args.lengths, new_tokens=args.new_tokens,
-                             repeats=args.repeats, warmup=args.warmup, devices=devices, seed=args.seed,
-                             memory=not args.no_memory)
-    settings.check()
-    if args.threads is not None and args.threads < 1:
-        raise CBOPruneError(f"--threads must be >= 1, got {args.threads}")
-    for dev in devices:
-        if dev.startswith("cuda") and not torch.cuda.is_available():
-            raise CBOPruneError(f"--device {dev}: CUDA is not available here; use --device cpu")
-        if not dev.startswith(("cpu", "cuda")):
-            raise CBOPruneError(f"--device {dev!r}: use cpu, cuda or cuda:N")
-    resolve_dtype(args.dtype)
-    targets = output_paths(args.output, overwrite=args.overwrite) if args.output else None
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    models, disk = {}, {}
-    for spec in args.models:
-        name = spec if spec not in models else f"{spec}#{len(models)}"
-        loaded = load_model(spec, dtype=args.dtype, device="cpu")
-        models[name] = loaded.model
-        gguf = default_gguf_path() if spec == "default" else Path(spec) if spec.endswith(".gguf") else None
-        disk[name] = disk_bytes(gguf or loaded.checkpoint_dir)
-    report = bench_models(models, settings, disk=disk)
-    argv = sys.argv[1:]
-    report["command"] = "cboprune " + shlex.join(argv if argv[:1] == ["bench"] else ["bench", *args.models])
-    text = markdown_report(report)
-    print(text)
-    if targets:
-        from cboprune.outputs import dumps_strict, write_texts
-
-        write_texts([(targets[0], dumps_strict(report, indent=2) + "\n"), (targets[1], text)])
-        print(f"wrote {targets[0]} and {targets[1]}")
-    return 0
-
-
 def speedup_summary(original: torch.nn.Module, pruned: torch.nn.Module) -> dict[str, Any]:
     """Parameters removed and the measured prefill / decode speed-up (batch 1, 128 prompt tokens or what
     the context allows, 16 decoded, 3 repeats)."""
@@ -439,5 +367,5 @@ def speedup_summary(original: torch.nn.Module, pruned: torch.nn.Module) -> dict[
     return {k: v for k, v in sp.items() if k not in ("runs",)}
 
 
-__all__ = ["BenchSettings", "add_bench_arguments", "bench_models", "disk_bytes", "markdown_report",
-           "measure_speedup", "memory_run", "model_stats", "run_bench_command", "speedup_summary", "tensor_bytes", "time_generation"]
+__all__ = ["BenchSettings", "bench_models", "disk_bytes", "markdown_report",
+           "measure_speedup", "memory_run", "model_stats", "speedup_summary", "tensor_bytes", "time_generation"]

@@ -34,7 +34,7 @@ log = logging.getLogger("cboprune")
 
 #: (command, module with add_<command>_arguments / run_<command>_command, help)
 _MODULE_COMMANDS = (
-    ("bench", "cboprune.bench", "size and speed of pruned checkpoints next to the original"),
+    ("bench", "cboprune.bench_cli", "size and speed of pruned checkpoints next to the original"),
     ("repair", "cboprune.repair.cli", "training-free linear repair of removed blocks, folded into the kept weights"),
     ("eval", "cboprune.evaluation.cli", "perplexity and benchmarks (built-in or lm-eval backend)"),
     ("heal", "cboprune.heal.cli", "knowledge-distillation retraining of a pruned checkpoint (LoRA option)"),
@@ -47,12 +47,22 @@ def _add_config(p: argparse.ArgumentParser, command: str) -> None:
     add_config_arguments(p, command)
 
 
+def _handler(module: str, name: str):
+    """A command's handler, imported when the command runs: building the parser (and `--help`)
+    imports no torch, transformers or numba."""
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), name)(args)
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cboprune", description="Remove whole transformer blocks from LLMs "
                                      "by constrained binary optimization (CBO).")
     parser.add_argument("--version", action="version", version=f"cboprune {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.module_parsers = module_parsers = {}  # the commands whose module owns its arguments
 
     p = sub.add_parser("run", help="whole pipeline: Hessian, K lowest states per M, report, pruned checkpoints",
                        description="The paper's method: --energy fisher --no-verify --refine-sweeps 0.")
@@ -94,25 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_methods)
 
-    for name, module, help_ in _MODULE_COMMANDS:  # commands whose module owns its arguments
+    for name, module, help_ in _MODULE_COMMANDS:  # commands whose module owns its arguments (light modules)
         mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_)
         getattr(mod, f"add_{name}_arguments")(p)
         add_hub_arguments(p)  # every one of them loads a model
-        p.set_defaults(func=getattr(mod, f"run_{name}_command"))
-
-    from cboprune.compare import run_compare_command
+        p.add_argument("--config", metavar="FILE.yaml", help="settings from a YAML file: its keys are this "
+                       "command's flags with underscores; flags given on the command line win")
+        module_parsers[name] = p
+        p.set_defaults(func=_handler(module, f"run_{name}_command"))
 
     p = sub.add_parser("compare", help="CBO and its peers at equal M on the same calibration data, evaluated alike")
     _add_config(p, "compare")
-    p.set_defaults(func=run_compare_command)
-
-    from cboprune.study import run_study_command
+    p.set_defaults(func=_handler("cboprune.compare", "run_compare_command"))
 
     p = sub.add_parser("study", help="every energy model and peer on one model: energy vs held-out loss, "
                                      "verified picks, evaluated alike")
     _add_config(p, "study")
-    p.set_defaults(func=run_study_command)
+    p.set_defaults(func=_handler("cboprune.study", "run_study_command"))
     return parser
 
 
@@ -359,8 +368,36 @@ def _hub_settings(args: argparse.Namespace) -> dict:
             for name in HUB_FIELDS if hasattr(args, name)}
 
 
+def _preload_yaml(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """heal, eval, repair, bench, export: `--config FILE.yaml` supplies the command's flags (keys: the
+    flags with underscores; the Config commands read it through `Config.from_sources`); flags given
+    on the command line win. Read before parsing, so that a required flag may come from the file."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    sub = parser.module_parsers.get(command)
+    if sub is None:
+        return
+    path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None) or next(
+        (a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None:
+        return
+    values = read_yaml(path)
+    options = {a.dest: a for a in sub._actions if a.option_strings and a.dest not in ("help", "config")}
+    unknown = sorted(set(values) - set(options))
+    if unknown:
+        raise CBOPruneError(f"unknown config keys {unknown} for `{command}`: valid keys are {', '.join(sorted(options))}")
+    for dest in values:
+        options[dest].required = False
+    sub.set_defaults(**values)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        _preload_yaml(parser, argv)
+    except CBOPruneError as exc:
+        print(f"cboprune: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     _configure_logging(args.quiet)
     try:

@@ -18,24 +18,32 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cboprune import methods
+from cboprune import methods as registry
+from cboprune.config import config_from_args
+from cboprune.engine import start_experiment
+from cboprune.evaluation.domains import domain_markdown
 from cboprune.evaluation.protocol import primary_metric
-from cboprune.ranking import Entry
-from cboprune.outputs import dumps_strict
-from cboprune.report.tables import markdown_table, write_csv
+from cboprune.experiment import energy_entries, entry_dict, peer_entries
 from cboprune.finite import metric_cell
+from cboprune.healing_study import cost_of, healing_markdown
+from cboprune.outputs import dumps_strict
+from cboprune.ranking import Entry
+from cboprune.repair.comparison import repair_markdown
+from cboprune.report.plots import _pyplot
+from cboprune.report.tables import markdown_table, write_csv
+from cboprune.resume import entries_from_state, entries_state
 
 log = logging.getLogger(__name__)
 
 
 def label(method: str) -> str:
     """Table label of an entry name: "cbo:1" -> "CBO:1", "bi-iter" -> "BI iterative"."""
-    from cboprune import methods
 
     base, _, rank = method.partition(":")
     text = "CBO" if base == "cbo" else methods.get(base).label
@@ -53,52 +61,19 @@ class CompareResult:
 def run_compare(cfg, *, progress: bool = True) -> CompareResult:
     """Select blocks with every method at each M (CBO: the paper's energy, ranks `cbo_ranks`),
     evaluate each distinct pruned model once, write the tables. `cfg`: a `Config` for "compare"."""
-    import torch
-
-    from cboprune import methods as registry
-    from cboprune.evaluation.protocol import EvalProtocol
-    from cboprune.experiment import (SelectionContext, energy_entries, evaluate_entries, evaluate_original,
-                                     peer_entries)
-    from cboprune.healing_study import cost_of, heal_and_repair
-    from cboprune.outputs import check_output_dir, staged_dir
-    from cboprune.resume import command_steps, entries_from_state, entries_state, selection_settings
-    from cboprune.session import load_session
-
     names = registry.parse_names(cfg.methods, extra=("cbo",))
-    protocol = EvalProtocol(cfg.tasks, cfg.limit, cfg.ppl_limit, cfg.eval_batch_size, cfg.data_dir, cfg.max_length,
-                            cfg.seed, progress, cfg.include_path, domains=cfg.domains, domain_limit=cfg.domain_limit,
-                            data=cfg.data)
-    out_dir = check_output_dir(cfg.output_dir, cfg.overwrite)
-    recipe = cfg.heal_recipe(out_dir)  # the healing data is checked before any work
-    started = time.perf_counter()
-    session = load_session(cfg, remove=cfg.remove, min_kept=max(registry.get(n).min_kept for n in names))
-    if cfg.repair:
-        from cboprune.repair import check_repairable
-
-        check_repairable(session.model, session.n_blocks)
-    net, calibration = session.model, session.fit
-    protocol.check_heldout(calibration, cfg.heal_data or cfg.data)
+    run = start_experiment(cfg, "compare", min_kept=max(registry.get(n).min_kept for n in names), progress=progress,
+                           options={"swm_threshold": cfg.swm_threshold, "swm_rule": cfg.swm_rule})
+    session, calibration, context = run.session, run.session.fit, run.context
     if "cbo" in names and calibration.n_samples < session.n_blocks:
         log.warning("compare: %d calibration samples for N = %d blocks: the CBO matrix H = AᵀA/m has rank <= %d, "
                     "so the solver can pick states in its null space (energy ~0, real loss large). Use "
                     "--n-samples >= N (the paper uses 2048)", calibration.n_samples, session.n_blocks,
                     calibration.n_samples)
-    context = SelectionContext(net, calibration, batch_size=cfg.batch_size, seed=cfg.seed, time_limit=cfg.time_limit,
-                               options={"swm_threshold": cfg.swm_threshold, "swm_rule": cfg.swm_rule},
-                               model_name=cfg.model, progress=progress)
-    # With healing (hours), every finished step is kept so that an interrupted comparison resumes.
-    steps, weights = command_steps(recipe, net)
-    step_fields = {"command": "compare", "weights": weights, "fit": calibration.fingerprint,
-                   "settings": selection_settings(cfg, "compare")}
     entries: list[Entry] = []
     hessian_meta: dict[str, Any] = {}
-    for name in names:
-        fields = {**step_fields, "step": "selection", "method": name}
-        state = steps.load(fields, lambda v: (entries_from_state(v["entries"]), dict(v.get("hessian") or {})))
-        if state is not None:
-            entries += state[0]
-            hessian_meta = state[1] or hessian_meta
-            continue
+
+    def select(name: str):
         if name == "cbo":
             ranks = sorted(set(cfg.cbo_ranks))
             selected = energy_entries("fisher", context, cfg.remove, ranks=ranks, k=max(ranks) + 1,
@@ -106,36 +81,25 @@ def run_compare(cfg, *, progress: bool = True) -> CompareResult:
         else:
             selected = peer_entries(name, context, cfg.remove)
         hessian = context.cache.get("hessian")
-        if hessian is not None:
-            hessian_meta = {k: v for k, v in hessian.meta.items() if k != "block_names"}
-        steps.save(fields, {"entries": entries_state(selected), "hessian": hessian_meta})
-        entries += selected
-    entries.sort(key=lambda e: (e.n_remove, names.index(e.base), e.method))
-    selection_seconds = round(time.perf_counter() - started, 2)
+        meta = {k: v for k, v in hessian.meta.items() if k != "block_names"} if hessian is not None else hessian_meta
+        return (selected, meta), {"entries": entries_state(selected), "hessian": meta}
 
-    t0 = time.perf_counter()
-    baseline = evaluate_original(net, session.tokenizer, protocol, calibration, cfg.batch_size, steps,
-                                 {"weights": weights}, key="calib_nll")
+    for name in names:
+        selected, meta = run.step("selection", name, lambda v: (entries_from_state(v["entries"]),
+                                                                dict(v.get("hessian") or {})), lambda: select(name))
+        entries += selected
+        hessian_meta = meta or hessian_meta
+    entries.sort(key=lambda e: (e.n_remove, names.index(e.base), e.method))
+
+    baseline = run.evaluate(entries, nll_samples=calibration, key="calib_nll", speedup=cfg.speedup,
+                            cost=lambda e: cost_of(e, session.n_blocks, fit_tokens=calibration.n_tokens))
     baseline["calib_ppl"] = math.exp(baseline.pop("calib_nll"))
-    evaluate_entries(entries, net, session.tokenizer, protocol, nll_samples=calibration, batch_size=cfg.batch_size,
-                     speedup=cfg.speedup, cache=steps, cache_fields={"weights": weights})
-    for e in entries:
-        e.cost = cost_of(e, session.n_blocks, fit_tokens=calibration.n_tokens)
-    eval_seconds = round(time.perf_counter() - t0, 2)
-    heal_and_repair(entries, net, session.tokenizer, protocol, recipe=recipe, repair=cfg.repair, fit=calibration,
-                    nll_samples=calibration, batch_size=cfg.batch_size, progress=progress,
-                    workdir=out_dir.with_name(out_dir.name + ".heal-work"), weights=weights)
-    meta = {"model": cfg.model, "n_blocks": session.n_blocks, "methods": names, "remove": cfg.remove,
-            "cbo_ranks": sorted(set(cfg.cbo_ranks)), **protocol.describe(), "calibration": calibration.describe(),
-            "batch_size": cfg.batch_size, "seed": cfg.seed, "device": session.device, "dtype": cfg.dtype,
-            "torch_threads": torch.get_num_threads(), "swm_rule": cfg.swm_rule, "swm_threshold": cfg.swm_threshold,
-            "seconds": {"selection": selection_seconds, "evaluation": eval_seconds,
-                        "total": round(time.perf_counter() - started, 2)},
-            "healing": recipe.describe() if recipe is not None else None, "repair": cfg.repair,
-            "hessian": hessian_meta}
-    result = CompareResult(output_dir=out_dir, entries=entries, baseline=baseline, meta=meta)
-    with staged_dir(out_dir, overwrite=cfg.overwrite) as stage:  # all of it or nothing
-        write_outputs(result, stage)
+    run.heal(entries, nll_samples=calibration)
+    meta = {**run.meta(), "methods": names, "cbo_ranks": sorted(set(cfg.cbo_ranks)),
+            "calibration": calibration.describe(), "swm_rule": cfg.swm_rule, "swm_threshold": cfg.swm_threshold,
+            "seconds": run.timings(), "hessian": hessian_meta}
+    result = CompareResult(output_dir=run.out_dir, entries=entries, baseline=baseline, meta=meta)
+    run.write(lambda stage: write_outputs(result, stage))
     return result
 
 
@@ -208,7 +172,6 @@ def plot_comparison(result: CompareResult, path: str | Path) -> Path:
     """Left: which blocks each method removes (dark) or merges into an anchor (light), one row per
     M and method. Right: each row's scores relative to the original model (accuracy ratio; for
     perplexity, original / pruned so that higher is better everywhere)."""
-    from cboprune.report.plots import _pyplot
 
     plt = _pyplot()
     import numpy as np
@@ -252,9 +215,6 @@ def plot_comparison(result: CompareResult, path: str | Path) -> Path:
 
 
 def write_outputs(result: CompareResult, directory: Path | None = None) -> dict[str, Path]:
-    from cboprune.experiment import entry_dict
-    from cboprune.healing_study import healing_markdown
-
     out = Path(directory or result.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     h1, r1 = table_rows(result)
@@ -276,13 +236,9 @@ def write_outputs(result: CompareResult, directory: Path | None = None) -> dict[
     write_csv(paths["blocks_csv"], h2, r2)
     plot_comparison(result, paths["plot"])
     if result.meta.get("repair"):
-        from cboprune.repair.comparison import repair_markdown
-
         paths["repair_md"] = out / "repair.md"
         paths["repair_md"].write_text(repair_markdown(result.entries, result.meta, label), encoding="utf-8")
     if result.baseline.get("domains"):
-        from cboprune.evaluation.domains import domain_markdown
-
         paths["domains_md"] = out / "domains.md"
         paths["domains_md"].write_text(domain_markdown(result.entries, result.baseline, label,
                                                        (result.meta.get("healing") or {}).get("steps")),
@@ -300,7 +256,6 @@ def write_outputs(result: CompareResult, directory: Path | None = None) -> dict[
 
 def run_compare_command(args: argparse.Namespace) -> int:
     """Run `cboprune compare`, print both tables, return 0."""
-    from cboprune.config import config_from_args
 
     result = run_compare(config_from_args(args, "compare"), progress=not getattr(args, "quiet", False))
     out = result.output_dir

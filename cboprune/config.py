@@ -41,6 +41,12 @@ HESSIAN_VARIANTS = {
 }
 AUTOCAST_NAMES = ("bfloat16", "bf16", "float16", "fp16")
 MERGE_RULES = ("difference", "reference-code")
+REPAIR_OBJECTIVES = {
+    "lstsq": "ridge least squares on the hidden state leaving the run",
+    "cosine": "token-normalized least squares (each token weighted by 1/||target||^2), a closed-form "
+              "surrogate of the cosine distance",
+}
+REPAIR_RIDGE = 1e-4
 
 
 def _opt(default: Any, help: str, section: str, *, kind: str = "", minimum: float | None = None,
@@ -517,6 +523,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, command: str, *, only:
         else:
             kw["type"] = {"int": int, "float": float, "ints": _int_list, "kinds": _kind_list}.get(kind, str)
             group.add_argument(flag, **kw)
+
+
+def option_default(name: str) -> Any:
+    """A Config field's default: the hand-built parsers (heal, eval, repair, bench) derive theirs from it."""
+    f = next(f for f in fields(Config) if f.name == name)
+    return f.default
+
+
+def option_help(name: str) -> str:
+    """A Config field's help text, so that one option reads the same in every command."""
+    return next(f for f in fields(Config) if f.name == name).metadata["help"]
 
 
 #: the settings of every command that loads a model, the hand-built parsers included (heal, eval,

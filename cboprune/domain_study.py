@@ -161,13 +161,26 @@ def _verdict(summary, names, kinds) -> list[str]:
             diff = (mine[1][n][0] - best[0]) * (1 if lower else -1)  # > 0: the default is worse
             noise = max(mine[1][n][1], best[1])
             if diff > noise:
+                paired = _paired(mine[0], best_o, n)
                 losses.append(f"{'mean text loss' if n == '_mean' else n} ({best_o.label} by {diff:.3f}, "
-                              f"seed spread {noise:.3f})")
+                              f"seed spread {noise:.3f}{paired})")
             elif diff < -noise:
                 wins += 1
         lines.append(f"- {slug(cal)}: the default is beaten beyond the seed spread on "
                      + (", ".join(losses) if losses else "no domain") + f"; better beyond it on {wins}.\n")
     return ["Verdict (the default against the best other method of the same calibration):\n", *lines] if lines else []
+
+
+def _paired(a: Cell, b: Cell, name: str) -> str:
+    """', paired standard error x' of the first seed's difference on the same items, when known."""
+    from cboprune.evaluation.domains import paired_difference
+
+    step = next(iter(a.after), None)
+    da, db = (a.after.get(step) or {}).get(name), (b.after.get(step) or {}).get(name)
+    if da is None or db is None:
+        return ""
+    _, se = paired_difference(da, db)
+    return "" if se is None else f", paired standard error {se:.3f}"
 
 
 def _variance_split(summary) -> list[str]:

@@ -32,7 +32,9 @@ T = TypeVar("T")
 _NOT_SELECTION = frozenset({"tasks", "limit", "ppl_limit", "eval_batch_size", "data_dir", "max_length", "include_path",
                             "heal_steps", "heal_lr", "heal_micro_batch_size", "heal_global_batch_size", "heal_keep",
                             "heal_states", "repair", "output_dir", "overwrite", "speedup", "domains", "domain_limit",
-                            "heal_seeds", "calibrations"})
+                            "heal_seeds", "calibrations",
+                            # the weights' checksum in every key already tells another revision apart
+                            "trust_remote_code", "revision"})
 
 
 class StepCache:

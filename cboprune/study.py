@@ -27,12 +27,24 @@ from pathlib import Path
 from typing import Any
 
 from cboprune import methods as registry
+from cboprune.config import config_from_args
+from cboprune.domain_study import run_domain_study
+from cboprune.energies.hybrid import single_fraction
 from cboprune.energy import RECOMMENDED
+from cboprune.engine import start_experiment
+from cboprune.evaluation.domains import domain_markdown
 from cboprune.evaluation.protocol import mean_accuracy, primary_metric, primary_scores
-from cboprune.ranking import Entry
-from cboprune.outputs import dumps_strict
-from cboprune.report.tables import markdown_table, write_csv
+from cboprune.experiment import EnergyResult, energy_entries, entry_dict, peer_entries
 from cboprune.finite import metric_cell, metric_key
+from cboprune.healing_study import cost_of, healing_markdown
+from cboprune.judge import auto_candidates, judge_by_healing
+from cboprune.outputs import dumps_strict
+from cboprune.ranking import Entry, Ranking
+from cboprune.repair.comparison import repair_markdown
+from cboprune.report.plots import _pyplot, plot_removal_frequency
+from cboprune.report.tables import markdown_table, write_csv
+from cboprune.resume import entries_from_state, entries_state
+from cboprune.verify import measured_nll
 
 # Imported when the CLI parser is built: torch, the solvers and the baselines load lazily.
 log = logging.getLogger(__name__)
@@ -64,8 +76,6 @@ def _judge(cfg, session, energy_entries: list[Entry], out_dir: Path, candidates:
     seconds and the judge's heals."""
     import shutil
 
-    from cboprune.judge import judge_by_healing
-    from cboprune.verify import measured_nll
 
     verified = {e.n_remove: e for e in energy_entries if e.method.endswith("+verify")}
     work = out_dir.with_name(out_dir.name + ".judge-work")
@@ -92,8 +102,6 @@ def heal_order(entries: list[Entry]) -> list[Entry]:
 
 
 def _energy_state(result) -> dict[str, Any]:
-    from cboprune.resume import entries_state
-
     return {"entries": entries_state(result.entries), "seconds": result.seconds,
             "rankings": [[m, r.to_dict()] for m, r in result.rankings.items()],
             "correlations": [[m, c] for m, c in result.correlations.items()]}
@@ -101,9 +109,6 @@ def _energy_state(result) -> dict[str, Any]:
 
 def _energy_result(state: dict[str, Any], remove: list[int]):
     """An energy model's kept result (raises on anything of another shape)."""
-    from cboprune.experiment import EnergyResult
-    from cboprune.ranking import Ranking
-    from cboprune.resume import entries_from_state
 
     result = EnergyResult(entries_from_state(state["entries"]),
                           {int(m): Ranking.from_dict(r) for m, r in state["rankings"]},
@@ -118,70 +123,41 @@ def _energy_result(state: dict[str, Any], remove: list[int]):
 def run_study(cfg, *, progress: bool = True) -> StudyResult:
     """Every energy model's K lowest states verified on held-out samples, every peer on the same
     fitting samples, every distinct configuration evaluated once. `cfg`: a `Config` for "study"."""
-    import torch
-
-    from cboprune.evaluation.protocol import EvalProtocol
-    from cboprune.experiment import (SelectionContext, energy_entries, evaluate_entries, evaluate_original,
-                                     peer_entries)
-    from cboprune.healing_study import cost_of, heal_and_repair
-    from cboprune.judge import auto_candidates
-    from cboprune.outputs import check_output_dir, staged_dir
-    from cboprune.resume import command_steps, entries_from_state, entries_state, selection_settings
-    from cboprune.session import load_session
-
     energies = registry.parse_names(cfg.energies, registry.ENERGY)
     refine = [r for r in registry.parse_names(cfg.refine, registry.ENERGY, allow_empty=True) if r in energies]
     peers = registry.parse_names(cfg.peers, registry.PEER, allow_empty=True)
-    protocol = EvalProtocol(cfg.tasks, cfg.limit, cfg.ppl_limit, cfg.eval_batch_size, cfg.data_dir, cfg.max_length,
-                            cfg.seed, progress, cfg.include_path, domains=cfg.domains, domain_limit=cfg.domain_limit,
-                            data=cfg.data)
-    out_dir = check_output_dir(cfg.output_dir, cfg.overwrite)
-    recipe = cfg.heal_recipe(out_dir)  # the healing data is checked before any work
-    started = time.perf_counter()
-    session = load_session(cfg, remove=cfg.remove, min_kept=2, heldout=cfg.heldout_samples)
-    if cfg.repair:
-        from cboprune.repair import check_repairable
-
-        check_repairable(session.model, session.n_blocks)
-    net, fit, heldout = session.model, session.fit, session.heldout
-    protocol.check_heldout(fit, cfg.heal_data or cfg.data)  # read counts cover the held-out part too
+    run = start_experiment(cfg, "study", heldout=cfg.heldout_samples, min_kept=2, progress=progress,
+                           options={"pool": cfg.pool, "relin_step": cfg.relin_step,
+                                    "single_samples": cfg.single_samples, "run_cost": cfg.run_cost,
+                                    "exact_samples": cfg.exact_samples})
+    session, context = run.session, run.context
+    fit, heldout = session.fit, session.heldout
     # The default selection of `run` judges the recommended model's best verified states by a short
     # heal; the study shows that pick, at its cost, as '<energy>+judge'.
     candidates = auto_candidates(cfg) if RECOMMENDED.energy in energies else 0
     judge_section = None
     log.info("study: %s (N = %d), fitting %s, held-out %s, energy models %s, peers %s, M = %s", cfg.model,
              session.n_blocks, fit.describe(), heldout.n_samples, energies, peers, cfg.remove)
-    context = SelectionContext(net, fit, heldout, batch_size=cfg.batch_size, seed=cfg.seed, time_limit=cfg.time_limit,
-                               options={"pool": cfg.pool, "relin_step": cfg.relin_step, "single_samples": cfg.single_samples,
-                                        "run_cost": cfg.run_cost,
-                                        "exact_samples": cfg.exact_samples},
-                               model_name=cfg.model, progress=progress)
-
-    # With healing (hours), every finished step is kept so that an interrupted study resumes.
-    steps, weights = command_steps(recipe, net)
-    step_fields = {"command": "study", "weights": weights, "fit": fit.fingerprint,
-                   "heldout": heldout.fingerprint if heldout is not None else None,
-                   "settings": selection_settings(cfg, "study")}
 
     # 1. energy models -> K lowest states -> verified on the held-out part
     entries: list[Entry] = []
     correlations: dict[str, dict[int, dict[str, Any]]] = {}
     rankings_by_model: dict[str, list] = {}
-    done = {name: steps.load({**step_fields, "step": "energy", "method": name},
-                             lambda v: _energy_result(v, cfg.remove)) for name in energies}
+    done = {name: run.steps.load({**run.step_fields, "step": "energy", "method": name},
+                                 lambda v: _energy_result(v, cfg.remove)) for name in energies}
     t0 = time.perf_counter()
     if any(done[e] is None and "gradients" in registry.get(e).needs and e != "exact" for e in energies):
         context.hessian()  # shared by the gradient-based models (exact makes its own)
     costs = {"gate gradients": time.perf_counter() - t0}
+
+    def energy(name: str):
+        result = energy_entries(name, context, cfg.remove, k=cfg.top, verify=True, diverse=cfg.diverse,
+                                refine_sweeps=cfg.refine_sweeps if name in refine else 0)
+        return result, _energy_state(result)
+
     for name in energies:
-        fields = {**step_fields, "step": "energy", "method": name}
-        if done[name] is None:
-            result = energy_entries(name, context, cfg.remove, k=cfg.top, verify=True, diverse=cfg.diverse,
-                                    refine_sweeps=cfg.refine_sweeps if name in refine else 0)
-            steps.save(fields, _energy_state(result))
-        else:
-            result = done[name]
-            log.info("study: energy model %s reused from %s", name, steps.path(fields))
+        result = done[name] or run.step("energy", name, lambda v: _energy_result(v, cfg.remove),
+                                        lambda: energy(name))
         entries += result.entries
         for m, ranking in result.rankings.items():  # more low-energy states, healed for ρ(energy, post-heal)
             entries += [Entry(f"{name}:{r}", m, c, ranking, result.entries[0].selection_seconds)
@@ -191,61 +167,44 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
         costs[name] = result.seconds
         log.info("study: energy model %s built and verified in %.1f s", name, result.seconds)
         if name == RECOMMENDED.energy and candidates:
-            fields = {**step_fields, "step": "judge", "method": name}
-            state = steps.load(fields, lambda v: (entries_from_state(v["entries"]), str(v["section"])))
-            if state is None:
-                judged, judge_section = _judge(cfg, session, result.entries, out_dir, candidates)
-                steps.save(fields, {"entries": entries_state(judged), "section": judge_section})
-            else:
-                judged, judge_section = state
+            def judge(result=result):
+                judged, section = _judge(cfg, session, result.entries, run.out_dir, candidates)
+                return (judged, section), {"entries": entries_state(judged), "section": section}
+
+            judged, judge_section = run.step("judge", name, lambda v: (entries_from_state(v["entries"]),
+                                                                       str(v["section"])), judge)
             entries += judged
             costs["judge"] = sum(e.ranking.info["heal_judge"]["seconds"] for e in judged)
 
     # 2. peers, on the same fitting part
     for method in peers:
-        fields = {**step_fields, "step": "peer", "method": method}
-        selected = steps.load(fields, lambda v: entries_from_state(v["entries"]))
-        if selected is None:
-            selected = peer_entries(method, context, cfg.remove)
-            steps.save(fields, {"entries": entries_state(selected)})
-        entries += selected
+        entries += run.step("peer", method, lambda v: entries_from_state(v["entries"]),
+                            lambda method=method: _peer_step(method, context, cfg.remove))
     order = [f"{e}{s}" for e in energies for s in (":0", "+verify", "+judge", "+refine")] + list(peers)
     entries.sort(key=lambda e: (e.n_remove, order.index(e.method) if e.method in order
                                 else order.index(f"{e.base}+refine") + int(e.method.split(":")[1]) / 1e3))
-    selection_seconds = round(time.perf_counter() - started, 2)
 
-    # 3. evaluation of every distinct configuration
-    t0 = time.perf_counter()
-    baseline = evaluate_original(net, session.tokenizer, protocol, heldout, cfg.batch_size, steps,
-                                 {"weights": weights}, key="heldout_nll")
-    evaluate_entries(entries, net, session.tokenizer, protocol, nll_samples=heldout, batch_size=cfg.batch_size,
-                     cache=steps, cache_fields={"weights": weights})
-    from cboprune.energies.hybrid import single_fraction
-
+    # 3. evaluation of every distinct configuration, then the heals
     opts = {"pool": cfg.pool, "relin_step": cfg.relin_step,
             "single_fraction": single_fraction(fit.n_samples, cfg.single_samples)}
-    for e in entries:
-        e.cost = cost_of(e, session.n_blocks, fit_tokens=fit.n_tokens, heldout_tokens=heldout.n_tokens, options=opts)
-    eval_seconds = round(time.perf_counter() - t0, 2)
-    heal_and_repair(heal_order(entries), net, session.tokenizer, protocol, recipe=recipe, repair=cfg.repair, fit=fit,
-                    nll_samples=heldout, batch_size=cfg.batch_size, progress=progress,
-                    workdir=out_dir.with_name(out_dir.name + ".heal-work"), weights=weights)
-    meta = {"model": cfg.model, "n_blocks": session.n_blocks, "block_kinds": session.block_kinds,
-            "remove": cfg.remove, "energies": energies, "peers": peers, "k": cfg.top, "refine": refine,
-            "max_sweeps": cfg.refine_sweeps, "diverse": cfg.diverse, "pool": cfg.pool, "relin_step": cfg.relin_step,
-            "exact_samples": cfg.exact_samples, **protocol.describe(), "fit": fit.describe(),
-            "heldout": heldout.describe(), "batch_size": cfg.batch_size, "seed": cfg.seed, "device": session.device,
-            "dtype": cfg.dtype, "torch_threads": torch.get_num_threads(),
-            "recommended": recommended_method(judged=judge_section is not None), "judge": judge_section,
-            "healing": recipe.describe() if recipe is not None else None, "repair": cfg.repair,
-            "heal_states": cfg.heal_states,
-            "seconds": {"selection": selection_seconds, "evaluation": eval_seconds,
-                        "total": round(time.perf_counter() - started, 2),
-                        **{f"build {k_}": round(v, 2) for k_, v in costs.items()}}}
-    result = StudyResult(out_dir, entries, baseline, correlations, meta)
-    with staged_dir(out_dir, overwrite=cfg.overwrite) as stage:  # all of it or nothing
-        write_outputs(result, rankings_by_model, stage)
+    baseline = run.evaluate(entries, nll_samples=heldout, key="heldout_nll",
+                            cost=lambda e: cost_of(e, session.n_blocks, fit_tokens=fit.n_tokens,
+                                                   heldout_tokens=heldout.n_tokens, options=opts))
+    run.heal(heal_order(entries), nll_samples=heldout)
+    meta = {**run.meta(), "block_kinds": session.block_kinds, "energies": energies, "peers": peers, "k": cfg.top,
+            "refine": refine, "max_sweeps": cfg.refine_sweeps, "diverse": cfg.diverse, "pool": cfg.pool,
+            "relin_step": cfg.relin_step, "exact_samples": cfg.exact_samples, "fit": fit.describe(),
+            "heldout": heldout.describe(), "recommended": recommended_method(judged=judge_section is not None),
+            "judge": judge_section, "heal_states": cfg.heal_states,
+            "seconds": {**run.timings(), **{f"build {k_}": round(v, 2) for k_, v in costs.items()}}}
+    result = StudyResult(run.out_dir, entries, baseline, correlations, meta)
+    run.write(lambda stage: write_outputs(result, rankings_by_model, stage))
     return result
+
+
+def _peer_step(method: str, context, remove):
+    selected = peer_entries(method, context, remove)
+    return selected, {"entries": entries_state(selected)}
 
 
 # ----------------------------------------------------------------------------- tables
@@ -357,7 +316,6 @@ def verdict_rows(result: StudyResult) -> tuple[list[str], list[list[str]]]:
 
 def plot_energy_vs_loss(result: StudyResult, path: Path) -> Path:
     """Energy (x) against held-out calibration NLL (y) of each verified state: rows M, columns models."""
-    from cboprune.report.plots import _pyplot
 
     plt = _pyplot()
     names = list(result.correlations)
@@ -396,9 +354,6 @@ def plot_energy_vs_loss(result: StudyResult, path: Path) -> Path:
 
 def write_outputs(result: StudyResult, rankings_by_model: dict[str, list],
                   directory: Path | None = None) -> dict[str, Path]:
-    from cboprune.experiment import entry_dict
-    from cboprune.report.plots import plot_removal_frequency
-
     out = Path(directory or result.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     h1, r1 = table_rows(result)
@@ -430,18 +385,12 @@ def write_outputs(result: StudyResult, rankings_by_model: dict[str, list],
             *([meta["judge"] + "\n"] if meta.get("judge") else []),
             "## Figures\n", *[f"![{p.stem}]({p.name})\n" for key, p in paths.items() if p.suffix == ".png"]]
     if meta.get("repair"):
-        from cboprune.repair.comparison import repair_markdown
-
         paths["repair_md"] = out / "repair.md"
         paths["repair_md"].write_text(repair_markdown(result.entries, meta, _label), encoding="utf-8")
     if result.baseline.get("domains"):
-        from cboprune.evaluation.domains import domain_markdown
-
         text.insert(-1, domain_markdown(result.entries, result.baseline, _label,
                                         (meta.get("healing") or {}).get("steps")))
     if meta.get("healing"):
-        from cboprune.healing_study import healing_markdown
-
         paths["healing_md"] = out / "healing.md"
         paths["healing_md"].write_text(healing_markdown(result.entries, meta, _label), encoding="utf-8")
         text.insert(-1, "## After healing\n\nSee [healing.md](healing.md).\n")
@@ -457,11 +406,8 @@ def write_outputs(result: StudyResult, rankings_by_model: dict[str, list],
 # ----------------------------------------------------------------------------- CLI
 
 def run_study_command(args: argparse.Namespace) -> int:
-    from cboprune.config import config_from_args
-
     cfg = config_from_args(args, "study")
     if cfg.calibrations:  # the calibration axis: one study per calibration and heal seed, one table
-        from cboprune.domain_study import run_domain_study
 
         out = run_domain_study(cfg, progress=not getattr(args, "quiet", False))
         print((out / "domains.md").read_text(encoding="utf-8"))

@@ -9,8 +9,9 @@ import json
 import pytest
 import torch
 
-from cboprune.bench import (BenchSettings, add_bench_arguments, bench_models, disk_bytes, markdown_report,
-                            measure_speedup, model_stats, run_bench_command, time_generation)
+from cboprune.bench import (BenchSettings, bench_models, disk_bytes, markdown_report, measure_speedup, model_stats,
+                            time_generation)
+from cboprune.bench_cli import add_bench_arguments, run_bench_command
 from cboprune.errors import CBOPruneError
 from cboprune.models.surgery import remove_blocks
 from conftest import tiny_llama

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from cboprune.config import option_default, option_help
 from cboprune.errors import CBOPruneError
 
 log = logging.getLogger(__name__)
@@ -34,16 +35,16 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list-tasks", action="store_true", help="print the built-in task names and exit")
     parser.add_argument("--limit", type=int, default=None, help="first N items per task (documents for perplexity)")
     parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
-    parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default: 32)")
+    parser.add_argument("--batch-size", type=int, default=option_default("eval_batch_size"),
+                        help=option_help("eval_batch_size"))
     parser.add_argument("--backend", choices=("auto", "builtin", "lm-eval"), default="auto",
                         help="auto: the built-in evaluator (fast) for the tasks it implements, lm-eval for the "
                              "rest; builtin; lm-eval: lm-eval-harness for every task (default: auto)")
     add_include_path_argument(parser)
     parser.add_argument("--apply-chat-template", action="store_true",
                         help="render prompts (and few-shot turns) with the tokenizer's chat template (lm-eval)")
-    parser.add_argument("--data-dir", default=None,
-                        help="folder holding eval/ (default: $CBOPRUNE_DATA_DIR, then ../shared/data)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", default=None, help=option_help("data_dir"))
+    parser.add_argument("--seed", type=int, default=option_default("seed"), help=option_help("seed"))
     parser.add_argument("--max-length", type=int, default=None,
                         help="context window in tokens (default: the model's, capped at 2048)")
     parser.add_argument("--stride", type=int, default=None,
@@ -52,8 +53,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write OUTPUT.json (lm-eval's results schema + a 'cboprune' summary) and OUTPUT.md")
     parser.add_argument("--overwrite", action="store_true", help="replace existing OUTPUT.json / OUTPUT.md")
     parser.add_argument("--log-samples", action="store_true", help="store per-item predictions in the JSON")
-    parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
-    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    parser.add_argument("--device", default=None, help=option_help("device"))
+    parser.add_argument("--dtype", default=option_default("dtype"), help=option_help("dtype"))
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -78,7 +79,9 @@ def run_eval_command(args: argparse.Namespace) -> int:
                       apply_chat_template=args.apply_chat_template)
     from cboprune.models import load_model
 
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    from cboprune.distributed import pick_device
+
+    lm = load_model(args.model, dtype=args.dtype, device=pick_device(args.device))
     results = evaluate(lm.model, lm.tokenizer, plan, limit=args.limit, num_fewshot=args.num_fewshot,
                        batch_size=args.batch_size, backend=args.backend, seed=args.seed,
                        max_length=args.max_length, stride=args.stride, log_samples=args.log_samples,

@@ -180,8 +180,10 @@ def score_texts(scorer, texts: list[str]) -> dict[str, Any]:
     scored = scorer.rolling_loglikelihood(texts, desc="domain")
     per_doc = [-r.logprob / r.n_tokens for r in scored if r.n_tokens]
     tokens = sum(r.n_tokens for r in scored)
+    # per-item values kept: two models scored on the same items differ far less than their
+    # standard errors suggest, and `paired_difference` needs the pairs
     return {**_summary({"loss": per_doc}, {"token_loss": -sum(r.logprob for r in scored) / max(tokens, 1)}),
-            "tokens": tokens}
+            "tokens": tokens, "items": per_doc}
 
 
 def score_choices(scorer, items: list[tuple[Any, dict]]) -> dict[str, Any]:
@@ -201,7 +203,7 @@ def score_choices(scorer, items: list[tuple[Any, dict]]) -> dict[str, Any]:
         values["gold_ll"].append(gold)
         values["gold_rank"].append(float(rank))
         values["acc"].append(float(rank == 1))
-    return _summary(values)
+    return {**_summary(values), "items": values["gold_ll"]}
 
 
 def evaluate_domains(model, tokenizer, domains: list[Domain], *, limit: int = DEFAULT_LIMIT, batch_size: int = 32,
@@ -264,6 +266,17 @@ def headline(entry: dict[str, Any]) -> tuple[str, float, float | None, bool]:
     """(metric, value, stderr, lower is better) of a domain's result."""
     metric, lower = HEADLINE[entry["kind"]]
     return metric, float(entry["metrics"][metric]), entry["stderr"].get(metric), lower
+
+
+def paired_difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float | None]:
+    """(mean of a − b over the same items, its standard error) for a domain's headline score; the
+    plain difference of the means without a standard error when either lacks per-item values."""
+    from cboprune.evaluation.metrics import mean_and_stderr
+
+    xa, xb = a.get("items"), b.get("items")
+    if not xa or not xb or len(xa) != len(xb):
+        return headline(a)[1] - headline(b)[1], None
+    return mean_and_stderr([p - q for p, q in zip(xa, xb)])
 
 
 def text_loss_summary(domains: dict[str, dict[str, Any]]) -> tuple[float | None, str | None, float | None]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cboprune.errors import CBOPruneError
 from cboprune.heal import recipe
-from cboprune.heal.trainer import MIXED_PRECISION, OPTIMIZERS, REPORT_TO, SAVE_DTYPES
+from cboprune.heal.recipe import MIXED_PRECISION, OPTIMIZERS, REPORT_TO, SAVE_DTYPES
 
 
 def add_heal_arguments(p: argparse.ArgumentParser) -> None:

@@ -17,6 +17,11 @@ LEARNING_RATE = 5e-5
 SEQ_LEN = 256
 MICRO_BATCH_SIZE = 4
 GLOBAL_BATCH_SIZE = 16
+#: the choices of `cboprune heal`'s options (its parser must not import the trainer: start-up)
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+REPORT_TO = ("none", "tensorboard", "wandb")
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 @dataclass

@@ -44,10 +44,8 @@ log = logging.getLogger(__name__)
 HEALING_FILE = "healing.json"
 CURVE_FILE = "healing_curve.png"
 STATE_SUFFIX = ".heal-state"
-MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-REPORT_TO = ("none", "tensorboard", "wandb")
-OPTIMIZERS = ("adamw", "adamw8bit")
+MIXED_PRECISION, SAVE_DTYPES, REPORT_TO, OPTIMIZERS = (recipe.MIXED_PRECISION, recipe.SAVE_DTYPES, recipe.REPORT_TO,
+                                                        recipe.OPTIMIZERS)
 AUTO_CHUNK_LOGITS = 1 << 24  # logits per loss chunk when loss_chunk_tokens is auto (64 MiB in fp32)
 
 

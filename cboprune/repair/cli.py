@@ -11,20 +11,14 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from cboprune.config import _int_list, option_default, option_help
 from cboprune.errors import CBOPruneError
-from cboprune.models.surgery import REMOVAL_FILE
 from cboprune.outputs import read_json_object
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated block indices like 3,7,12, got {text!r}") from None
-
-
 def add_repair_arguments(p: argparse.ArgumentParser) -> None:
-    from cboprune.repair.linear import DEFAULT_RIDGE, OBJECTIVES
+    from cboprune.config import REPAIR_OBJECTIVES as OBJECTIVES
+    from cboprune.config import REPAIR_RIDGE as DEFAULT_RIDGE
 
     p.add_argument("source", help="pruned checkpoint directory (with removal.json), or a model (hub id, checkpoint "
                                   "directory, .gguf, 'default') together with --blocks")
@@ -40,9 +34,9 @@ def add_repair_arguments(p: argparse.ArgumentParser) -> None:
                    help="; ".join(f"{k}: {v}" for k, v in OBJECTIVES.items()))
     p.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
                    help="ridge strength relative to the mean diagonal of XᵀX (default %(default)g)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=option_default("batch_size"), help=option_help("batch_size"))
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--device", help=option_help("device"))
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--output-dir", required=True, help="where the repaired checkpoint goes")
     p.add_argument("--overwrite", action="store_true")
@@ -51,6 +45,8 @@ def add_repair_arguments(p: argparse.ArgumentParser) -> None:
 def resolve_source(source: str, blocks: list[int] | None) -> tuple[str, list[int], dict[str, Any]]:
     """(original model spec, removed blocks, provenance to extend) for SOURCE and --blocks."""
     path = Path(source).expanduser()
+    from cboprune.models.surgery import REMOVAL_FILE
+
     removal = path / REMOVAL_FILE
     if removal.is_file():
         prov = read_json_object(removal, "restore it, or pass the original model and --blocks")

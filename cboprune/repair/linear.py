@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cboprune.config import REPAIR_OBJECTIVES, REPAIR_RIDGE
 from cboprune.data import CalibrationSet
 from cboprune.errors import CBOPruneError
 from cboprune.models.architectures import ArchSpec, block_kinds, decoder_config, resolve
@@ -35,12 +36,7 @@ from cboprune.models.surgery import remove_blocks, validate_removal
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = {
-    "lstsq": "ridge least squares on the hidden state leaving the run",
-    "cosine": "token-normalized least squares (each token weighted by 1/||target||^2), a closed-form "
-              "surrogate of the cosine distance",
-}
-DEFAULT_RIDGE = 1e-4
+OBJECTIVES, DEFAULT_RIDGE = REPAIR_OBJECTIVES, REPAIR_RIDGE
 
 
 @dataclass(frozen=True)
