@@ -247,3 +247,15 @@ def test_cross_table_counts_a_difference_only_beyond_the_seed_spread():
         assert "piqa (BI by 2.000" in line and "wiki" not in line and "better beyond it on 2" in line
     # calibration moves the mean text loss by 0.3; the method by |(3.0+3.51)-(3.1+3.5)|/2 = 0.045
     assert "moves by 0.300 nats across calibrations" in md and "by 0.045 across methods" in md
+
+
+def test_paired_difference_is_tighter_than_the_standard_errors_of_the_means():
+    from cboprune.evaluation.domains import paired_difference
+
+    hard = [1.0, 5.0, 9.0, 2.0, 7.0]  # items of very different difficulty
+    a = {"kind": "records", "metrics": {"loss": sum(hard) / 5}, "stderr": {"loss": 1.4}, "items": hard}
+    b = {"kind": "records", "metrics": {"loss": sum(hard) / 5 + 0.1}, "stderr": {"loss": 1.4},
+         "items": [x + 0.1 + (0.01 if i % 2 else -0.01) for i, x in enumerate(hard)]}
+    diff, se = paired_difference(a, b)
+    assert diff == pytest.approx(-0.1, abs=0.01) and se < 0.02
+    assert paired_difference({**a, "items": None}, b) == (pytest.approx(-0.1), None)
