@@ -31,7 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from cboprune.data.calibration import model_context
 from cboprune.errors import CBOPruneError
+from cboprune.models.architectures import resolve
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +97,6 @@ def model_stats(model: nn.Module) -> dict[str, Any]:
     weight_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
     n_blocks = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     try:
-        from cboprune.models.architectures import resolve
-
         n_blocks = len(resolve(model)[2])
     except Exception:  # noqa: BLE001  (an architecture outside the table: the config's count)
         pass
@@ -359,7 +359,6 @@ def _ints(text: str) -> tuple[int, ...]:
 def speedup_summary(original: torch.nn.Module, pruned: torch.nn.Module) -> dict[str, Any]:
     """Parameters removed and the measured prefill / decode speed-up (batch 1, 128 prompt tokens or what
     the context allows, 16 decoded, 3 repeats)."""
-    from cboprune.data.calibration import model_context
 
     context = (model_context(original) or (4096, ""))[0]
     new_tokens = min(16, max(1, context // 8))

@@ -25,7 +25,7 @@ import logging
 import sys
 from pathlib import Path
 
-from cboprune import __version__
+from cboprune.version import __version__
 from cboprune.config import HUB_FIELDS, _int_list, add_config_arguments, add_hub_arguments, config_from_args, read_yaml
 from cboprune.errors import CBOPruneError
 

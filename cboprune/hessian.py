@@ -48,8 +48,8 @@ from cboprune.config import AUTOCAST_NAMES, HESSIAN_VARIANTS
 from cboprune.data.calibration import CalibrationSet
 from cboprune.errors import CBOPruneError
 from cboprune.gating import GateManager, broadcast_gate
+from cboprune.models.architectures import blocks, decoder_layers
 from cboprune.models.forward_loss import per_sample_loss
-from cboprune.models.architectures import blocks
 from cboprune.outputs import check_output_file, dumps_strict, staged_file
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,6 @@ def _checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
         return
     from torch.utils.checkpoint import checkpoint
 
-    from cboprune.models.architectures import decoder_layers
 
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from cboprune import distributed
 from cboprune.gating import GateManager
 from cboprune.models.architectures import blocks, decoder_layers
 from cboprune.models.forward_loss import model_device, sample_losses
@@ -93,7 +94,6 @@ def configurations_nll(model: torch.nn.Module, calibration: CalibrationSet, conf
     In a process group (torchrun / accelerate) the configurations are split across the processes and
     the values gathered, so every process must call this with the same arguments.
     """
-    from cboprune import distributed
 
     configs = [tuple(sorted({int(i) for i in c})) for c in configs]
     dinfo = distributed.info()

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from cboprune import __version__, methods
 from cboprune import heal as healing
+from cboprune import methods
 from cboprune.bench import speedup_summary
 from cboprune.config import Config
 from cboprune.data.calibration import CalibrationSet
@@ -46,6 +46,7 @@ from cboprune.ranking import Candidate, Entry, Ranking
 from cboprune.repair import check_repairable, repair_linear
 from cboprune.report import plot_hessian, plot_removal_frequency, write_report
 from cboprune.session import load_session
+from cboprune.version import __version__
 
 log = logging.getLogger(__name__)
 

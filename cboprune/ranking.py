@@ -11,6 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cboprune.errors import CBOPruneError
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -101,7 +103,6 @@ class Ranking:
 def check_n_remove(n_remove: int, n_blocks: int, n_fixed: int = 0, *, leave: int = 1) -> None:
     """The one check that M is valid: M >= 1, at least `leave` blocks stay, and M fits in the blocks
     not held by `keep` (n_fixed of them)."""
-    from cboprune.errors import CBOPruneError
 
     limit = min(n_blocks - leave, n_blocks - n_fixed)
     if isinstance(n_remove, bool) or not isinstance(n_remove, int) or not 1 <= n_remove <= limit:

@@ -30,8 +30,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from cboprune.data.mix import check_mix, is_mix, load_mix, parse_mix
 from cboprune.errors import CBOPruneError
-from cboprune.outputs import staged_file
+from cboprune.models.loading import hub_reachable
+from cboprune.outputs import cache_dir, staged_file
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +353,6 @@ def generate_calibration(model, tokenizer, settings: GenerationSettings = Genera
     parts = [model_fingerprint(model), prompts, asdict(settings)] + ([chat_template] if chat_template else [])
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
     template = chat_template or getattr(tokenizer, "chat_template", None)
-    from cboprune.outputs import cache_dir
 
     cache_file = cache_dir() / "calibration" / f"generated-{key}.jsonl"
     if cache_file.is_file():
@@ -402,7 +403,6 @@ def check_data(data: str | None) -> int | None:
     None for generated data and hub dataset names (checked when loaded)."""
     if data in (None, "", GENERATED):
         return None
-    from cboprune.data.mix import check_mix, is_mix
 
     if is_mix(data):
         check_mix(data)
@@ -435,7 +435,6 @@ def load_calibration(data: str | None, tokenizer, *, model=None, n_samples: int 
         check_chat_template(tokenizer, template, f"chat template {chat_template}")
     build = functools.partial(build_calibration, tokenizer=tokenizer, n_samples=n_samples, seq_len=seq_len,
                               seed=seed, chat_template=template)
-    from cboprune.data.mix import is_mix, load_mix, parse_mix
 
     if is_mix(data):
         def one(source, n):
@@ -458,7 +457,6 @@ def load_calibration(data: str | None, tokenizer, *, model=None, n_samples: int 
     except ImportError:
         raise CBOPruneError(f"{data!r} is not a local file and the `datasets` package is not installed "
                             "to fetch it from the hub: pass a local .jsonl/.json/.txt file") from None
-    from cboprune.models.loading import hub_reachable
 
     if not hub_reachable():
         raise CBOPruneError(f"calibration data {data!r}: the path does not exist and the hub is unreachable "

@@ -24,6 +24,7 @@ import torch
 from cboprune.errors import CBOPruneError
 from cboprune.evaluation import metrics as M
 from cboprune.evaluation.plan import TaskPlan, hub_access
+from cboprune.evaluation.scorer import default_max_length
 from cboprune.evaluation.tasks import GROUPS, TASKS, TaskSpec
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,6 @@ def evaluate_with_lm_eval(model: torch.nn.Module, tokenizer: Any, plan: TaskPlan
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from cboprune.evaluation.scorer import default_max_length
 
     if max_length is None and plan.local_lm_eval:
         max_length = default_max_length(model, tokenizer)

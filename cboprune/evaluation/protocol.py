@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cboprune.errors import CBOPruneError
+from cboprune.evaluation import evaluate
+from cboprune.evaluation.domains import check_heldout, evaluate_domains, resolve_domains
+from cboprune.evaluation.plan import plan_tasks
 
 DEFAULT_TASKS = "wikitext,arc_easy,hellaswag,piqa,winogrande"
 #: the metric a table cell shows, in order of preference
@@ -36,15 +39,12 @@ class EvalProtocol:
 
     def __post_init__(self) -> None:
         """Unknown task names, bad limits and missing evaluation data fail here, before any work."""
-        from cboprune.evaluation.plan import plan_tasks
 
         for name, value in (("--limit", self.limit), ("--ppl-limit", self.ppl_limit)):
             if value is not None and value < 1:
                 raise CBOPruneError(f"{name} must be a positive number of items, got {value}")
         self._domains = []
         if self.domains:
-            from cboprune.evaluation.domains import resolve_domains
-
             if self.domain_limit < 1:
                 raise CBOPruneError(f"--domain-limit must be a positive number of items, got {self.domain_limit}")
             self._domains = resolve_domains(self.domains, data=self.data, data_dir=self.data_dir)
@@ -65,7 +65,6 @@ class EvalProtocol:
 
     def evaluate(self, model, tokenizer) -> dict[str, Any]:
         """{"results": {task: entry}, "groups": ..., "config": {"seconds": ...}} for one model."""
-        from cboprune.evaluation import evaluate
 
         out: dict[str, Any] = {"results": {}, "groups": {}, "config": {}}
         for names, lim in ((self.ppl_tasks, self.ppl_limit), (self.other_tasks, self.limit)):
@@ -78,8 +77,6 @@ class EvalProtocol:
             out["groups"].update(res.get("groups", {}))
             out["config"]["seconds"] = round(out["config"].get("seconds", 0.0) + res["config"].get("seconds", 0.0), 2)
         if self._domains:
-            from cboprune.evaluation.domains import evaluate_domains
-
             out["domains"] = evaluate_domains(model, tokenizer, self._domains, limit=self.domain_limit,
                                               batch_size=self.batch_size, max_length=self.max_length, seed=self.seed,
                                               data_dir=self.data_dir, progress=self.progress)
@@ -90,8 +87,6 @@ class EvalProtocol:
     def check_heldout(self, calibration, heal_data: str | None = None) -> None:
         """The domains' held-out records never overlap those `calibration` read (see `domains.check_heldout`)."""
         if self._domains:
-            from cboprune.evaluation.domains import check_heldout
-
             check_heldout(self._domains, calibration, self.domain_limit, heal_data)
 
     def describe(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import torch
 from cboprune.errors import CBOPruneError
 from cboprune.evaluation import metrics as M
 from cboprune.evaluation.data import wikitext_detokenize
+from cboprune.evaluation.lm_eval_bridge import evaluate_with_lm_eval
 from cboprune.evaluation.plan import TaskPlan, plan_tasks
 from cboprune.evaluation.scorer import Scorer
 from cboprune.evaluation.tasks import GROUPS, TaskSpec
@@ -76,8 +77,6 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, tasks: str | list[str] | Ta
                                            max_length=max_length, stride=stride, log_samples=log_samples,
                                            progress=progress, share_prefix=share_prefix))
         if plan.uses_lm_eval:
-            from cboprune.evaluation.lm_eval_bridge import evaluate_with_lm_eval
-
             parts.append(evaluate_with_lm_eval(model, tokenizer, plan, limit=limit, num_fewshot=num_fewshot,
                                                batch_size=batch_size, seed=seed, max_length=max_length,
                                                log_samples=log_samples, apply_chat_template=apply_chat_template))

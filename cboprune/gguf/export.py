@@ -261,7 +261,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, *, outtype: str = "q8_0
     """Write the HF checkpoint directory `checkpoint` as one GGUF file `out` (atomically)."""
     import gguf
 
-    from cboprune import __version__
+    from cboprune.version import __version__
     from cboprune.models.loading import check_checkpoint_dir
 
     outtype = outtype.lower()

@@ -157,7 +157,7 @@ def _provenance_fields(plan: PrunePlan) -> dict[str, tuple[Any, Any]]:
     """Our metadata: key -> (value, GGUF value type or (ARRAY, sub type))."""
     from gguf import GGUFValueType as T
 
-    from cboprune import __version__
+    from cboprune.version import __version__
 
     p = plan.provenance
     v = plan.source.values

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from cboprune.errors import CBOPruneError
 from cboprune.heal.data import TokenizedSet
 from cboprune.heal.loss import SparseTeacher
+from cboprune.models.loading import resolve_model_source
 from cboprune.outputs import staged_file, write_json
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ def _hash_file_ends(path: Path, h) -> None:
 
 def teacher_fingerprint(teacher: str) -> str:
     """A cheap identity of the teacher's files: config and weight file names, sizes, first and last MiB."""
-    from cboprune.models.loading import resolve_model_source
 
     source, local_dir = resolve_model_source(teacher)
     h = hashlib.sha256()

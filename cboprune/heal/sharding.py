@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from cboprune.errors import CBOPruneError
+from cboprune.models.architectures import decoder_layers
 
 _ACCELERATE_FSDP = "ACCELERATE_USE_FSDP"
 
@@ -49,7 +50,6 @@ def shard_student(model, device: torch.device):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from cboprune.models.architectures import decoder_layers
 
     if not dist.is_initialized():
         raise CBOPruneError("--fsdp needs a process group: launch with torchrun or accelerate launch")
@@ -121,8 +121,11 @@ def _mismatch(model, weights: dict[str, torch.Tensor], trainable_names: list[str
 
 def _restore_sharded(model, optimizer, weights, optimizer_state, trainable_names, where) -> None:
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     bad = [_mismatch(model, weights, trainable_names) if weights is not None else None]
     dist.broadcast_object_list(bad, src=0)  # rank 0's verdict (a name or None), so every rank fails alike
@@ -143,6 +146,9 @@ def _restore_sharded(model, optimizer, weights, optimizer_state, trainable_names
 def gathered_weights(model) -> dict[str, torch.Tensor]:
     """The whole state dict of a sharded model on the main process's CPU (empty elsewhere).
     Collective: every rank must call."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

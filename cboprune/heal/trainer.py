@@ -27,17 +27,40 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from cboprune import __version__
+from cboprune import (
+    models,  # models.load_model: tests replace it to prove nothing loads early
+)
+from cboprune.data.calibration import check_seq_len
 from cboprune.errors import CBOPruneError, DivergedError
 from cboprune.finite import require_finite
 from cboprune.heal import recipe
-from cboprune.heal.data import TokenizedSet, load_distillation_data, read_distillation_items
+from cboprune.heal.cache import TeacherCache
+from cboprune.heal.data import (
+    TokenizedSet,
+    load_distillation_data,
+    read_distillation_items,
+)
 from cboprune.heal.loss import DistillationLoss, SparseTeacher, head_loss
-from cboprune.heal.sharding import (accelerate_without_fsdp, capture, fsdp_requested, gathered_weights, restore,
-                                   shard_student)
+from cboprune.heal.sharding import (
+    accelerate_without_fsdp,
+    capture,
+    fsdp_requested,
+    gathered_weights,
+    restore,
+    shard_student,
+)
 from cboprune.heal.state import read_state, read_state_meta, save_state
-from cboprune.models.surgery import write_checkpoint
-from cboprune.outputs import check_output_dir, clean_stale_staging, dumps_strict, is_main_process, read_json_object, staged_dir
+from cboprune.models.loading import load_config, resolve_model_source
+from cboprune.models.surgery import REMOVAL_FILE, write_checkpoint
+from cboprune.outputs import (
+    check_output_dir,
+    clean_stale_staging,
+    dumps_strict,
+    is_main_process,
+    read_json_object,
+    staged_dir,
+)
+from cboprune.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +227,6 @@ def _teacher_heldout_ce(cache, held: TokenizedSet) -> float:
 
 
 def _load_teacher(cfg: HealConfig, device: torch.device):
-    from cboprune.models import load_model
-
     use_4bit = cfg.teacher_4bit if cfg.teacher_4bit is not None else torch.cuda.is_available()
     if use_4bit:
         if not torch.cuda.is_available():
@@ -218,8 +239,6 @@ def _load_teacher(cfg: HealConfig, device: torch.device):
                 raise CBOPruneError("--teacher-4bit needs bitsandbytes: pip install bitsandbytes") from None
             log.warning("bitsandbytes is not installed: teacher loaded in bf16 instead of 4-bit NF4")
         else:
-            from cboprune.models.loading import resolve_model_source
-
             source, _ = resolve_model_source(cfg.teacher)
             quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                        bnb_4bit_compute_dtype=torch.bfloat16)
@@ -227,7 +246,7 @@ def _load_teacher(cfg: HealConfig, device: torch.device):
                                                          device_map={"": device.index or 0})
             return model.eval(), "nf4"
     dtype = "bfloat16" if device.type == "cuda" else "float32"
-    model = load_model(cfg.teacher, dtype=dtype, device=str(device)).model
+    model = models.load_model(cfg.teacher, dtype=dtype, device=str(device)).model
     for p in model.parameters():
         p.requires_grad_(False)
     return model, dtype
@@ -382,7 +401,6 @@ def _setup_teacher(cfg: HealConfig, accelerator, train: TokenizedSet, held: Toke
             return teacher_model, None, str(next(teacher_model.parameters()).dtype).removeprefix("torch.")
         model, precision = _load_teacher(cfg, device)
         return model, None, precision
-    from cboprune.heal.cache import TeacherCache
 
     def open_cache():
         return TeacherCache.for_run(cfg.teacher_cache, cfg.teacher, train, held, top_k=cfg.teacher_top_k,
@@ -611,8 +629,6 @@ def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[
     With `cfg.teacher_cache` the teacher's top-k outputs are computed once per sample into that
     directory and every later student healed on the same data reuses them (see heal.cache).
     """
-    from cboprune.models import load_model
-    from cboprune.models.surgery import REMOVAL_FILE
 
     if fsdp_requested(cfg.fsdp) and not cfg.fsdp:  # accelerate launch with an FSDP config
         cfg = replace(cfg, fsdp=True)
@@ -621,14 +637,12 @@ def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[
     resume_from = _resume_state(cfg, paths)
     logging_dir = _check_tracker(cfg)
     items = read_distillation_items(cfg.data)  # bad data: one line before any model loads
-    from cboprune.data.calibration import check_seq_len
-    from cboprune.models.loading import load_config
 
     check_seq_len(cfg.seq_len, load_config(cfg.student))  # positions past the context were never trained
     accelerator = _accelerator(cfg, logging_dir)
     device = accelerator.device
     torch.manual_seed(cfg.seed)
-    student_loaded = load_model(cfg.student, dtype="float32", device=str(device))
+    student_loaded = models.load_model(cfg.student, dtype="float32", device=str(device))
     student, tokenizer = student_loaded.model, student_loaded.tokenizer
     train, held = load_distillation_data(cfg.data, tokenizer, seq_len=cfg.seq_len,
                                          heldout_fraction=cfg.heldout_fraction, max_samples=cfg.max_samples,
@@ -689,7 +703,7 @@ def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[
         weights = gathered_weights(model)
         model = None
         if accelerator.is_main_process:
-            model = load_model(cfg.student, dtype="float32", device="cpu").model
+            model = models.load_model(cfg.student, dtype="float32", device="cpu").model
             model.load_state_dict(weights)
     if accelerator.is_main_process:
         student_removal = Path(student_loaded.checkpoint_dir or "") / REMOVAL_FILE

@@ -22,6 +22,10 @@ import torch
 import yaml
 from torch import nn
 
+from cboprune.models.architectures import resolve
+from cboprune.models.loading import resolve_dtype
+from cboprune.version import __version__
+
 log = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
@@ -70,8 +74,6 @@ def resolve_save_dtype(save_dtype: str | torch.dtype | None, model: nn.Module, p
     if isinstance(save_dtype, torch.dtype):
         return save_dtype
     if save_dtype not in (None, "auto"):
-        from cboprune.models.loading import resolve_dtype
-
         return resolve_dtype(save_dtype)
     found = source_dtype(provenance.get("source_model"))
     own = next(model.parameters()).dtype
@@ -162,7 +164,6 @@ def _params_before(model: nn.Module, provenance: dict[str, Any]) -> int | None:
     if isinstance(provenance.get("params_original"), int):
         return provenance["params_original"]
     try:  # exact when the kept blocks all have the same size (the removed ones then had it too)
-        from cboprune.models.architectures import resolve
 
         sizes = {sum(p.numel() for p in layer.parameters()) for layer in resolve(model)[2]}
     except Exception:  # noqa: BLE001
@@ -213,7 +214,6 @@ def _measured(provenance: dict[str, Any]) -> list[str]:
 def render_model_card(provenance: dict[str, Any], model: nn.Module | None = None, *,
                       dtype: torch.dtype | None = None, extra: dict[str, Any] | None = None) -> str:
     """The README.md text (YAML front matter + markdown) for a pruned checkpoint."""
-    from cboprune import __version__
 
     source = provenance.get("source_model")
     meta: dict[str, Any] = {**_source_card(source), **(extra or {})}

@@ -34,6 +34,7 @@ import torch
 
 from cboprune.distributed import check_device
 from cboprune.errors import CBOPruneError
+from cboprune.models.architectures import check_decoder_only
 from cboprune.outputs import cache_dir, staged_dir
 
 log = logging.getLogger(__name__)
@@ -286,7 +287,6 @@ def load_config(spec: str = DEFAULT_MODEL, *, trust_remote_code: bool = False):
 def _load_config(spec: str, source: str, local_dir: str | None, trust_remote_code: bool):
     from transformers import AutoConfig
 
-    from cboprune.models.architectures import check_decoder_only
 
     if _HUB["revision"] and local_dir is not None:
         raise CBOPruneError(f"--revision {_HUB['revision']} names a version of a hub model, but {spec!r} is a local "

@@ -29,9 +29,16 @@ import numba
 import numpy as np
 
 from cboprune.solvers import _kernels as kn
-from cboprune.solvers._bounds import (bound_view, depth_corrections, dnn_surrogate, optimize_shift,
-                                      relaxation_shifts, root_qp, row_values)
-from cboprune.solvers._problem import Problem
+from cboprune.solvers._bounds import (
+    bound_view,
+    depth_corrections,
+    dnn_surrogate,
+    optimize_shift,
+    relaxation_shifts,
+    root_qp,
+    row_values,
+)
+from cboprune.solvers._problem import Problem, free_sets_to_removed
 from cboprune.solvers.exhaustive import new_store, store_sets
 from cboprune.solvers.heuristics import run_tabu
 
@@ -246,7 +253,6 @@ def run_bnb(
         # the search could prune nothing among exact ties
         import itertools
 
-        from cboprune.solvers._problem import free_sets_to_removed
 
         sets = free_sets_to_removed(p, itertools.islice(itertools.combinations(range(n), m), k_eff))
         e = float(m * p.u[0] + m * (m - 1) * (off[0] if off.size else 0.0)) if n else 0.0
