@@ -153,3 +153,46 @@ def test_the_suite_wide_nan_scan_finds_nan_literals(tmp_path):
     assert len(found) == 2 and any("bad.json" in f for f in found) and any("bad.md" in f for f in found)
     for bad in ("bad.json", "bad.md"):
         (tmp_path / bad).unlink()
+
+
+def _tiny_family(path, model_type: str):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from cboprune.models.loading import resolve_model_source
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source("default")[0])
+    kw = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, sliding_window=8,
+              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+              eos_token_id=tokenizer.eos_token_id)
+    extra = {"gemma2": dict(head_dim=16), "qwen2": dict(use_sliding_window=True, max_window_layers=2),
+             "qwen3": dict(head_dim=16, use_sliding_window=True, max_window_layers=2), "mistral": {}}[model_type]
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **kw, **extra)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "qwen2"])  # qwen3 and mistral checked once too (finite)
+def test_other_families_with_sliding_layers_evaluate_finite_after_a_heal(model_type, shared_data, tmp_path):
+    """The other families whose configs carry sliding-window layers: a pruned, healed checkpoint's
+    held-out NLL on right-padded batches (samples shorter than the window and longer) is finite."""
+    from cboprune.data.calibration import load_calibration
+    from cboprune.heal import HealConfig, heal
+    from cboprune.masked import calibration_nll
+    from cboprune.models import load_model
+    from cboprune.models.surgery import remove_blocks, save_pruned
+
+    teacher = _tiny_family(tmp_path / "teacher", model_type)
+    loaded = load_model(str(teacher), dtype="float32")
+    save_pruned(remove_blocks(loaded.model, [1]), loaded.tokenizer, tmp_path / "student", {"removed": [1]})
+    data = str(shared_data / "calib" / "alpaca_en_demo.json")
+    heal(HealConfig(student=str(tmp_path / "student"), teacher=str(teacher), data=data,
+                    output_dir=str(tmp_path / "healed"), seq_len=32, micro_batch_size=2, global_batch_size=2,
+                    max_steps=1, learning_rate=1e-3, max_samples=4, heldout_samples=2), progress=False)
+    healed = load_model(str(tmp_path / "healed"), dtype="float32")
+    samples = load_calibration(data, healed.tokenizer, n_samples=6, seq_len=160)
+    lengths = samples.attention_mask.sum(dim=1)
+    assert int(lengths.min()) < 160 and int(lengths.max()) > 8  # padded rows, and rows past the window
+    assert math.isfinite(calibration_nll(healed.model, samples, batch_size=3))
