@@ -171,11 +171,11 @@ def _tokenizer_fields(path: Path, size: int, mtime: float) -> tuple[tuple[str, A
     process (parsing ~100k token strings takes seconds)."""
     from gguf import GGUFValueType as T
 
-    from cboprune.gguf.prune import open_gguf
+    from cboprune.gguf.prune import read_gguf
 
-    source = open_gguf(path)
-    return tuple((key, source.values[key], field.types[0], field.types[-1] if field.types[0] == T.ARRAY else None)
-                 for key, field in source.reader.fields.items() if key.startswith("tokenizer."))
+    _, reader, values = read_gguf(path)  # a model or a vocabulary-only GGUF
+    return tuple((key, values[key], field.types[0], field.types[-1] if field.types[0] == T.ARRAY else None)
+                 for key, field in reader.fields.items() if key.startswith("tokenizer."))
 
 
 def _copy_tokenizer(writer: Any, tokenizer_gguf: Path, n_vocab: int) -> None:

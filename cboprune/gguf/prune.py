@@ -74,9 +74,9 @@ def _text(raw: bytes) -> str | bytes:
         return raw  # written back as the same bytes
 
 
-def open_gguf(path: str | Path) -> GGUFModel:
-    """Open and check a GGUF file: the magic, a header that parses, every tensor inside the file,
-    `general.architecture` and `<arch>.block_count`. One-line errors; nothing is read twice."""
+def read_gguf(path: str | Path) -> tuple[Path, Any, dict[str, Any]]:
+    """(path, GGUFReader, metadata values) of any GGUF (a model, or a vocabulary-only file), after
+    the magic, a header that parses and every tensor inside the file are checked. One line each."""
     from gguf import GGUFReader
 
     from cboprune.models.loading import check_gguf
@@ -96,6 +96,13 @@ def open_gguf(path: str | Path) -> GGUFModel:
             raise CBOPruneError(f"GGUF file {path} is truncated: tensor {t.name} ends at byte {end} but the file has "
                                 f"{size}; re-download it")
     values = {k: field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return path, reader, values
+
+
+def open_gguf(path: str | Path) -> GGUFModel:
+    """Open and check a GGUF model file (`read_gguf`, then `general.architecture`,
+    `<arch>.block_count` and every block tensor's index). One-line errors."""
+    path, reader, values = read_gguf(path)
     arch = values.get("general.architecture")
     if not isinstance(arch, str) or not arch:
         raise CBOPruneError(f"GGUF file {path} has no general.architecture: it is not a model file")
@@ -275,5 +282,5 @@ def prune_gguf(source: str | Path | GGUFModel, removed: Sequence[int], out: str 
     return write_gguf(plan, out_path, overwrite=overwrite)
 
 
-__all__ = ["GGUFModel", "NAMESPACE", "PrunePlan", "check_removal", "field_value", "open_gguf", "plan_prune",
+__all__ = ["GGUFModel", "NAMESPACE", "PrunePlan", "check_removal", "field_value", "open_gguf", "plan_prune", "read_gguf",
            "prune_gguf", "renamed_tensors", "sha256_file", "write_gguf"]
