@@ -285,6 +285,8 @@ def test_cli_prune_to_gguf_and_its_errors(tmp_path, exported, capsys):
     from cboprune.cli import main
 
     src = exported["qwen3"]["q8_0"]
+    assert main(["prune", "--model", str(src), "--blocks", "1", "--output", str(src), "--overwrite"]) == 2
+    assert "is the source GGUF" in capsys.readouterr().err
     assert main(["prune", "--model", str(src), "--blocks", "1,3", "--output", str(tmp_path / "p.gguf")]) == 0
     assert "removed blocks [1, 3] of 6 (qwen3)" in capsys.readouterr().out
     assert open_gguf(tmp_path / "p.gguf").n_blocks == 4
@@ -354,6 +356,29 @@ def test_export_refuses_an_unknown_family_in_one_line(tmp_path):
     assert _nothing_written(tmp_path, "g.gguf")
     with pytest.raises(CBOPruneError, match="outtype"):
         export_gguf(tmp_path / "gpt2", tmp_path / "g.gguf", outtype="q4_k")
+
+
+def test_cli_export(tmp_path, tiny_checkpoints, tiny_tokenizer, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from cboprune.cli import main
+
+    out = tmp_path / "q.gguf"
+    assert main(["export", str(tiny_checkpoints["qwen2"]), "-o", str(out), "--outtype", "f16",
+                 "--tokenizer-gguf", str(tiny_tokenizer)]) == 0
+    assert "(f16," in capsys.readouterr().out
+    m = open_gguf(out)
+    assert m.arch == "qwen2" and {t.tensor_type.name for t in m.reader.tensors} == {"F32", "F16"}
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    capsys.readouterr()  # save_pretrained's progress bar
+    for argv, words in (([str(tmp_path / "gpt2"), "-o", str(tmp_path / "g.gguf")], "'gpt2' family"),
+                        ([str(tmp_path / "nowhere"), "-o", str(tmp_path / "g.gguf")], "no config.json"),
+                        ([str(tiny_checkpoints["qwen2"]), "-o", str(out)], "exists"),
+                        ([str(tiny_checkpoints["qwen2"]), "-o", str(tmp_path / "g.bin")], "ends with .gguf")):
+        assert main(["export", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("cboprune: error:") and words in err and "\n" not in err, err
+    assert not (tmp_path / "g.gguf").exists()
 
 
 # ----------------------------------------------------------------------------- llama.cpp, the consumer

@@ -68,6 +68,8 @@ def prune_to_gguf(args: argparse.Namespace) -> int:
         raise CBOPruneError(f"--output {args.output} writes a GGUF from a GGUF --model, but {model} is not one: "
                             f"prune to a checkpoint (--output-dir DIR), then `cboprune export DIR -o {args.output}`")
     out = check_output_file(args.output, args.overwrite or False)
+    if out.exists() and source_path.exists() and out.resolve() == source_path.resolve():
+        raise CBOPruneError(f"--output {out} is the source GGUF: write the pruned model to another path")
     t0 = time.perf_counter()
     source = open_gguf(source_path)
     method, energy, rank = "manual", None, None
