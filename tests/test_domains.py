@@ -64,6 +64,9 @@ def test_domain_scores_have_standard_errors_and_depend_on_the_model(tokenizer, s
         m = a[name]["metrics"]
         assert a[name]["n"] == 6 and m["gold_ll"] < 0 and 1 <= m["gold_rank"] <= 4
         assert a[name]["stderr"]["gold_ll"] > 0 and 0 <= m["acc"] <= 1
+        assert m["gold_choice_lp"] < 0
+        if name == "mmlu":  # distinct answers: their probabilities sum to less than one
+            assert m["gold_ll"] < m["gold_choice_lp"]
         assert m["gold_ll"] != b[name]["metrics"]["gold_ll"]
 
 

@@ -15,8 +15,9 @@ Three kinds of domain, each scored per item so that every number has a standard 
   calibration source: the `wiki` calibration is the separate wiki_demo.txt). Same scores.
 - choice (`mmlu`, `arc_easy`, `arc_challenge`, `hellaswag`, `piqa`, `winogrande`): zero-shot items
   (MMLU: round-robin over its 57 subjects, with each subject's description), scored by the
-  log-likelihood of the gold answer (`gold_ll`, nats, higher is better), its rank among the
-  choices (`gold_rank`, 1 = first), and `acc`. Far less noisy than accuracy at a few hundred items.
+  log-likelihood of the gold answer (`gold_ll`, nats, higher is better), the same normalized over
+  the choices (`gold_choice_lp`, log P(gold | one of the choices)), its rank among the choices
+  (`gold_rank`, 1 = first), and `acc`. Far less noisy than accuracy at a few hundred items.
 
 Every document is cut to its first `DOC_CHARS` characters, so a domain's cost is predictable.
 `limit` items per domain (default 200).
@@ -25,6 +26,7 @@ Every document is cut to its first `DOC_CHARS` characters, so a domain's cost is
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
 import time
@@ -195,12 +197,16 @@ def score_choices(scorer, items: list[tuple[Any, dict]]) -> dict[str, Any]:
         else:
             groups.append([(spec.description + spec.text(doc), spec.target_delimiter + c) for c in spec.choices(doc)])
     scored = scorer.loglikelihood_groups(groups, desc="domain")
-    values: dict[str, list[float]] = {"gold_ll": [], "gold_rank": [], "acc": []}
+    values: dict[str, list[float]] = {"gold_ll": [], "gold_choice_lp": [], "gold_rank": [], "acc": []}
     for (spec, doc), res in zip(items, scored):
         lls = [r.logprob for r in res]
         gold = lls[spec.gold(doc)]
         rank = 1 + sum(ll > gold for ll in lls)
+        top = max(lls)
         values["gold_ll"].append(gold)
+        # log P(gold | one of the choices): blind to the mass a model puts outside the choices, which
+        # moves gold_ll on MMLU's one-letter answers (a pruned model can raise it by flattening)
+        values["gold_choice_lp"].append(gold - top - math.log(sum(math.exp(ll - top) for ll in lls)))
         values["gold_rank"].append(float(rank))
         values["acc"].append(float(rank == 1))
     return {**_summary(values), "items": values["gold_ll"]}
