@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="every energy model and peer on one model: energy vs held-out loss, "
                                      "verified picks, evaluated alike")
     _add_config(p, "study")
-    p.set_defaults(func=_handler("cboprune.study", "run_study_command"))
+    p.set_defaults(func=_handler("cboprune.domain_study", "run_study_command"))  # with --calibrations: many studies
     return parser
 
 

@@ -23,6 +23,9 @@ registry (`cboprune.methods`).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -41,12 +44,88 @@ HESSIAN_VARIANTS = {
 }
 AUTOCAST_NAMES = ("bfloat16", "bf16", "float16", "fp16")
 MERGE_RULES = ("difference", "reference-code")
+SOLVER_METHODS = ("auto", "exact", "enumerate", "tabu", "tempering")
 REPAIR_OBJECTIVES = {
     "lstsq": "ridge least squares on the hidden state leaving the run",
     "cosine": "token-normalized least squares (each token weighted by 1/||target||^2), a closed-form "
               "surrogate of the cosine distance",
 }
 REPAIR_RIDGE = 1e-4
+
+
+# ----------------------------------------------------------------------------- the --data grammar
+# A weighted mix of calibration sources, `a.json:0.7,b.txt:0.3` (cboprune.data.mix builds it):
+# parsed here, without torch, so that a bad mix is one line before anything loads.
+
+GENERATED_NAMES = ("generated", "builtin")
+
+
+@dataclass(frozen=True)
+class MixSource:
+    spec: str  # a file path or "generated"
+    weight: float  # normalized: the weights of a mix sum to 1
+
+    @property
+    def generated(self) -> bool:
+        return self.spec in GENERATED_NAMES
+
+    @property
+    def name(self) -> str:
+        """A short domain name: the file's stem, or `generated`."""
+        return "generated" if self.generated else Path(self.spec).stem
+
+
+def is_mix(data: str | None) -> bool:
+    """Whether `data` is a mix spec (a comma, or a `:weight` suffix) rather than one path or name."""
+    if not data:
+        return False
+    if "," in data:
+        return True
+    head, sep, tail = data.rpartition(":")
+    return bool(sep and head) and _number(tail) is not None and not Path(data).exists()
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def parse_mix(data: str) -> list[MixSource]:
+    """The sources of a mix spec, weights normalized; every problem in one line."""
+    parts = [p.strip() for p in data.split(",")]
+    if not any(parts):
+        raise CBOPruneError(f"--data {data!r} is an empty mix: pass sources with weights, e.g. "
+                            "--data a.json:0.7,b.txt:0.3")
+    problems, sources = [], []
+    for part in parts:
+        if not part:
+            problems.append("an empty entry (two commas, or a trailing one)")
+            continue
+        spec, sep, weight_text = part.rpartition(":")
+        weight = _number(weight_text) if sep else None
+        if not sep or not spec:
+            problems.append(f"{part!r} has no weight (write {part}:0.5)")
+            continue
+        if weight is None or not math.isfinite(weight) or weight <= 0:
+            problems.append(f"{part!r}: the weight {weight_text!r} is not a positive number")
+            continue
+        spec = "generated" if spec in GENERATED_NAMES else spec
+        if spec != "generated":
+            path = Path(spec).expanduser()
+            if not path.is_file():
+                problems.append(f"{spec} is not a file (a mix takes local .jsonl/.json/.txt files and 'generated')")
+                continue
+            spec = str(path)
+        if any(s.spec == spec for s in sources):
+            problems.append(f"{spec} is listed twice")
+            continue
+        sources.append(MixSource(spec, weight))
+    if problems:
+        raise CBOPruneError(f"--data {data!r}: " + "; ".join(problems))
+    total = sum(s.weight for s in sources)
+    return [MixSource(s.spec, s.weight / total) for s in sources]
 
 
 def _opt(default: Any, help: str, section: str, *, kind: str = "", minimum: float | None = None,
@@ -282,7 +361,6 @@ class Config:
             raise CBOPruneError("invalid configuration: " + "; ".join(errors))
 
     def _check_relations(self, used: set[str]) -> list[str]:
-        from cboprune.solvers import METHODS as SOLVERS
 
         errors = []
         if "device" in used and isinstance(self.device, str):
@@ -315,8 +393,8 @@ class Config:
             errors.append(f"hessian_variant must be one of {', '.join(HESSIAN_VARIANTS)}, got {self.hessian_variant!r}")
         if "autocast" in used and self.autocast not in (None, "none", *AUTOCAST_NAMES):
             errors.append(f"autocast must be bfloat16 or float16 (or unset), got {self.autocast!r}")
-        if "solver" in used and self.solver not in SOLVERS:
-            errors.append(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        if "solver" in used and self.solver not in SOLVER_METHODS:
+            errors.append(f"solver must be one of {', '.join(SOLVER_METHODS)}, got {self.solver!r}")
         if "save_dtype" in used and self.save_dtype not in (None, "float32", "bfloat16", "float16"):
             errors.append(f"--save-dtype must be float32, bfloat16 or float16, got {self.save_dtype!r}")
         if "diverse" in used and self.diverse is not None and not 0 <= self.diverse < 1:
@@ -331,8 +409,6 @@ class Config:
                 and not Path(self.heal_data or self.data).is_file():
             errors.append("--heal-candidates heals on a local file: pass --heal-data FILE (or --data FILE), or "
                           "--heal-candidates 0")
-        from cboprune.data.mix import is_mix, parse_mix
-
         for spec in ([self.data] if "data" in used else []) + list(
                 (self.calibrations or []) if "calibrations" in used and isinstance(self.calibrations, list) else []):
             if isinstance(spec, str) and is_mix(spec):
@@ -378,9 +454,6 @@ class Config:
         staging directory), so later runs on the same data reuse them (None without the flag)."""
         if not self.heal_teacher_cache:
             return None
-        import hashlib
-        import json
-
         out = Path(self.output_dir)
         # One subdirectory per teacher/data/length/split, so that a rerun with other healing data does
         # not meet a cache computed for different samples.

@@ -18,6 +18,7 @@ so a long run can be read while it goes. Selections and pre-heal evaluations are
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import re
@@ -25,12 +26,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from cboprune.config import config_from_args
+from cboprune.data.mix import is_mix, parse_mix
+from cboprune.evaluation.domains import (
+    HEADLINE,
+    headline,
+    paired_difference,
+    text_loss_summary,
+)
+from cboprune.outputs import check_output_dir, staged_dir, staged_file
+from cboprune.report.tables import markdown_table
+from cboprune.study import _label, run_study
+
 log = logging.getLogger(__name__)
 
 
 def slug(spec: str | None) -> str:
     """A directory name for a calibration spec: `alpaca_en_demo`, `generated`, `mix-alpaca_en_demo-50-c4_demo-50`."""
-    from cboprune.data.mix import is_mix, parse_mix
 
     if not spec or spec in ("generated", "builtin"):
         return "generated"
@@ -54,7 +66,6 @@ class Cell:
 
 def collect(study, calibration: str, seed: int) -> list[Cell]:
     """The cells of one finished study (every distinct configuration, named by its method)."""
-    from cboprune.study import _label
 
     rec = study.meta["recommended"]
     steps = (study.meta.get("healing") or {}).get("steps") or []
@@ -73,24 +84,18 @@ def collect(study, calibration: str, seed: int) -> list[Cell]:
 
 
 def _value(domains: dict[str, Any] | None, name: str) -> float | None:
-    from cboprune.evaluation.domains import headline
-
     if not domains or name not in domains:
         return None
     return headline(domains[name])[1]
 
 
 def _mean_text(domains: dict[str, Any] | None) -> float | None:
-    from cboprune.evaluation.domains import text_loss_summary
-
     return text_loss_summary(domains or {})[0]
 
 
 def cross_tables(cells: list[Cell], steps: list[int]) -> str:
     """Per M and heal budget: rows calibration x method, one column per domain (the mean over heal
     seeds, Δ = the spread between them), then the verdict and the variance split."""
-    from cboprune.evaluation.domains import HEADLINE
-    from cboprune.report.tables import markdown_table
 
     names: list[str] = []
     kinds: dict[str, str] = {}
@@ -138,7 +143,6 @@ def cross_tables(cells: list[Cell], steps: list[int]) -> str:
 def _verdict(summary, names, kinds) -> list[str]:
     """Per calibration: does the default beat the best other method on every domain (a difference
     counts only beyond the larger of the two seed spreads)?"""
-    from cboprune.evaluation.domains import HEADLINE
 
     lines = []
     for cal in dict.fromkeys(c for c, _ in summary):
@@ -173,7 +177,6 @@ def _verdict(summary, names, kinds) -> list[str]:
 
 def _paired(a: Cell, b: Cell, name: str) -> str:
     """', paired standard error x' of the first seed's difference on the same items, when known."""
-    from cboprune.evaluation.domains import paired_difference
 
     step = next(iter(a.after), None)
     da, db = (a.after.get(step) or {}).get(name), (b.after.get(step) or {}).get(name)
@@ -209,8 +212,6 @@ def _variance_split(summary) -> list[str]:
 
 def run_domain_study(cfg, *, progress: bool = True) -> Path:
     """Every calibration of `cfg.calibrations` x every heal seed: one study each, then the table."""
-    from cboprune.outputs import check_output_dir, staged_dir, staged_file
-    from cboprune.study import run_study
 
     out = check_output_dir(cfg.output_dir, cfg.overwrite)
     runs = out.with_name(out.name + ".runs")
@@ -251,3 +252,15 @@ def _page(cfg, cells: list[Cell], steps: list[int], seconds: dict[str, float], *
         head.append("**In progress**: the studies not listed above have not finished.\n")
     return "\n".join(head) + "\n" + cross_tables(cells, steps)
 
+
+def run_study_command(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args, "study")
+    if cfg.calibrations:  # the calibration axis: one study per calibration and heal seed, one table
+        out = run_domain_study(cfg, progress=not getattr(args, "quiet", False))
+        print((out / "domains.md").read_text(encoding="utf-8"))
+        print(f"wrote {out}")
+        return 0
+    result = run_study(cfg, progress=not getattr(args, "quiet", False))
+    print((result.output_dir / "study.md").read_text(encoding="utf-8"))
+    print(f"wrote {result.output_dir}")
+    return 0

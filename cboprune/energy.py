@@ -25,7 +25,6 @@ real loss best is measured by `cboprune study` (docs/study.md).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from cboprune.errors import CBOPruneError
 from cboprune.hessian import compute_hessian
 from cboprune.masked import configurations_nll, n_blocks
 from cboprune.methods import PAPER, RECOMMENDED, Recommendation  # noqa: F401 (their old home)
-from cboprune.ranking import Ranking
+from cboprune.ranking import Ranking, contiguous_runs, spearman  # noqa: F401 (also their old home)
 from cboprune.solvers import solve
 
 if TYPE_CHECKING:
@@ -98,12 +97,6 @@ class EnergyModel:
         ranking.info["energy_model"] = self.name
         ranking.info.update({f"energy_{k}": v for k, v in self.info.items()})
         return ranking
-
-
-def contiguous_runs(removed: Sequence[int]) -> int:
-    """How many maximal runs of consecutive block indices `removed` forms (the gaps the kept model has)."""
-    ordered = sorted(set(int(i) for i in removed))
-    return sum(1 for a, b in zip([None] + ordered, ordered) if a is None or b != a + 1)
 
 
 def with_run_cost(model: EnergyModel, cost: float) -> EnergyModel:
@@ -218,10 +211,3 @@ def relinearized_rankings(model: torch.nn.Module, calibration: CalibrationSet, r
         log.info("re-linearization: expanding again with blocks %s removed", list(removed))
 
 
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation (average ranks for ties); NaN with fewer than 3 points or no spread."""
-    from scipy.stats import spearmanr
-
-    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return math.nan
-    return float(spearmanr(a, b).statistic)

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 from cboprune import heal as healing
 from cboprune import masked, methods, models
-from cboprune.energy import spearman
 from cboprune.errors import DivergedError
 from cboprune.evaluation.protocol import mean_accuracy, primary_scores
 from cboprune.experiment import (
@@ -35,6 +34,7 @@ from cboprune.finite import metric_cell, require_finite
 from cboprune.heal.recipe import HealRecipe
 from cboprune.heal.trainer import STATE_SUFFIX
 from cboprune.models.surgery import save_pruned
+from cboprune.ranking import spearman
 from cboprune.repair.comparison import repair_entries, repaired_copy
 from cboprune.report.tables import markdown_table
 from cboprune.resume import StepCache, heal_state, weights_fingerprint

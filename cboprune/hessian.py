@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,12 +45,14 @@ from tqdm.auto import tqdm
 
 from cboprune import distributed
 from cboprune.config import AUTOCAST_NAMES, HESSIAN_VARIANTS
-from cboprune.data.calibration import CalibrationSet
 from cboprune.errors import CBOPruneError
 from cboprune.gating import GateManager, broadcast_gate
 from cboprune.models.architectures import blocks, decoder_layers
 from cboprune.models.forward_loss import per_sample_loss
 from cboprune.outputs import check_output_file, dumps_strict, staged_file
+
+if TYPE_CHECKING:
+    from cboprune.data.calibration import CalibrationSet
 
 log = logging.getLogger(__name__)
 

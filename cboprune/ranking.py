@@ -8,8 +8,12 @@ report, surgery and evaluation consume only this type, so they never special-cas
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
 
 from cboprune.errors import CBOPruneError
 
@@ -146,3 +150,18 @@ class Entry:
     @property
     def base(self) -> str:
         return self.method.split(":")[0].split("+")[0]
+
+
+def contiguous_runs(removed: Sequence[int]) -> int:
+    """How many maximal runs of consecutive block indices `removed` forms (the gaps the kept model has)."""
+    ordered = sorted(set(int(i) for i in removed))
+    return sum(1 for a, b in zip([None] + ordered, ordered) if a is None or b != a + 1)
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN with fewer than 3 points or no spread."""
+    from scipy.stats import spearmanr
+
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    return float(spearmanr(a, b).statistic)

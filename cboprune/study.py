@@ -18,7 +18,6 @@ For one model and several M, on one calibration set split into a fitting part an
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import time
@@ -27,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from cboprune import methods as registry
-from cboprune.config import config_from_args
-from cboprune.domain_study import run_domain_study
 from cboprune.energies.hybrid import single_fraction
 from cboprune.energy import RECOMMENDED
 from cboprune.engine import start_experiment
@@ -404,16 +401,3 @@ def write_outputs(result: StudyResult, rankings_by_model: dict[str, list],
 
 
 # ----------------------------------------------------------------------------- CLI
-
-def run_study_command(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, "study")
-    if cfg.calibrations:  # the calibration axis: one study per calibration and heal seed, one table
-
-        out = run_domain_study(cfg, progress=not getattr(args, "quiet", False))
-        print((out / "domains.md").read_text(encoding="utf-8"))
-        print(f"wrote {out}")
-        return 0
-    result = run_study(cfg, progress=not getattr(args, "quiet", False))
-    print((result.output_dir / "study.md").read_text(encoding="utf-8"))
-    print(f"wrote {result.output_dir}")
-    return 0

@@ -25,9 +25,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cboprune.data.mix import by_domain, target_tokens
-from cboprune.energy import contiguous_runs, spearman
 from cboprune.masked import configurations_nll
-from cboprune.ranking import Candidate, Ranking
+from cboprune.ranking import Candidate, Ranking, contiguous_runs, spearman
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from cboprune.data.mix import check_mix, is_mix, load_mix, parse_mix
+from cboprune.config import MixSource, is_mix, parse_mix
 from cboprune.errors import CBOPruneError
 from cboprune.models.loading import hub_reachable
 from cboprune.outputs import cache_dir, staged_file
@@ -467,3 +468,63 @@ def load_calibration(data: str | None, tokenizer, *, model=None, n_samples: int 
         raise CBOPruneError(f"cannot load dataset {data!r} from the hub ({type(exc).__name__}); offline? "
                             "pass a local .jsonl/.json/.txt file") from None
     return build(list(ds), source=f"hub:{data}:{split}")
+
+
+# ----------------------------------------------------------------------------- a weighted mix of sources
+# (`--data a.json:0.7,b.txt:0.3`; the grammar is cboprune.config's, the per-domain analysis cboprune.data.mix's)
+
+def check_mix(data: str) -> list[MixSource]:
+    """Parse the mix and read every file (valid JSON, known record fields, not empty), no model needed."""
+    sources = parse_mix(data)
+    for s in sources:
+        if not s.generated:
+            check_data(s.spec)
+    return sources
+
+
+def allocate(weights: list[float], n: int) -> list[int]:
+    """Sample counts for `weights` summing to n: largest remainder, each source at least one."""
+    if n < len(weights):
+        raise CBOPruneError(f"a mix of {len(weights)} sources needs at least {len(weights)} samples, got {n}: "
+                            "raise --n-samples")
+    counts = [1] * len(weights)
+    rest = n - len(weights)
+    exact = [w * rest for w in weights]
+    counts = [c + math.floor(e) for c, e in zip(counts, exact)]
+    left = n - sum(counts)
+    for i in sorted(range(len(weights)), key=lambda i: -(exact[i] - math.floor(exact[i])))[:left]:
+        counts[i] += 1
+    return counts
+
+
+def interleave(counts: list[int]) -> list[tuple[int, int]]:
+    """(source, k-th sample of it) in an order whose every prefix holds the sources in proportion:
+    sample k of source i sits at (k + 1/2) / counts[i] of the way through."""
+    slots = [((k + 0.5) / c, i, k) for i, c in enumerate(counts) for k in range(c)]
+    return [(i, k) for _, i, k in sorted(slots)]
+
+
+def load_mix(sources: list[MixSource], build_one, n_samples: int):
+    """One CalibrationSet from the sources: `build_one(source, n)` builds n samples of one source
+    (as `load_calibration` would for it alone)."""
+    counts = allocate([s.weight for s in sources], n_samples)
+    parts = [build_one(s, n) for s, n in zip(sources, counts)]
+    width = max(p.input_ids.shape[1] for p in parts)
+    if any(p.input_ids.shape[1] != width for p in parts):
+        raise CBOPruneError("the sources of a mix gave samples of different lengths")  # never: all pad to seq_len
+    order = [(i, k) for i, k in interleave([p.n_samples for p in parts])]
+    ids = torch.stack([parts[i].input_ids[k] for i, k in order])
+    mask = torch.stack([parts[i].attention_mask[k] for i, k in order])
+    names = [s.name for s in sources]
+    if len(set(names)) < len(names):  # two files with one stem: the full paths tell them apart
+        names = [s.spec for s in sources]
+    info: dict[str, Any] = {
+        "kind": "mix", "seed": parts[0].info.get("seed"),
+        "sources": [{"source": p.source, "name": name, "weight": round(s.weight, 6), "n_samples": p.n_samples,
+                     "kind": p.info.get("kind"), **({"records_used": p.info["records_used"],
+                                                     "records_total": p.info["records_total"]}
+                                                    if "records_used" in p.info else {})}
+                    for s, p, name in zip(sources, parts, names)],
+        "domains": [names[i] for i, _ in order]}
+    spec = ",".join(f"{s.spec}:{s.weight:g}" for s in sources)
+    return CalibrationSet(ids, mask, source=f"mix({spec})", info=info)

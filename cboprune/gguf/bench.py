@@ -151,16 +151,16 @@ def markdown_report(report: dict[str, Any]) -> str:
         types = ", ".join(f"{k} × {v}" for k, v in sorted(m["tensor_types"].items()))
         lines.append(f"| {name} | {m['blocks']} | {m['file_bytes'] / 2**20:.1f} | {types} |")
     s, mach = report["settings"], report["machine"]
-    lines += ["", f"**llama.cpp** (llama-cpp-python {mach['llama_cpp_python']}, {mach['threads']} threads, CPU) — "
-              f"median (min–max) of {s['repeats']} repetitions, {s['new_tokens']} generated tokens", "",
+    lines += ["", (f"**llama.cpp** (llama-cpp-python {mach['llama_cpp_python']}, {mach['threads']} threads, CPU) — "
+                   f"median (min–max) of {s['repeats']} repetitions, {s['new_tokens']} generated tokens"), "",
               "| model | prompt L | prompt tok/s | generation tok/s | prompt speed-up | generation speed-up |",
               "|---|---:|---:|---:|---:|---:|"]
     for r in report["runs"]:
         up = [_cell(r[k], "{:.2f}") + "×" if k in r else "1" for k in ("prompt_speedup", "generation_speedup")]
         lines.append(f"| {r['model']} | {r['length']} | {_cell(r['prompt_tokens_per_s'])} "
                      f"| {_cell(r['generation_tokens_per_s'])} | {up[0]} | {up[1]} |")
-    lines += ["", f"{mach['cpu_count']} CPUs, load average {mach['load_average_before'][0]} → "
-              f"{mach['load_average_after'][0]}; {mach['seconds']} s", ""]
+    lines += ["", (f"{mach['cpu_count']} CPUs, load average {mach['load_average_before'][0]} → "
+                   f"{mach['load_average_after'][0]}; {mach['seconds']} s"), ""]
     return "\n".join(lines)
 
 

@@ -261,8 +261,8 @@ def export_gguf(checkpoint: str | Path, out: str | Path, *, outtype: str = "q8_0
     """Write the HF checkpoint directory `checkpoint` as one GGUF file `out` (atomically)."""
     import gguf
 
-    from cboprune.version import __version__
     from cboprune.models.loading import check_checkpoint_dir
+    from cboprune.version import __version__
 
     outtype = outtype.lower()
     if outtype not in OUTTYPES:

@@ -146,4 +146,4 @@ def _positive(value: object) -> bool:
         return False
 
 
-__all__ = ["ARCHITECTURES", "DEPTH_IMPLIED", "IndexRule", "PER_LAYER_KEYS", "check_architecture", "plan_metadata"]
+__all__ = ["ARCHITECTURES", "DEPTH_IMPLIED", "PER_LAYER_KEYS", "IndexRule", "check_architecture", "plan_metadata"]

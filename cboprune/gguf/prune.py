@@ -87,7 +87,7 @@ def read_gguf(path: str | Path) -> tuple[Path, Any, dict[str, Any]]:
     check_gguf(path)
     try:
         reader = GGUFReader(path, "r")
-    except Exception as exc:  # the reader raises ValueError, IndexError, struct errors ... on a damaged header
+    except Exception as exc:  # noqa: BLE001  (the reader raises ValueError, IndexError, ... on a damaged header)
         raise CBOPruneError(f"GGUF file {path} is corrupt or truncated ({_first_line(exc)}): re-download it") from None
     size = path.stat().st_size
     for t in reader.tensors:
@@ -202,7 +202,7 @@ def _copy_fields(writer: Any, plan: PrunePlan) -> None:
 
     reader = plan.source.reader
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture" or key.startswith(f"{NAMESPACE}."):
+        if key.startswith(("GGUF.", f"{NAMESPACE}.")) or key == "general.architecture":
             continue  # the writer adds the header and the architecture; old provenance is replaced
         value = plan.metadata[key] if key in plan.metadata else plan.source.values[key]
         if value is None:
@@ -282,5 +282,17 @@ def prune_gguf(source: str | Path | GGUFModel, removed: Sequence[int], out: str 
     return write_gguf(plan, out_path, overwrite=overwrite)
 
 
-__all__ = ["GGUFModel", "NAMESPACE", "PrunePlan", "check_removal", "field_value", "open_gguf", "plan_prune", "read_gguf",
-           "prune_gguf", "renamed_tensors", "sha256_file", "write_gguf"]
+__all__ = [
+    "NAMESPACE",
+    "GGUFModel",
+    "PrunePlan",
+    "check_removal",
+    "field_value",
+    "open_gguf",
+    "plan_prune",
+    "prune_gguf",
+    "read_gguf",
+    "renamed_tensors",
+    "sha256_file",
+    "write_gguf",
+]

@@ -9,16 +9,17 @@ from typing import Any
 
 import numpy as np
 
+from cboprune.config import SOLVER_METHODS
 from cboprune.ranking import Ranking
-from cboprune.solvers._problem import Problem, finalize, make_problem
 from cboprune.solvers._bounds import relaxation_shifts, root_qp, row_values
+from cboprune.solvers._problem import Problem, finalize, make_problem
 from cboprune.solvers.bnb import run_bnb
 from cboprune.solvers.exhaustive import run_enumeration
 from cboprune.solvers.heuristics import run_tabu, run_tempering
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("auto", "exact", "enumerate", "tabu", "tempering")
+METHODS = SOLVER_METHODS
 #: "auto" enumerates when the feasible space has at most this many states.
 AUTO_ENUMERATE_MAX = 2_000_000
 #: "auto" budget (seconds) when neither time_limit nor node_limit is given.
