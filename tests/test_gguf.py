@@ -440,12 +440,11 @@ def test_llama_cpp_runs_the_export_and_the_pruned_export(family, llama_cpp, tiny
 
 @pytest.mark.llama_cpp
 def test_healed_checkpoint_exports_to_q8_0_and_runs_in_llama_cpp(llama_cpp, shared_data, tmp_path):
+    from conftest import save_tiny_checkpoint
     from transformers import AutoModelForCausalLM
 
     from cboprune.heal import HealConfig, heal
     from cboprune.models.surgery import remove_blocks, save_pruned
-
-    from conftest import save_tiny_checkpoint
 
     teacher = save_tiny_checkpoint(tmp_path / "teacher", n_layers=4)
     from transformers import AutoTokenizer
@@ -510,9 +509,8 @@ def test_bench_engine_llama_cpp(llama_cpp, exported, tmp_path, capsys):
 
 def test_export_without_a_source_gguf_reads_tokenizer_json(tmp_path):
     """No GGUF to copy the tokenizer from: gguf.vocab reads tokenizer.json (ids, merges, specials)."""
-    from transformers import AutoTokenizer
-
     from conftest import save_tiny_checkpoint
+    from transformers import AutoTokenizer
 
     ckpt = save_tiny_checkpoint(tmp_path / "tiny", n_layers=2)
     out = open_gguf(export_gguf(ckpt, tmp_path / "t.gguf", outtype="f16"))
