@@ -22,6 +22,11 @@ from typing import Any
 import numpy as np
 
 from cboprune.errors import CBOPruneError
+from cboprune.evaluation.results import output_paths
+from cboprune.gguf.prune import open_gguf
+from cboprune.gguf.runner import last_logits, llama_cpp_module, open_llama
+from cboprune.models.loading import DEFAULT_MODEL, default_gguf_path
+from cboprune.outputs import dumps_strict, write_texts
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +62,6 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 def _time_one(llm: Any, prompt: list[int], new_tokens: int) -> tuple[float, float]:
     """(prompt seconds, generation seconds) of one run from an empty KV cache."""
-    from cboprune.gguf.runner import last_logits
-
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(prompt)
@@ -70,9 +73,6 @@ def _time_one(llm: Any, prompt: list[int], new_tokens: int) -> tuple[float, floa
 
 def bench_gguf(paths: Sequence[str | Path], settings: LlamaBenchSettings | None = None) -> dict[str, Any]:
     """Measure every GGUF file (the first is the reference) in llama.cpp on the CPU."""
-    from cboprune.gguf.prune import open_gguf
-    from cboprune.gguf.runner import open_llama
-
     settings = settings or LlamaBenchSettings()
     settings.check()
     if len(paths) < 2:
@@ -169,9 +169,6 @@ def run_llama_bench(args: Any) -> int:
     import shlex
     import sys
 
-    from cboprune.gguf.runner import llama_cpp_module
-    from cboprune.models.loading import DEFAULT_MODEL, default_gguf_path
-
     not_here = [flag for flag, value in (("--batch-sizes", args.batch_sizes != (1, 8)), ("--device", args.device),
                                          ("--no-memory", args.no_memory), ("--dtype", args.dtype != "float32"))
                 if value]
@@ -188,7 +185,6 @@ def run_llama_bench(args: Any) -> int:
                             "with `cboprune export DIR -o FILE.gguf`)")
     targets = None
     if args.output:
-        from cboprune.evaluation.results import output_paths
 
         targets = output_paths(args.output, overwrite=args.overwrite)
     llama_cpp_module()
@@ -198,7 +194,6 @@ def run_llama_bench(args: Any) -> int:
     text = markdown_report(report)
     print(text)
     if targets:
-        from cboprune.outputs import dumps_strict, write_texts
 
         write_texts([(targets[0], dumps_strict(report, indent=2) + "\n"), (targets[1], text)])
         print(f"wrote {targets[0]} and {targets[1]}")

@@ -12,7 +12,7 @@ from cboprune.errors import CBOPruneError
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `export` subcommand's arguments on `parser`."""
-    from cboprune.gguf.export import OUTTYPES
+    from cboprune.gguf import OUTTYPES
 
     parser.add_argument("checkpoint", help="a Hugging Face checkpoint directory (pruned, healed, or any)")
     parser.add_argument("--output", "-o", required=True, metavar="FILE.gguf", help="the GGUF file to write")

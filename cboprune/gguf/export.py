@@ -30,11 +30,14 @@ from typing import Any
 import numpy as np
 
 from cboprune.errors import CBOPruneError
+from cboprune.gguf import OUTTYPES
+from cboprune.gguf.prune import read_gguf
+from cboprune.models.loading import DEFAULT_MODEL, check_checkpoint_dir, default_gguf_path
 from cboprune.outputs import check_output_file, staged_file
+from cboprune.version import __version__
 
 log = logging.getLogger(__name__)
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 @dataclass(frozen=True)
@@ -149,8 +152,6 @@ def _check_expressible(config: Any, family: Family) -> None:
 
 def _source_gguf(checkpoint: Path) -> Path | None:
     """The GGUF the checkpoint came from, per its removal.json (`default` or a .gguf path), if any."""
-    from cboprune.models.loading import DEFAULT_MODEL, default_gguf_path
-
     removal = checkpoint / "removal.json"
     if not removal.is_file():
         return None
@@ -170,8 +171,6 @@ def _tokenizer_fields(path: Path, size: int, mtime: float) -> tuple[tuple[str, A
     """(key, value, value type, array sub type) of every tokenizer.* key of a GGUF, read once per
     process (parsing ~100k token strings takes seconds)."""
     from gguf import GGUFValueType as T
-
-    from cboprune.gguf.prune import read_gguf
 
     _, reader, values = read_gguf(path)  # a model or a vocabulary-only GGUF
     return tuple((key, values[key], field.types[0], field.types[-1] if field.types[0] == T.ARRAY else None)
@@ -260,9 +259,6 @@ def export_gguf(checkpoint: str | Path, out: str | Path, *, outtype: str = "q8_0
                 tokenizer_gguf: str | Path | None = None, overwrite: bool = False) -> Path:
     """Write the HF checkpoint directory `checkpoint` as one GGUF file `out` (atomically)."""
     import gguf
-
-    from cboprune.models.loading import check_checkpoint_dir
-    from cboprune.version import __version__
 
     outtype = outtype.lower()
     if outtype not in OUTTYPES:

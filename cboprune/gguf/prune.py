@@ -26,7 +26,9 @@ import numpy as np
 
 from cboprune.errors import CBOPruneError
 from cboprune.gguf.layout import plan_metadata
+from cboprune.models.loading import check_gguf
 from cboprune.outputs import check_output_file, staged_file
+from cboprune.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +80,6 @@ def read_gguf(path: str | Path) -> tuple[Path, Any, dict[str, Any]]:
     """(path, GGUFReader, metadata values) of any GGUF (a model, or a vocabulary-only file), after
     the magic, a header that parses and every tensor inside the file are checked. One line each."""
     from gguf import GGUFReader
-
-    from cboprune.models.loading import check_gguf
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -163,8 +163,6 @@ def plan_prune(source: GGUFModel, removed: Sequence[int], provenance: dict[str, 
 def _provenance_fields(plan: PrunePlan) -> dict[str, tuple[Any, Any]]:
     """Our metadata: key -> (value, GGUF value type or (ARRAY, sub type))."""
     from gguf import GGUFValueType as T
-
-    from cboprune.version import __version__
 
     p = plan.provenance
     v = plan.source.values

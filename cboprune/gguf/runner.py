@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from cboprune.errors import CBOPruneError
+from cboprune.gguf.prune import open_gguf
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ def open_llama(path: str | Path, *, n_ctx: int = 512, n_threads: int | None = No
     """A `llama_cpp.Llama` on the CPU for `path`, closed afterwards. A file llama.cpp refuses
     (bad metadata, missing tensors) is one line, with llama.cpp's own reason kept in the log."""
     llama_cpp = llama_cpp_module()
-    from cboprune.gguf.prune import open_gguf
 
     source = open_gguf(path)  # our checks first: one line for a damaged or foreign file
     threads = n_threads or os.cpu_count() or 1
