@@ -23,15 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cboprune import methods
 from cboprune import methods as registry
 from cboprune.config import config_from_args
 from cboprune.engine import start_experiment
 from cboprune.evaluation.domains import domain_markdown
 from cboprune.evaluation.protocol import primary_metric
-from cboprune.experiment import energy_entries, entry_dict, peer_entries
+from cboprune.experiment import cost_of, energy_entries, entry_dict, peer_entries
 from cboprune.finite import metric_cell
-from cboprune.healing_study import cost_of, healing_markdown
+from cboprune.healing_study import healing_markdown
+from cboprune.methods import entry_label
 from cboprune.outputs import dumps_strict
 from cboprune.ranking import Entry
 from cboprune.repair.comparison import repair_markdown
@@ -40,14 +40,6 @@ from cboprune.report.tables import markdown_table, write_csv
 from cboprune.resume import entries_from_state, entries_state
 
 log = logging.getLogger(__name__)
-
-
-def label(method: str) -> str:
-    """Table label of an entry name: "cbo:1" -> "CBO:1", "bi-iter" -> "BI iterative"."""
-
-    base, _, rank = method.partition(":")
-    text = "CBO" if base == "cbo" else methods.get(base).label
-    return text + (f":{rank}" if rank else "")
 
 
 @dataclass
@@ -136,7 +128,7 @@ def table_rows(result: CompareResult) -> tuple[list[str], list[list[str]]]:
     rows = [["0", f"original ({result.meta['model']})", *cells(result.baseline, result.baseline.get("calib_ppl")),
              "—", "1.00", "—", "—"]]
     for e in result.entries:
-        rows.append([str(e.n_remove), label(e.method) + (f" (= {e.same_as})" if e.same_as else ""),
+        rows.append([str(e.n_remove), entry_label(e.method) + (f" (= {e.same_as})" if e.same_as else ""),
                      *cells(e.eval, _calib_ppl(e)),
                      f"{e.speedup['params_removed_fraction']:.1%}" if e.speedup else "—",
                      f"{e.speedup['prefill_speedup']:.2f}" if e.speedup else "—",
@@ -163,7 +155,7 @@ def block_rows(result: CompareResult) -> tuple[list[str], list[list[str]]]:
             order = _fmt_list(info["order"])
         else:
             order = ""
-        rows.append([str(e.n_remove), label(e.method), _fmt_list(e.candidate.removed), order,
+        rows.append([str(e.n_remove), entry_label(e.method), _fmt_list(e.candidate.removed), order,
                      _fmt_list(e.candidate.merged) if e.candidate.merged else "", f"{e.candidate.score:.6g}"])
     return header, rows
 
@@ -177,7 +169,7 @@ def plot_comparison(result: CompareResult, path: str | Path) -> Path:
     import numpy as np
 
     n = result.meta["n_blocks"]
-    labels = [f"M={e.n_remove} {label(e.method)}" for e in result.entries]
+    labels = [f"M={e.n_remove} {entry_label(e.method)}" for e in result.entries]
     grid = np.zeros((len(result.entries), n))
     for r, e in enumerate(result.entries):
         grid[r, list(e.candidate.removed)] = 1.0
@@ -237,15 +229,15 @@ def write_outputs(result: CompareResult, directory: Path | None = None) -> dict[
     plot_comparison(result, paths["plot"])
     if result.meta.get("repair"):
         paths["repair_md"] = out / "repair.md"
-        paths["repair_md"].write_text(repair_markdown(result.entries, result.meta, label), encoding="utf-8")
+        paths["repair_md"].write_text(repair_markdown(result.entries, result.meta, entry_label), encoding="utf-8")
     if result.baseline.get("domains"):
         paths["domains_md"] = out / "domains.md"
-        paths["domains_md"].write_text(domain_markdown(result.entries, result.baseline, label,
+        paths["domains_md"].write_text(domain_markdown(result.entries, result.baseline, entry_label,
                                                        (result.meta.get("healing") or {}).get("steps")),
                                        encoding="utf-8")
     if result.meta.get("healing"):
         paths["healing_md"] = out / "healing.md"
-        paths["healing_md"].write_text(healing_markdown(result.entries, result.meta, label), encoding="utf-8")
+        paths["healing_md"].write_text(healing_markdown(result.entries, result.meta, entry_label), encoding="utf-8")
     data = {"meta": result.meta, "baseline": result.baseline,
             "entries": [entry_dict(e, "calib_ppl") for e in result.entries]}
     paths["json"].write_text(dumps_strict(data, indent=2, default=str) + "\n", encoding="utf-8")

@@ -34,9 +34,10 @@ from cboprune.evaluation.domains import (
     paired_difference,
     text_loss_summary,
 )
+from cboprune.methods import entry_label
 from cboprune.outputs import check_output_dir, staged_dir, staged_file
 from cboprune.report.tables import markdown_table
-from cboprune.study import _label, run_study
+from cboprune.study import run_study
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def collect(study, calibration: str, seed: int) -> list[Cell]:
         source = e
         if e.same_as is not None:  # the recommended pick equals another row's: its results are that row's
             source = next(x for x in study.entries if x.method == e.same_as and x.n_remove == e.n_remove)
-        cells.append(Cell(calibration, seed, e.method, _label(e.method), e.n_remove, list(e.candidate.removed),
+        cells.append(Cell(calibration, seed, e.method, entry_label(e.method), e.n_remove, list(e.candidate.removed),
                           source.eval.get("domains"),
                           {s: (source.healed.get(s) or {}).get("eval", {}).get("domains") for s in steps},
                           e.method == rec))

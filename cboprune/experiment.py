@@ -244,6 +244,27 @@ def energy_entries(name: str, context: SelectionContext, remove: Sequence[int], 
     return result
 
 
+def cost_of(entry: Entry, n_blocks: int, *, fit_tokens: int, heldout_tokens: int = 0,
+            options: dict[str, Any] | None = None) -> float:
+    """Selection cost in forward passes of the fitting set (tokens processed / fitting tokens): the
+    method's cost model plus, for `+verify`, the K held-out evaluations, for `+refine`, the swap
+    search's evaluations and, for `+judge`, the verification and the judge's heals (measured, from
+    the ranking's info)."""
+
+    cost = registry.get(entry.base).cost(n_blocks, entry.n_remove, **(options or {}))
+    ratio = heldout_tokens / max(fit_tokens, 1)
+    ver = entry.ranking.info.get("verification")
+    if any(s in entry.method for s in ("+verify", "+refine", "+judge")) and ver:
+        cost += len(ver["energies"]) * ratio
+    judge = entry.ranking.info.get("heal_judge")
+    if "+judge" in entry.method and judge:
+        cost += judge["forward_passes"]
+    ref = entry.ranking.info.get("refine")
+    if "+refine" in entry.method and ref:
+        cost += ref["evaluations"] - 1 + ratio  # swaps on the fitting set, the final check held out
+    return float(cost)
+
+
 def peer_entries(name: str, context: SelectionContext, remove: Sequence[int]) -> list[Entry]:
     """A peer criterion's configuration per M (shared passes charged to the first method that needs them)."""
     t0 = time.perf_counter()

@@ -7,7 +7,6 @@ evaluation as before healing.
                           are cached on disk by a fingerprint of (model, configuration, recipe,
                           evaluation), so an interrupted study continues where it stopped
     heal_table / heal_correlations   before/after tables and Spearman correlations per M
-    cost_of(entry, ...)   a method's selection cost in forward passes of the fitting set
 """
 
 from __future__ import annotations
@@ -183,27 +182,6 @@ def heal_and_repair(entries: Sequence[Entry], model, tokenizer, protocol: EvalPr
 
 
 # ----------------------------------------------------------------------------- cost
-
-def cost_of(entry: Entry, n_blocks: int, *, fit_tokens: int, heldout_tokens: int = 0,
-            options: dict[str, Any] | None = None) -> float:
-    """Selection cost in forward passes of the fitting set (tokens processed / fitting tokens): the
-    method's cost model plus, for `+verify`, the K held-out evaluations, for `+refine`, the swap
-    search's evaluations and, for `+judge`, the verification and the judge's heals (measured, from
-    the ranking's info)."""
-
-    cost = methods.get(entry.base).cost(n_blocks, entry.n_remove, **(options or {}))
-    ratio = heldout_tokens / max(fit_tokens, 1)
-    ver = entry.ranking.info.get("verification")
-    if any(s in entry.method for s in ("+verify", "+refine", "+judge")) and ver:
-        cost += len(ver["energies"]) * ratio
-    judge = entry.ranking.info.get("heal_judge")
-    if "+judge" in entry.method and judge:
-        cost += judge["forward_passes"]
-    ref = entry.ranking.info.get("refine")
-    if "+refine" in entry.method and ref:
-        cost += ref["evaluations"] - 1 + ratio  # swaps on the fitting set, the final check held out
-    return float(cost)
-
 
 # ----------------------------------------------------------------------------- tables
 

@@ -158,3 +158,19 @@ def method_table() -> str:
 
 def selection_cost(name: str, n_blocks: int, n_remove: int, **options: Any) -> float:
     return float(get(name).cost(n_blocks, n_remove, **options))
+
+
+def entry_label(method: str) -> str:
+    """The table label of a comparison row's method name, one rule for every table: "cbo:1" ->
+    "CBO:1" (compare's alias of the paper's energy), "fisher:0" -> "CBO fisher (paper) (ground state)",
+    "hybrid+verify" -> "... + verify", a peer -> its label ("bi-iter" -> "BI iterative")."""
+    base, _, rank = method.split("+")[0].partition(":")
+    if base == "cbo":
+        return "CBO" + (f":{rank}" if rank else "")
+    m = get(base)
+    if m.kind != ENERGY:
+        return m.label
+    suffix = (" + verify" if "+verify" in method else " + verify + refine" if "+refine" in method
+              else " + verify + short-heal judge" if "+judge" in method
+              else " (ground state)" if rank == "0" else f" (state {rank})")
+    return f"{m.label}{suffix}"

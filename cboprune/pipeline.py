@@ -29,8 +29,7 @@ from cboprune.data.calibration import CalibrationSet
 from cboprune.energies.hybrid import single_fraction
 from cboprune.energy import from_hessian
 from cboprune.errors import CBOPruneError
-from cboprune.experiment import SelectionContext, rank_states
-from cboprune.healing_study import cost_of
+from cboprune.experiment import SelectionContext, cost_of, rank_states
 from cboprune.hessian import HessianResult, compute_hessian, save_hessian
 from cboprune.judge import auto_candidates, judge_by_healing, judge_recipe
 from cboprune.methods import selection_cost

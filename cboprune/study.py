@@ -31,10 +31,17 @@ from cboprune.energy import RECOMMENDED
 from cboprune.engine import start_experiment
 from cboprune.evaluation.domains import domain_markdown
 from cboprune.evaluation.protocol import mean_accuracy, primary_metric, primary_scores
-from cboprune.experiment import EnergyResult, energy_entries, entry_dict, peer_entries
+from cboprune.experiment import (
+    EnergyResult,
+    cost_of,
+    energy_entries,
+    entry_dict,
+    peer_entries,
+)
 from cboprune.finite import metric_cell, metric_key
-from cboprune.healing_study import cost_of, healing_markdown
+from cboprune.healing_study import healing_markdown
 from cboprune.judge import auto_candidates, judge_by_healing
+from cboprune.methods import entry_label
 from cboprune.outputs import dumps_strict
 from cboprune.ranking import Entry, Ranking
 from cboprune.repair.comparison import repair_markdown
@@ -215,18 +222,6 @@ def _scores(result: StudyResult, evaluation: dict) -> tuple[dict[str, float], fl
     return primary_scores(evaluation), mean_accuracy(evaluation, _accuracy_tasks(result))
 
 
-def _label(method: str) -> str:
-    base = method.split(":")[0].split("+")[0]
-    m = registry.get(base)
-    if m.kind == registry.ENERGY:
-        rank = method.partition(":")[2]
-        suffix = (" + verify" if "+verify" in method else " + verify + refine" if "+refine" in method
-                  else " + verify + short-heal judge" if "+judge" in method
-                  else " (ground state)" if rank == "0" else f" (state {rank})")
-        return f"{m.label}{suffix}"
-    return m.label
-
-
 def _exp(nll: float | None) -> float | None:
     """Perplexity from a mean NLL; a diverged NLL stays diverged (inf), never an overflow error."""
     return None if nll is None else (math.exp(nll) if nll < 700 else math.inf)
@@ -251,8 +246,8 @@ def table_rows(result: StudyResult) -> tuple[list[str], list[list[str]]]:
     rows = [["0", f"original ({result.meta['model']})", "", *cells(result.baseline, result.baseline["heldout_nll"]),
              "—", "—"]]
     for e in result.entries:
-        label = _label(e.method) + (" **[recommended]**" if e.method == rec else "")
-        rows.append([str(e.n_remove), label + (f" (= {_label(e.same_as)})" if e.same_as else ""),
+        label = entry_label(e.method) + (" **[recommended]**" if e.method == rec else "")
+        rows.append([str(e.n_remove), label + (f" (= {entry_label(e.same_as)})" if e.same_as else ""),
                      "[" + ", ".join(map(str, e.candidate.removed)) + "]", *cells(e.eval, e.nll),
                      "—" if e.cost is None else f"{e.cost:.4g}", f"{e.selection_seconds:.1f}"])
     return header, rows
@@ -295,13 +290,13 @@ def verdict_rows(result: StudyResult) -> tuple[list[str], list[list[str]]]:
             best = min(peer_scores, key=lambda t: metric_key(t[1].get(ppl_task)))
             bv = best[1].get(ppl_task, math.nan)
             mv = vals.get(ppl_task, math.nan)
-            row += [f"{_label(best[0].method)} {bv:.2f}", f"{_verdict(bv - mv)} ({(mv / bv - 1) * 100:+.1f}%)"]
+            row += [f"{entry_label(best[0].method)} {bv:.2f}", f"{_verdict(bv - mv)} ({(mv / bv - 1) * 100:+.1f}%)"]
         else:
             row += ["—", "—"]
         accs = [t for t in peer_scores if t[2] is not None]
         if mean is not None and accs:
             best = max(accs, key=lambda t: t[2])
-            row += [f"{mean:.4f}", f"{_label(best[0].method)} {best[2]:.4f}",
+            row += [f"{mean:.4f}", f"{entry_label(best[0].method)} {best[2]:.4f}",
                     f"{_verdict(mean - best[2], ties_pass=True)} ({(mean - best[2]) * 100:+.2f} points)"]
         else:
             row += ["—", "—", "—"]
@@ -377,19 +372,19 @@ def write_outputs(result: StudyResult, rankings_by_model: dict[str, list],
             "Perplexity columns: lower is better; accuracy: acc_norm where the task reports it, else acc; "
             "mean acc is over the accuracy tasks.\n",
             "## Energy against held-out loss (Spearman ρ over the K verified states)\n", markdown_table(h2, r2),
-            f"## The recommended approach ({_label(meta['recommended'])}) against the peers\n",
+            f"## The recommended approach ({entry_label(meta['recommended'])}) against the peers\n",
             markdown_table(h3, r3) if r3 else "(the recommended approach or the peers were not part of this study)\n",
             *([meta["judge"] + "\n"] if meta.get("judge") else []),
             "## Figures\n", *[f"![{p.stem}]({p.name})\n" for key, p in paths.items() if p.suffix == ".png"]]
     if meta.get("repair"):
         paths["repair_md"] = out / "repair.md"
-        paths["repair_md"].write_text(repair_markdown(result.entries, meta, _label), encoding="utf-8")
+        paths["repair_md"].write_text(repair_markdown(result.entries, meta, entry_label), encoding="utf-8")
     if result.baseline.get("domains"):
-        text.insert(-1, domain_markdown(result.entries, result.baseline, _label,
+        text.insert(-1, domain_markdown(result.entries, result.baseline, entry_label,
                                         (meta.get("healing") or {}).get("steps")))
     if meta.get("healing"):
         paths["healing_md"] = out / "healing.md"
-        paths["healing_md"].write_text(healing_markdown(result.entries, meta, _label), encoding="utf-8")
+        paths["healing_md"].write_text(healing_markdown(result.entries, meta, entry_label), encoding="utf-8")
         text.insert(-1, "## After healing\n\nSee [healing.md](healing.md).\n")
     paths["md"].write_text("\n".join(text), encoding="utf-8")
     write_csv(paths["csv"], h1, r1)
