@@ -34,7 +34,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cboprune.data.calibration import (
+    check_data,
+    read_records,
+    records_to_messages,
+    render_chat,
+)
+from cboprune.data.mix import is_mix, parse_mix
 from cboprune.errors import CBOPruneError
+from cboprune.evaluation.data import read_text, resolve_eval_dir, wikitext_detokenize
+from cboprune.evaluation.metrics import mean_and_stderr
+from cboprune.evaluation.scorer import Scorer
+from cboprune.evaluation.tasks import resolve_tasks
+from cboprune.report.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +82,12 @@ class Domain:
 
 
 def _base_dir(data_dir: str | None) -> Path:
-    from cboprune.evaluation.data import resolve_eval_dir
-
     return resolve_eval_dir(data_dir).parent
 
 
 def resolve_domains(spec: str | list[str], *, data: str | None = None, data_dir: str | None = None) -> list[Domain]:
     """The domains of `spec` (comma-separated), every file read once so that a bad one fails now.
     `calib` stands for the calibration's own files (`data`, each source of a mix)."""
-    from cboprune.data.calibration import check_data
-    from cboprune.data.mix import is_mix, parse_mix
-    from cboprune.evaluation.tasks import resolve_tasks
 
     names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n and n.strip()]
     if not names:
@@ -131,7 +138,6 @@ def resolve_domains(spec: str | list[str], *, data: str | None = None, data_dir:
 def heldout_records(path: Path, seed: int) -> list:
     """The file's records in the calibration's order (the same filter and seeded shuffle as
     `build_calibration`), reversed: domain records are taken from this end."""
-    from cboprune.data.calibration import read_records, records_to_messages
 
     converted = records_to_messages(read_records(path), str(path))
     chats = [c for c in converted if not isinstance(c, str)]
@@ -141,15 +147,11 @@ def heldout_records(path: Path, seed: int) -> list:
 
 
 def record_texts(domain: Domain, tokenizer, limit: int, seed: int) -> list[str]:
-    from cboprune.data.calibration import render_chat
-
     items = heldout_records(domain.path, seed)[:limit]
     return [(c if isinstance(c, str) else render_chat(tokenizer, c))[:DOC_CHARS] for c in items]
 
 
 def wiki_paragraphs(path: Path, limit: int) -> list[str]:
-    from cboprune.evaluation.data import read_text, wikitext_detokenize
-
     text = read_text(path, "wiki").replace("\r\n", "\n")
     paragraphs = [p.strip() for p in text.split("\n") if len(p.strip()) >= MIN_PARAGRAPH_CHARS
                   and not re.match(r"^ ?=", p)]
@@ -169,8 +171,6 @@ def choice_items(domain: Domain, eval_dir: Path, limit: int) -> list[tuple[Any, 
 # ----------------------------------------------------------------------------- scoring
 
 def _summary(values: dict[str, list[float]], extra: dict[str, float] | None = None) -> dict[str, Any]:
-    from cboprune.evaluation.metrics import mean_and_stderr
-
     metrics, stderr = {}, {}
     for name, vals in values.items():
         metrics[name], stderr[name] = mean_and_stderr(vals)
@@ -216,8 +216,6 @@ def evaluate_domains(model, tokenizer, domains: list[Domain], *, limit: int = DE
                      max_length: int | None = None, seed: int = 0, data_dir: str | None = None,
                      progress: bool = False) -> dict[str, dict[str, Any]]:
     """{domain: {"kind", "metrics", "stderr", "n", "seconds"}} for one model."""
-    from cboprune.evaluation.data import resolve_eval_dir
-    from cboprune.evaluation.scorer import Scorer
 
     scorer = Scorer(model, tokenizer, batch_size=batch_size, max_length=max_length, progress=progress)
     was_training = model.training
@@ -243,7 +241,6 @@ def evaluate_domains(model, tokenizer, domains: list[Domain], *, limit: int = DE
 def check_heldout(domains: list[Domain], calibration, limit: int, heal_data: str | None = None) -> None:
     """Refuse a records domain whose held-out records could overlap those the calibration read (the
     same file, used + limit > total); warn when the healing trains on a domain's file."""
-    from cboprune.data.mix import parse_mix
 
     info = calibration.info
     sources = info.get("sources") or [{"source": calibration.source, **info}]
@@ -277,7 +274,6 @@ def headline(entry: dict[str, Any]) -> tuple[str, float, float | None, bool]:
 def paired_difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float | None]:
     """(mean of a − b over the same items, its standard error) for a domain's headline score; the
     plain difference of the means without a standard error when either lacks per-item values."""
-    from cboprune.evaluation.metrics import mean_and_stderr
 
     xa, xb = a.get("items"), b.get("items")
     if not xa or not xb or len(xa) != len(xb):
@@ -325,7 +321,6 @@ def domain_rows(rows: list[tuple[str, str, dict[str, dict[str, Any]] | None]]) -
 
 def domain_markdown(entries, baseline: dict[str, Any], label, heal_steps: list[int] | None = None) -> str:
     """Per-domain tables of a compare/study: before healing, and after each healing budget."""
-    from cboprune.report.tables import markdown_table
 
     if not baseline.get("domains"):
         return ""
