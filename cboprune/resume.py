@@ -17,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cboprune.outputs import staged_file
+from cboprune.outputs import dumps_strict, staged_file
 from cboprune.ranking import Candidate, Entry, Ranking
 
 
@@ -70,7 +71,7 @@ class StepCache:
         if path is None:
             return
         try:
-            text = json.dumps(value, indent=1, default=_plain)
+            text = dumps_strict(value, indent=1, default=_plain)  # NaN kept as null: strict JSON
         except (TypeError, ValueError) as exc:  # a value JSON cannot hold exactly: not kept, not corrupted
             log.warning("resume: a step could not be kept (%s): a rerun computes it again", exc)
             return
@@ -164,7 +165,10 @@ def evaluation_state(value: dict[str, Any], tasks: Sequence[str] = ()) -> dict[s
 
 
 def heal_state(value: dict[str, Any], tasks: Sequence[str] = ()) -> dict[str, Any]:
-    """A kept heal result: an evaluation plus the heal's cross-entropies (raises on another shape)."""
+    """A kept heal result: an evaluation plus the heal's cross-entropies (raises on another shape).
+    A diverged heal (its reason under "diverged") was kept with nulls: its losses come back as NaN."""
+    if isinstance(value.get("diverged"), str):
+        return {**value, **{k: math.nan for k in ("nll", "heal_ce", "heal_kl")}}
     evaluation_state(value, tasks)
     for key in ("heal_ce", "heal_ce_before", "teacher_ce", "heal_kl", "seconds"):
         _number(value.get(key))
