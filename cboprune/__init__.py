@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
+from cboprune.lazy import lazy_exports
 from cboprune.version import __version__
 
-
-def __getattr__(name: str):
-    # `import cboprune` stays light (the CLI's start-up): the in-memory API loads torch on first use
-    if name == "prune":
-        from cboprune.api import prune
-
-        return prune
-    raise AttributeError(f"module 'cboprune' has no attribute {name!r}")
-
+# `import cboprune` stays light (the CLI's start-up): the in-memory API loads torch on first use
+__getattr__ = lazy_exports(__name__, {"prune": "cboprune.api"})
 
 __all__ = ["__version__", "prune"]

@@ -21,7 +21,9 @@ import argparse
 import inspect
 import logging
 import os
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -34,6 +36,7 @@ from torch import nn
 from cboprune.data.calibration import model_context
 from cboprune.errors import CBOPruneError
 from cboprune.models.architectures import resolve
+from cboprune.outputs import dumps_strict, write_texts
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +55,8 @@ class BenchSettings:
     memory: bool = True  # one extra untimed pass per shape: KV cache size, CUDA peak memory
 
     def check(self) -> None:
-        problems = []
-        for name, values in (("--batch-sizes", self.batch_sizes), ("--lengths", self.lengths)):
-            if not values or any(v < 1 for v in values):
-                problems.append(f"{name} must be positive integers, got {','.join(map(str, values)) or 'nothing'}")
-        if self.new_tokens < 1:
-            problems.append(f"--new-tokens must be >= 1, got {self.new_tokens}")
-        if self.repeats < 1:
-            problems.append(f"--repeats must be >= 1, got {self.repeats}")
-        if self.warmup < 0:
-            problems.append(f"--warmup must be >= 0, got {self.warmup}")
+        problems = run_problems({"--batch-sizes": self.batch_sizes, "--lengths": self.lengths}, self.new_tokens,
+                                self.repeats, self.warmup)
         if problems:
             raise CBOPruneError("; ".join(problems))
 
@@ -366,5 +361,30 @@ def speedup_summary(original: torch.nn.Module, pruned: torch.nn.Module) -> dict[
     return {k: v for k, v in sp.items() if k not in ("runs",)}
 
 
+def run_problems(sizes: dict[str, Sequence[int]], new_tokens: int, repeats: int, warmup: int) -> list[str]:
+    """What is wrong with a timing run's settings (every engine of `cboprune bench`), one text each."""
+    problems = [f"{name} must be positive integers, got {','.join(map(str, values)) or 'nothing'}"
+                for name, values in sizes.items() if not values or any(v < 1 for v in values)]
+    if new_tokens < 1:
+        problems.append(f"--new-tokens must be >= 1, got {new_tokens}")
+    if repeats < 1:
+        problems.append(f"--repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        problems.append(f"--warmup must be >= 0, got {warmup}")
+    return problems
+
+
+def finish_report(report: dict[str, Any], text: str, models: Sequence[str], targets) -> int:
+    """Every engine's last step: the command that made the report, the markdown printed, and
+    OUTPUT.json + OUTPUT.md written together when --output was given."""
+    argv = sys.argv[1:]
+    report["command"] = "cboprune " + shlex.join(argv if argv[:1] == ["bench"] else ["bench", *models])
+    print(text)
+    if targets:
+        write_texts([(targets[0], dumps_strict(report, indent=2) + "\n"), (targets[1], text)])
+        print(f"wrote {targets[0]} and {targets[1]}")
+    return 0
+
+
 __all__ = ["BenchSettings", "bench_models", "disk_bytes", "markdown_report",
-           "measure_speedup", "memory_run", "model_stats", "speedup_summary", "tensor_bytes", "time_generation"]
+           "finish_report", "measure_speedup", "memory_run", "model_stats", "run_problems", "speedup_summary", "tensor_bytes", "time_generation"]

@@ -4,8 +4,6 @@ heavy (`cboprune --help` start-up); the handler loads the measurements of `cbopr
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 
 from cboprune.config import _int_list
@@ -42,7 +40,14 @@ def run_bench_command(args: argparse.Namespace) -> int:
     """Run `cboprune bench`: load the models, measure, print the markdown, write the files."""
     import torch
 
-    from cboprune.bench import BenchSettings, bench_models, default_devices, disk_bytes, markdown_report
+    from cboprune.bench import (
+        BenchSettings,
+        bench_models,
+        default_devices,
+        disk_bytes,
+        finish_report,
+        markdown_report,
+    )
     from cboprune.evaluation.results import output_paths
     from cboprune.models.loading import default_gguf_path, load_model, resolve_dtype
 
@@ -77,13 +82,4 @@ def run_bench_command(args: argparse.Namespace) -> int:
         gguf = default_gguf_path() if spec == "default" else Path(spec) if spec.endswith(".gguf") else None
         disk[name] = disk_bytes(gguf or loaded.checkpoint_dir)
     report = bench_models(models, settings, disk=disk)
-    argv = sys.argv[1:]
-    report["command"] = "cboprune " + shlex.join(argv if argv[:1] == ["bench"] else ["bench", *args.models])
-    text = markdown_report(report)
-    print(text)
-    if targets:
-        from cboprune.outputs import dumps_strict, write_texts
-
-        write_texts([(targets[0], dumps_strict(report, indent=2) + "\n"), (targets[1], text)])
-        print(f"wrote {targets[0]} and {targets[1]}")
-    return 0
+    return finish_report(report, markdown_report(report), args.models, targets)

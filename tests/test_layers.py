@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cboprune"
 
 #: bottom to top; a module belongs to the most specific pattern that matches it
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("cboprune.version", "cboprune.errors", "cboprune.finite", "cboprune.outputs", "cboprune.ranking",
+    ("foundation", ("cboprune.version", "cboprune.lazy", "cboprune.errors", "cboprune.finite", "cboprune.outputs", "cboprune.ranking",
                     "cboprune.methods", "cboprune.distributed")),
     ("configuration", ("cboprune.config", "cboprune.heal.recipe")),
     ("models and data", ("cboprune.models", "cboprune.models.*", "cboprune.gating", "cboprune.masked",
@@ -36,7 +36,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 #: `cboprune --help` and `cboprune methods` import these and must not pay for torch, transformers
 #: or numba, so each command's handler imports its machinery when it runs.
 LAZY = {
-    "cboprune": "start-up: `import cboprune` is light; `cboprune.prune` loads the API on first use",
     "cboprune.cli": "start-up: one handler per command imports what it runs",
     "cboprune.config": "start-up: validation consults torch-heavy checks only when it runs",
     "cboprune.methods": "start-up: the registry lists methods without importing their implementations",

@@ -12,8 +12,7 @@ before a model loads; `evaluate` accepts the plan it returns.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from cboprune.lazy import lazy_exports
 
 _EXPORTS = {**{n: "cboprune.evaluation.plan" for n in ("BACKENDS", "TaskPlan", "plan_tasks")},
             **{n: "cboprune.evaluation.results" for n in ("markdown_table", "output_paths", "to_lm_eval_schema",
@@ -24,12 +23,4 @@ _EXPORTS = {**{n: "cboprune.evaluation.plan" for n in ("BACKENDS", "TaskPlan", "
 __all__ = ["BACKENDS", "TaskPlan", "available_names", "check_eval_options", "evaluate", "markdown_table",
            "output_paths", "plan_tasks", "resolve_tasks", "to_lm_eval_schema", "write_results"]
 
-
-def __getattr__(name: str) -> Any:
-    # PEP 562: the names load on first use, so that a parser under this package (`cboprune.evaluation.cli`)
-    # imports without torch (`cboprune --help` start-up)
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'cboprune.evaluation' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)

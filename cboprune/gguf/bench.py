@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from cboprune.bench import finish_report, run_problems
 from cboprune.errors import CBOPruneError
 from cboprune.evaluation.results import output_paths
 from cboprune.gguf.prune import open_gguf
 from cboprune.gguf.runner import last_logits, llama_cpp_module, open_llama
 from cboprune.models.loading import DEFAULT_MODEL, default_gguf_path
-from cboprune.outputs import dumps_strict, write_texts
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +41,7 @@ class LlamaBenchSettings:
     seed: int = 0
 
     def check(self) -> None:
-        problems = []
-        if not self.lengths or any(v < 1 for v in self.lengths):
-            problems.append(f"--lengths must be positive integers, got {','.join(map(str, self.lengths)) or 'nothing'}")
-        if self.new_tokens < 1:
-            problems.append(f"--new-tokens must be >= 1, got {self.new_tokens}")
-        if self.repeats < 1:
-            problems.append(f"--repeats must be >= 1, got {self.repeats}")
-        if self.warmup < 0:
-            problems.append(f"--warmup must be >= 0, got {self.warmup}")
+        problems = run_problems({"--lengths": self.lengths}, self.new_tokens, self.repeats, self.warmup)
         if self.threads is not None and self.threads < 1:
             problems.append(f"--threads must be >= 1, got {self.threads}")
         if problems:
@@ -166,9 +158,6 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 def run_llama_bench(args: Any) -> int:
     """`cboprune bench --engine llama.cpp`: the `bench` command's flags that apply to llama.cpp."""
-    import shlex
-    import sys
-
     not_here = [flag for flag, value in (("--batch-sizes", args.batch_sizes != (1, 8)), ("--device", args.device),
                                          ("--no-memory", args.no_memory), ("--dtype", args.dtype != "float32"))
                 if value]
@@ -189,15 +178,7 @@ def run_llama_bench(args: Any) -> int:
         targets = output_paths(args.output, overwrite=args.overwrite)
     llama_cpp_module()
     report = bench_gguf(paths, settings)
-    argv = sys.argv[1:]
-    report["command"] = "cboprune " + shlex.join(argv if argv[:1] == ["bench"] else ["bench", *args.models])
-    text = markdown_report(report)
-    print(text)
-    if targets:
-
-        write_texts([(targets[0], dumps_strict(report, indent=2) + "\n"), (targets[1], text)])
-        print(f"wrote {targets[0]} and {targets[1]}")
-    return 0
+    return finish_report(report, markdown_report(report), args.models, targets)
 
 
 __all__ = ["LlamaBenchSettings", "bench_gguf", "markdown_report", "run_llama_bench"]

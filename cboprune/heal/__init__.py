@@ -6,18 +6,12 @@ layer and must import without torch, which the trainer needs.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from cboprune.lazy import lazy_exports
 
-_EXPORTS = {"TeacherCache": "cache", "DistillationLoss": "loss", "SparseTeacher": "loss", "HEALING_FILE": "trainer",
-            "HealConfig": "trainer", "heal": "trainer", "heldout_loss": "trainer"}
+_EXPORTS = {name: f"cboprune.heal.{module}" for name, module in (
+    ("TeacherCache", "cache"), ("DistillationLoss", "loss"), ("SparseTeacher", "loss"), ("HEALING_FILE", "trainer"),
+    ("HealConfig", "trainer"), ("heal", "trainer"), ("heldout_loss", "trainer"))}
 
 __all__ = ["HEALING_FILE", "DistillationLoss", "HealConfig", "SparseTeacher", "TeacherCache", "heal", "heldout_loss"]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'cboprune.heal' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"cboprune.heal.{_EXPORTS[name]}"), name)
-    globals()[name] = value  # later lookups (and monkeypatching) see a plain attribute
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
