@@ -4,40 +4,43 @@ heavy (`cboprune --help` start-up); the handler loads the measurements of `cbopr
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
-from cboprune.config import _int_list
+from cboprune.config import Config
 from cboprune.errors import CBOPruneError
+from cboprune.options import build, option, shared
 
 
-def _int_tuple(text: str) -> tuple[int, ...]:
-    return tuple(_int_list(text))
+@dataclass(kw_only=True)  # options in the order --help shows them, required or not
+class BenchOptions:
+    """The settings of `cboprune bench` (flags and YAML keys are generated from these declarations)."""
+    models: list[str] = option(help="the original ('default', a checkpoint directory, a .gguf file or a hub id), "
+                                    "then one or more pruned checkpoints (--engine llama.cpp: GGUF files)",
+                               kind="strs", positional=True, nargs="+", metavar="MODEL")
+    engine: str = option("torch", "torch (default: transformers in PyTorch) or llama.cpp (GGUF files as they are, "
+                                  "through llama-cpp-python; docs/gguf.md)", "measurement",
+                         choices=("torch", "llama.cpp"))
+    batch_sizes: list[int] = option(None, "comma-separated (default: 1,8)", "measurement", kind="ints",
+                                    factory=lambda: [1, 8])
+    lengths: list[int] = option(None, "prompt lengths in tokens (default: 128,512)", "measurement", kind="ints",
+                                factory=lambda: [128, 512])
+    new_tokens: int = option(32, "decode steps per run (default: 32)", "measurement", kind="int", minimum=1)
+    repeats: int = option(5, "timed repetitions per shape (default: 5)", "measurement", kind="int", minimum=1)
+    warmup: int = option(1, "untimed repetitions first (default: 1)", "measurement", kind="int", minimum=0)
+    device: str | None = option(None, "comma-separated, e.g. cpu,cuda (default: cpu, and cuda when present)",
+                                "model")
+    dtype: str = shared(Config, "dtype", help="every model runs in this dtype (default: float32)")
+    threads: int | None = option(None, "torch CPU threads (default: torch's)", "measurement", kind="int", minimum=1)
+    no_memory: bool = option(False, "skip the memory pass (KV cache, CUDA peak)", "measurement", kind="flag")
+    seed: int = shared(Config, "seed")
+    output: str | None = option(None, "write OUTPUT.json and OUTPUT.md", "output", aliases=("-o",))
+    overwrite: bool = option(False, "replace existing OUTPUT.json / OUTPUT.md", "output", kind="flag")
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the `bench` subcommand's arguments on `parser`."""
-    parser.add_argument("models", nargs="+", metavar="MODEL",
-                        help="the original ('default', a checkpoint directory, a .gguf file or a hub id), "
-                             "then one or more pruned checkpoints (--engine llama.cpp: GGUF files)")
-    parser.add_argument("--engine", default="torch", choices=("torch", "llama.cpp"),
-                        help="torch (default: transformers in PyTorch) or llama.cpp (GGUF files as they are, "
-                             "through llama-cpp-python; docs/gguf.md)")
-    parser.add_argument("--batch-sizes", type=_int_tuple, default=(1, 8), help="comma-separated (default: 1,8)")
-    parser.add_argument("--lengths", type=_int_tuple, default=(128, 512), help="prompt lengths in tokens (default: 128,512)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="decode steps per run (default: 32)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per shape (default: 5)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (default: 1)")
-    parser.add_argument("--device", default=None, help="comma-separated, e.g. cpu,cuda (default: cpu, and cuda when present)")
-    parser.add_argument("--dtype", default="float32", help="every model runs in this dtype (default: float32)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the memory pass (KV cache, CUDA peak)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", "-o", default=None, help="write OUTPUT.json and OUTPUT.md")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing OUTPUT.json / OUTPUT.md")
-
-
-def run_bench_command(args: argparse.Namespace) -> int:
+def run_bench_command(namespace: argparse.Namespace) -> int:
     """Run `cboprune bench`: load the models, measure, print the markdown, write the files."""
+    args = build(BenchOptions, namespace, "bench")
     import torch
 
     from cboprune.bench import (
@@ -59,12 +62,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
         return run_llama_bench(args)
     devices = tuple(d for d in (args.device or ",".join(default_devices())).replace(" ", "").split(",") if d)
-    settings = BenchSettings(batch_sizes=args.batch_sizes, lengths=args.lengths, new_tokens=args.new_tokens,
+    settings = BenchSettings(batch_sizes=tuple(args.batch_sizes), lengths=tuple(args.lengths), new_tokens=args.new_tokens,
                              repeats=args.repeats, warmup=args.warmup, devices=devices, seed=args.seed,
                              memory=not args.no_memory)
     settings.check()
-    if args.threads is not None and args.threads < 1:
-        raise CBOPruneError(f"--threads must be >= 1, got {args.threads}")
     for dev in devices:
         if dev.startswith("cuda") and not torch.cuda.is_available():
             raise CBOPruneError(f"--device {dev}: CUDA is not available here; use --device cpu")

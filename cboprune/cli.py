@@ -26,25 +26,31 @@ import sys
 from pathlib import Path
 
 from cboprune.version import __version__
-from cboprune.config import HUB_FIELDS, _int_list, add_config_arguments, add_hub_arguments, config_from_args, read_yaml
+from cboprune.config import HUB_FIELDS, Config, command_fields, config_from_args
+from cboprune.options import add_arguments, int_list, read_yaml
 from cboprune.errors import CBOPruneError
 
 log = logging.getLogger("cboprune")
 
 
-#: (command, module with add_<command>_arguments / run_<command>_command, help)
+#: (command, module with run_<command>_command, the module holding its option class, that class, help)
 _MODULE_COMMANDS = (
-    ("bench", "cboprune.bench_cli", "size and speed of pruned checkpoints next to the original"),
-    ("repair", "cboprune.repair.cli", "training-free linear repair of removed blocks, folded into the kept weights"),
-    ("eval", "cboprune.evaluation.cli", "perplexity and benchmarks (built-in or lm-eval backend)"),
-    ("heal", "cboprune.heal.cli", "knowledge-distillation retraining of a pruned checkpoint (LoRA option)"),
-    ("export", "cboprune.gguf.cli", "a Hugging Face checkpoint to GGUF (f16, bf16, q8_0) for llama.cpp"),
+    ("bench", "cboprune.bench_cli", "cboprune.bench_cli", "BenchOptions",
+     "size and speed of pruned checkpoints next to the original"),
+    ("repair", "cboprune.repair.cli", "cboprune.repair.cli", "RepairOptions",
+     "training-free linear repair of removed blocks, folded into the kept weights"),
+    ("eval", "cboprune.evaluation.cli", "cboprune.evaluation.cli", "EvalOptions",
+     "perplexity and benchmarks (built-in or lm-eval backend)"),
+    ("heal", "cboprune.heal.cli", "cboprune.heal.recipe", "HealConfig",
+     "knowledge-distillation retraining of a pruned checkpoint (LoRA option)"),
+    ("export", "cboprune.gguf.cli", "cboprune.gguf.cli", "ExportOptions",
+     "a Hugging Face checkpoint to GGUF (f16, bf16, q8_0) for llama.cpp"),
 )
 
 
 def _add_config(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--config", help="YAML file with this command's settings (flags override it)")
-    add_config_arguments(p, command)
+    add_arguments(p, Config, command_fields(command))
 
 
 def _handler(module: str, name: str):
@@ -62,7 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cboprune {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    parser.module_parsers = module_parsers = {}  # the commands whose module owns its arguments
 
     p = sub.add_parser("run", help="whole pipeline: Hessian, K lowest states per M, report, pruned checkpoints",
                        description="The paper's method: --energy fisher --no-verify --refine-sweeps 0.")
@@ -86,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="remove blocks and save a checkpoint that loads with from_pretrained")
     p.add_argument("--hessian", help="pick the state from this Hessian's ranking (with --remove M and --rank)")
     p.add_argument("--rank", type=int, default=0, help="which state of the ranking (0 = ground state)")
-    p.add_argument("--blocks", type=_int_list, help="explicit block indices to remove, e.g. 3,7,12")
+    p.add_argument("--blocks", type=int_list, help="explicit block indices to remove, e.g. 3,7,12")
     p.add_argument("--output", metavar="FILE.gguf", help="write a GGUF instead of a checkpoint: --model is a GGUF "
                    "whose kept blocks' quantized tensors are copied bit for bit (docs/gguf.md)")
     p.add_argument("--blocks-from", metavar="CHECKPOINT", help="with --output: remove the blocks a pruned or healed "
@@ -104,14 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_methods)
 
-    for name, module, help_ in _MODULE_COMMANDS:  # commands whose module owns its arguments (light modules)
-        mod = importlib.import_module(module)
+    for name, module, options_module, options_class, help_ in _MODULE_COMMANDS:  # their own option classes
         p = sub.add_parser(name, help=help_)
-        getattr(mod, f"add_{name}_arguments")(p)
-        add_hub_arguments(p)  # every one of them loads a model
+        add_arguments(p, getattr(importlib.import_module(options_module), options_class))
+        add_arguments(p, Config, HUB_FIELDS)  # every one of them loads a model
         p.add_argument("--config", metavar="FILE.yaml", help="settings from a YAML file: its keys are this "
                        "command's flags with underscores; flags given on the command line win")
-        module_parsers[name] = p
         p.set_defaults(func=_handler(module, f"run_{name}_command"))
 
     p = sub.add_parser("compare", help="CBO and its peers at equal M on the same calibration data, evaluated alike")
@@ -368,36 +371,9 @@ def _hub_settings(args: argparse.Namespace) -> dict:
             for name in HUB_FIELDS if hasattr(args, name)}
 
 
-def _preload_yaml(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """heal, eval, repair, bench, export: `--config FILE.yaml` supplies the command's flags (keys: the
-    flags with underscores; the Config commands read it through `Config.from_sources`); flags given
-    on the command line win. Read before parsing, so that a required flag may come from the file."""
-    command = next((a for a in argv if not a.startswith("-")), None)
-    sub = parser.module_parsers.get(command)
-    if sub is None:
-        return
-    path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None) or next(
-        (a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if path is None:
-        return
-    values = read_yaml(path)
-    options = {a.dest: a for a in sub._actions if a.option_strings and a.dest not in ("help", "config")}
-    unknown = sorted(set(values) - set(options))
-    if unknown:
-        raise CBOPruneError(f"unknown config keys {unknown} for `{command}`: valid keys are {', '.join(sorted(options))}")
-    for dest in values:
-        options[dest].required = False
-    sub.set_defaults(**values)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        _preload_yaml(parser, argv)
-    except CBOPruneError as exc:
-        print(f"cboprune: error: {exc}", file=sys.stderr)
-        return 2
     args = parser.parse_args(argv)
     _configure_logging(args.quiet)
     try:

@@ -11,7 +11,7 @@ option has one name, one help text and one default everywhere.
     comparison   methods, energies, peers, refine, cbo_ranks, swm_threshold, swm_rule
     evaluation   tasks, limit, ppl_limit, eval_batch_size, data_dir, max_length, include_path
     healing      heal, heal_data, heal_steps, heal_lr, heal_seq_len, heal_micro_batch_size,
-                 heal_global_batch_size, heal_lora, heal_teacher_cache, heal_keep, heal_states, heal_candidates,
+                 heal_global_batch_size, heal_heldout_samples, heal_lora, heal_teacher_cache, heal_keep, heal_states, heal_candidates,
                  judge_steps, repair
     output       output_dir, overwrite, speedup, save_dtype, save_ranks, save_remove
 
@@ -26,12 +26,14 @@ import argparse
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from cboprune import methods
 from cboprune.errors import CBOPruneError
+from cboprune.options import check, read_yaml, unknown_keys_error
+from cboprune.options import option as _opt
 from cboprune.heal import recipe as healing_defaults
 
 
@@ -126,15 +128,6 @@ def parse_mix(data: str) -> list[MixSource]:
         raise CBOPruneError(f"--data {data!r}: " + "; ".join(problems))
     total = sum(s.weight for s in sources)
     return [MixSource(s.spec, s.weight / total) for s in sources]
-
-
-def _opt(default: Any, help: str, section: str, *, kind: str = "", minimum: float | None = None,
-         metavar: str | None = None, factory: Any = None) -> Any:
-    """A config field: `kind` picks the flag's parser (int, float, str, bool, flag, ints, kinds, Ms)."""
-    meta = {"help": help, "section": section, "kind": kind, "minimum": minimum, "metavar": metavar}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 def _reads(option: str, names) -> bool:
@@ -251,7 +244,7 @@ class Config:
     data_dir: str | None = _opt(None, "folder holding eval/ (default: $CBOPRUNE_DATA_DIR, then ../shared/data)",
                                 "evaluation", kind="str")
     max_length: int | None = _opt(None, "evaluation context window (default: the model's, at most 2048)",
-                                  "evaluation", kind="int", minimum=1)
+                                  "evaluation", kind="int", minimum=2)  # a window predicts from at least one token
     include_path: str | None = _opt(None, "folder of your own lm-eval task YAMLs (any task lm-eval knows is "
                                           "accepted in --tasks)", "evaluation", kind="str")
     domains: str | None = _opt(None, "held-out domains every configuration is also scored on, each reported "
@@ -276,6 +269,8 @@ class Config:
                                       minimum=1)
     heal_global_batch_size: int = _opt(healing_defaults.GLOBAL_BATCH_SIZE, f"healing samples per optimizer step (default {healing_defaults.GLOBAL_BATCH_SIZE})", "healing",
                                        kind="int", minimum=1)
+    heal_heldout_samples: int | None = _opt(None, "held-out records of the heal data each heal measures before "
+                                                  "and after (default 64)", "healing", kind="int", minimum=1)
     heal_seeds: list[int] | None = _opt(None, "compare/study: seeds of the heal (data order), e.g. 0,1: study with "
                                               "--calibrations heals every configuration once per seed and reports "
                                               "their spread; otherwise the first is the heal's seed (default: --seed)",
@@ -329,12 +324,7 @@ class Config:
         allowed = command_fields(command)
         unknown = sorted(set(values) - set(allowed))
         if unknown:
-            import difflib
-
-            hints = [f"{k!r} -> {c[0]!r}" for k in unknown if (c := difflib.get_close_matches(k, allowed, n=1))]
-            raise CBOPruneError(f"unknown config keys {unknown} for `{command}`"
-                                + (f" (did you mean {', '.join(hints)}?)" if hints else "")
-                                + f": valid keys are {', '.join(allowed)}")
+            raise unknown_keys_error(unknown, allowed, command)
         for key, value in COMMAND_DEFAULTS.get(command, {}).items():
             values.setdefault(key, value)
         cfg = cls(**values)
@@ -349,7 +339,7 @@ class Config:
         used = set(command_fields(command))
         for f in fields(self):
             if f.name in used:
-                problem = _check_field(f, getattr(self, f.name))
+                problem = check(f, getattr(self, f.name))
                 if problem:
                     errors.append(problem)
         if isinstance(self.only, str):  # YAML `only: moe` or `only: moe,mamba`
@@ -445,7 +435,7 @@ class Config:
                           learning_rate=self.heal_lr, seq_len=self.heal_seq_len or self.seq_len,
                           micro_batch_size=self.heal_micro_batch_size, global_batch_size=self.heal_global_batch_size,
                           lora=self.heal_lora, seed=self.heal_seeds[0] if self.heal_seeds else self.seed,
-                          teacher_cache=self.teacher_cache_dir(),
+                          teacher_cache=self.teacher_cache_dir(), heldout_samples=self.heal_heldout_samples,
                           keep_checkpoints=out / "healed" if self.heal_keep else None,
                           cache_dir=out.with_name(out.name + ".heal-cache"))
 
@@ -476,42 +466,6 @@ def _energy_names() -> list[str]:
 
 def _peer_names() -> list[str]:
     return methods.names(methods.PEER)
-
-
-def _check_field(f, value: Any) -> str | None:
-    kind, minimum = f.metadata.get("kind"), f.metadata.get("minimum")
-    name = "--" + f.name.replace("_", "-")  # the flag; the YAML key is the same with underscores
-    if value is None:
-        return None if f.default is None else f"{name} must be set"
-    if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-        return f"{name} must be an integer, got {value!r}"
-    if kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        return f"{name} must be a number, got {value!r}"
-    if kind in ("bool", "flag") and not isinstance(value, bool):
-        return f"{name} must be true or false, got {value!r}"
-    if kind == "steps" and (not isinstance(value, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
-        return f"{name} must be positive numbers of optimizer steps, got {value!r}"
-    if kind in ("ints", "Ms") and (not isinstance(value, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        return f"{name} must be a list of integers, got {value!r}"
-    if kind == "Ms":
-        if not value:
-            return f"{name} must list at least one number of blocks M"
-        if any(m <= 0 for m in value):
-            return f"{name} needs numbers of blocks M >= 1, got {value}"
-    if kind == "kinds" and not (isinstance(value, str) or (isinstance(value, list) and all(
-            isinstance(k, str) and k for k in value))):
-        return f"{name} must be a list of block kinds such as [moe], got {value!r}"
-    if kind == "strs" and (not isinstance(value, list) or not value or not all(
-            isinstance(v, str) and v.strip() for v in value)):
-        return f"{name} must be a list of one or more data specs, got {value!r}"
-    if kind == "str" and not isinstance(value, str):
-        return f"{name} must be a string, got {value!r}"
-    if minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
-        word = "a positive integer" if minimum == 1 else f"at least {minimum}"
-        return f"{name} must be {word}, got {value!r}"
-    return None
 
 
 # ----------------------------------------------------------------------------- commands
@@ -552,70 +506,9 @@ def command_fields(command: str) -> list[str]:
             if (f.metadata["section"] in sections or f.name in extra) and f.name not in dropped]
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,-1, got {text!r}") from None
-
-
-def _kind_list(text: str) -> list[str]:
-    kinds = [t for t in text.replace(" ", "").split(",") if t]
-    if not kinds:
-        raise argparse.ArgumentTypeError(f"expected comma-separated block kinds like moe or mamba,moe, got {text!r}")
-    return kinds
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, command: str, *, only: tuple[str, ...] | None = None) -> None:
-    """Flags for the fields `command` takes (or just `only`), grouped by section; all default to None
-    so that the YAML file and the field defaults apply unless a flag is given."""
-    wanted = command_fields(command) if only is None else list(only)
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in fields(Config):
-        if f.name not in wanted:
-            continue
-        section = f.metadata["section"]
-        group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(section))
-        flag = "--" + f.name.replace("_", "-")
-        kind, help_ = f.metadata["kind"], f.metadata["help"]
-        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": help_}
-        if f.metadata.get("metavar"):
-            kw["metavar"] = f.metadata["metavar"]
-        if kind == "flag":
-            group.add_argument(flag, action="store_true", **kw)
-        elif kind == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif kind in ("Ms", "steps"):
-            kw.setdefault("metavar", "M" if kind == "Ms" else "STEPS")
-            group.add_argument(flag, type=int, nargs="+", **kw)
-        elif kind == "strs":
-            group.add_argument(flag, nargs="+", **kw)
-        elif kind == "energy":  # names checked by validate (one line, a suggestion), listed in the help
-            kw["help"] = f"{help_}: {', '.join(_energy_names())}"
-            group.add_argument(flag, **kw)
-        else:
-            kw["type"] = {"int": int, "float": float, "ints": _int_list, "kinds": _kind_list}.get(kind, str)
-            group.add_argument(flag, **kw)
-
-
-def option_default(name: str) -> Any:
-    """A Config field's default: the hand-built parsers (heal, eval, repair, bench) derive theirs from it."""
-    f = next(f for f in fields(Config) if f.name == name)
-    return f.default
-
-
-def option_help(name: str) -> str:
-    """A Config field's help text, so that one option reads the same in every command."""
-    return next(f for f in fields(Config) if f.name == name).metadata["help"]
-
-
-#: the settings of every command that loads a model, the hand-built parsers included (heal, eval,
+#: the settings of every command that loads a model, the option commands included (heal, eval,
 #: repair, bench, export): one definition, one help text
 HUB_FIELDS = ("trust_remote_code", "revision")
-
-
-def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, "run", only=HUB_FIELDS)
 
 
 def config_from_args(args: argparse.Namespace, command: str) -> Config:
@@ -623,16 +516,3 @@ def config_from_args(args: argparse.Namespace, command: str) -> Config:
     return Config.from_sources(getattr(args, "config", None), overrides, command=command)
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise CBOPruneError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise CBOPruneError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise CBOPruneError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}

@@ -306,7 +306,9 @@ def heal_checkpoint(cfg: Config, checkpoint: str, *, progress: bool = True) -> s
                     max_steps=cfg.heal_steps[0] if cfg.heal_steps else None, seq_len=cfg.heal_seq_len or cfg.seq_len,
                     learning_rate=cfg.heal_lr, micro_batch_size=cfg.heal_micro_batch_size,
                     global_batch_size=cfg.heal_global_batch_size, lora=cfg.heal_lora, seed=cfg.seed,
-                    overwrite=cfg.overwrite, teacher_cache=None if cache is None else str(cache)), progress=progress)
+                    overwrite=cfg.overwrite, teacher_cache=None if cache is None else str(cache),
+                    **({} if cfg.heal_heldout_samples is None else {"heldout_samples": cfg.heal_heldout_samples})),
+                 progress=progress)
     return out
 
 

@@ -11,7 +11,8 @@ import torch
 
 from cboprune.bench import (BenchSettings, bench_models, disk_bytes, markdown_report, measure_speedup, model_stats,
                             time_generation)
-from cboprune.bench_cli import add_bench_arguments, run_bench_command
+from cboprune.bench_cli import BenchOptions, run_bench_command
+from cboprune.options import add_arguments
 from cboprune.errors import CBOPruneError
 from cboprune.models.surgery import remove_blocks
 from conftest import tiny_llama
@@ -93,16 +94,17 @@ def test_disk_bytes_counts_weight_files(tmp_path):
 
 def _args(*argv: str):
     parser = argparse.ArgumentParser()
-    add_bench_arguments(parser)
+    add_arguments(parser, BenchOptions)
     return parser.parse_args(list(argv))
 
 
 @pytest.mark.parametrize("argv, match", [
     (["/nope/a"], "at least one pruned"),
     (["/nope/a", "/nope/b", "--batch-sizes", "0"], "--batch-sizes must be positive"),
-    (["/nope/a", "/nope/b", "--new-tokens", "0"], "--new-tokens must be >= 1"),
-    (["/nope/a", "/nope/b", "--repeats", "0"], "--repeats must be >= 1"),
+    (["/nope/a", "/nope/b", "--new-tokens", "0"], "--new-tokens must be a positive integer"),
+    (["/nope/a", "/nope/b", "--repeats", "0"], "--repeats must be a positive integer"),
     (["/nope/a", "/nope/b", "--device", "tpu"], "use cpu, cuda"),
+    (["/nope/a", "/nope/b", "--threads", "0"], "--threads must be a positive integer"),
     (["/nope/a", "/nope/b", "--dtype", "int3"], "unknown dtype"),
     (["/nope/a", "/nope/b", "--output", "."], "is a directory"),
 ])

@@ -24,6 +24,7 @@ def run_dir(tiny_checkpoint, shared_data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_run_writes_every_artifact(run_dir):
     for rel in ["hessian.safetensors", "rankings/M2.json", "rankings/M3.json", "report.md", "summary.json",
                 "removal_frequency.png", "hessian.png", "config.yaml", "pruned/M2-rank0/removal.json",

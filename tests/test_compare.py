@@ -30,6 +30,7 @@ def compare_dir(tiny_checkpoint, shared_data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_compare_writes_tables_plot_and_json(compare_dir, capsys):
     for name in ("table.md", "table.csv", "blocks.md", "blocks.csv", "compare.png", "results.json"):
         assert (compare_dir / name).is_file(), name
@@ -65,6 +66,7 @@ def test_compare_blocks_table_has_paper_notation(compare_dir):
     assert cbo0["ranking"]["exact"] and cbo0["candidate"]["score"] <= cbo1["candidate"]["score"]
 
 
+@pytest.mark.slow
 def test_compare_bad_input_gives_one_line_errors(tiny_checkpoint, tmp_path, capsys):
     cases = [(["--methods", "cbo,blockinfluence"], "unknown method"),
              (["--methods", "sleeb"], "did you mean 'sleb'"),

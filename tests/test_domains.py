@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from cboprune.errors import CBOPruneError
 
@@ -45,6 +44,7 @@ def test_domain_records_never_overlap_the_calibration(tokenizer, shared_data):
     assert len(held) + used == len(all_records)
 
 
+@pytest.mark.slow
 def test_domain_scores_have_standard_errors_and_depend_on_the_model(tokenizer, shared_data):
     from cboprune.evaluation.domains import evaluate_domains, resolve_domains
 
@@ -134,7 +134,7 @@ def test_study_with_calibrations_heal_seeds_and_domains_resumes(tiny_checkpoint,
             "--top", "3", "--energies", "hybrid", "--refine", "", "--peers", "last-m", "--heal-steps", "1",
             "--heal-seeds", "0,1", "--heal-candidates", "0", "--heal-data", str(calib / "alpaca_eval_gpt4_outputs.json"),
             "--heal-seq-len", "32", "--heal-micro-batch-size", "2", "--heal-global-batch-size", "2",
-            "--heal-lr", "1e-3", "--tasks", "", "--domains", "alpaca,c4,wiki,arc_easy", "--domain-limit", "3",
+            "--heal-lr", "1e-3", "--heal-heldout-samples", "8", "--tasks", "", "--domains", "alpaca,c4,wiki,arc_easy", "--domain-limit", "3",
             "--max-length", "64", "--data-dir", str(shared_data), "--output-dir", str(out)]
     assert main(argv) == 0
     result = json.loads((out / "domains.json").read_text())
@@ -204,6 +204,7 @@ def test_shipped_domain_study_configs_are_runnable_as_written(name, shared_data,
             assert cal.info["records_total"] == len(read_records(d.path))
 
 
+@pytest.mark.slow
 def test_compare_scores_every_configuration_on_the_domains(tiny_checkpoint, shared_data, tmp_path):
     from cboprune.cli import main
 

@@ -173,6 +173,7 @@ def tiny_checkpoint(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", n_layers=8)
 
 
+@pytest.mark.slow
 def test_study_end_to_end(tiny_checkpoint, shared_data, tmp_path):
     out = tmp_path / "study"
     text = tmp_path / "text.txt"
@@ -227,6 +228,7 @@ def test_study_bad_input_gives_one_line_errors(tiny_checkpoint, tmp_path, capsys
         assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_run_default_is_the_recommended_approach_and_paper_stays_available(tiny_checkpoint, shared_data, tmp_path):
     from cboprune.energy import PAPER, RECOMMENDED
 

@@ -139,6 +139,7 @@ def test_wikitext_detokenizer_equals_lm_eval():
         assert wikitext_detokenize(page) == wikitext_detokenizer({"page": page})
 
 
+@pytest.mark.slow
 @needs_data
 def test_builtin_equals_lm_eval_on_tiny_model(tiny_lm, tokenizer):
     tasks = ["arc_easy", "hellaswag", "winogrande", "lambada_openai", "wikitext"]
@@ -239,13 +240,15 @@ def test_text_file_perplexity_and_results_files(tmp_path, tiny_lm, tokenizer):
     assert "token_perplexity" in md_path.read_text() and "| task |" in markdown_table(res)
 
 
+@pytest.mark.slow
 def test_cli_arguments_and_errors(capsys):
     import argparse
 
-    from cboprune.evaluation.cli import add_eval_arguments, run_eval_command
+    from cboprune.evaluation.cli import EvalOptions, run_eval_command
+    from cboprune.options import add_arguments
 
     parser = argparse.ArgumentParser()
-    add_eval_arguments(parser)
+    add_arguments(parser, EvalOptions)
     assert run_eval_command(parser.parse_args(["--list-tasks"])) == 0
     assert "arc_easy" in capsys.readouterr().out
     with pytest.raises(CBOPruneError, match="did you mean hellaswag"):
@@ -313,6 +316,7 @@ def test_include_path_task_reproduces_lm_eval_hf(tmp_path, tiny_lm, tokenizer):
     assert doc["cboprune"]["results"]["my_task"]["config"]["backend"] == "lm-eval"
 
 
+@pytest.mark.slow
 def test_offline_hub_task_and_bad_task_inputs_are_one_line(tmp_path, monkeypatch):
     from cboprune.evaluation import plan_tasks
 
@@ -368,10 +372,11 @@ def test_file_task_binary_non_utf8_or_directory_is_one_line(tmp_path, content, m
 def _eval_args(*extra: str):
     import argparse
 
-    from cboprune.evaluation.cli import add_eval_arguments
+    from cboprune.evaluation.cli import EvalOptions
+    from cboprune.options import add_arguments
 
     parser = argparse.ArgumentParser()
-    add_eval_arguments(parser)
+    add_arguments(parser, EvalOptions)
     # A model path that does not exist: an error about it would mean the check came too late.
     return parser.parse_args(["/nonexistent/model", "--tasks", "file:/etc/hostname", *extra])
 

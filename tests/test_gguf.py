@@ -256,6 +256,7 @@ def test_inexpressible_removal_is_refused_before_anything_is_written(tmp_path):
     assert open_gguf(prune_gguf(src, [0, 1, 2, 3], tmp_path / "ok.gguf")).n_blocks == 4  # a whole period: fine
 
 
+@pytest.mark.slow
 def test_bad_files_are_one_line_and_write_nothing(tmp_path, exported):
     good = exported["llama"]["q8_0"]
     cut = tmp_path / "cut.gguf"
@@ -438,6 +439,7 @@ def test_llama_cpp_runs_the_export_and_the_pruned_export(family, llama_cpp, tiny
         assert _rel(_llama_logits(wrong), pref) > 10 * _rel(_llama_logits(pruned), pref)
 
 
+@pytest.mark.slow
 @pytest.mark.llama_cpp
 def test_healed_checkpoint_exports_to_q8_0_and_runs_in_llama_cpp(llama_cpp, shared_data, tmp_path):
     from conftest import save_tiny_checkpoint
@@ -507,6 +509,7 @@ def test_bench_engine_llama_cpp(llama_cpp, exported, tmp_path, capsys):
     assert "not GGUF" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_export_without_a_source_gguf_reads_tokenizer_json(tmp_path):
     """No GGUF to copy the tokenizer from: gguf.vocab reads tokenizer.json (ids, merges, specials)."""
     from conftest import save_tiny_checkpoint

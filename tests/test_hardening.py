@@ -481,6 +481,7 @@ def _staging(parent: Path) -> list[Path]:
     return [p for p in parent.iterdir() if ".cboprune-" in p.name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "previous"), [(signal.SIGKILL, False), (signal.SIGKILL, True), (signal.SIGINT, True)],
                          ids=["SIGKILL-fresh", "SIGKILL-replacing", "SIGINT-replacing"])
 def test_checkpoint_save_interrupted_leaves_all_or_nothing_and_a_rerun_succeeds(sig, previous, tmp_path):

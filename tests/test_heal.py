@@ -35,6 +35,7 @@ def _cfg(pair, shared_data, out, **kw):
     return HealConfig(**base)
 
 
+@pytest.mark.slow
 def test_distillation_lowers_heldout_loss(teacher_and_student, shared_data, tmp_path):
     # The tiny teacher is random, so data cross-entropy only falls with some CE in the mix.
     report = heal(_cfg(teacher_and_student, shared_data, tmp_path / "healed", kd_weight=0.5), progress=False)
@@ -48,6 +49,7 @@ def test_distillation_lowers_heldout_loss(teacher_and_student, shared_data, tmp_
     assert not (tmp_path / "healed.heal-state").exists()
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_same_weights(teacher_and_student, shared_data, tmp_path):
     heal(_cfg(teacher_and_student, shared_data, tmp_path / "straight"), progress=False)
     stopped = heal(_cfg(teacher_and_student, shared_data, tmp_path / "resumed", stop_after_steps=3), progress=False)
@@ -63,6 +65,7 @@ def test_kill_and_resume_gives_the_same_weights(teacher_and_student, shared_data
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.slow
 def test_lora_merges_into_a_plain_checkpoint(teacher_and_student, shared_data, tmp_path):
     report = heal(_cfg(teacher_and_student, shared_data, tmp_path / "lora", lora=True, lora_rank=4,
                        learning_rate=1e-2), progress=False)
@@ -87,6 +90,7 @@ def test_distillation_loss_is_zero_for_identical_logits_and_positive_otherwise()
     assert torch.allclose(ce_only, expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_heal_command_line(teacher_and_student, shared_data, tmp_path, capsys):
     from cboprune.cli import main
 
@@ -107,6 +111,7 @@ def test_time_budget_stops_early_and_still_saves(teacher_and_student, shared_dat
     assert (tmp_path / "budget" / HEALING_FILE).is_file()
 
 
+@pytest.mark.slow
 def test_8bit_optimizer_state_is_saved_and_resumed_exactly(teacher_and_student, shared_data, tmp_path):
     pytest.importorskip("bitsandbytes")
     from safetensors.torch import load_file
@@ -133,6 +138,7 @@ def test_8bit_optimizer_without_bitsandbytes_is_one_line(teacher_and_student, sh
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_judge_evaluation_measures_only_the_ce_after_and_counts_its_tokens(teacher_and_student, shared_data,
                                                                           tmp_path):
     full = heal(_cfg(teacher_and_student, shared_data, tmp_path / "full", max_steps=2), progress=False)

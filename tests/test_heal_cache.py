@@ -56,6 +56,7 @@ def test_students_share_one_teacher_pass(models, shared_data, tmp_path, monkeypa
     assert json.loads((tmp_path / "b" / HEALING_FILE).read_text())["config"]["teacher_cache"] == str(cache)
 
 
+@pytest.mark.slow
 def test_a_stale_or_foreign_cache_is_refused(models, shared_data, tmp_path):
     teacher, students = models
     cache = tmp_path / "cache"

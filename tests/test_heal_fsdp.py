@@ -82,6 +82,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return AutoModelForCausalLM.from_pretrained(path).state_dict()
 
 
+@pytest.mark.slow
 def test_two_process_fsdp_heal_resumes_exactly_and_matches_one_process(tied_pair, shared_data, tmp_path):
     _torchrun(_kw(tied_pair, shared_data, tmp_path / "straight", fsdp=True), tmp_path)
     # Stopped after step 3 (as if killed; the last checkpoint is step 2), then resumed, launched the

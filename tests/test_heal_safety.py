@@ -170,6 +170,7 @@ def test_bad_output_is_one_line_on_the_command_line(pair, shared_data, tmp_path,
     assert code == 2 and len(err) == 1 and err[0].startswith("cboprune: error:") and "is a file" in err[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
 def test_real_signal_mid_run_leaves_state_or_nothing_and_resume_completes(pair, shared_data, tmp_path, sig):
     import signal

@@ -37,6 +37,7 @@ def _cfg(pair, shared_data, out, student="student", **kw):
     return HealConfig(**base)
 
 
+@pytest.mark.slow
 def test_memory_lean_loss_trains_like_the_plain_formula(pair, shared_data, tmp_path):
     lean = heal(_cfg(pair, shared_data, tmp_path / "lean", loss_chunk_tokens=7, eval_every=2), progress=False)
     assert lean["distillation_loss"] == "lm-head-in-loss"
@@ -55,6 +56,7 @@ def test_memory_lean_loss_trains_like_the_plain_formula(pair, shared_data, tmp_p
     assert (tmp_path / "lean" / "healing_curve.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_checkpoint_keeps_the_students_dtype_unless_told(pair, shared_data, tmp_path):
     heal(_cfg(pair, shared_data, tmp_path / "auto", student="student-bf16", max_steps=1), progress=False)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "auto", dtype="auto").dtype == torch.bfloat16
@@ -66,8 +68,8 @@ def test_checkpoint_keeps_the_students_dtype_unless_told(pair, shared_data, tmp_
 @pytest.mark.parametrize("bad, match", [
     ({"teacher_4bit": True}, "CUDA"),
     ({"report_to": "wandb"}, "needs the wandb package|wandb"),
-    ({"save_dtype": "int8"}, "save_dtype must be one of"),
-    ({"eval_every": 0}, "eval_every"),
+    ({"save_dtype": "int8"}, "--save-dtype must be one of"),
+    ({"eval_every": 0}, "--eval-every must be a positive integer"),
     ({"teacher_cache": "x", "kd_weight": 0.0}, "teacher_cache"),
 ])
 def test_bad_switches_are_one_line(pair, shared_data, tmp_path, bad, match):
@@ -87,10 +89,11 @@ def test_bad_switches_are_one_line(pair, shared_data, tmp_path, bad, match):
 def test_teacher_4bit_switch_on_the_command_line():
     import argparse
 
-    from cboprune.heal.cli import add_heal_arguments
+    from cboprune.heal.recipe import HealConfig
+    from cboprune.options import add_arguments
 
     p = argparse.ArgumentParser()
-    add_heal_arguments(p)
+    add_arguments(p, HealConfig)
     common = ["s", "--data", "d", "--output-dir", "o"]
     assert p.parse_args(common).teacher_4bit is None
     assert p.parse_args(common + ["--no-teacher-4bit"]).teacher_4bit is False

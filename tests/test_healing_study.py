@@ -18,9 +18,10 @@ def _compare(ck, data, text, out, *extra):
                  "--batch-size", "4", "--remove", "2", "--methods", "cbo,bi,sleb,last-m", "--tasks", f"file:{text}",
                  "--ppl-limit", "1", "--max-length", "64", "--heal-steps", "1", "2", "--heal-seq-len", "32",
                  "--heal-micro-batch-size", "2", "--heal-global-batch-size", "2", "--heal-lr", "1e-3",
-                 "--output-dir", str(out), *extra])
+                 "--heal-heldout-samples", "8", "--output-dir", str(out), *extra])
 
 
+@pytest.mark.slow
 def test_compare_heals_every_distinct_configuration_alike_and_resumes(tiny_checkpoint, shared_data, tmp_path,
                                                                       monkeypatch):
     data = str(shared_data / "calib" / "alpaca_en_demo.json")
@@ -30,7 +31,7 @@ def test_compare_heals_every_distinct_configuration_alike_and_resumes(tiny_check
     assert _compare(tiny_checkpoint, data, text, out) == 0
     results = json.loads((out / "results.json").read_text())
     entries = results["entries"]
-    assert results["meta"]["healing"]["steps"] == [1, 2]
+    assert results["meta"]["healing"]["steps"] == [1, 2] and results["meta"]["healing"]["heldout_samples"] == 8
     distinct = {}
     for e in entries:
         assert set(e["healed"]) == {"1", "2"}, e["method"]
@@ -77,6 +78,7 @@ def test_heal_options_are_checked_before_any_work(tiny_checkpoint, tmp_path, cap
         assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_run_chooses_the_saved_state_after_a_short_heal(tiny_checkpoint, shared_data, tmp_path):
     out = tmp_path / "run"
     data = str(shared_data / "calib" / "alpaca_en_demo.json")
@@ -109,6 +111,7 @@ def test_run_chooses_the_saved_state_after_a_short_heal(tiny_checkpoint, shared_
     assert not list(out.rglob(".heal-judge"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, judged", [([], 2), (["--heal-candidates", "0"], 0), (["--no-verify"], 0)])
 def test_run_judges_the_two_best_verified_states_by_default_when_there_is_heal_data(
         tiny_checkpoint, shared_data, tmp_path, extra, judged):
@@ -123,6 +126,7 @@ def test_run_judges_the_two_best_verified_states_by_default_when_there_is_heal_d
     assert ("Chosen after a short heal" in (out / "report.md").read_text()) == bool(judged)
 
 
+@pytest.mark.slow
 def test_compare_heals_from_one_teacher_pass_with_the_teacher_cache(tiny_checkpoint, shared_data, tmp_path):
     data = str(shared_data / "calib" / "alpaca_en_demo.json")
     text = tmp_path / "text.txt"
@@ -152,6 +156,7 @@ def _forbid_recomputation(monkeypatch):
         monkeypatch.setattr(target, fail)
 
 
+@pytest.mark.slow
 def test_study_heals_the_lowest_states_correlates_their_energy_and_resumes_without_redoing_anything(
         tiny_checkpoint, shared_data, tmp_path, monkeypatch):
     """--heal-states K: every energy model's K lowest states are healed alike, and healing.md gives the
@@ -171,7 +176,7 @@ def test_study_heals_the_lowest_states_correlates_their_energy_and_resumes_witho
             "--energies", "fisher,hybrid", "--refine", "", "--peers", "bi,sleb", "--heal-states", "4",
             "--heal-steps", "1", "--judge-steps", "1", "--heal-seq-len", "32", "--heal-micro-batch-size", "2",
             "--heal-global-batch-size", "2", "--heal-lr", "1e-3", "--tasks", f"file:{text}", "--ppl-limit", "1",
-            "--max-length", "64", "--output-dir", str(out)]
+            "--max-length", "64", "--heal-heldout-samples", "8", "--output-dir", str(out)]
     assert main(argv) == 0
     first = json.loads((out / "results.json").read_text())
     entries = first["entries"]
@@ -223,6 +228,7 @@ def test_study_heals_the_lowest_states_correlates_their_energy_and_resumes_witho
     assert picks(json.loads((out / "results.json").read_text())["entries"]) == picks(first["entries"])
 
 
+@pytest.mark.slow
 def test_compare_resumes_but_never_reuses_results_of_other_weights_at_the_same_path(shared_data, tmp_path,
                                                                                     monkeypatch):
     data = str(shared_data / "calib" / "alpaca_en_demo.json")
@@ -246,6 +252,7 @@ def test_compare_resumes_but_never_reuses_results_of_other_weights_at_the_same_p
     assert calls and json.loads((out / "results.json").read_text())["baseline"] != first["baseline"]
 
 
+@pytest.mark.slow
 def test_a_study_killed_during_a_heal_resumes(tiny_checkpoint, shared_data, tmp_path, monkeypatch):
     """A kill during a heal leaves its training state in the work directory; the rerun heals that
     configuration again instead of refusing ('holds an unfinished healing run')."""

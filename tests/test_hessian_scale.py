@@ -156,6 +156,7 @@ def _reference() -> np.ndarray:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_H(tmp_path):
     script, shards, out = _worker(tmp_path), tmp_path / "shards", tmp_path / "h.safetensors"
     killed = subprocess.run([sys.executable, str(script), str(out), str(shards), "1"], env=_env(),
@@ -176,6 +177,7 @@ def test_killed_run_resumes_to_the_same_H(tmp_path):
                         shard_samples=4)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo_match_single_process(tmp_path):
     script, out = _worker(tmp_path), tmp_path / "h.safetensors"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

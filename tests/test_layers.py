@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cboprune"
 #: bottom to top; a module belongs to the most specific pattern that matches it
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("cboprune.version", "cboprune.lazy", "cboprune.errors", "cboprune.finite", "cboprune.outputs", "cboprune.ranking",
-                    "cboprune.methods", "cboprune.distributed")),
+                    "cboprune.methods", "cboprune.options", "cboprune.distributed")),
     ("configuration", ("cboprune.config", "cboprune.heal.recipe")),
     ("models and data", ("cboprune.models", "cboprune.models.*", "cboprune.gating", "cboprune.masked",
                          "cboprune.shared_prefix", "cboprune.data", "cboprune.data.*", "cboprune.evaluation",

@@ -218,10 +218,11 @@ def test_bad_input_is_refused_before_work():
 
 
 def test_cli_source_resolution(tmp_path):
-    from cboprune.repair.cli import add_repair_arguments, resolve_source
+    from cboprune.repair.cli import RepairOptions, resolve_source
+    from cboprune.options import add_arguments
 
     parser = argparse.ArgumentParser()
-    add_repair_arguments(parser)
+    add_arguments(parser, RepairOptions)
     args = parser.parse_args(["default", "--blocks", "3,4", "--output-dir", str(tmp_path / "o")])
     assert resolve_source(args.source, args.blocks)[:2] == ("default", [3, 4])
     pruned = tmp_path / "pruned"
@@ -265,7 +266,8 @@ def test_repair_command_end_to_end(tmp_path, shared_data, capsys):
     whose removal.json records the repair, and that reloads with from_pretrained."""
     from transformers import AutoModelForCausalLM
 
-    from cboprune.repair.cli import add_repair_arguments, run_repair_command
+    from cboprune.repair.cli import RepairOptions, run_repair_command
+    from cboprune.options import add_arguments
     from conftest import save_tiny_checkpoint
 
     original = save_tiny_checkpoint(tmp_path / "orig")
@@ -274,7 +276,7 @@ def test_repair_command_end_to_end(tmp_path, shared_data, capsys):
     (pruned / "removal.json").write_text(json.dumps({"source_model": str(original), "removed": [2, 3],
                                                      "method": "manual"}))
     parser = argparse.ArgumentParser()
-    add_repair_arguments(parser)
+    add_arguments(parser, RepairOptions)
     args = parser.parse_args([str(pruned), "--data", str(shared_data / "calib" / "alpaca_en_demo.json"),
                               "--n-samples", "4", "--heldout", "2", "--seq-len", "32", "--device", "cpu",
                               "--objective", "cosine", "--output-dir", str(tmp_path / "out")])

@@ -42,6 +42,7 @@ def test_prune_repair_bad_input_is_one_line(tiny_checkpoint, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_compare_with_repair_evaluates_and_heals_every_configuration_repaired(tiny_checkpoint, shared_data, tmp_path):
     out = tmp_path / "cmp"
     text = tmp_path / "text.txt"
@@ -51,7 +52,8 @@ def test_compare_with_repair_evaluates_and_heals_every_configuration_repaired(ti
                "--batch-size", "4", "--remove", "2", "--methods", "bi,last-m", "--tasks", f"file:{text}",
                "--ppl-limit", "1", "--max-length", "64", "--no-speedup", "--repair", "linear",
                "--heal-steps", "2", "--heal-seq-len", "32", "--heal-micro-batch-size", "2",
-               "--heal-global-batch-size", "2", "--heal-lr", "1e-3", "--output-dir", str(out)])
+               "--heal-global-batch-size", "2", "--heal-lr", "1e-3", "--heal-heldout-samples", "8",
+               "--output-dir", str(out)])
     assert rc == 0
     data = json.loads((out / "results.json").read_text())
     rows = [e for e in data["entries"] if e["same_as"] is None]

@@ -96,6 +96,7 @@ if info.is_main:
 """
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo_split_configurations(tmp_path):
     """Under torchrun the configurations are split across processes; the gathered values equal one process's."""
     import os

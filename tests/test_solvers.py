@@ -290,6 +290,7 @@ def test_auto_uses_enumeration_for_small_and_bnb_for_large():
 # ------------------------------------------------------------------------------ heuristics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["tabu", "tempering"])
 def test_heuristics_return_distinct_low_states(method):
     H = gradient_gram(20, 64, 9)
@@ -441,6 +442,7 @@ def run_bnb_ranking(H, m, k, keep=(), force_remove=(), **kw):
                     lower_bound=None if res.complete else res.open_bound, info=res.info)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(16))
 @pytest.mark.parametrize("dive_free,pool", [(0, 64.0), (6, 64.0), (0, 1e-4), (1000, 64.0)])
 def test_best_first_with_dives_equals_enumeration(seed, dive_free, pool):

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 WORKER = """
 import json, sys
 import numpy as np
@@ -33,6 +35,7 @@ def _solve_in_a_new_process(cache: Path) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_second_process_reuses_the_compiled_kernels_from_the_cboprune_cache(tmp_path):
     first = _solve_in_a_new_process(tmp_path / "cache")
     index = list((tmp_path / "cache" / "numba").rglob("*.nbi"))

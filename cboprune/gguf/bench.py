@@ -158,7 +158,7 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 def run_llama_bench(args: Any) -> int:
     """`cboprune bench --engine llama.cpp`: the `bench` command's flags that apply to llama.cpp."""
-    not_here = [flag for flag, value in (("--batch-sizes", args.batch_sizes != (1, 8)), ("--device", args.device),
+    not_here = [flag for flag, value in (("--batch-sizes", tuple(args.batch_sizes) != (1, 8)), ("--device", args.device),
                                          ("--no-memory", args.no_memory), ("--dtype", args.dtype != "float32"))
                 if value]
     if not_here:

@@ -5,28 +5,30 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from cboprune.errors import CBOPruneError
+from cboprune.gguf import OUTTYPES
+from cboprune.options import build, option
 
 
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the `export` subcommand's arguments on `parser`."""
-    from cboprune.gguf import OUTTYPES
-
-    parser.add_argument("checkpoint", help="a Hugging Face checkpoint directory (pruned, healed, or any)")
-    parser.add_argument("--output", "-o", required=True, metavar="FILE.gguf", help="the GGUF file to write")
-    parser.add_argument("--outtype", default="q8_0", choices=OUTTYPES, help="tensor type (default q8_0; 1-D "
-                        "tensors stay f32)")
-    parser.add_argument("--tokenizer-gguf", default=None, metavar="FILE.gguf",
-                        help="copy the tokenizer from this GGUF (default: the source model named in the checkpoint's "
-                             "removal.json when it is a GGUF, e.g. 'default'; else read from tokenizer.json)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+@dataclass(kw_only=True)  # options in the order --help shows them, required or not
+class ExportOptions:
+    """The settings of `cboprune export` (flags and YAML keys are generated from these declarations)."""
+    checkpoint: str = option(help="a Hugging Face checkpoint directory (pruned, healed, or any)", positional=True)
+    output: str = option(help="the GGUF file to write", section="output", metavar="FILE.gguf", aliases=("-o",))
+    outtype: str = option("q8_0", "tensor type (default q8_0; 1-D tensors stay f32)", "output", choices=OUTTYPES)
+    tokenizer_gguf: str | None = option(None, "copy the tokenizer from this GGUF (default: the source model named "
+                                              "in the checkpoint's removal.json when it is a GGUF, e.g. 'default'; "
+                                              "else read from tokenizer.json)", "output", metavar="FILE.gguf")
+    overwrite: bool = option(False, "replace an existing output file", "output", kind="flag")
 
 
-def run_export_command(args: argparse.Namespace) -> int:
+def run_export_command(namespace: argparse.Namespace) -> int:
     from cboprune.gguf.export import export_gguf
 
+    args = build(ExportOptions, namespace, "export")
     _check_gguf_name(args.output)
     t0 = time.perf_counter()
     out = export_gguf(args.checkpoint, args.output, outtype=args.outtype, tokenizer_gguf=args.tokenizer_gguf,
@@ -125,4 +127,4 @@ def _removal_of(checkpoint: Path, n_blocks: int) -> tuple[list[int], str, float 
     return removed, method, energy, rank
 
 
-__all__ = ["add_export_arguments", "prune_to_gguf", "run_export_command"]
+__all__ = ["prune_to_gguf", "run_export_command"]

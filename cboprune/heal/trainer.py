@@ -12,7 +12,6 @@ and renamed onto it, so an interruption never leaves a half-written output.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ from cboprune.data.calibration import check_seq_len
 from cboprune.errors import CBOPruneError, DivergedError
 from cboprune.finite import require_finite
 from cboprune.heal import recipe
+from cboprune.heal.recipe import HealConfig
 from cboprune.heal.cache import TeacherCache
 from cboprune.heal.data import (
     TokenizedSet,
@@ -70,101 +70,6 @@ STATE_SUFFIX = ".heal-state"
 MIXED_PRECISION, SAVE_DTYPES, REPORT_TO, OPTIMIZERS = (recipe.MIXED_PRECISION, recipe.SAVE_DTYPES, recipe.REPORT_TO,
                                                         recipe.OPTIMIZERS)
 AUTO_CHUNK_LOGITS = 1 << 24  # logits per loss chunk when loss_chunk_tokens is auto (64 MiB in fp32)
-
-
-@dataclass
-class HealConfig:
-    student: str
-    teacher: str
-    data: str
-    output_dir: str
-    seq_len: int = recipe.SEQ_LEN
-    micro_batch_size: int = recipe.MICRO_BATCH_SIZE
-    global_batch_size: int = recipe.GLOBAL_BATCH_SIZE
-    max_steps: int | None = None  # None: `epochs` passes over the training set
-    epochs: float = 1.0
-    learning_rate: float = recipe.LEARNING_RATE
-    warmup_ratio: float = 0.05
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    optimizer: str = "adamw"  # "adamw" (torch) or "adamw8bit" (bitsandbytes: 8-bit moments, ~4x less state)
-    max_grad_norm: float = 1.0
-    temperature: float = 1.0
-    kd_weight: float = 1.0  # 1: pure distillation; below 1 mixes in cross-entropy on the data
-    loss_on: str = "all"  # "all" tokens or the last assistant "responses" only
-    lora: bool = False
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_targets: str = "all-linear"
-    gradient_checkpointing: bool = False
-    fsdp: bool = False  # shard the student (FSDP2) across the launched processes; also on under accelerate's FSDP
-    save_every: int = 50
-    resume: bool = False
-    heldout_fraction: float = 0.05
-    heldout_samples: int | None = 64
-    max_samples: int | None = None
-    seed: int = 0
-    teacher_4bit: bool | None = None  # None: NF4 when a CUDA GPU and bitsandbytes are present
-    mixed_precision: str = "auto"  # "auto" (bf16 on CUDA, none on CPU), "no", "bf16", "fp16"
-    save_dtype: str = "auto"  # dtype of the healed checkpoint; "auto": the student checkpoint's own
-    loss_chunk_tokens: int | None = None  # None: auto (~16M logits per chunk); 0: the plain formula
-    teacher_cache: str | None = None  # directory of cached teacher top-k outputs (see heal.cache)
-    teacher_top_k: int = 64
-    eval_every: int | None = None  # held-out student loss every N steps (into the curve)
-    # "full": held-out CE of student and teacher and the KL, before and after; "after-ce": only the
-    # student's CE after healing (what a heal judge ranks by, at a seventh of the evaluation passes)
-    heldout_eval: str = "full"
-    report_to: str = "none"  # "none", "tensorboard" or "wandb" (offline unless WANDB_MODE says otherwise)
-    logging_dir: str | None = None  # tracker logs (default: <output_dir>.runs beside the output)
-    overwrite: bool = False
-    max_minutes: float | None = None  # wall-clock budget for training; stops early and saves when spent
-    stop_after_steps: int | None = None  # stop (as if killed) after this many steps; for tests
-
-    def validate(self) -> None:
-        errors = []
-        if self.global_batch_size % self.micro_batch_size:
-            errors.append(f"global_batch_size {self.global_batch_size} must be a multiple of micro_batch_size "
-                          f"{self.micro_batch_size}")
-        for name in ("seq_len", "micro_batch_size", "global_batch_size", "save_every", "teacher_top_k"):
-            if getattr(self, name) < 1:
-                errors.append(f"{name} must be >= 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            errors.append("max_steps must be >= 1")
-        if not 0 < self.learning_rate < 1:
-            errors.append(f"learning_rate {self.learning_rate} is out of range (0, 1)")
-        if not 0 <= self.kd_weight <= 1 or self.temperature <= 0:
-            errors.append("kd_weight must lie in [0, 1] and temperature be > 0")
-        if self.eval_every is not None and self.eval_every < 1:
-            errors.append("eval_every must be >= 1")
-        if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 0:
-            errors.append("loss_chunk_tokens must be >= 0 (0: plain formula)")
-        choices = {"mixed_precision": MIXED_PRECISION, "save_dtype": SAVE_DTYPES, "report_to": REPORT_TO,
-                   "loss_on": ("all", "responses"), "optimizer": OPTIMIZERS, "heldout_eval": ("full", "after-ce")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                errors.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.fsdp and self.lora:
-            errors.append("--fsdp with --lora is not supported: LoRA's trainable state is small, so heal it data "
-                          "parallel without --fsdp")
-        if self.fsdp and self.optimizer == "adamw8bit":
-            errors.append("--optim adamw8bit is not supported with --fsdp (bitsandbytes does not quantize sharded "
-                          "DTensor state): use adamw")
-        if self.fsdp and self.mixed_precision == "fp16":
-            errors.append("--fsdp needs --mixed-precision bf16 or no (fp16 would need a sharded gradient scaler)")
-        if self.teacher_cache and self.kd_weight == 0:
-            errors.append("teacher_cache is useless with kd_weight 0 (no teacher term)")
-        if errors:
-            raise CBOPruneError("invalid healing configuration: " + "; ".join(errors))
-
-    def fingerprint(self) -> str:
-        """Identity of everything that changes the training trajectory (checked on resume)."""
-        fields = {k: v for k, v in asdict(self).items() if k not in _RUN_ONLY}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# Fields that do not change the weights a run produces: they may differ between a run and its resume.
-_RUN_ONLY = {"resume", "overwrite", "max_minutes", "stop_after_steps", "report_to", "logging_dir", "eval_every",
-             "heldout_eval", "save_dtype", "save_every", "output_dir"}
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):

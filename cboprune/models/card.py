@@ -110,12 +110,6 @@ def save_weights(model: nn.Module, out_dir: str | Path, provenance: dict[str, An
     return dtype
 
 
-def add_save_dtype_argument(parser: Any) -> None:
-    """`--save-dtype` for every subcommand that writes a checkpoint (prune, run, heal, compare)."""
-    parser.add_argument("--save-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="dtype of the saved weights (default auto: the source model's; bfloat16 for GGUF)")
-
-
 # --- model card -----------------------------------------------------------------------------------------
 def _source_card(source: str | None) -> dict[str, Any]:
     """base_model and license of the source: known for the default model, else from its own card."""

@@ -8,38 +8,40 @@ from __future__ import annotations
 
 import argparse
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cboprune.config import _int_list, option_default, option_help
+from cboprune.config import REPAIR_OBJECTIVES, REPAIR_RIDGE, Config
 from cboprune.errors import CBOPruneError
+from cboprune.options import build, option, shared
 from cboprune.outputs import read_json_object
 
 
-def add_repair_arguments(p: argparse.ArgumentParser) -> None:
-    from cboprune.config import REPAIR_OBJECTIVES as OBJECTIVES
-    from cboprune.config import REPAIR_RIDGE as DEFAULT_RIDGE
-
-    p.add_argument("source", help="pruned checkpoint directory (with removal.json), or a model (hub id, checkpoint "
-                                  "directory, .gguf, 'default') together with --blocks")
-    p.add_argument("--blocks", type=_int_list, help="block indices to remove and repair, e.g. 25,26,27 "
-                                                    "(default: the 'removed' list of SOURCE's removal.json)")
-    p.add_argument("--data", help="calibration .jsonl/.json/.txt file or hub dataset name; omit for "
-                                  "model-generated calibration")
-    p.add_argument("--n-samples", type=int, default=64, help="calibration samples the map is fitted on")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--heldout", type=int, default=0, help="also load this many more samples and print their "
-                                                          "NLL with plain removal and with the repair")
-    p.add_argument("--objective", choices=sorted(OBJECTIVES), default="lstsq",
-                   help="; ".join(f"{k}: {v}" for k, v in OBJECTIVES.items()))
-    p.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
-                   help="ridge strength relative to the mean diagonal of XᵀX (default %(default)g)")
-    p.add_argument("--batch-size", type=int, default=option_default("batch_size"), help=option_help("batch_size"))
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    p.add_argument("--device", help=option_help("device"))
-    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
-    p.add_argument("--output-dir", required=True, help="where the repaired checkpoint goes")
-    p.add_argument("--overwrite", action="store_true")
+@dataclass(kw_only=True)  # options in the order --help shows them, required or not
+class RepairOptions:
+    """The settings of `cboprune repair` (flags and YAML keys are generated from these declarations)."""
+    source: str = option(help="pruned checkpoint directory (with removal.json), or a model (hub id, checkpoint "
+                              "directory, .gguf, 'default') together with --blocks", positional=True)
+    blocks: list[int] | None = option(None, "block indices to remove and repair, e.g. 25,26,27 (default: the "
+                                            "'removed' list of SOURCE's removal.json)", "repair", kind="ints")
+    data: str | None = option(None, "calibration .jsonl/.json/.txt file or hub dataset name; omit for "
+                                    "model-generated calibration", "calibration")
+    n_samples: int = option(64, "calibration samples the map is fitted on (default 64)", "calibration", kind="int",
+                            minimum=1)
+    seq_len: int = shared(Config, "seq_len")
+    heldout: int = option(0, "also load this many more samples and print their NLL with plain removal and with "
+                             "the repair", "calibration", kind="int", minimum=0)
+    objective: str = option("lstsq", "; ".join(f"{k}: {v}" for k, v in REPAIR_OBJECTIVES.items()), "repair",
+                            choices=tuple(sorted(REPAIR_OBJECTIVES)))
+    ridge: float = option(REPAIR_RIDGE, f"ridge strength relative to the mean diagonal of XᵀX (default "
+                                        f"{REPAIR_RIDGE:g})", "repair", kind="float")
+    batch_size: int = shared(Config, "batch_size")
+    dtype: str = shared(Config, "dtype")
+    device: str | None = shared(Config, "device")
+    seed: int = shared(Config, "seed")
+    output_dir: str = option(help="where the repaired checkpoint goes", section="output")
+    overwrite: bool = shared(Config, "overwrite")
 
 
 def resolve_source(source: str, blocks: list[int] | None) -> tuple[str, list[int], dict[str, Any]]:
@@ -71,7 +73,7 @@ def resolve_source(source: str, blocks: list[int] | None) -> tuple[str, list[int
     return source, list(blocks), {"source_model": source, "method": "manual"}  # duplicates refused later
 
 
-def run_repair_command(args: argparse.Namespace) -> int:
+def run_repair_command(namespace: argparse.Namespace) -> int:
     from cboprune.masked import calibration_nll
     from cboprune.data import load_calibration
     from cboprune.models import load_model
@@ -80,8 +82,7 @@ def run_repair_command(args: argparse.Namespace) -> int:
     from cboprune.distributed import pick_device
     from cboprune.repair.linear import check_options, plan_repair, repair_linear
 
-    if args.heldout < 0 or args.n_samples < 1:
-        raise CBOPruneError("--n-samples must be >= 1 and --heldout >= 0")
+    args = build(RepairOptions, namespace, "repair")
     check_options(args.objective, args.ridge)
     original, removed, prov = resolve_source(args.source, args.blocks)
     check_output_dir(args.output_dir, args.overwrite)
