@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cboprune.errors import CBOPruneError
-from cboprune.options import check, is_option, option
+from cboprune.options import check, option
 
 #: the healing defaults (the after-healing study's recipe: docs/healing.md)
 LEARNING_RATE = 5e-5
@@ -110,8 +110,7 @@ class HealConfig:
     stop_after_steps: int | None = option(None, kind="int", hidden=True)  # stop as if killed: for tests
 
     def validate(self) -> None:
-        errors = [p for f in fields(self) if (is_option(f) or f.metadata.get("hidden"))
-                  and (p := check(f, getattr(self, f.name)))]
+        errors = [p for f in fields(self) if (p := check(f, getattr(self, f.name)))]  # every field is declared
         if isinstance(self.global_batch_size, int) and isinstance(self.micro_batch_size, int) \
                 and self.micro_batch_size > 0 and self.global_batch_size % self.micro_batch_size:
             errors.append(f"global_batch_size {self.global_batch_size} must be a multiple of micro_batch_size "

@@ -67,8 +67,6 @@ log = logging.getLogger(__name__)
 HEALING_FILE = "healing.json"
 CURVE_FILE = "healing_curve.png"
 STATE_SUFFIX = ".heal-state"
-MIXED_PRECISION, SAVE_DTYPES, REPORT_TO, OPTIMIZERS = (recipe.MIXED_PRECISION, recipe.SAVE_DTYPES, recipe.REPORT_TO,
-                                                        recipe.OPTIMIZERS)
 AUTO_CHUNK_LOGITS = 1 << 24  # logits per loss chunk when loss_chunk_tokens is auto (64 MiB in fp32)
 
 
@@ -232,7 +230,7 @@ def _save_dtype(cfg: HealConfig, checkpoint_dir: str | None) -> torch.dtype:
         config = Path(checkpoint_dir or "") / "config.json"
         stored = json.loads(config.read_text()) if config.is_file() else {}
         name = stored.get("dtype") or stored.get("torch_dtype") or "float32"
-    return getattr(torch, name) if name in SAVE_DTYPES else torch.float32
+    return getattr(torch, name) if name in recipe.SAVE_DTYPES else torch.float32
 
 
 def _write_output(paths: _Paths, model, tokenizer, provenance: dict, report: dict, overwrite: bool) -> None:
