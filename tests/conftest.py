@@ -81,8 +81,9 @@ def shared_data() -> Path:
 @pytest.fixture(autouse=True)
 def _one_thread_for_tiny_models(request):
     """Tiny models run faster on one thread (and far faster on a loaded machine, where OpenMP
-    threads spin against each other); real-model tests keep every core."""
-    if request.node.get_closest_marker("real_model") or request.node.get_closest_marker("slow"):
+    threads spin against each other); real-model tests keep every core. Keyed on the model, not on
+    the `slow` mark: a long tiny-model test is still a tiny-model test."""
+    if request.node.get_closest_marker("real_model"):
         yield
         return
     before = torch.get_num_threads()
