@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from cboprune.data.calibration import CalibrationSet
-from cboprune.hessian import Fp32GateManager, compute_hessian, model_attention_mask, per_sample_loss, plan_batches
+from cboprune.selection.hessian import Fp32GateManager, compute_hessian, model_attention_mask, per_sample_loss, plan_batches
 
 log = logging.getLogger(__name__)
 

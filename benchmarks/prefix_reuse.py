@@ -6,7 +6,7 @@ The configurations are the measured energy's 1 + N + N(N-1)/2 (466 for the defau
 the full model, every single removal and every pair. Both evaluations see the same calibration
 samples (alpaca_en_demo under ../shared/data by default) on the same in-memory model; the plain one
 stacks 4 x batch-size rows per forward pass, the shared-prefix one runs the trie of
-`cboprune.shared_prefix`. Printed: wall and CPU seconds of both, their ratio, the predicted ratio
+`cboprune.models.shared_prefix`. Printed: wall and CPU seconds of both, their ratio, the predicted ratio
 of decoder-layer work, and the largest difference between the two sets of NLL values. Exit status 1
 when the values differ by more than 1e-6 or, with --min-speedup, the ratio is lower.
 """
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from cboprune.data import load_calibration
-from cboprune.masked import configurations_nll, n_blocks
+from cboprune.models.masked import configurations_nll, n_blocks
 from cboprune.models import load_model
-from cboprune.shared_prefix import layer_cost
+from cboprune.models.shared_prefix import layer_cost
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "calib" / "alpaca_en_demo.json"
 

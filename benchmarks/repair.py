@@ -23,7 +23,7 @@ import torch
 
 from cboprune.baselines._common import collect_block_stats
 from cboprune.baselines._similarity import angular_distance, block_influence
-from cboprune.masked import calibration_nll
+from cboprune.models.masked import calibration_nll
 from cboprune.data import load_calibration
 from cboprune.models import load_model
 from cboprune.models.surgery import remove_blocks

@@ -16,14 +16,14 @@ from typing import Any
 
 from torch import nn
 
-from cboprune.config import Config
+from cboprune.core.config import Config
 from cboprune.data.calibration import check_data, load_calibration
-from cboprune.experiment import SelectionContext, rank_states
-from cboprune.masked import n_blocks
+from cboprune.engine.experiment import SelectionContext, rank_states
+from cboprune.models.masked import n_blocks
 from cboprune.models.architectures import blocks, removable_blocks
 from cboprune.models.surgery import remove_blocks
-from cboprune.ranking import Ranking
-from cboprune.session import check_against_model
+from cboprune.core.ranking import Ranking
+from cboprune.engine.session import check_against_model
 
 
 def prune(model: nn.Module, tokenizer, data: str | None = None, *, n_remove: int, rank: int = 0,

@@ -25,17 +25,17 @@ import logging
 import sys
 from pathlib import Path
 
-from cboprune.version import __version__
-from cboprune.config import HUB_FIELDS, Config, command_fields, config_from_args
-from cboprune.options import add_arguments, int_list, read_yaml
-from cboprune.errors import CBOPruneError
+from cboprune.core.version import __version__
+from cboprune.core.config import HUB_FIELDS, Config, command_fields, config_from_args
+from cboprune.core.options import add_arguments, int_list, read_yaml
+from cboprune.core.errors import CBOPruneError
 
 log = logging.getLogger("cboprune")
 
 
 #: (command, module with run_<command>_command, the module holding its option class, that class, help)
 _MODULE_COMMANDS = (
-    ("bench", "cboprune.bench_cli", "cboprune.bench_cli", "BenchOptions",
+    ("bench", "cboprune.bench.cli", "cboprune.bench.cli", "BenchOptions",
      "size and speed of pruned checkpoints next to the original"),
     ("repair", "cboprune.repair.cli", "cboprune.repair.cli", "RepairOptions",
      "training-free linear repair of removed blocks, folded into the kept weights"),
@@ -119,17 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="CBO and its peers at equal M on the same calibration data, evaluated alike")
     _add_config(p, "compare")
-    p.set_defaults(func=_handler("cboprune.compare", "run_compare_command"))
+    p.set_defaults(func=_handler("cboprune.workflows.compare", "run_compare_command"))
 
     p = sub.add_parser("study", help="every energy model and peer on one model: energy vs held-out loss, "
                                      "verified picks, evaluated alike")
     _add_config(p, "study")
-    p.set_defaults(func=_handler("cboprune.domain_study", "run_study_command"))  # with --calibrations: many studies
+    p.set_defaults(func=_handler("cboprune.workflows.study", "run_study_command"))  # with --calibrations: many studies
     return parser
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cboprune.pipeline import run_pipeline
+    from cboprune.workflows.run import run_pipeline
     from cboprune.report.tables import rankings_markdown
 
     cfg = config_from_args(args, "run")
@@ -143,14 +143,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_hessian(args: argparse.Namespace) -> int:
-    from cboprune import distributed
+    from cboprune.core import distributed
     from cboprune.data import GenerationSettings, load_calibration
-    from cboprune.hessian import compute_hessian, cost_summary, save_hessian
+    from cboprune.selection.hessian import compute_hessian, cost_summary, save_hessian
     from cboprune.models import load_model
     from cboprune.data.calibration import check_data
-    from cboprune.outputs import check_output_file
-    from cboprune.distributed import pick_device
-    from cboprune.pipeline import hessian_options
+    from cboprune.core.outputs import check_output_file
+    from cboprune.core.distributed import pick_device
+    from cboprune.workflows.run import hessian_options
 
     out = check_output_file(args.output, args.overwrite)
     cfg = config_from_args(args, "hessian")
@@ -176,11 +176,12 @@ def cmd_hessian(args: argparse.Namespace) -> int:
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
-    from cboprune.hessian import load_hessian
-    from cboprune.outputs import check_output_dir
-    from cboprune.pipeline import solve_rankings, write_solve_outputs
+    from cboprune.selection.hessian import load_hessian
+    from cboprune.core.outputs import check_output_dir
+    from cboprune.selection.energy import solve_rankings
+    from cboprune.workflows.run import write_solve_outputs
     from cboprune.report.tables import rankings_markdown
-    from cboprune.session import check_against_model
+    from cboprune.engine.session import check_against_model
 
     cfg = config_from_args(args, "solve")  # --remove defaults to 4 8, as its help says
     if cfg.energy not in ("fisher", "fisher-linear", "exact"):
@@ -188,7 +189,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
                             f"fisher-linear or exact, not {cfg.energy!r} (use `cboprune run` for it)")
     out_dir = check_output_dir(cfg.output_dir, cfg.overwrite) if cfg.output_dir else None
     if args.export_qubo:
-        from cboprune.outputs import check_output_file
+        from cboprune.core.outputs import check_output_file
 
         if args.export_qubo.endswith(("/", "\\")) or Path(args.export_qubo).is_dir():
             raise CBOPruneError(f"--export-qubo takes a file name prefix such as out/qubo (files PREFIX-M8.json, "
@@ -205,12 +206,12 @@ def cmd_solve(args: argparse.Namespace) -> int:
     if out_dir is not None:
         print(f"report: {write_solve_outputs(out_dir, hessian, rankings)}")
     if args.export_qubo:
-        from cboprune.energy import from_hessian
+        from cboprune.selection.energy import from_hessian
         from cboprune.solvers import to_qubo
 
         energy = from_hessian(hessian, cfg.energy)  # the QUBO of the model that was solved
         for m in cfg.remove:
-            from cboprune.outputs import staged_file
+            from cboprune.core.outputs import staged_file
 
             qubo = to_qubo(energy.Q, m, linear=energy.linear, keep=keep, removable=removable, k=cfg.top)
             prefix = Path(f"{args.export_qubo}-M{m}")
@@ -222,14 +223,15 @@ def cmd_solve(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from cboprune.hessian import load_hessian
+    from cboprune.selection.hessian import load_hessian
     from cboprune.models import load_model
     from cboprune.models.architectures import decoder_layers
-    from cboprune.outputs import check_output_dir
-    from cboprune.distributed import pick_device
-    from cboprune.pipeline import provenance, prune_to_checkpoint, solve_rankings
-    from cboprune.ranking import Candidate, Ranking
-    from cboprune.session import check_against_model
+    from cboprune.core.outputs import check_output_dir
+    from cboprune.core.distributed import pick_device
+    from cboprune.selection.energy import solve_rankings
+    from cboprune.workflows.run import provenance, prune_to_checkpoint
+    from cboprune.core.ranking import Candidate, Ranking
+    from cboprune.engine.session import check_against_model
 
     if args.output is not None or args.blocks_from is not None:
         from cboprune.gguf.cli import prune_to_gguf
@@ -304,7 +306,7 @@ def _removable(hessian, only: list[str] | None, keep: list[int]) -> list[int] | 
 def cmd_methods(args: argparse.Namespace) -> int:
     import json
 
-    from cboprune import methods
+    from cboprune.core import methods
 
     if args.json:
         print(json.dumps([{"name": m.name, "label": m.label, "kind": m.kind, "summary": m.summary,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import cboprune
-from cboprune.errors import CBOPruneError
-from cboprune.masked import calibration_nll, n_blocks
+from cboprune.core.errors import CBOPruneError
+from cboprune.models.masked import calibration_nll, n_blocks
 
 
 def _tiny(tiny_checkpoint):

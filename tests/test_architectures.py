@@ -22,9 +22,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from cboprune.data.calibration import CalibrationSet
-from cboprune.errors import CBOPruneError
-from cboprune.gating import GateManager
-from cboprune.hessian import compute_gate_gradients
+from cboprune.core.errors import CBOPruneError
+from cboprune.models.gating import GateManager
+from cboprune.selection.hessian import compute_gate_gradients
 from cboprune.models import architectures as arch
 from cboprune.models.architectures import (
     ARCHITECTURES,
@@ -353,7 +353,7 @@ def test_archs_lists_every_type_with_kinds(capsys):
 def test_solve_only_moe_restricts_the_solver(tmp_path, capsys):
     """`cboprune solve --only moe` (the paper's Nemotron setting) removes MoE blocks only."""
     from cboprune.cli import main
-    from cboprune.hessian import HESSIAN_FORMAT, HessianResult, save_hessian
+    from cboprune.selection.hessian import HESSIAN_FORMAT, HessianResult, save_hessian
 
     kinds = ["mamba", "moe", "attention", "moe", "mamba", "mlp", "attention", "moe"]
     rng = np.random.default_rng(0)
@@ -374,8 +374,8 @@ def test_solve_only_moe_restricts_the_solver(tmp_path, capsys):
 
 
 def test_run_config_only_is_validated_against_the_model_kinds():
-    from cboprune.config import RunConfig
-    from cboprune.session import check_against_model
+    from cboprune.core.config import RunConfig
+    from cboprune.engine.session import check_against_model
 
     cfg = RunConfig.from_sources(None, {"only": "moe", "remove": [2], "keep": [-1]})
     assert cfg.only == ["moe"]
@@ -455,7 +455,7 @@ def test_fallback_is_exact_at_zero_and_one_and_matches_the_saved_model(model_typ
 def test_fallback_gate_gradients_flow(model_type):
     """The per-sample gate gradients of the Hessian pass reach every block, also through the whole-layer gate,
     and equal a finite difference of the loss in alpha."""
-    from cboprune.hessian import per_sample_loss
+    from cboprune.selection.hessian import per_sample_loss
 
     model = copy.deepcopy(_built_outside(model_type))
     ids = _ids(batch=3, seq=10, seed=5)
@@ -477,7 +477,7 @@ def test_fallback_gate_gradients_flow(model_type):
 
 def test_partial_branch_gates_fail_the_check():
     """Gating OPT's attention alone (the old fallback) is caught: gates at 0 are not the identity."""
-    from cboprune.gating import check_gates
+    from cboprune.models.gating import check_gates
 
     model = copy.deepcopy(_built_outside("opt"))
     partial = arch._make_blocks(model, arch._spec(branches=("self_attn",)), *arch.decoder_layers(model))

@@ -15,7 +15,7 @@ from conftest import save_tiny_checkpoint
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from cboprune.hessian import HESSIAN_FORMAT, HessianResult, save_hessian
+    from cboprune.selection.hessian import HESSIAN_FORMAT, HessianResult, save_hessian
 
     root = tmp_path_factory.mktemp("assets")
     ck = save_tiny_checkpoint(root / "model", n_layers=6)

@@ -11,19 +11,20 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from cboprune import methods
-from cboprune.baselines._common import collect_block_stats, top_m_ranking
+from cboprune.core import methods
+from cboprune.baselines._common import top_m_ranking
+from cboprune.models.block_stats import collect_block_stats
 from cboprune.baselines._loss_based import perplexity_criterion, sleb, taylor_plus, taylor_scores
 from cboprune.baselines._similarity import (angular_distance, block_influence, block_influence_iterative,
                                             block_influence_scores, norm_ratio)
 from cboprune.baselines._swm import MergeSimilarity, sliding_window_merging, sweep
-from cboprune.experiment import SelectionContext, select
-from cboprune.masked import calibration_nll
+from cboprune.engine.experiment import SelectionContext, select
+from cboprune.models.masked import calibration_nll
 from cboprune.data.calibration import CalibrationSet
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.models.merging import apply_candidate, merge_blocks, save_candidate
 from cboprune.models.surgery import remove_blocks
-from cboprune.ranking import Candidate
+from cboprune.core.ranking import Candidate
 
 from conftest import tiny_llama
 
@@ -306,7 +307,7 @@ def test_registry_lists_methods_without_torch_and_suggests_names():
     import subprocess
     import sys
 
-    code = ("import sys; from cboprune import methods; names = methods.names(); "
+    code = ("import sys; from cboprune.core import methods; names = methods.names(); "
             "assert 'last-m' in names and 'measured' in names, names; print(int('torch' in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0"

@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 
-from cboprune.bench import (BenchSettings, bench_models, disk_bytes, markdown_report, measure_speedup, model_stats,
+from cboprune.bench.measure import (BenchSettings, bench_models, disk_bytes, markdown_report, measure_speedup, model_stats,
                             time_generation)
-from cboprune.bench_cli import BenchOptions, run_bench_command
-from cboprune.options import add_arguments
-from cboprune.errors import CBOPruneError
+from cboprune.bench.cli import BenchOptions, run_bench_command
+from cboprune.core.options import add_arguments
+from cboprune.core.errors import CBOPruneError
 from cboprune.models.surgery import remove_blocks
 from conftest import tiny_llama
 
@@ -45,7 +45,7 @@ def test_bench_alternates_models_and_reports_paired_ratios(monkeypatch):
         calls.append((model is original, tuple(ids.shape)))
         return real(model, ids, new_tokens)
 
-    monkeypatch.setattr("cboprune.bench.time_generation", spy)
+    monkeypatch.setattr("cboprune.bench.measure.time_generation", spy)
     report = bench_models({"orig": original, "pruned": pruned}, FAST)
     timed = calls[: (FAST.warmup + FAST.repeats) * 2 * 2]
     # every shape runs both models back to back, and the order flips each repetition

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cboprune.data.calibration import builtin_prompts, load_calibration
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ def test_save_dtype_choices(tmp_path):
     assert source_dtype("default") == torch.bfloat16 and source_dtype("x/model.gguf") == torch.bfloat16
     assert resolve_save_dtype("float16", model, {}) == torch.float16
     assert resolve_save_dtype(None, model, {"source_model": "/no/such/dir"}) == torch.float32  # unknown: own
-    from cboprune.errors import CBOPruneError
+    from cboprune.core.errors import CBOPruneError
 
     with pytest.raises(CBOPruneError, match="unknown dtype"):
         resolve_save_dtype("int2", model, {})

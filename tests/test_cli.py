@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cboprune.cli import main
-from cboprune.ranking import Ranking
+from cboprune.core.ranking import Ranking
 
 
 
@@ -99,7 +99,7 @@ def test_bad_input_gives_one_line_errors_and_writes_nothing(tiny_checkpoint, sha
 
 
 def test_yaml_config_with_flags_winning(tmp_path, capsys):
-    from cboprune.config import RunConfig
+    from cboprune.core.config import RunConfig
 
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("remove: [3, 5]\ntop: 7\nn-samples: 12\n")
@@ -114,7 +114,7 @@ def test_every_shipped_config_is_valid_for_its_command():
     import re
     from pathlib import Path
 
-    from cboprune.config import Config
+    from cboprune.core.config import Config
 
     files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert len(files) >= 3

@@ -1,5 +1,5 @@
 """heal, eval, repair, bench and export take `--config FILE.yaml` like run/compare/study: every flag and
-YAML key comes from one declaration (cboprune.options), a required option may come from the file,
+YAML key comes from one declaration (cboprune.core.options), a required option may come from the file,
 the command line wins, an unknown key or a wrong kind is one line. Shared options read as Config's."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ from dataclasses import fields
 
 import pytest
 
-from cboprune.bench_cli import BenchOptions
+from cboprune.bench.cli import BenchOptions
 from cboprune.cli import build_parser, main
-from cboprune.config import Config
+from cboprune.core.config import Config
 from cboprune.evaluation.cli import EvalOptions
 from cboprune.gguf.cli import ExportOptions
 from cboprune.heal.recipe import HealConfig
-from cboprune.options import build, default_of, field_of
+from cboprune.core.options import build, default_of, field_of
 from cboprune.repair.cli import RepairOptions
 
 CASES = {  # command -> (options class, argv without --config, YAML key, YAML value, the same option as a flag)

@@ -90,8 +90,8 @@ def test_compare_rejects_too_large_m(tiny_checkpoint, shared_data, tmp_path, cap
 
 
 def test_compare_offers_every_registered_method():
-    from cboprune import methods
-    from cboprune.config import Config
+    from cboprune.core import methods
+    from cboprune.core.config import Config
 
     assert Config().methods.split(",") == ["cbo", *methods.names(methods.PEER)]
     assert "last-m" in Config().methods

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from cboprune.data.mix import allocate, interleave, is_mix, parse_mix, sample_domains
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 
 from conftest import save_tiny_checkpoint
 
@@ -72,8 +72,8 @@ def test_a_mix_loads_each_source_as_it_would_alone_and_splits_across_domains(fil
 
 def test_domain_losses_take_the_mean_apart(files, tokenizer):
     from cboprune.data.calibration import load_calibration
-    from cboprune.data.mix import domain_losses
-    from cboprune.masked import calibration_nll
+    from cboprune.selection.verify import domain_losses
+    from cboprune.models.masked import calibration_nll
 
     from conftest import tiny_llama
 
@@ -161,10 +161,10 @@ def test_verification_on_a_mix_ranks_by_the_mean_and_reports_every_domain(files,
     import numpy as np
 
     from cboprune.data.calibration import load_calibration
-    from cboprune.data.mix import domain_losses
-    from cboprune.masked import configurations_nll
-    from cboprune.ranking import Candidate, Ranking
-    from cboprune.verify import verify
+    from cboprune.selection.verify import domain_losses
+    from cboprune.models.masked import configurations_nll
+    from cboprune.core.ranking import Candidate, Ranking
+    from cboprune.selection.verify import verify
 
     from conftest import tiny_llama
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 
 from conftest import save_tiny_checkpoint, tiny_llama
 
@@ -172,7 +172,7 @@ def test_shipped_domain_study_configs_are_runnable_as_written(name, shared_data,
     import re
     from pathlib import Path
 
-    from cboprune.config import Config
+    from cboprune.core.config import Config
     from cboprune.data.calibration import read_records
     from cboprune.data.mix import is_mix, parse_mix
     from cboprune.evaluation.domains import resolve_domains
@@ -227,7 +227,7 @@ def test_compare_scores_every_configuration_on_the_domains(tiny_checkpoint, shar
 def test_cross_table_counts_a_difference_only_beyond_the_seed_spread():
     """The verdict: the default loses a domain only when the best other method beats it by more than
     the larger seed spread; the variance split compares the calibration and the method axes."""
-    from cboprune.domain_study import Cell, cross_tables
+    from cboprune.workflows.domain_study import Cell, cross_tables
 
     def doms(c4, wiki, piqa):
         return {"c4": {"kind": "records", "metrics": {"loss": c4}, "stderr": {"loss": 0.01}, "n": 50},

@@ -12,19 +12,19 @@ from conftest import save_tiny_checkpoint, tiny_llama
 
 from cboprune.cli import main
 from cboprune.data.calibration import CalibrationSet
-from cboprune.energy import (
+from cboprune.selection.energy import (
     EnergyModel,
     from_hessian,
     measure_losses,
     relinearized_rankings,
     spearman,
 )
-from cboprune.gating import GateManager
-from cboprune.hessian import compute_hessian, per_sample_loss
-from cboprune.masked import calibration_nll, configurations_nll
+from cboprune.models.gating import GateManager
+from cboprune.selection.hessian import compute_hessian, per_sample_loss
+from cboprune.models.masked import calibration_nll, configurations_nll
 from cboprune.models.architectures import blocks
-from cboprune.ranking import Candidate, Ranking
-from cboprune.verify import diverse, jaccard, refine, verify, with_refined
+from cboprune.core.ranking import Candidate, Ranking
+from cboprune.selection.verify import diverse, jaccard, refine, verify, with_refined
 
 
 def _calibration(n: int, seq: int = 12, vocab: int = 128, seed: int = 0) -> CalibrationSet:
@@ -230,7 +230,7 @@ def test_study_bad_input_gives_one_line_errors(tiny_checkpoint, tmp_path, capsys
 
 @pytest.mark.slow
 def test_run_default_is_the_recommended_approach_and_paper_stays_available(tiny_checkpoint, shared_data, tmp_path):
-    from cboprune.energy import PAPER, RECOMMENDED
+    from cboprune.selection.energy import PAPER, RECOMMENDED
 
     data = str(shared_data / "calib" / "alpaca_en_demo.json")
     common = ["-q", "run", "--model", str(tiny_checkpoint), "--data", data, "--n-samples", "6", "--seq-len", "32",
@@ -269,7 +269,7 @@ def test_run_rejects_unknown_energy_and_bad_selection_settings(tmp_path, capsys)
 
 
 def test_solve_command_builds_any_hessian_energy(tmp_path, capsys):
-    from cboprune.hessian import save_hessian
+    from cboprune.selection.hessian import save_hessian
 
     model = tiny_llama(n_layers=6)
     h = compute_hessian(model, _calibration(5), batch_size=5, progress=False)
@@ -299,8 +299,8 @@ def test_run_says_when_data_is_too_small_to_hold_samples_out(tiny_checkpoint, tm
 
 
 def test_hybrid_energy_is_exact_on_single_removals_and_takes_fisher_pairs(model, calib):
-    from cboprune import methods
-    from cboprune.experiment import SelectionContext, select
+    from cboprune.core import methods
+    from cboprune.engine.experiment import SelectionContext, select
 
     context = SelectionContext(model, calib, batch_size=3, top=4, options={"single_samples": 4, "run_cost": 0})
     by_m = select("hybrid", context, [1, 2])
@@ -320,9 +320,9 @@ def test_hybrid_energy_is_exact_on_single_removals_and_takes_fisher_pairs(model,
 def test_run_cost_charges_each_contiguous_run_of_removed_blocks(model, calib):
     from itertools import combinations
 
-    from cboprune.energy import contiguous_runs, with_run_cost
-    from cboprune.experiment import SelectionContext, select
-    from cboprune.verify import verify
+    from cboprune.selection.energy import contiguous_runs, with_run_cost
+    from cboprune.engine.experiment import SelectionContext, select
+    from cboprune.selection.verify import verify
 
     assert [contiguous_runs(s) for s in [(), (3,), (1, 2, 3), (1, 3), (5, 0, 1), (0, 2, 4, 5)]] == [0, 1, 1, 2, 2, 3]
     rng = np.random.default_rng(0)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.evaluation import evaluate, markdown_table, resolve_tasks, write_results
 from cboprune.evaluation import metrics as M
 from cboprune.evaluation.data import read_hellaswag, read_mc_jsonl, resolve_eval_dir, wikitext_detokenize
@@ -245,7 +245,7 @@ def test_cli_arguments_and_errors(capsys):
     import argparse
 
     from cboprune.evaluation.cli import EvalOptions, run_eval_command
-    from cboprune.options import add_arguments
+    from cboprune.core.options import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser, EvalOptions)
@@ -373,7 +373,7 @@ def _eval_args(*extra: str):
     import argparse
 
     from cboprune.evaluation.cli import EvalOptions
-    from cboprune.options import add_arguments
+    from cboprune.core.options import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser, EvalOptions)

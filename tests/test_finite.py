@@ -1,6 +1,6 @@
 """A NaN is never a result (issue 34): the judge's held-out NLL after healing on a Gemma-3-like model
 with sliding-window and full attention layers is measured, finite and equal to a fresh evaluation of
-the healed checkpoint; every reported metric goes through one guard (`cboprune.finite`)."""
+the healed checkpoint; every reported metric goes through one guard (`cboprune.core.finite`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from cboprune.errors import CBOPruneError, DivergedError
-from cboprune.finite import DIVERGED, metric_cell, metric_key, require_finite
-from cboprune.outputs import dumps_strict
+from cboprune.core.errors import CBOPruneError, DivergedError
+from cboprune.core.finite import DIVERGED, metric_cell, metric_key, require_finite
+from cboprune.core.outputs import dumps_strict
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +44,13 @@ def tiny_gemma3(tmp_path_factory):
 def test_judge_nll_after_healing_is_finite_and_matches_a_fresh_evaluation(tiny_gemma3, shared_data, tmp_path,
                                                                             monkeypatch, caplog):
     """Failed before the fix: the judge healed without measuring the NLL after and logged it as nan."""
-    from cboprune import judge
-    from cboprune.config import Config
-    from cboprune.masked import calibration_nll
+    from cboprune.engine.skeleton import judge
+    from cboprune.core.config import Config
+    from cboprune.models.masked import calibration_nll
     from cboprune.models import load_model
-    from cboprune.ranking import Candidate, Ranking
-    from cboprune.session import load_session
-    from cboprune.verify import measured_nll, verify
+    from cboprune.core.ranking import Candidate, Ranking
+    from cboprune.engine.session import load_session
+    from cboprune.selection.verify import measured_nll, verify
 
     cfg = Config(model=str(tiny_gemma3), data=str(shared_data / "calib" / "alpaca_en_demo.json"), n_samples=6,
                  seq_len=32, batch_size=3, judge_steps=1, heal_seq_len=32)
@@ -69,7 +69,7 @@ def test_judge_nll_after_healing_is_finite_and_matches_a_fresh_evaluation(tiny_g
     monkeypatch.setattr(judge, "judge_recipe", keeping)
     staging = tmp_path / "staging"
     staging.mkdir()
-    with caplog.at_level(logging.INFO, logger="cboprune.healing_study"):
+    with caplog.at_level(logging.INFO, logger="cboprune.engine.healing_study"):
         (judged,), text, cost = judge.judge_by_healing(cfg, session, [ranking], staging, 2)
     info = judged.info["heal_judge"]
     assert len(info["heldout_nll_after"]) == 2 and all(math.isfinite(v) for v in info["heldout_nll_after"])
@@ -182,7 +182,7 @@ def test_other_families_with_sliding_layers_evaluate_finite_after_a_heal(model_t
     held-out NLL on right-padded batches (samples shorter than the window and longer) is finite."""
     from cboprune.data.calibration import load_calibration
     from cboprune.heal import HealConfig, heal
-    from cboprune.masked import calibration_nll
+    from cboprune.models.masked import calibration_nll
     from cboprune.models import load_model
     from cboprune.models.surgery import remove_blocks, save_pruned
 

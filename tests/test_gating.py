@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from cboprune.gating import GateManager
-from cboprune.hessian import per_sample_loss
+from cboprune.models.gating import GateManager
+from cboprune.selection.hessian import per_sample_loss
 from cboprune.models.architectures import blocks
 from cboprune.models.surgery import remove_blocks, save_pruned
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.gguf.export import export_gguf
 from cboprune.gguf.prune import NAMESPACE, open_gguf, plan_prune, prune_gguf, renamed_tensors, write_gguf
 from cboprune.models.loading import default_gguf_path

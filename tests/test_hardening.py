@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from cboprune import outputs
-from cboprune.errors import CBOPruneError
+from cboprune.core import hub, outputs
+from cboprune.core.errors import CBOPruneError
 from cboprune.models import loading
 
 from conftest import REPO, save_tiny_checkpoint, tiny_llama
@@ -82,9 +82,9 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 def offline(monkeypatch):
     """The hub unreachable the way a user sets it (HF_HUB_OFFLINE=1); the reachability cache reset around."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    loading.hub_reachable.cache_clear()
+    hub.hub_reachable.cache_clear()
     yield
-    loading.hub_reachable.cache_clear()
+    hub.hub_reachable.cache_clear()
 
 
 def _snapshot(root: Path) -> list[tuple[str, int]]:
@@ -115,7 +115,7 @@ def _readonly(monkeypatch):
 
 
 def _save_hessian_into_dir(w: Path, a) -> None:
-    from cboprune.hessian import HESSIAN_FORMAT, HessianResult, save_hessian
+    from cboprune.selection.hessian import HESSIAN_FORMAT, HessianResult, save_hessian
 
     (w / "h").mkdir()
     meta = {"format": HESSIAN_FORMAT, "n_blocks": 2}
@@ -239,7 +239,7 @@ def test_chat_records_without_template_warn_once_and_a_template_file_renders_the
 def test_files_we_wrote_are_read_back_strictly(tmp_path):
     # removal.json and friends may be damaged or replaced by a user: one line, never a traceback
     from cboprune.heal.cli import teacher_from_removal
-    from cboprune.outputs import read_json_object
+    from cboprune.core.outputs import read_json_object
 
     f = tmp_path / "removal.json"
     for text, match in (("{oops", "cannot be read as JSON"), ("[1]", "not a JSON object"),
@@ -259,7 +259,7 @@ def test_files_we_wrote_are_read_back_strictly(tmp_path):
 def test_a_crafted_hessian_file_is_refused_in_one_line(tmp_path):
     from safetensors.numpy import save_file
 
-    from cboprune.hessian import HESSIAN_FORMAT, load_hessian
+    from cboprune.selection.hessian import HESSIAN_FORMAT, load_hessian
 
     rng = np.random.default_rng(0)
     good = {"format": HESSIAN_FORMAT, "n_blocks": 6}
@@ -448,7 +448,7 @@ _CHILD_HESSIAN = """
 import sys, time
 import numpy as np
 import safetensors.numpy
-from cboprune.hessian import HESSIAN_FORMAT, HessianResult, save_hessian
+from cboprune.selection.hessian import HESSIAN_FORMAT, HessianResult, save_hessian
 
 real = safetensors.numpy.save_file
 def slow(tensors, filename, metadata=None):  # the staging file is written, the rename has not happened
@@ -509,7 +509,7 @@ def test_checkpoint_save_interrupted_leaves_all_or_nothing_and_a_rerun_succeeds(
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_hessian_save_interrupted_keeps_the_previous_file_and_a_rerun_succeeds(sig, tmp_path):
-    from cboprune.hessian import HESSIAN_FORMAT, HessianResult, load_hessian, save_hessian
+    from cboprune.selection.hessian import HESSIAN_FORMAT, HessianResult, load_hessian, save_hessian
 
     target = tmp_path / "h.safetensors"
     meta = {"format": HESSIAN_FORMAT, "n_blocks": 4}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.heal import HEALING_FILE, DistillationLoss, HealConfig, heal
 from cboprune.models.surgery import REMOVAL_FILE, remove_blocks, save_pruned
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.heal import HEALING_FILE, HealConfig, TeacherCache, heal
 from cboprune.heal import trainer as trainer_module
 from cboprune.models.surgery import remove_blocks, save_pruned

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.heal import HealConfig, heal
 from cboprune.models.surgery import remove_blocks, save_pruned
 
@@ -24,7 +24,7 @@ WORKER = """
 import json, os, sys
 import torch
 torch.set_num_threads(1)
-import cboprune.outputs as outputs
+import cboprune.core.outputs as outputs
 from cboprune.heal import HealConfig, heal
 
 # Every staging entry, writability probe and removal of the one writer, logged per rank: only the

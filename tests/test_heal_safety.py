@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.heal import HEALING_FILE, HealConfig, heal
 from cboprune.heal import trainer as trainer_module
 from cboprune.models.surgery import remove_blocks, save_pruned

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.heal import HEALING_FILE, HealConfig, heal
 from cboprune.models.surgery import remove_blocks, save_pruned
 
@@ -90,7 +90,7 @@ def test_teacher_4bit_switch_on_the_command_line():
     import argparse
 
     from cboprune.heal.recipe import HealConfig
-    from cboprune.options import add_arguments
+    from cboprune.core.options import add_arguments
 
     p = argparse.ArgumentParser()
     add_arguments(p, HealConfig)

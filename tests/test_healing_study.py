@@ -92,7 +92,7 @@ def test_run_chooses_the_saved_state_after_a_short_heal(tiny_checkpoint, shared_
     assert judge["forward_passes"] > 0 and judge["recipe"]["heldout_eval"] == "after-ce"
     assert judge["steps"] == 2 and judge["recipe"]["heldout_samples"] == 25  # the judge's own recipe
     assert judge["recipe"]["learning_rate"] == 2e-4 and judge["recipe"]["seq_len"] == 32
-    from cboprune.hessian import load_hessian
+    from cboprune.selection.hessian import load_hessian
 
     H = load_hessian(out / "hessian.safetensors").H
     for cand, energy in zip(ranking["candidates"], ranking["info"]["verification"]["energies"]):
@@ -150,9 +150,9 @@ def _forbid_recomputation(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a finished step was computed again")
 
-    for target in ("cboprune.heal.heal", "cboprune.experiment.energy_entries", "cboprune.experiment.peer_entries",
-                   "cboprune.evaluation.protocol.EvalProtocol.evaluate", "cboprune.masked.calibration_nll",
-                   "cboprune.judge.judge_by_healing"):
+    for target in ("cboprune.heal.heal", "cboprune.engine.experiment.energy_entries", "cboprune.engine.experiment.peer_entries",
+                   "cboprune.evaluation.protocol.EvalProtocol.evaluate", "cboprune.models.masked.calibration_nll",
+                   "cboprune.engine.judge.judge_by_healing"):
         monkeypatch.setattr(target, fail)
 
 

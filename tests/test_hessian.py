@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from cboprune.data.calibration import CalibrationSet
-from cboprune.errors import CBOPruneError
-from cboprune.gating import GateManager
-from cboprune.hessian import (
+from cboprune.core.errors import CBOPruneError
+from cboprune.models.gating import GateManager
+from cboprune.selection.hessian import (
     compute_hessian,
     load_hessian,
     per_sample_loss,

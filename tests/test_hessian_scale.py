@@ -15,9 +15,9 @@ import torch
 from conftest import REPO, tiny_llama
 
 from cboprune.data.calibration import CalibrationSet
-from cboprune.errors import CBOPruneError
-from cboprune.gating import GateManager
-from cboprune.hessian import (
+from cboprune.core.errors import CBOPruneError
+from cboprune.models.gating import GateManager
+from cboprune.selection.hessian import (
     compute_hessian,
     load_hessian,
     per_sample_loss,
@@ -114,8 +114,8 @@ WORKER = textwrap.dedent("""
     import torch
     from conftest import tiny_llama
     from cboprune.data.calibration import CalibrationSet
-    from cboprune.hessian import compute_hessian, save_hessian
-    from cboprune import distributed
+    from cboprune.selection.hessian import compute_hessian, save_hessian
+    from cboprune.core import distributed
 
     out, shard_dir, kill_after = sys.argv[1], sys.argv[2] or None, int(sys.argv[3])
     g = torch.Generator().manual_seed(5)

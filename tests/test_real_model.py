@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cboprune.config import RunConfig
-from cboprune.gating import GateManager
+from cboprune.core.config import RunConfig
+from cboprune.models.gating import GateManager
 from cboprune.models.architectures import blocks
-from cboprune.pipeline import run_pipeline
+from cboprune.workflows.run import run_pipeline
 
 pytestmark = pytest.mark.real_model
 
@@ -50,7 +50,7 @@ def test_pipeline_on_the_real_model(shared_data, tmp_path):
 def test_default_selection_on_the_real_model(shared_data, tmp_path):
     """The default (hybrid energy: singles measured, Fisher pairs; verification; the judge's short heal of
     the two best), kept small."""
-    from cboprune.energy import RECOMMENDED
+    from cboprune.selection.energy import RECOMMENDED
 
     cfg = RunConfig(model="default", data=str(shared_data / "calib" / "alpaca_en_demo.json"), n_samples=8,
                     heldout_samples=4, seq_len=64, batch_size=4, remove=[4], top=4, save_remove=[],

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cboprune.data import CalibrationSet
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.models.architectures import decoder_layers
 from cboprune.models.surgery import remove_blocks, save_pruned
 from cboprune.repair import plan_repair, removed_runs, repair_linear
@@ -219,7 +219,7 @@ def test_bad_input_is_refused_before_work():
 
 def test_cli_source_resolution(tmp_path):
     from cboprune.repair.cli import RepairOptions, resolve_source
-    from cboprune.options import add_arguments
+    from cboprune.core.options import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser, RepairOptions)
@@ -267,7 +267,7 @@ def test_repair_command_end_to_end(tmp_path, shared_data, capsys):
     from transformers import AutoModelForCausalLM
 
     from cboprune.repair.cli import RepairOptions, run_repair_command
-    from cboprune.options import add_arguments
+    from cboprune.core.options import add_arguments
     from conftest import save_tiny_checkpoint
 
     original = save_tiny_checkpoint(tmp_path / "orig")

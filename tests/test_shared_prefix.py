@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from cboprune.data.calibration import CalibrationSet
-from cboprune.masked import configurations_nll, n_blocks
+from cboprune.models.masked import configurations_nll, n_blocks
 from cboprune.models.forward_loss import _TARGET_ROWS_OK, per_sample_loss, sample_losses
-from cboprune.shared_prefix import _VERDICT, layer_cost
+from cboprune.models.shared_prefix import _VERDICT, layer_cost
 from conftest import tiny_llama
 from test_architectures import FAMILIES, VOCAB, tiny
 
@@ -84,8 +84,8 @@ sys.path.insert(0, {tests!r})
 import numpy as np
 import torch
 torch.set_num_threads(1)
-from cboprune import distributed
-from cboprune.masked import configurations_nll
+from cboprune.core import distributed
+from cboprune.models.masked import configurations_nll
 from conftest import tiny_llama
 from test_shared_prefix import _calibration, _configs
 

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from cboprune.ranking import Ranking
+from cboprune.core.ranking import Ranking
 from cboprune.solvers import energy, enumerate_exhaustive, make_problem, solve, to_qubo
 from cboprune.solvers.qubo import Qubo
 from cboprune.solvers.synthetic import gradient_gram, wishart

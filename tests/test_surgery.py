@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.models.architectures import blocks, decoder_layers
 from cboprune.models.surgery import REMOVAL_FILE, remove_blocks, save_pruned
 

@@ -1,5 +1,5 @@
 """The peers of CBO: every block-selection criterion the paper compares with, one registration module
-each (see `cboprune.methods`), returning the same `Ranking` as the CBO solvers so that reports,
+each (see `cboprune.core.methods`), returning the same `Ranking` as the CBO solvers so that reports,
 surgery and evaluation never special-case a method.
 
     module            names          criterion (reference)
@@ -15,5 +15,5 @@ surgery and evaluation never special-case a method.
 The implementations shared by several criteria are in the private modules `_similarity`,
 `_loss_based`, `_swm` and `_common` (they import torch; the registration modules import them only
 inside `select`). To add a criterion: one module here that calls `register(Method(...))`, and its
-test; `cboprune.experiment.select` runs any of them by name.
+test; `cboprune.engine.experiment.select` runs any of them by name.
 """

@@ -23,11 +23,11 @@ import torch
 
 from cboprune.baselines._common import top_m_ranking
 from cboprune.data.calibration import CalibrationSet
-from cboprune.gating import GateManager
-from cboprune.masked import n_blocks, single_removal_nll
+from cboprune.models.gating import GateManager
+from cboprune.models.masked import n_blocks, single_removal_nll
 from cboprune.models.forward_loss import model_device, per_sample_loss
 from cboprune.models.architectures import blocks
-from cboprune.ranking import Candidate, Ranking, check_n_remove
+from cboprune.core.ranking import Candidate, Ranking, check_n_remove
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,13 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from cboprune.baselines._common import BlockStats, collect_block_stats, top_m_ranking
+from cboprune.baselines._common import top_m_ranking
+from cboprune.models.block_stats import BlockStats, collect_block_stats
 from cboprune.data.calibration import CalibrationSet
-from cboprune.gating import GateManager
-from cboprune.masked import n_blocks
+from cboprune.models.gating import GateManager
+from cboprune.models.masked import n_blocks
 from cboprune.models.architectures import blocks
-from cboprune.ranking import Candidate, Ranking, check_n_remove
+from cboprune.core.ranking import Candidate, Ranking, check_n_remove
 
 log = logging.getLogger(__name__)
 

@@ -39,13 +39,13 @@ import time
 import torch
 
 from cboprune.data.calibration import CalibrationSet
-from cboprune.errors import CBOPruneError
-from cboprune.gating import GateManager
-from cboprune.masked import inference, n_blocks
+from cboprune.core.errors import CBOPruneError
+from cboprune.models.gating import GateManager
+from cboprune.models.masked import inference, n_blocks
 from cboprune.models.forward_loss import model_device
 from cboprune.models.architectures import blocks
 from cboprune.models.merging import DEFAULT_MERGE_RULE, branch_parameters, merged_state
-from cboprune.ranking import Candidate, Ranking, check_n_remove
+from cboprune.core.ranking import Candidate, Ranking, check_n_remove
 
 log = logging.getLogger(__name__)
 

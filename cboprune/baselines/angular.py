@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cboprune.methods import PEER, Method, register
+from cboprune.core.methods import PEER, Method, register
 
 
 def _select(context, remove):

@@ -3,7 +3,7 @@ CBO paper's BI)."""
 
 from __future__ import annotations
 
-from cboprune.methods import PEER, Method, register
+from cboprune.core.methods import PEER, Method, register
 
 REFERENCE = "Men et al., ShortGPT (arXiv:2403.03853)"
 
@@ -17,7 +17,7 @@ def _one_shot(context, remove):
 
 def _iterative(context, remove):
     from cboprune.baselines._similarity import block_influence_iterative
-    from cboprune.ranking import prefix_ranking
+    from cboprune.core.ranking import prefix_ranking
 
     full = block_influence_iterative(context.model, context.fit, max(remove), first_stats=context.block_stats(),
                                      keep=context.keep, batch_size=context.batch_size)

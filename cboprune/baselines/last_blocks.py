@@ -3,12 +3,12 @@ blocks are the most redundant; the final block maps to the LM head and is kept).
 
 from __future__ import annotations
 
-from cboprune.methods import PEER, Method, register
+from cboprune.core.methods import PEER, Method, register
 
 
 def last_blocks(n_blocks: int, n_remove: int, keep=()) -> tuple[int, ...]:
     """The M highest-indexed blocks below the final block that are not kept."""
-    from cboprune.errors import CBOPruneError
+    from cboprune.core.errors import CBOPruneError
 
     pool = [i for i in range(n_blocks - 2, -1, -1) if i not in set(keep)]
     if n_remove > len(pool):
@@ -18,7 +18,7 @@ def last_blocks(n_blocks: int, n_remove: int, keep=()) -> tuple[int, ...]:
 
 
 def _select(context, remove):
-    from cboprune.ranking import Candidate, Ranking
+    from cboprune.core.ranking import Candidate, Ranking
 
     n = context.n_blocks
     return {m: Ranking(method="last-m", n_blocks=n, n_remove=m,

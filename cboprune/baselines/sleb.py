@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from cboprune.methods import PEER, Method, register
+from cboprune.core.methods import PEER, Method, register
 
 
 def _select(context, remove):
     from cboprune.baselines._loss_based import sleb
-    from cboprune.ranking import prefix_ranking
+    from cboprune.core.ranking import prefix_ranking
 
     full = sleb(context.model, context.fit, max(remove), first_step=context.single_removal_nll(), keep=context.keep,
                 batch_size=context.batch_size)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from cboprune.errors import CBOPruneError
-from cboprune.methods import PEER, Method, register
+from cboprune.core.errors import CBOPruneError
+from cboprune.core.methods import PEER, Method, register
 
 
 def _select(context, remove):

@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from cboprune.config import MixSource, is_mix, parse_mix
-from cboprune.errors import CBOPruneError
-from cboprune.models.loading import hub_reachable
-from cboprune.outputs import cache_dir, staged_file
+from cboprune.core.choices import MixSource, is_mix, parse_mix
+from cboprune.core.errors import CBOPruneError
+from cboprune.core.hub import hub_reachable
+from cboprune.core.outputs import cache_dir, staged_file
 
 log = logging.getLogger(__name__)
 
@@ -471,7 +471,7 @@ def load_calibration(data: str | None, tokenizer, *, model=None, n_samples: int 
 
 
 # ----------------------------------------------------------------------------- a weighted mix of sources
-# (`--data a.json:0.7,b.txt:0.3`; the grammar is cboprune.config's, the per-domain analysis cboprune.data.mix's)
+# (`--data a.json:0.7,b.txt:0.3`; the grammar is cboprune.core.config's, the per-domain analysis cboprune.data.mix's)
 
 def check_mix(data: str) -> list[MixSource]:
     """Parse the mix and read every file (valid JSON, known record fields, not empty), no model needed."""

@@ -6,7 +6,7 @@ source at least one), built exactly as that file alone would be (chat records re
 packed, the same seed), and the samples are interleaved so that every prefix holds the sources in
 their proportions: the fitting part and the held-out part of `CalibrationSet.split` are then both
 drawn from every domain. `info["domains"]` names the source of each sample (sliced by `split`),
-which is what `domain_losses` scores per domain.
+which is what `cboprune.selection.verify.domain_losses` scores per domain.
 
 Parsing and checking need no model: a bad weight, a missing file, an empty mix or a duplicate
 source is one `CBOPruneError` line before anything loads.
@@ -14,12 +14,11 @@ source is one `CBOPruneError` line before anything loads.
 
 from __future__ import annotations
 
-from cboprune.config import GENERATED_NAMES, MixSource, is_mix, parse_mix
+from cboprune.core.choices import GENERATED_NAMES, MixSource, is_mix, parse_mix
 from cboprune.data.calibration import CalibrationSet, allocate, check_mix, interleave, load_mix
-from cboprune.masked import calibration_nll
 
-# the grammar (cboprune.config) and the builders (cboprune.data.calibration), named here as well
-__all__ = ["GENERATED_NAMES", "MixSource", "allocate", "by_domain", "check_mix", "domain_losses", "interleave",
+# the grammar (cboprune.core.config) and the builders (cboprune.data.calibration), named here as well
+__all__ = ["GENERATED_NAMES", "MixSource", "allocate", "by_domain", "check_mix", "interleave",
            "is_mix", "load_mix", "parse_mix", "sample_domains", "target_tokens"]
 
 def sample_domains(calibration) -> list[str] | None:
@@ -48,13 +47,3 @@ def by_domain(calibration):
 def target_tokens(calibration) -> int:
     """Positions with a next-token target: the weights of a token-weighted mean NLL."""
     return int(calibration.attention_mask[:, 1:].sum())
-
-
-def domain_losses(model, calibration, *, batch_size: int = 8, removed=()) -> dict[str, float] | None:
-    """Token-weighted mean NLL (as `calibration_nll`) on each domain of a mixed calibration set, with
-    `removed` switched off (None when it is not a mix): the verification's one number taken apart,
-    so that a report can show the worst domain beside the mean."""
-    parts = by_domain(calibration)
-    if parts is None:
-        return None
-    return {name: calibration_nll(model, part, batch_size=batch_size, removed=removed) for name, part in parts.items()}

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from cboprune.methods import ENERGY, Method, register
+from cboprune.core.methods import ENERGY, Method, register
 
 
 def _select(context, remove):
-    from cboprune.energy import from_hessian
+    from cboprune.selection.energy import from_hessian
 
     model = from_hessian(context.exact_hessian(), "exact")
     context.energy_models["exact"] = model

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from cboprune.methods import ENERGY, Method, register
+from cboprune.core.methods import ENERGY, Method, register
 
 
 def _rank_from_hessian(name: str):
     def select(context, remove):
-        from cboprune.energy import from_hessian
+        from cboprune.selection.energy import from_hessian
 
         model = from_hessian(context.hessian(), name)
         context.energy_models[name] = model

@@ -20,7 +20,7 @@ Cost: 3 (the gradient pass) + N · s/m forward passes (s: `single_samples` of th
 
 from __future__ import annotations
 
-from cboprune.methods import ENERGY, Method, register
+from cboprune.core.methods import ENERGY, Method, register
 
 #: default fraction of the fitting samples the single removals are measured on (at least 8 samples):
 #: an eighth since the judge joined the default, to stay within 20 forward passes (docs/study.md)
@@ -44,8 +44,8 @@ def hybrid_energy(context):
     """The EnergyModel (measured singles on the first `single_samples` fitting samples)."""
     import numpy as np
 
-    from cboprune.energy import EnergyModel, with_run_cost
-    from cboprune.masked import configurations_nll
+    from cboprune.selection.energy import EnergyModel, with_run_cost
+    from cboprune.models.masked import configurations_nll
 
     hessian = context.hessian()
     n = hessian.n_blocks

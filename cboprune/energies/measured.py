@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from cboprune.methods import ENERGY, Method, register
+from cboprune.core.methods import ENERGY, Method, register
 
 
 def _select(context, remove):
-    from cboprune.energy import measure_losses
+    from cboprune.selection.energy import measure_losses
 
     model = measure_losses(context.model, context.fit, pool_size=context.options.get("pool"), keep=context.keep,
                            removable=context.removable, batch_size=context.batch_size).energy_model()

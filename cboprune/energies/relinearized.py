@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 
-from cboprune.methods import ENERGY, Method, register
+from cboprune.core.methods import ENERGY, Method, register
 
 
 def _select(context, remove):
-    from cboprune.energy import relinearized_rankings
+    from cboprune.selection.energy import relinearized_rankings
 
     return relinearized_rankings(context.model, context.fit, remove, context.top,
                                  step=context.options.get("relin_step") or 4, first=context.hessian(),

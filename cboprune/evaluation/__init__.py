@@ -12,7 +12,7 @@ before a model loads; `evaluate` accepts the plan it returns.
 
 from __future__ import annotations
 
-from cboprune.lazy import lazy_exports
+from cboprune.core.lazy import lazy_exports
 
 _EXPORTS = {**{n: "cboprune.evaluation.plan" for n in ("BACKENDS", "TaskPlan", "plan_tasks")},
             **{n: "cboprune.evaluation.results" for n in ("markdown_table", "output_paths", "to_lm_eval_schema",

@@ -12,9 +12,9 @@ import argparse
 import logging
 from dataclasses import dataclass
 
-from cboprune.config import Config
-from cboprune.errors import CBOPruneError
-from cboprune.options import build, option, shared
+from cboprune.core.config import Config
+from cboprune.core.errors import CBOPruneError
+from cboprune.core.options import build, option, shared
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def run_eval_command(namespace: argparse.Namespace) -> int:
                       apply_chat_template=args.apply_chat_template)
     from cboprune.models import load_model
 
-    from cboprune.distributed import pick_device
+    from cboprune.core.distributed import pick_device
 
     lm = load_model(args.model, dtype=args.dtype, device=pick_device(args.device))
     results = evaluate(lm.model, lm.tokenizer, plan, limit=args.limit, num_fewshot=args.num_fewshot,

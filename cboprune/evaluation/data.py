@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from cboprune.data.calibration import (
     render_chat,
 )
 from cboprune.data.mix import is_mix, parse_mix
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.evaluation.data import read_text, resolve_eval_dir, wikitext_detokenize
 from cboprune.evaluation.metrics import mean_and_stderr
 from cboprune.evaluation.scorer import Scorer

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.evaluation import metrics as M
 from cboprune.evaluation.plan import TaskPlan, hub_access
 from cboprune.evaluation.scorer import default_max_length

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +25,32 @@ def mc_predictions(lls: Sequence[float], choice_texts: Sequence[str]) -> tuple[i
     lls_arr = np.asarray(lls, dtype=np.float64)
     lengths = np.asarray([float(len(c)) for c in choice_texts])
     return int(np.argmax(lls_arr)), int(np.argmax(lls_arr / lengths))
+
+
+# ---------------------------------------------------------------- the number a table shows
+PRIMARY_METRICS = ("word_perplexity", "acc_norm", "acc", "exact_match")
+
+
+def primary_metric(task: str, entry: dict[str, Any]) -> tuple[str, float]:
+    """The number a table cell shows: word perplexity for perplexity tasks, else acc_norm when
+    the task reports it (HellaSwag, ARC), else acc, else the first metric."""
+    metrics = entry["metrics"]
+    for name in PRIMARY_METRICS:
+        if name in metrics:
+            return name, float(metrics[name])
+    name = next(iter(metrics))
+    return name, float(metrics[name])
+
+
+def primary_scores(evaluation: dict[str, Any]) -> dict[str, float]:
+    return {t: primary_metric(t, e)[1] for t, e in evaluation.get("results", {}).items()}
+
+
+def mean_accuracy(evaluation: dict[str, Any], accuracy_tasks: list[str]) -> float | None:
+    """The mean primary metric over the accuracy tasks present (None when there are none)."""
+    values = primary_scores(evaluation)
+    accs = [values[t] for t in accuracy_tasks if t in values]
+    return sum(accs) / len(accs) if accs else None
 
 
 # ---------------------------------------------------------------- GSM8K (lm-eval `gsm8k`)

@@ -18,14 +18,13 @@ import contextlib
 import difflib
 import logging
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
+from cboprune.core.hub import hub_reachable
 from cboprune.evaluation.data import ENV_VAR, require_file, resolve_eval_dir
 from cboprune.evaluation.tasks import FILE_PREFIX, TaskSpec, available_names, resolve_tasks
 
@@ -71,18 +70,6 @@ class TaskPlan:
                        local_lm_eval=[s for s in self.local_lm_eval if s.name in keep],
                        lm_eval=[n for n in self.lm_eval if n in keep],
                        kinds={n: k for n, k in self.kinds.items() if n in keep})
-
-
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """False when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set or the hub's host does not answer."""
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 @contextlib.contextmanager

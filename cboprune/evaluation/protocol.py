@@ -1,6 +1,6 @@
 """The comparison protocol: which tasks, how many items, which number a table shows.
 
-`compare` and `study` (through `cboprune.experiment`) evaluate the original model and every
+`compare` and `study` (through `cboprune.engine.experiment`) evaluate the original model and every
 distinct pruned configuration with one `EvalProtocol`, so every method is judged alike.
 Perplexity tasks (kind "rolling") take `ppl_limit` documents, the others `limit` items.
 """
@@ -10,14 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.evaluation import evaluate
 from cboprune.evaluation.domains import check_heldout, evaluate_domains, resolve_domains
 from cboprune.evaluation.plan import plan_tasks
 
 DEFAULT_TASKS = "wikitext,arc_easy,hellaswag,piqa,winogrande"
 #: the metric a table cell shows, in order of preference
-PRIMARY_METRICS = ("word_perplexity", "acc_norm", "acc", "exact_match")
 
 
 @dataclass
@@ -103,25 +102,3 @@ class EvalProtocol:
 
         return {**self.describe(), "seed": self.seed, "batch_size": self.batch_size,
                 "data_dir": str(Path(self.data_dir).resolve()) if self.data_dir else None}
-
-
-def primary_metric(task: str, entry: dict[str, Any]) -> tuple[str, float]:
-    """The number a table cell shows: word perplexity for perplexity tasks, else acc_norm when
-    the task reports it (HellaSwag, ARC), else acc, else the first metric."""
-    metrics = entry["metrics"]
-    for name in PRIMARY_METRICS:
-        if name in metrics:
-            return name, float(metrics[name])
-    name = next(iter(metrics))
-    return name, float(metrics[name])
-
-
-def primary_scores(evaluation: dict[str, Any]) -> dict[str, float]:
-    return {t: primary_metric(t, e)[1] for t, e in evaluation.get("results", {}).items()}
-
-
-def mean_accuracy(evaluation: dict[str, Any], accuracy_tasks: list[str]) -> float | None:
-    """The mean primary metric over the accuracy tasks present (None when there are none)."""
-    values = primary_scores(evaluation)
-    accs = [values[t] for t in accuracy_tasks if t in values]
-    return sum(accs) / len(accs) if accs else None

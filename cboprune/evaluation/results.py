@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cboprune.errors import CBOPruneError
-from cboprune.finite import is_number, metric_cell
-from cboprune.outputs import dumps_strict, write_texts
+from cboprune.core.errors import CBOPruneError
+from cboprune.core.finite import is_number, metric_cell
+from cboprune.core.outputs import dumps_strict, write_texts
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.evaluation import metrics as M
 from cboprune.evaluation.data import wikitext_detokenize
 from cboprune.evaluation.lm_eval_bridge import evaluate_with_lm_eval

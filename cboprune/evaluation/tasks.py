@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.evaluation import data as D
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from cboprune.bench import finish_report, run_problems
-from cboprune.errors import CBOPruneError
+from cboprune.bench.measure import finish_report, run_problems
+from cboprune.core.errors import CBOPruneError
 from cboprune.evaluation.results import output_paths
 from cboprune.gguf.prune import open_gguf
 from cboprune.gguf.runner import last_logits, llama_cpp_module, open_llama

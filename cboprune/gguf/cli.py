@@ -8,9 +8,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.gguf import OUTTYPES
-from cboprune.options import build, option
+from cboprune.core.options import build, option
 
 
 @dataclass(kw_only=True)  # options in the order --help shows them, required or not
@@ -48,7 +48,7 @@ def prune_to_gguf(args: argparse.Namespace) -> int:
     the kept blocks' quantized tensors copied bit for bit (no model is loaded into torch)."""
     from cboprune.gguf.prune import open_gguf, plan_prune, write_gguf
     from cboprune.models.loading import DEFAULT_MODEL, default_gguf_path
-    from cboprune.outputs import check_output_file
+    from cboprune.core.outputs import check_output_file
 
     if args.output is None:
         raise CBOPruneError("--blocks-from writes a GGUF: pass --output FILE.gguf (and a GGUF --model)")
@@ -78,8 +78,8 @@ def prune_to_gguf(args: argparse.Namespace) -> int:
     if args.hessian is not None:
         if args.remove is None or len(args.remove) != 1:
             raise CBOPruneError("with --hessian pass one --remove M (and optionally --rank R)")
-        from cboprune.hessian import load_hessian
-        from cboprune.pipeline import solve_rankings
+        from cboprune.selection.hessian import load_hessian
+        from cboprune.selection.energy import solve_rankings
 
         hessian = load_hessian(args.hessian)
         if hessian.n_blocks != source.n_blocks:
@@ -106,7 +106,7 @@ def prune_to_gguf(args: argparse.Namespace) -> int:
 
 def _removal_of(checkpoint: Path, n_blocks: int) -> tuple[list[int], str, float | None, int | None]:
     """(removed blocks, method, energy, state rank) from a pruned checkpoint's removal.json."""
-    from cboprune.outputs import read_json_object
+    from cboprune.core.outputs import read_json_object
 
     path = checkpoint / "removal.json" if checkpoint.is_dir() else checkpoint
     if not path.is_file():

@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.gguf import OUTTYPES
 from cboprune.gguf.prune import read_gguf
 from cboprune.models.loading import DEFAULT_MODEL, check_checkpoint_dir, default_gguf_path
-from cboprune.outputs import check_output_file, staged_file
-from cboprune.version import __version__
+from cboprune.core.outputs import check_output_file, staged_file
+from cboprune.core.version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ with its value types, except the depth-dependent keys that `layout.plan_metadata
 (`<arch>.block_count`, per-layer arrays, layer patterns llama.cpp derives from the index), and our
 provenance is added under `cboprune.*`. Everything is checked (header, every tensor inside the file,
 the architecture, the removal, the output path) before the output is staged; it is written next
-to the target and renamed on success (`cboprune.outputs.staged_file`).
+to the target and renamed on success (`cboprune.core.outputs.staged_file`).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.gguf.layout import plan_metadata
 from cboprune.models.loading import check_gguf
-from cboprune.outputs import check_output_file, staged_file
-from cboprune.version import __version__
+from cboprune.core.outputs import check_output_file, staged_file
+from cboprune.core.version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.gguf.prune import open_gguf
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ layer and must import without torch, which the trainer needs.
 
 from __future__ import annotations
 
-from cboprune.lazy import lazy_exports
+from cboprune.core.lazy import lazy_exports
 
 _EXPORTS = {name: f"cboprune.heal.{module}" for name, module in (
     ("TeacherCache", "cache"), ("DistillationLoss", "loss"), ("SparseTeacher", "loss"), ("HEALING_FILE", "trainer"),

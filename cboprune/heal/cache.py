@@ -25,11 +25,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.heal.data import TokenizedSet
 from cboprune.heal.loss import SparseTeacher
 from cboprune.models.loading import resolve_model_source
-from cboprune.outputs import staged_file, write_json
+from cboprune.core.outputs import staged_file, write_json
 
 log = logging.getLogger(__name__)
 

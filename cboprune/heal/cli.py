@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.heal.recipe import HealConfig
-from cboprune.options import build
+from cboprune.core.options import build
 
 
 def teacher_from_removal(student: str) -> str:
     removal = Path(student) / "removal.json"
     if removal.is_file():
-        from cboprune.outputs import read_json_object
+        from cboprune.core.outputs import read_json_object
 
         source = read_json_object(removal, "restore it, or pass --teacher").get("source_model")
         if source and isinstance(source, str):

@@ -16,7 +16,7 @@ import torch
 
 from cboprune.data.calibration import (MIN_SAMPLE_TOKENS, pad_samples, read_records, records_to_messages,
                                        render_chat)
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 
 
 @dataclass

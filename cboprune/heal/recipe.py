@@ -2,7 +2,7 @@
 options of `cboprune heal`: its flags and YAML keys are generated from the declarations below),
 `Config.heal_*` (compare/study/run) and `HealRecipe` all derive from the constants here.
 
-Torch-free (configuration layer): `cboprune.config` builds on it and `cboprune --help` must stay light.
+Torch-free (configuration layer): `cboprune.core.config` builds on it and `cboprune --help` must stay light.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from cboprune.errors import CBOPruneError
-from cboprune.options import check, option
+from cboprune.core.errors import CBOPruneError
+from cboprune.core.options import check, option
 
 #: the healing defaults (the after-healing study's recipe: docs/healing.md)
 LEARNING_RATE = 5e-5

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.models.architectures import decoder_layers
 
 _ACCELERATE_FSDP = "ACCELERATE_USE_FSDP"

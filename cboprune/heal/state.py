@@ -22,8 +22,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from cboprune.errors import CBOPruneError
-from cboprune.outputs import staged_dir
+from cboprune.core.errors import CBOPruneError
+from cboprune.core.outputs import staged_dir
 
 STATE_FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")
 FORMAT = 1

@@ -30,8 +30,8 @@ from cboprune import (
     models,  # models.load_model: tests replace it to prove nothing loads early
 )
 from cboprune.data.calibration import check_seq_len
-from cboprune.errors import CBOPruneError, DivergedError
-from cboprune.finite import require_finite
+from cboprune.core.errors import CBOPruneError, DivergedError
+from cboprune.core.finite import require_finite
 from cboprune.heal import recipe
 from cboprune.heal.recipe import HealConfig
 from cboprune.heal.cache import TeacherCache
@@ -52,7 +52,7 @@ from cboprune.heal.sharding import (
 from cboprune.heal.state import read_state, read_state_meta, save_state
 from cboprune.models.loading import load_config, resolve_model_source
 from cboprune.models.surgery import REMOVAL_FILE, write_checkpoint
-from cboprune.outputs import (
+from cboprune.core.outputs import (
     check_output_dir,
     clean_stale_staging,
     dumps_strict,
@@ -60,7 +60,7 @@ from cboprune.outputs import (
     read_json_object,
     staged_dir,
 )
-from cboprune.version import __version__
+from cboprune.core.version import __version__
 
 log = logging.getLogger(__name__)
 

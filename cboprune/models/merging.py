@@ -28,15 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from cboprune.config import MERGE_RULES
-from cboprune.errors import CBOPruneError
+from cboprune.core.choices import DEFAULT_MERGE_RULE, MERGE_RULES
+from cboprune.core.errors import CBOPruneError
 from cboprune.models.architectures import blocks
 from cboprune.models.surgery import remove_blocks, save_pruned, validate_removal
-from cboprune.ranking import Candidate
+from cboprune.core.ranking import Candidate
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MERGE_RULE = "difference"
 
 
 def validate_groups(groups: Sequence[Sequence[int]], n_blocks: int) -> list[tuple[int, ...]]:
@@ -145,5 +144,13 @@ def save_candidate(model: nn.Module, tokenizer, candidate: Candidate, out_dir: s
     return save_pruned(pruned, tokenizer, out_dir, info, overwrite=overwrite)
 
 
-__all__ = ["DEFAULT_MERGE_RULE", "MERGE_RULES", "apply_candidate", "branch_parameters", "merge_blocks",
+def apply_configuration(model: nn.Module, candidate: Candidate, merge_rule: str) -> nn.Module:
+    """A pruned copy (removal or merging); the original stays intact for the next configuration."""
+
+    pruned = copy.deepcopy(model)
+    apply_candidate(pruned, candidate, merge_rule=merge_rule)
+    return pruned
+
+
+__all__ = ["DEFAULT_MERGE_RULE", "MERGE_RULES", "apply_candidate", "apply_configuration", "branch_parameters", "merge_blocks",
            "merged_state", "merged_values", "save_candidate", "validate_groups"]

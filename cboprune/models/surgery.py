@@ -15,8 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from cboprune.errors import CBOPruneError
-from cboprune.outputs import check_output_dir, dumps_strict, staged_dir
+from cboprune.core.errors import CBOPruneError
+from cboprune.core.outputs import check_output_dir, dumps_strict, staged_dir
 from cboprune.models.architectures import (
     MOE_LAYOUTS,
     ArchSpec,
@@ -223,7 +223,7 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, provenance: di
     atomically, in the source model's dtype unless `save_dtype` says otherwise.
 
     Everything is written into a staging directory next to `out_dir` that is renamed at the end
-    (`cboprune.outputs.staged_dir`): an exception or Ctrl-C leaves nothing, a SIGKILL leaves a
+    (`cboprune.core.outputs.staged_dir`): an exception or Ctrl-C leaves nothing, a SIGKILL leaves a
     staging directory that the next run for `out_dir` removes. removal.json is strict JSON: a
     score that is not a number (a manual `--blocks` removal has no energy) is written as null.
     """

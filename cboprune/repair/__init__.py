@@ -3,7 +3,7 @@ into the kept weights (see cboprune.repair.linear and docs/repair.md)."""
 
 from __future__ import annotations
 
-from cboprune.lazy import lazy_exports
+from cboprune.core.lazy import lazy_exports
 
 _EXPORTS = {name: "cboprune.repair.linear" for name in
             ("OBJECTIVES", "Run", "check_repairable", "plan_repair", "removed_runs", "repair_linear")}

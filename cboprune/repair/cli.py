@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cboprune.config import REPAIR_OBJECTIVES, REPAIR_RIDGE, Config
-from cboprune.errors import CBOPruneError
-from cboprune.options import build, option, shared
-from cboprune.outputs import read_json_object
+from cboprune.core.choices import REPAIR_OBJECTIVES, REPAIR_RIDGE
+from cboprune.core.config import Config
+from cboprune.core.errors import CBOPruneError
+from cboprune.core.options import build, option, shared
+from cboprune.core.outputs import read_json_object
 
 
 @dataclass(kw_only=True)  # options in the order --help shows them, required or not
@@ -74,12 +75,12 @@ def resolve_source(source: str, blocks: list[int] | None) -> tuple[str, list[int
 
 
 def run_repair_command(namespace: argparse.Namespace) -> int:
-    from cboprune.masked import calibration_nll
+    from cboprune.models.masked import calibration_nll
     from cboprune.data import load_calibration
     from cboprune.models import load_model
     from cboprune.models.surgery import save_pruned, validate_removal
-    from cboprune.outputs import check_output_dir
-    from cboprune.distributed import pick_device
+    from cboprune.core.outputs import check_output_dir
+    from cboprune.core.distributed import pick_device
     from cboprune.repair.linear import check_options, plan_repair, repair_linear
 
     args = build(RepairOptions, namespace, "repair")

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from cboprune.config import REPAIR_OBJECTIVES, REPAIR_RIDGE
+from cboprune.core.choices import REPAIR_OBJECTIVES, REPAIR_RIDGE
 from cboprune.data import CalibrationSet
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.models.architectures import ArchSpec, block_kinds, decoder_config, resolve
 from cboprune.models.surgery import remove_blocks, validate_removal
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cboprune.ranking import Ranking
+from cboprune.core.ranking import Ranking
 
 
 def _pyplot():

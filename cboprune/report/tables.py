@@ -6,9 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cboprune.finite import metric_cell
+from cboprune.core.finite import metric_cell
 
-from cboprune.ranking import Ranking
+from cboprune.core.ranking import Ranking
 
 
 def _ranges(indices: Sequence[int]) -> str:

@@ -21,7 +21,7 @@ import os
 import numba as nb
 import numpy as np
 
-from cboprune.outputs import cache_dir
+from cboprune.core.outputs import cache_dir
 
 # numba keeps its compiled kernels (and index files it unpickles) next to the source by default:
 # in site-packages, unwritable on a read-only install, where every process compiled again (28 s).

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from cboprune.ranking import Candidate, Ranking
+from cboprune.core.ranking import Candidate, Ranking
 
 logger = logging.getLogger(__name__)
 
@@ -294,3 +294,14 @@ def finalize(
         lower_bound=None if lower_bound is None else float(lower_bound),
         info=info,
     )
+
+
+def new_store(k: int, words: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Empty top-K store: energies (K,), masks (K, words) uint64, [count, worst] (2,) int64."""
+    return np.full(k, np.inf), np.zeros((k, words), np.uint64), np.zeros(2, np.int64)
+
+
+def store_sets(p: Problem, topE: np.ndarray, topM: np.ndarray, ts: np.ndarray) -> list[tuple[int, ...]]:
+    """Removed-block tuples (original indices) of the filled part of a store."""
+    cnt = int(ts[0])
+    return free_sets_to_removed(p, masks_to_free_sets(topM[:cnt], p.n_free))

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from cboprune.config import SOLVER_METHODS
-from cboprune.ranking import Ranking
+from cboprune.core.choices import SOLVER_METHODS
+from cboprune.core.ranking import Ranking
 from cboprune.solvers._bounds import relaxation_shifts, root_qp, row_values
 from cboprune.solvers._problem import Problem, finalize, make_problem
 from cboprune.solvers.bnb import run_bnb
@@ -95,7 +95,7 @@ def solve(
     -------
     Ranking
         method "cbo", candidates sorted by energy (score), exact / lower_bound / info as documented
-        in `cboprune.ranking`; info["solver"] names the algorithm that ran.
+        in `cboprune.core.ranking`; info["solver"] names the algorithm that ran.
 
     Raises
     ------

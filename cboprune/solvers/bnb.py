@@ -38,8 +38,7 @@ from cboprune.solvers._bounds import (
     root_qp,
     row_values,
 )
-from cboprune.solvers._problem import Problem, free_sets_to_removed
-from cboprune.solvers.exhaustive import new_store, store_sets
+from cboprune.solvers._problem import Problem, free_sets_to_removed, new_store, store_sets
 from cboprune.solvers.heuristics import run_tabu
 
 logger = logging.getLogger(__name__)

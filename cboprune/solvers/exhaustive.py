@@ -12,30 +12,18 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 
-from cboprune.ranking import Ranking
+from cboprune.core.ranking import Ranking
 from cboprune.solvers import _kernels as kn
 from cboprune.solvers._problem import (
     Problem,
     finalize,
-    free_sets_to_removed,
     make_problem,
-    masks_to_free_sets,
+    new_store,
+    store_sets,
 )
 
 logger = logging.getLogger(__name__)
-
-
-def new_store(k: int, words: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Empty top-K store: energies (K,), masks (K, words) uint64, [count, worst] (2,) int64."""
-    return np.full(k, np.inf), np.zeros((k, words), np.uint64), np.zeros(2, np.int64)
-
-
-def store_sets(p: Problem, topE: np.ndarray, topM: np.ndarray, ts: np.ndarray) -> list[tuple[int, ...]]:
-    """Removed-block tuples (original indices) of the filled part of a store."""
-    cnt = int(ts[0])
-    return free_sets_to_removed(p, masks_to_free_sets(topM[:cnt], p.n_free))
 
 
 def run_enumeration(p: Problem, k: int, max_states: int = 0) -> tuple[list[tuple[int, ...]], int, float]:

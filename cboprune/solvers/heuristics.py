@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 
 from cboprune.solvers import _kernels as kn
-from cboprune.solvers._problem import Problem
-from cboprune.solvers.exhaustive import new_store, store_sets
+from cboprune.solvers._problem import Problem, new_store, store_sets
 
 logger = logging.getLogger(__name__)
 

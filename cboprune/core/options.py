@@ -19,8 +19,7 @@ from dataclasses import MISSING, Field, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from cboprune import methods
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 
 #: how a kind reads from the command line (the others: str; flag/bool/Ms/steps/strs are special)
 KINDS = ("int", "float", "str", "bool", "flag", "ints", "kinds", "Ms", "steps", "strs", "energy")
@@ -30,15 +29,17 @@ def option(default: Any = MISSING, help: str = "", section: str = "options", *, 
            minimum: float | None = None, metavar: str | None = None, factory: Callable[[], Any] | None = None,
            flag: str | None = None, aliases: tuple[str, ...] = (), choices: tuple[str, ...] | None = None,
            positional: bool = False, nargs: str | None = None, hidden: bool = False,
-           computed: bool = False) -> Any:
+           computed: bool = False, names: Callable[[], list[str]] | None = None) -> Any:
     """A dataclass field that is also an option. `kind` picks the flag's parser and the check
     (see KINDS); `flag` replaces the flag made from the name (--max-steps for max_steps), `aliases`
     adds short spellings (--steps); `hidden` keeps a library-only field off the command line; `computed`
-    marks a field without a default that the command fills in when it is not given (`build(computed=)`)."""
+    marks a field without a default that the command fills in when it is not given (`build(computed=)`);
+    `names` lists the accepted names in the help (registered methods, read when the help is built)."""
     assert kind in KINDS, kind
     meta = {"help": help, "section": section, "kind": kind, "minimum": minimum, "metavar": metavar, "flag": flag,
             "aliases": tuple(aliases), "choices": None if choices is None else tuple(choices),
-            "positional": positional, "nargs": nargs, "hidden": hidden, "computed": computed}
+            "positional": positional, "nargs": nargs, "hidden": hidden, "computed": computed,
+            "names": names}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -89,10 +90,6 @@ def kind_list(text: str) -> list[str]:
     return kinds
 
 
-def _energy_names() -> list[str]:
-    return methods.names(methods.ENERGY)
-
-
 def add_arguments(parser: argparse.ArgumentParser, cls, names: list[str] | tuple[str, ...] | None = None) -> None:
     """The flags of `cls`'s options (or of `names` among them), grouped by section. Flags default to
     None, so that `build` can tell a flag given from one left to the YAML file or the default."""
@@ -127,7 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, names: list[str] | tuple
         elif kind == "strs":
             group.add_argument(*spellings, nargs="+", **kw)
         elif kind == "energy":  # names checked by validate (one line, a suggestion), listed in the help
-            kw["help"] = f"{help_}: {', '.join(_energy_names())}"
+            kw["help"] = f"{help_}: {', '.join(meta['names']())}" if meta.get("names") else help_
             group.add_argument(*spellings, **kw)
         else:
             kw["type"] = {"int": int, "float": float, "ints": int_list, "kinds": kind_list}.get(kind, str)

@@ -22,14 +22,14 @@ from typing import Any, TypeVar
 import torch
 
 from cboprune.evaluation.protocol import EvalProtocol
-from cboprune.experiment import SelectionContext, evaluate_entries, evaluate_original
-from cboprune.healing_study import heal_and_repair
+from cboprune.engine.experiment import SelectionContext, evaluate_entries, evaluate_original
+from cboprune.engine.healing_study import heal_and_repair
 from cboprune.heal.recipe import HealRecipe
-from cboprune.outputs import check_output_dir, staged_dir
-from cboprune.ranking import Entry
+from cboprune.core.outputs import check_output_dir, staged_dir
+from cboprune.core.ranking import Entry
 from cboprune.repair import check_repairable
-from cboprune.resume import StepCache, command_steps, selection_settings
-from cboprune.session import Session, load_session
+from cboprune.engine.resume import StepCache, command_steps, selection_settings
+from cboprune.engine.session import Session, load_session
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

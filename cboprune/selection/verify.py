@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cboprune.data.mix import by_domain, target_tokens
-from cboprune.masked import configurations_nll
-from cboprune.ranking import Candidate, Ranking, contiguous_runs, spearman
+from cboprune.models.masked import calibration_nll, configurations_nll
+from cboprune.core.ranking import Candidate, Ranking, contiguous_runs, spearman
 
 log = logging.getLogger(__name__)
 
@@ -193,3 +193,14 @@ def with_refined(verified: Ranking, refined: Ranking, refined_energy: float) -> 
     info = {**verified.info, "verification": vinfo, "refine": refined.info["refine"]}
     return Ranking(method=verified.method, n_blocks=verified.n_blocks, n_remove=verified.n_remove, candidates=cands,
                    exact=False, info=info)
+
+
+def domain_losses(model, calibration, *, batch_size: int = 8, removed=()) -> dict[str, float] | None:
+    """Token-weighted mean NLL (as `calibration_nll`) on each domain of a mixed calibration set, with
+    `removed` switched off (None when it is not a mix): the verification's one number taken apart,
+    so that a report can show the worst domain beside the mean."""
+    parts = by_domain(calibration)
+    if parts is None:
+        return None
+    return {name: calibration_nll(model, part, batch_size=batch_size, removed=removed) for name, part in parts.items()}
+

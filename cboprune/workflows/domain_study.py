@@ -2,7 +2,7 @@
 
     cboprune study --config configs/study-domains.yaml
 
-The whole study (`cboprune.study.run_study`) runs once per calibration (a file, `generated`, or a
+The whole study (`cboprune.workflows.study.run_study`) runs once per calibration (a file, `generated`, or a
 mix `a.json:0.5,c4.jsonl:0.5`) and once per heal seed (`--heal-seeds 0 1`), every cell healed with
 one recipe on one heal data file (`--heal-data`, the same for every calibration) and scored on the
 same held-out domains (`--domains`). Then one table: calibration x method x domain after healing,
@@ -18,15 +18,14 @@ so a long run can be read while it goes. Selections and pre-heal evaluations are
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from cboprune.config import config_from_args
 from cboprune.data.mix import is_mix, parse_mix
 from cboprune.evaluation.domains import (
     HEADLINE,
@@ -34,10 +33,9 @@ from cboprune.evaluation.domains import (
     paired_difference,
     text_loss_summary,
 )
-from cboprune.methods import entry_label
-from cboprune.outputs import check_output_dir, staged_dir, staged_file
+from cboprune.core.methods import entry_label
+from cboprune.core.outputs import check_output_dir, staged_dir, staged_file
 from cboprune.report.tables import markdown_table
-from cboprune.study import run_study
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +209,9 @@ def _variance_split(summary) -> list[str]:
             f"calibration fixed (over {n_m} calibrations).\n"]
 
 
-def run_domain_study(cfg, *, progress: bool = True) -> Path:
-    """Every calibration of `cfg.calibrations` x every heal seed: one study each, then the table."""
+def run_domain_study(cfg, run_study: Callable[..., Any], *, progress: bool = True) -> Path:
+    """Every calibration of `cfg.calibrations` x every heal seed: one study each (`run_study(cfg,
+    progress=)`, `cboprune.workflows.study.run_study`, which calls this module), then the table."""
 
     out = check_output_dir(cfg.output_dir, cfg.overwrite)
     runs = out.with_name(out.name + ".runs")
@@ -252,16 +251,3 @@ def _page(cfg, cells: list[Cell], steps: list[int], seconds: dict[str, float], *
     if not done:
         head.append("**In progress**: the studies not listed above have not finished.\n")
     return "\n".join(head) + "\n" + cross_tables(cells, steps)
-
-
-def run_study_command(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, "study")
-    if cfg.calibrations:  # the calibration axis: one study per calibration and heal seed, one table
-        out = run_domain_study(cfg, progress=not getattr(args, "quiet", False))
-        print((out / "domains.md").read_text(encoding="utf-8"))
-        print(f"wrote {out}")
-        return 0
-    result = run_study(cfg, progress=not getattr(args, "quiet", False))
-    print((result.output_dir / "study.md").read_text(encoding="utf-8"))
-    print(f"wrote {result.output_dir}")
-    return 0

@@ -15,17 +15,17 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from cboprune.evaluation.protocol import mean_accuracy, primary_scores
-from cboprune.experiment import configuration_key, merge_rule_of
-from cboprune.finite import metric_cell
-from cboprune.masked import calibration_nll
+from cboprune.evaluation.metrics import mean_accuracy, primary_scores
+from cboprune.core.finite import metric_cell
+from cboprune.engine.configurations import configuration_key, merge_rule_of
+from cboprune.models.masked import calibration_nll
 from cboprune.repair import repair_linear
 from cboprune.report.tables import markdown_table
 
 if TYPE_CHECKING:
     from cboprune.data.calibration import CalibrationSet
     from cboprune.evaluation.protocol import EvalProtocol
-    from cboprune.ranking import Entry
+    from cboprune.core.ranking import Entry
 
 log = logging.getLogger(__name__)
 

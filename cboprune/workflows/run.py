@@ -2,8 +2,8 @@
 
     run_pipeline(cfg)           model -> calibration -> Hessian -> energy model -> K lowest states per M
                                 (verified on held-out samples, refined) -> report -> checkpoints
-    rank_states(...)            (cboprune.experiment) the K best states per M, verified and refined
-    solve_rankings(hessian, ...) K lowest states per M from a saved Hessian
+    rank_states(...)            (cboprune.engine.experiment) the K best states per M, verified and refined
+    solve_rankings(hessian, ...) (cboprune.selection.energy) K lowest states per M from a saved Hessian
     prune_to_checkpoint(...)    remove blocks from a model and save a normal HF checkpoint
 """
 
@@ -22,17 +22,15 @@ from typing import Any
 import torch
 
 from cboprune import heal as healing
-from cboprune import methods
-from cboprune.bench import speedup_summary
-from cboprune.config import Config
+from cboprune.core import methods
+from cboprune.bench.measure import speedup_summary
+from cboprune.core.config import Config
 from cboprune.data.calibration import CalibrationSet
 from cboprune.energies.hybrid import single_fraction
-from cboprune.energy import from_hessian
-from cboprune.errors import CBOPruneError
-from cboprune.experiment import SelectionContext, cost_of, rank_states
-from cboprune.hessian import HessianResult, compute_hessian, save_hessian
-from cboprune.judge import auto_candidates, judge_by_healing, judge_recipe
-from cboprune.methods import selection_cost
+from cboprune.engine.experiment import SelectionContext, cost_of, rank_states
+from cboprune.selection.hessian import HessianResult, compute_hessian, save_hessian
+from cboprune.engine.judge import auto_candidates, judge_by_healing, judge_recipe
+from cboprune.core.methods import selection_cost
 from cboprune.models.architectures import decoder_layers, removable_blocks
 from cboprune.models.surgery import (
     UnsupportedRemoval,
@@ -40,12 +38,12 @@ from cboprune.models.surgery import (
     save_pruned,
     validate_removal,
 )
-from cboprune.outputs import check_output_dir, dumps_strict, staged_dir
-from cboprune.ranking import Candidate, Entry, Ranking
+from cboprune.core.outputs import check_output_dir, dumps_strict, staged_dir
+from cboprune.core.ranking import Candidate, Entry, Ranking
 from cboprune.repair import check_repairable, repair_linear
 from cboprune.report import plot_hessian, plot_removal_frequency, write_report
-from cboprune.session import load_session
-from cboprune.version import __version__
+from cboprune.engine.session import load_session
+from cboprune.core.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -58,30 +56,6 @@ def hessian_options(cfg: Config) -> dict[str, Any]:
     return {"variant": variant, "autocast": cfg.autocast,
             "gradient_checkpointing": cfg.gradient_checkpointing, "bucket": cfg.bucket,
             "shard_dir": cfg.shard_dir, "shard_samples": cfg.shard_samples}
-
-
-def solve_rankings(hessian: HessianResult, remove: Sequence[int], top: int, *, keep: Sequence[int] = (),
-                   method: str = "auto", time_limit: float | None = None, node_limit: int | None = None,
-                   seed: int = 0, removable: Sequence[int] | None = None, energy: str = "fisher") -> list[Ranking]:
-    """The `top` lowest states for each M in `remove` of a Hessian-based energy model (time_limit per M).
-
-    energy: "fisher" (the paper's xᵀHx with the Hessian's own variant), "fisher-linear" or "exact"
-    (see `cboprune.energy`). removable: the only blocks that may be removed (e.g. those of one kind,
-    see `removable_blocks`); None: every block not in `keep`."""
-
-    n = hessian.n_blocks
-    model_ = from_hessian(hessian, energy)
-    rankings = []
-    for m in remove:
-        if not 0 < m < n:
-            raise CBOPruneError(f"M = {m} is impossible for a model with N = {n} blocks: choose 1 <= M <= {n - 1}")
-        ranking = model_.rank(m, top, keep=keep, removable=removable, method=method, time_limit=time_limit,
-                              node_limit=node_limit, seed=seed)
-        ranking.info.setdefault("hessian", hessian.fingerprint)
-        if removable is not None:
-            ranking.info["removable"] = sorted(int(i) for i in removable)
-        rankings.append(ranking)
-    return rankings
 
 
 #: forward tokens above which the selection warns on CPU (2 cores run the default model at ~300 tokens/s)
@@ -146,7 +120,7 @@ def prune_to_checkpoint(model: torch.nn.Module, tokenizer, removed: Sequence[int
     card; with `repair="linear"` a linear map per removed run, fitted on `calibration` with the
     original model, is folded into the kept weights first (`cboprune.repair`); with `speedup` (needs
     `copy_model`), the measured size and speed against the original go into both
-    (`cboprune.bench.measure_speedup`: measured, not estimated from the layer count)."""
+    (`cboprune.bench.measure.measure_speedup`: measured, not estimated from the layer count)."""
     _, layers = decoder_layers(model)
     validate_removal(removed, len(layers))
     pruned = copy.deepcopy(model) if copy_model else model

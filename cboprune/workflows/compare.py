@@ -23,21 +23,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cboprune import methods as registry
-from cboprune.config import config_from_args
-from cboprune.engine import start_experiment
+from cboprune.core import methods as registry
+from cboprune.core.config import config_from_args
+from cboprune.engine.skeleton import start_experiment
 from cboprune.evaluation.domains import domain_markdown
-from cboprune.evaluation.protocol import primary_metric
-from cboprune.experiment import cost_of, energy_entries, entry_dict, peer_entries
-from cboprune.finite import metric_cell
-from cboprune.healing_study import healing_markdown
-from cboprune.methods import entry_label
-from cboprune.outputs import dumps_strict
-from cboprune.ranking import Entry
-from cboprune.repair.comparison import repair_markdown
+from cboprune.evaluation.metrics import primary_metric
+from cboprune.engine.experiment import cost_of, energy_entries, entry_dict, peer_entries
+from cboprune.core.finite import metric_cell
+from cboprune.engine.healing_study import healing_markdown
+from cboprune.core.methods import entry_label
+from cboprune.core.outputs import dumps_strict
+from cboprune.core.ranking import Entry
+from cboprune.engine.repair_comparison import repair_markdown
 from cboprune.report.plots import _pyplot
 from cboprune.report.tables import markdown_table, write_csv
-from cboprune.resume import entries_from_state, entries_state
+from cboprune.engine.resume import entries_from_state, entries_state
 
 log = logging.getLogger(__name__)
 

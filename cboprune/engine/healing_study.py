@@ -20,27 +20,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cboprune import heal as healing
-from cboprune import masked, methods, models
-from cboprune.errors import DivergedError
-from cboprune.evaluation.protocol import mean_accuracy, primary_scores
-from cboprune.experiment import (
-    apply_configuration,
-    configuration_fields,
-    configuration_key,
-    merge_rule_of,
-)
-from cboprune.finite import metric_cell, require_finite
+from cboprune import models
+from cboprune.models import masked
+from cboprune.core import methods
+from cboprune.core.errors import DivergedError
+from cboprune.evaluation.metrics import mean_accuracy, primary_scores
+from cboprune.models.merging import apply_configuration
+from cboprune.core.finite import metric_cell, require_finite
 from cboprune.heal.recipe import HealRecipe
 from cboprune.heal.trainer import STATE_SUFFIX
 from cboprune.models.surgery import save_pruned
-from cboprune.ranking import spearman
-from cboprune.repair.comparison import repair_entries, repaired_copy
+from cboprune.core.ranking import spearman
+from cboprune.engine.configurations import configuration_fields, configuration_key, merge_rule_of
+from cboprune.engine.repair_comparison import repair_entries, repaired_copy
 from cboprune.report.tables import markdown_table
-from cboprune.resume import StepCache, heal_state, weights_fingerprint
+from cboprune.engine.resume import StepCache, heal_state, weights_fingerprint
 
 if TYPE_CHECKING:
     from cboprune.evaluation.protocol import EvalProtocol
-    from cboprune.ranking import Entry
+    from cboprune.core.ranking import Entry
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import torch
 from cboprune import data as calibration_data
 from cboprune import models
 from cboprune.data.calibration import check_data, check_seq_len
-from cboprune.distributed import pick_device
-from cboprune.errors import CBOPruneError
+from cboprune.core.distributed import pick_device
+from cboprune.core.errors import CBOPruneError
 from cboprune.models.architectures import blocks, removable_blocks
 from cboprune.models.loading import load_config
 

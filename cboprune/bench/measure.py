@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from cboprune.data.calibration import model_context
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 from cboprune.models.architectures import resolve
-from cboprune.outputs import dumps_strict, write_texts
+from cboprune.core.outputs import dumps_strict, write_texts
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from cboprune.finite import metric_cell, metric_key
+from cboprune.core.finite import metric_cell, metric_key
 from cboprune.heal.recipe import HealRecipe
-from cboprune.healing_study import heal_entries
-from cboprune.ranking import Candidate, Entry, Ranking
+from cboprune.engine.healing_study import heal_entries
+from cboprune.core.ranking import Candidate, Entry, Ranking
 from cboprune.report.tables import markdown_table
-from cboprune.verify import measured_nll
+from cboprune.selection.verify import measured_nll
 
 #: candidates judged per M when the user does not say (`--heal-candidates`)
 JUDGE_CANDIDATES = 2

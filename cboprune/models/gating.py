@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 
 if TYPE_CHECKING:
     from cboprune.models.architectures import Block

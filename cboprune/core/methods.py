@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 
 ENERGY, PEER = "energy", "peer"
 #: packages whose public modules register methods
@@ -40,7 +40,7 @@ class Recommendation:
 #: What `cboprune run` does by default (docs/study.md, "The default selection"): measured single
 #: removals with the Fisher's pair interactions and a charge per contiguous run of removed blocks
 #: (`hybrid`'s run cost), its K lowest states re-ranked by held-out loss plus that charge, and, with
-#: local heal data, the two best judged by a 3-step heal (`cboprune.judge`) — 19.6 forward passes of
+#: local heal data, the two best judged by a 3-step heal (`cboprune.engine.judge`) — 19.6 forward passes of
 #: the fitting set for two values of M on the default model, against ~2,000 for `measured` with
 #: refinement, which ties with the cheap peers after healing. The paper's method is PAPER (no
 #: verification, so no judge); the expensive variants stay available (`--energy measured --refine-sweeps 8`).

@@ -4,8 +4,8 @@
 
 For one model and several M, on one calibration set split into a fitting part and a held-out part:
 
-1. every energy model (`cboprune.energy`) is built on the fitting part and its K lowest states are
-   listed; each state's real loss is measured on the held-out part (`cboprune.verify`), giving the
+1. every energy model (`cboprune.selection.energy`) is built on the fitting part and its K lowest states are
+   listed; each state's real loss is measured on the held-out part (`cboprune.selection.verify`), giving the
    Spearman correlation between energy and held-out loss, and two configurations per model: the
    ground state (`<model>:0`) and the best verified state (`<model>+verify`);
 2. every peer criterion (`cboprune.baselines`) selects its configuration on the same fitting part;
@@ -18,6 +18,7 @@ For one model and several M, on one calibration set split into a fitting part an
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import time
@@ -25,30 +26,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cboprune import methods as registry
+from cboprune.core import methods as registry
 from cboprune.energies.hybrid import single_fraction
-from cboprune.energy import RECOMMENDED
-from cboprune.engine import start_experiment
+from cboprune.selection.energy import RECOMMENDED
+from cboprune.engine.skeleton import start_experiment
 from cboprune.evaluation.domains import domain_markdown
-from cboprune.evaluation.protocol import mean_accuracy, primary_metric, primary_scores
-from cboprune.experiment import (
+from cboprune.evaluation.metrics import mean_accuracy, primary_metric, primary_scores
+from cboprune.engine.experiment import (
     EnergyResult,
     cost_of,
     energy_entries,
     entry_dict,
     peer_entries,
 )
-from cboprune.finite import metric_cell, metric_key
-from cboprune.healing_study import healing_markdown
-from cboprune.judge import auto_candidates, judge_by_healing
-from cboprune.methods import entry_label
-from cboprune.outputs import dumps_strict
-from cboprune.ranking import Entry, Ranking
-from cboprune.repair.comparison import repair_markdown
+from cboprune.core.config import config_from_args
+from cboprune.core.finite import metric_cell, metric_key
+from cboprune.workflows.domain_study import run_domain_study
+from cboprune.engine.healing_study import healing_markdown
+from cboprune.engine.judge import auto_candidates, judge_by_healing
+from cboprune.core.methods import entry_label
+from cboprune.core.outputs import dumps_strict
+from cboprune.core.ranking import Entry, Ranking
+from cboprune.engine.repair_comparison import repair_markdown
 from cboprune.report.plots import _pyplot, plot_removal_frequency
 from cboprune.report.tables import markdown_table, write_csv
-from cboprune.resume import entries_from_state, entries_state
-from cboprune.verify import measured_nll
+from cboprune.engine.resume import entries_from_state, entries_state
+from cboprune.selection.verify import measured_nll
 
 # Imported when the CLI parser is built: torch, the solvers and the baselines load lazily.
 log = logging.getLogger(__name__)
@@ -396,3 +399,16 @@ def write_outputs(result: StudyResult, rankings_by_model: dict[str, list],
 
 
 # ----------------------------------------------------------------------------- CLI
+
+
+def run_study_command(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args, "study")
+    if cfg.calibrations:  # the calibration axis: one study per calibration and heal seed, one table
+        out = run_domain_study(cfg, run_study, progress=not getattr(args, "quiet", False))
+        print((out / "domains.md").read_text(encoding="utf-8"))
+        print(f"wrote {out}")
+        return 0
+    result = run_study(cfg, progress=not getattr(args, "quiet", False))
+    print((result.output_dir / "study.md").read_text(encoding="utf-8"))
+    print(f"wrote {result.output_dir}")
+    return 0

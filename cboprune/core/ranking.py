@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 
 log = logging.getLogger(__name__)
 
@@ -150,3 +150,17 @@ def all_gather_object(obj: Any) -> list[Any]:
 def barrier() -> None:
     if info().enabled:
         dist.barrier()
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise CBOPruneError(f"unknown dtype {dtype!r}: use one of {sorted(_DTYPES)}") from None
+

@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cboprune.outputs import dumps_strict, staged_file
-from cboprune.ranking import Candidate, Entry, Ranking
+from cboprune.core.outputs import dumps_strict, staged_file
+from cboprune.core.ranking import Candidate, Entry, Ranking
 
 
 log = logging.getLogger(__name__)

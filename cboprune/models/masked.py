@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from cboprune import distributed
-from cboprune.gating import GateManager
+from cboprune.core import distributed
+from cboprune.models.gating import GateManager
 from cboprune.models.architectures import blocks, decoder_layers
 from cboprune.models.forward_loss import model_device, sample_losses
-from cboprune.shared_prefix import PrefixEvaluator, check_prefix_reuse, layer_cost
+from cboprune.models.shared_prefix import PrefixEvaluator, check_prefix_reuse, layer_cost
 
 if TYPE_CHECKING:
     from cboprune.data.calibration import CalibrationSet
@@ -86,7 +86,7 @@ def configurations_nll(model: torch.nn.Module, calibration: CalibrationSet, conf
     off, one value per configuration.
 
     Configurations that keep the same first blocks share the computation of those blocks
-    (`cboprune.shared_prefix`; prefix_reuse None: when that saves at least a fifth of the layer work
+    (`cboprune.models.shared_prefix`; prefix_reuse None: when that saves at least a fifth of the layer work
     and the model passes the one-time equality check). Otherwise several configurations share one
     forward pass: the calibration batch is repeated once per configuration and per-sample gates
     [rows, N] switch off different blocks in each copy (the same numbers as separate passes; fewer,

@@ -32,18 +32,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cboprune.errors import CBOPruneError
-from cboprune.hessian import compute_hessian
-from cboprune.masked import configurations_nll, n_blocks
-from cboprune.methods import PAPER, RECOMMENDED, Recommendation  # noqa: F401 (their old home)
-from cboprune.ranking import Ranking, contiguous_runs, spearman  # noqa: F401 (also their old home)
-from cboprune.solvers import solve
+from cboprune.core.errors import CBOPruneError
+from cboprune.selection.hessian import compute_hessian
+from cboprune.models.masked import configurations_nll, n_blocks
+from cboprune.core.methods import PAPER, RECOMMENDED, Recommendation  # noqa: F401 (their old home)
+from cboprune.core.ranking import Ranking, contiguous_runs, spearman  # noqa: F401 (also their old home)
+from cboprune.solvers.api import solve
 
 if TYPE_CHECKING:
     import torch
 
     from cboprune.data.calibration import CalibrationSet
-    from cboprune.hessian import HessianResult
+    from cboprune.selection.hessian import HessianResult
 
 log = logging.getLogger(__name__)
 
@@ -209,5 +209,30 @@ def relinearized_rankings(model: torch.nn.Module, calibration: CalibrationSet, r
         removed = local.rank(reach, 1, keep=keep, removable=removable, **solve_options).best.removed
         hessian = None
         log.info("re-linearization: expanding again with blocks %s removed", list(removed))
+
+
+def solve_rankings(hessian: HessianResult, remove: Sequence[int], top: int, *, keep: Sequence[int] = (),
+                   method: str = "auto", time_limit: float | None = None, node_limit: int | None = None,
+                   seed: int = 0, removable: Sequence[int] | None = None, energy: str = "fisher") -> list[Ranking]:
+    """The `top` lowest states for each M in `remove` of a Hessian-based energy model (time_limit per M).
+
+    energy: "fisher" (the paper's xᵀHx with the Hessian's own variant), "fisher-linear" or "exact"
+    (see `cboprune.selection.energy`). removable: the only blocks that may be removed (e.g. those of one kind,
+    see `removable_blocks`); None: every block not in `keep`."""
+
+    n = hessian.n_blocks
+    model_ = from_hessian(hessian, energy)
+    rankings = []
+    for m in remove:
+        if not 0 < m < n:
+            raise CBOPruneError(f"M = {m} is impossible for a model with N = {n} blocks: choose 1 <= M <= {n - 1}")
+        ranking = model_.rank(m, top, keep=keep, removable=removable, method=method, time_limit=time_limit,
+                              node_limit=node_limit, seed=seed)
+        ranking.info.setdefault("hessian", hessian.fingerprint)
+        if removable is not None:
+            ranking.info["removable"] = sorted(int(i) for i in removable)
+        rankings.append(ranking)
+    return rankings
+
 
 

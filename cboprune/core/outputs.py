@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ def write_texts(pairs: list[tuple[str | Path, str]], *, overwrite: bool = True) 
 def json_safe(obj: Any) -> Any:
     """A copy of `obj` with every non-finite float (NaN, ±inf) replaced by None, so that strict JSON
     parsers read it (never a NaN literal); tuples become lists and numpy scalars become Python numbers.
-    A diverged result says so in words next to its nulls (`cboprune.finite`, "diverged")."""
+    A diverged result says so in words next to its nulls (`cboprune.core.finite`, "diverged")."""
     if isinstance(obj, dict):
         return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -1,5 +1,5 @@
 """`cboprune bench`: arguments and handler (registered by cboprune.cli). The parser imports nothing
-heavy (`cboprune --help` start-up); the handler loads the measurements of `cboprune.bench`."""
+heavy (`cboprune --help` start-up); the handler loads the measurements of `cboprune.bench.measure`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from cboprune.config import Config
-from cboprune.errors import CBOPruneError
-from cboprune.options import build, option, shared
+from cboprune.core.config import Config
+from cboprune.core.errors import CBOPruneError
+from cboprune.core.options import build, option, shared
 
 
 @dataclass(kw_only=True)  # options in the order --help shows them, required or not
@@ -43,7 +43,7 @@ def run_bench_command(namespace: argparse.Namespace) -> int:
     args = build(BenchOptions, namespace, "bench")
     import torch
 
-    from cboprune.bench import (
+    from cboprune.bench.measure import (
         BenchSettings,
         bench_models,
         default_devices,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from cboprune.errors import CBOPruneError
+from cboprune.core.errors import CBOPruneError
 
 DIVERGED = "diverged"
 NOT_MEASURED = "—"

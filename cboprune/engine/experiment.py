@@ -6,44 +6,44 @@
     SelectionContext      the model, the fitting (and held-out) samples, the constraints, and the
                           passes several methods share (block statistics, single-removal losses,
                           the gate-gradient Hessian), each computed once
-    select(name, ctx, M)  any registered method by name (`cboprune.methods`) -> {M: Ranking}
+    select(name, ctx, M)  any registered method by name (`cboprune.core.methods`) -> {M: Ranking}
     energy_entries(...)   an energy model's states: ground state / ranks, verified pick, refined pick
     peer_entries(...)     a peer criterion's configuration per M
     evaluate_entries(...) every distinct configuration evaluated once with one `EvalProtocol`
 
-Front ends (`cboprune.compare`, `cboprune.study`) choose the methods, the split and the tables.
+Front ends (`cboprune.workflows.compare`, `cboprune.workflows.study`) choose the methods, the split and the tables.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cboprune import masked
-from cboprune import methods as registry
-from cboprune.baselines._common import collect_block_stats
-from cboprune.bench import speedup_summary
-from cboprune.errors import CBOPruneError
-from cboprune.hessian import compute_hessian
-from cboprune.masked import n_blocks, single_removal_nll
-from cboprune.models.merging import DEFAULT_MERGE_RULE, apply_candidate
-from cboprune.ranking import Entry, check_n_remove
-from cboprune.resume import evaluation_state
-from cboprune.verify import diverse as diverse_set
-from cboprune.verify import measured_nll, refine, with_refined
-from cboprune.verify import verify as verify_ranking
+from cboprune.models import masked
+from cboprune.core import methods as registry
+from cboprune.models.block_stats import collect_block_stats
+from cboprune.bench.measure import speedup_summary
+from cboprune.core.errors import CBOPruneError
+from cboprune.selection.hessian import compute_hessian
+from cboprune.models.masked import n_blocks, single_removal_nll
+from cboprune.models.merging import apply_configuration
+from cboprune.core.ranking import Entry, check_n_remove
+from cboprune.engine.configurations import configuration_fields, configuration_key, merge_rule_of
+from cboprune.engine.resume import evaluation_state
+from cboprune.selection.verify import diverse as diverse_set
+from cboprune.selection.verify import measured_nll, refine, with_refined
+from cboprune.selection.verify import verify as verify_ranking
 
 if TYPE_CHECKING:
     import torch
 
     from cboprune.data.calibration import CalibrationSet
     from cboprune.evaluation.protocol import EvalProtocol
-    from cboprune.ranking import Candidate, Ranking
-    from cboprune.resume import StepCache
+    from cboprune.core.ranking import Ranking
+    from cboprune.engine.resume import StepCache
 
 log = logging.getLogger(__name__)
 
@@ -273,29 +273,6 @@ def peer_entries(name: str, context: SelectionContext, remove: Sequence[int]) ->
     seconds = round(time.perf_counter() - t0, 2)
     log.info("%s selected in %.1f s", name, seconds)
     return [Entry(name, m, by_m[m].best, by_m[m], seconds) for m in sorted(by_m)]
-
-
-def configuration_key(candidate: Candidate, merge_rule: str | None) -> tuple:
-    """Configurations with equal keys give the same pruned model (evaluated once)."""
-    return candidate.removed, candidate.merged, merge_rule if candidate.merged else None
-
-
-def configuration_fields(candidate: Candidate, merge_rule: str | None) -> dict[str, Any]:
-    """`configuration_key` as JSON fields, for the fingerprints of kept results."""
-    removed, merged, rule = configuration_key(candidate, merge_rule)
-    return {"removed": list(removed), "merged": [list(g) for g in merged], "rule": rule}
-
-
-def merge_rule_of(entry: Entry) -> str:
-    return entry.ranking.info.get("merge_rule", DEFAULT_MERGE_RULE)
-
-
-def apply_configuration(model: torch.nn.Module, candidate: Candidate, merge_rule: str) -> torch.nn.Module:
-    """A pruned copy (removal or merging); the original stays intact for the next configuration."""
-
-    pruned = copy.deepcopy(model)
-    apply_candidate(pruned, candidate, merge_rule=merge_rule)
-    return pruned
 
 
 def evaluate_entries(entries: Sequence[Entry], model: torch.nn.Module, tokenizer, protocol: EvalProtocol, *,

@@ -43,13 +43,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cboprune import distributed
-from cboprune.config import AUTOCAST_NAMES, HESSIAN_VARIANTS
-from cboprune.errors import CBOPruneError
-from cboprune.gating import GateManager, broadcast_gate
+from cboprune.core import distributed
+from cboprune.core.choices import AUTOCAST_NAMES, HESSIAN_VARIANTS
+from cboprune.core.errors import CBOPruneError
+from cboprune.models.gating import GateManager, broadcast_gate
 from cboprune.models.architectures import blocks, decoder_layers
 from cboprune.models.forward_loss import per_sample_loss
-from cboprune.outputs import check_output_file, dumps_strict, staged_file
+from cboprune.core.outputs import check_output_file, dumps_strict, staged_file
 
 if TYPE_CHECKING:
     from cboprune.data.calibration import CalibrationSet
@@ -618,7 +618,7 @@ def cost_summary(result: HessianResult) -> str:
 def save_hessian(result: HessianResult, path: str | Path, *, overwrite: bool = True) -> Path:
     """One safetensors file: A, H, grad_mean, losses (and H_exact), metadata as JSON in its header.
 
-    Written atomically through a staging file next to `path` (`cboprune.outputs.staged_file`): a
+    Written atomically through a staging file next to `path` (`cboprune.core.outputs.staged_file`): a
     directory at `path`, or an existing file without overwrite, is refused before anything is
     written; an interrupted save leaves the previous file (or nothing), never a partial one.
     """

@@ -1,0 +1,2 @@
+"""What every selection method builds on: the Hessian pass, the energy models, and verification
+of candidates by held-out loss."""

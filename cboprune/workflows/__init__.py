@@ -1,0 +1,1 @@
+"""The jobs users run: `run` (and `hessian`), `compare`, `study` and the domain study."""
