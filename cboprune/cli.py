@@ -22,15 +22,69 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+from dataclasses import asdict, dataclass
 import sys
 from pathlib import Path
 
 from cboprune.core.version import __version__
 from cboprune.core.config import HUB_FIELDS, Config, command_fields, config_from_args
-from cboprune.core.options import add_arguments, int_list, read_yaml
+from cboprune.core.options import add_arguments, build, option, read_yaml
 from cboprune.core.errors import CBOPruneError
 
 log = logging.getLogger("cboprune")
+
+
+# The per-invocation options of the commands that otherwise take Config's sections: declared like
+# every other option (one generator of flags, YAML keys, one-line checks).
+@dataclass(kw_only=True)
+class HessianFileOptions:
+    output: str = option("hessian.safetensors", "file to write (default hessian.safetensors)", "output")
+    overwrite: bool = option(False, "replace an existing --output file", "output", kind="flag")
+
+
+@dataclass(kw_only=True)
+class SolveOptions:
+    hessian: str = option(help="file written by `cboprune hessian` or `run`", section="input")
+    export_qubo: str | None = option(None, "also write each M's penalty QUBO (xᵀHx + P(Σx−M)², P provably "
+                                           "exact) as PREFIX-M{M}.json and .qubo", "output", metavar="PREFIX")
+
+
+@dataclass(kw_only=True)
+class PruneOptions:
+    hessian: str | None = option(None, "pick the state from this Hessian's ranking (with --remove M and --rank)",
+                                 "input")
+    rank: int = option(0, "which state of the ranking (0 = ground state)", "input", kind="int", minimum=0)
+    blocks: list[int] | None = option(None, "explicit block indices to remove, e.g. 3,7,12", "input", kind="ints")
+    output: str | None = option(None, "write a GGUF instead of a checkpoint: --model is a GGUF whose kept "
+                                      "blocks' quantized tensors are copied bit for bit (docs/gguf.md)", "output",
+                                metavar="FILE.gguf")
+    blocks_from: str | None = option(None, "with --output: remove the blocks a pruned or healed checkpoint's "
+                                           "removal.json names (e.g. `run`'s pick) from the source GGUF, "
+                                           "quantization kept", "input", metavar="CHECKPOINT")
+
+
+@dataclass(kw_only=True)
+class ArchsOptions:
+    model: str | None = option(None, "show this model's blocks (index, kind, gated branches, parameters) instead",
+                               "options")
+    dtype: str = option("float32", "dtype to load --model in (default float32)", "options")
+    json: bool = option(False, "print JSON", "options", kind="flag")
+
+
+@dataclass(kw_only=True)
+class MethodsOptions:
+    json: bool = option(False, "print JSON", "options", kind="flag")
+
+
+#: command -> its own option class, beside Config's sections
+_OWN_OPTIONS = {"hessian": HessianFileOptions, "solve": SolveOptions, "prune": PruneOptions,
+                "archs": ArchsOptions, "methods": MethodsOptions}
+
+
+def _own_options(args: argparse.Namespace, command: str) -> argparse.Namespace:
+    """`args` with the command's own options filled from their declarations (defaults, YAML, flags)."""
+    values = asdict(build(_OWN_OPTIONS[command], args, command))
+    return argparse.Namespace(**{**vars(args), **values})
 
 
 #: (command, module with run_<command>_command, the module holding its option class, that class, help)
@@ -77,36 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hessian", help="per-sample gate gradients A and H = AᵀA/m, saved to one file "
                                        "(runs data-parallel under torchrun / accelerate launch)")
     _add_config(p, "hessian")
-    p.add_argument("--output", default="hessian.safetensors", help="file to write (default hessian.safetensors)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    add_arguments(p, HessianFileOptions)
     p.set_defaults(func=cmd_hessian)
 
     p = sub.add_parser("solve", help="K lowest CBO states for several M from a saved Hessian")
-    p.add_argument("--hessian", required=True, help="file written by `cboprune hessian` or `run`")
+    add_arguments(p, SolveOptions)
     _add_config(p, "solve")
-    p.add_argument("--export-qubo", metavar="PREFIX", help="also write each M's penalty QUBO (xᵀHx + P(Σx−M)², "
-                                                         "P provably exact) as PREFIX-M{M}.json and .qubo")
     p.set_defaults(func=cmd_solve)
 
     p = sub.add_parser("prune", help="remove blocks and save a checkpoint that loads with from_pretrained")
-    p.add_argument("--hessian", help="pick the state from this Hessian's ranking (with --remove M and --rank)")
-    p.add_argument("--rank", type=int, default=0, help="which state of the ranking (0 = ground state)")
-    p.add_argument("--blocks", type=int_list, help="explicit block indices to remove, e.g. 3,7,12")
-    p.add_argument("--output", metavar="FILE.gguf", help="write a GGUF instead of a checkpoint: --model is a GGUF "
-                   "whose kept blocks' quantized tensors are copied bit for bit (docs/gguf.md)")
-    p.add_argument("--blocks-from", metavar="CHECKPOINT", help="with --output: remove the blocks a pruned or healed "
-                   "checkpoint's removal.json names (e.g. `run`'s pick) from the source GGUF, quantization kept")
+    add_arguments(p, PruneOptions)
     _add_config(p, "prune")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("archs", help="supported model types with their block kinds, or the blocks of one model")
-    p.add_argument("--model", help="show this model's blocks (index, kind, gated branches, parameters) instead")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_arguments(p, ArchsOptions)
     p.set_defaults(func=cmd_archs)
 
     p = sub.add_parser("methods", help="every registered selection method: name, kind, needs, cost")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_arguments(p, MethodsOptions)
     p.set_defaults(func=cmd_methods)
 
     for name, module, options_module, options_class, help_ in _MODULE_COMMANDS:  # their own option classes
@@ -143,6 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_hessian(args: argparse.Namespace) -> int:
+    args = _own_options(args, "hessian")
     from cboprune.core import distributed
     from cboprune.data import GenerationSettings, load_calibration
     from cboprune.selection.hessian import compute_hessian, cost_summary, save_hessian
@@ -176,6 +220,7 @@ def cmd_hessian(args: argparse.Namespace) -> int:
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
+    args = _own_options(args, "solve")
     from cboprune.selection.hessian import load_hessian
     from cboprune.core.outputs import check_output_dir
     from cboprune.selection.energy import solve_rankings
@@ -223,6 +268,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    args = _own_options(args, "prune")
     from cboprune.selection.hessian import load_hessian
     from cboprune.models import load_model
     from cboprune.models.architectures import decoder_layers
@@ -304,6 +350,7 @@ def _removable(hessian, only: list[str] | None, keep: list[int]) -> list[int] | 
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
+    args = _own_options(args, "methods")
     import json
 
     from cboprune.core import methods
@@ -318,6 +365,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_archs(args: argparse.Namespace) -> int:
+    args = _own_options(args, "archs")
     import json
 
     from cboprune.models.architectures import KIND_PARTS, describe, supported_architectures

@@ -4,6 +4,7 @@ the command line wins, an unknown key or a wrong kind is one line. Shared option
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import fields
 
 import pytest
@@ -97,3 +98,32 @@ def test_every_flag_of_the_option_commands_is_generated_from_a_declaration():
         declared = {f.name for f in fields(cls)} | {"trust_remote_code", "revision", "config", "help"}
         dests = {a.dest for a in sub[command]._actions}
         assert dests <= declared, (command, sorted(dests - declared))
+
+
+def test_every_flag_of_every_command_is_a_declared_option():
+    """Not one hand-made flag anywhere: each flag of each subcommand is a field of Config, of the command's
+    own option class, or --config / --help."""
+    from cboprune import cli
+    from cboprune.core.config import Config
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    own = {name: cls for name, cls in cli._OWN_OPTIONS.items()}
+    own.update({name: getattr(importlib.import_module(module), cls) for name, _, module, cls, _ in cli._MODULE_COMMANDS})
+    for command, p in sub.items():
+        declared = {f.name for f in fields(Config)} | {"config", "help"}
+        if command in own:
+            declared |= {f.name for f in fields(own[command])}
+        dests = {a.dest for a in p._actions}
+        assert dests <= declared, (command, sorted(dests - declared))
+    assert {"hessian", "solve", "prune", "archs", "methods"} <= set(own)
+
+
+def test_a_command_s_own_options_are_checked_in_one_line(capsys):
+    from cboprune.cli import main
+
+    assert main(["prune", "--blocks", "1", "--rank", "-2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--rank must be at least 0, got -2" in err
+    assert main(["solve"]) == 2
+    assert "--hessian is required" in capsys.readouterr().err
