@@ -44,7 +44,7 @@ def tiny_gemma3(tmp_path_factory):
 def test_judge_nll_after_healing_is_finite_and_matches_a_fresh_evaluation(tiny_gemma3, shared_data, tmp_path,
                                                                             monkeypatch, caplog):
     """Failed before the fix: the judge healed without measuring the NLL after and logged it as nan."""
-    from cboprune.engine.skeleton import judge
+    from cboprune.engine import judge
     from cboprune.core.config import Config
     from cboprune.models.masked import calibration_nll
     from cboprune.models import load_model
