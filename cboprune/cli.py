@@ -287,8 +287,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise CBOPruneError("pass either --blocks 3,7,12 or --hessian FILE --remove M [--rank R]")
     if args.output_dir is None:
         raise CBOPruneError("pass --output-dir DIR for the pruned checkpoint")
-    if args.rank < 0:
-        raise CBOPruneError(f"--rank must be >= 0, got {args.rank}")
     if args.hessian is not None and (args.remove is None or len(args.remove) != 1):
         raise CBOPruneError("with --hessian pass one --remove M (and optionally --rank R)")
     cfg = config_from_args(args, "prune")

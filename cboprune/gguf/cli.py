@@ -62,8 +62,6 @@ def prune_to_gguf(args: argparse.Namespace) -> int:
         if getattr(args, flag, None):
             raise CBOPruneError(f"--{flag.replace('_', '-')} needs the checkpoint route (--output-dir): a GGUF "
                                 "output copies the source's tensors as they are")
-    if args.rank < 0:
-        raise CBOPruneError(f"--rank must be >= 0, got {args.rank}")
     model = args.model or DEFAULT_MODEL
     source_path = default_gguf_path() if model == DEFAULT_MODEL else Path(model).expanduser()
     if source_path.suffix != ".gguf":
