@@ -57,7 +57,7 @@ def prune(model: nn.Module, tokenizer, data: str | None = None, *, n_remove: int
                                removable=removable_blocks(kinds, cfg.only, kept) if cfg.only else None,
                                seed=cfg.seed, solver=cfg.solver, time_limit=cfg.time_limit, node_limit=cfg.node_limit,
                                options={"pool": cfg.pool, "relin_step": cfg.relin_step,
-                                        "single_samples": cfg.single_samples, "run_cost": cfg.run_cost},
+                                        "single_samples": cfg.single_samples, "run_cost": cfg.run_cost, "recentre": cfg.recentre},
                                model_name=getattr(model, "name_or_path", ""), progress=progress)
     (ranking,) = rank_states(context, cfg.remove, cfg.top, energy=cfg.energy, verify=cfg.verify,
                              refine_sweeps=cfg.refine_sweeps)

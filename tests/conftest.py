@@ -81,13 +81,16 @@ def shared_data() -> Path:
 @pytest.fixture(autouse=True)
 def _one_thread_for_tiny_models(request):
     """Tiny models run faster on one thread (and far faster on a loaded machine, where OpenMP
-    threads spin against each other); real-model tests keep every core. Keyed on the model, not on
-    the `slow` mark: a long tiny-model test is still a tiny-model test."""
+    threads spin against each other); real-model tests get their worker's share of the cores (all
+    of them when pytest runs serially, one each under `make test`'s two xdist workers on 2 cores:
+    two workers of 2 threads each spun against each other). Keyed on the model, not on the `slow`
+    mark: a long tiny-model test is still a tiny-model test."""
+    threads = 1
     if request.node.get_closest_marker("real_model"):
-        yield
-        return
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        threads = max(1, (os.cpu_count() or 1) // workers)
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     yield
     torch.set_num_threads(before)
 

@@ -12,6 +12,7 @@ from conftest import save_tiny_checkpoint, tiny_llama
 
 from cboprune.cli import main
 from cboprune.data.calibration import CalibrationSet
+from cboprune.core.ranking import contiguous_runs
 from cboprune.selection.energy import (
     EnergyModel,
     from_hessian,
@@ -315,6 +316,48 @@ def test_hybrid_energy_is_exact_on_single_removals_and_takes_fisher_pairs(model,
     assert by_m[1].best.removed == (int(np.argmin(np.asarray(single) - base)),)
     assert [c.score for c in by_m[2].candidates] == sorted(c.score for c in by_m[2].candidates)
     assert methods.get("hybrid").cost(30, 8) == pytest.approx(3 + 31 * 0.125)
+
+
+def test_recentred_energy_is_exact_one_flip_from_its_centre_and_verification_merges_its_states(model, calib):
+    from cboprune.core import methods
+    from cboprune.energies.hybrid import recentred_energy
+    from cboprune.engine.experiment import SelectionContext, energy_states, select
+
+    context = SelectionContext(model, calib, batch_size=3, top=4, options={"single_samples": 4, "run_cost": 0.5})
+    select("hybrid", context, [2])
+    base = context.energy_models["hybrid"]
+    lam = base.info["run_cost_nats"]
+    centre = (1, 2)
+    local, at = recentred_energy(context, base, centre)
+    subset = calib.split(4)[0]
+    flips = [tuple(sorted(set(centre) ^ {i})) for i in range(6)]
+    measured = configurations_nll(model, subset, [centre] + flips, batch_size=3)
+    assert at == pytest.approx(measured[0], abs=1e-9)
+    for state, loss in zip(flips, measured[1:]):  # exact on every state one flip away (run cost aside)
+        runs = contiguous_runs(state) - contiguous_runs(centre)
+        assert local.energy(state) - local.energy(centre) == pytest.approx(loss - at + lam * runs, abs=1e-9)
+    F = context.hessian().matrix("fisher")  # two flips add the Fisher's interaction
+    two = (1, 4)  # restore 2, remove 4
+    expect = (measured[1 + 2] - at) + (measured[1 + 4] - at) - F[2, 4] + lam * (contiguous_runs(two) - 1)
+    assert local.energy(two) - local.energy(centre) == pytest.approx(expect, abs=1e-9)
+
+    plain = SelectionContext(model, calib, heldout=calib, batch_size=3,
+                             options={"single_samples": 4, "run_cost": 0.5, "recentre": 0})
+    recentred = SelectionContext(model, calib, heldout=calib, batch_size=3,
+                                 options={"single_samples": 4, "run_cost": 0.5})  # default: one round
+    (before,) = energy_states("hybrid", plain, [3], top=3, verify=True)[0].values()
+    (after,) = energy_states("hybrid", recentred, [3], top=3, verify=True)[0].values()
+    assert "recentre" not in before.verified.info
+    info = after.verified.info
+    assert info["recentre"]["rounds"] == 1 and info["recentre"]["path"][0] == list(before.verified.best.removed)
+    scores = [c.score for c in after.verified.candidates]
+    assert scores == sorted(scores) and len(scores) == 3 and scores[0] <= before.verified.best.score
+    nll = configurations_nll(model, calib, [c.removed for c in after.verified.candidates], batch_size=3)
+    assert info["verification"]["heldout_nll"] == pytest.approx(list(nll), abs=1e-9)  # every state measured
+    for cand, e, how in zip(after.verified.candidates, info["verification"]["energies"],
+                            info["verification"]["found_by"]):
+        assert e == pytest.approx(base.energy(cand.removed), abs=1e-9) and how in ("solver", "re-centred")
+    assert "recentre" in methods.get("hybrid").options
 
 
 def test_run_cost_charges_each_contiguous_run_of_removed_blocks(model, calib):

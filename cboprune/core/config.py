@@ -116,6 +116,9 @@ class Config:
                                         "of the median single-removal loss increase, in the energy and the verified "
                                         "loss (fewer, longer gaps heal better: docs/study.md; default 0.5, 0: off)",
                                   "selection", kind="float", minimum=0)
+    recentre: int | None = _opt(None, "hybrid energy: rounds of re-expanding it at the verified pick (its N single "
+                                      "flips measured, Fisher pairs) and verifying the new lowest states "
+                                      "(docs/study.md; default 1, 0: off)", "selection", kind="int", minimum=0)
     relin_step: int = _opt(4, "relinearized energy: removals between expansions (default 4)", "selection",
                            kind="int", minimum=1)
     exact_samples: int | None = _opt(None, "fitting samples for the exact Hessian (N HVPs each; default all)",
@@ -398,7 +401,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
                  "heal_candidates", "judge_steps")),
     "study": (("model", "calibration", "evaluation", "healing", "output"),
               ("remove", "energies", "peers", "top", "refine", "refine_sweeps", "diverse", "pool", "single_samples",
-               "run_cost", "relin_step", "exact_samples", "time_limit", "calibrations"),
+               "run_cost", "recentre", "relin_step", "exact_samples", "time_limit", "calibrations"),
               ("save_ranks", "save_remove", "save_dtype", "speedup", "heal")),
 }
 COMMANDS.update({

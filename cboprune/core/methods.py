@@ -70,6 +70,9 @@ class Method:
     min_kept: int = 1  # blocks the method can never remove (swm never merges the last block: 2)
     order: int = 100  # position in tables
     options: tuple[str, ...] = ()  # the selection settings it reads (pool, relin_step, swm_rule, ...)
+    #: after_verify(context, verified) -> Ranking: an energy model's own search from its verified states
+    #: for one M (hybrid: re-centring at the verified pick); None: the verified ranking stands
+    after_verify: Callable[..., Any] | None = field(default=None, repr=False, compare=False)
 
 
 _REGISTRY: dict[str, Method] = {}

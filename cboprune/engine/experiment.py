@@ -150,7 +150,8 @@ def energy_states(name: str, context: SelectionContext, remove: Sequence[int], *
     seconds to list them): verified on `context.heldout` when `verify` or `refine_sweeps`, the verified
     pick swap-refined for `refine_sweeps` sweeps. `diverse`: thin the list to states with Jaccard
     similarity at most this (from 5 x top states)."""
-    if registry.get(name).kind != registry.ENERGY:
+    method = registry.get(name)
+    if method.kind != registry.ENERGY:
         raise CBOPruneError(f"{name!r} is a peer criterion, not an energy model: use `cboprune compare`")
     if (verify or refine_sweeps) and context.heldout is None:
         raise CBOPruneError("verification needs held-out calibration samples: set heldout_samples >= 1")
@@ -165,6 +166,8 @@ def energy_states(name: str, context: SelectionContext, remove: Sequence[int], *
             t1 = time.perf_counter()
             states.verified = verify_ranking(context.model, context.heldout, states.listed,
                                              batch_size=context.batch_size)
+            if method.after_verify is not None:  # the model's own search from its verified pick
+                states.verified = method.after_verify(context, states.verified)
             states.verify_seconds = time.perf_counter() - t1
         if refine_sweeps:
             t2 = time.perf_counter()
@@ -227,7 +230,7 @@ def energy_entries(name: str, context: SelectionContext, remove: Sequence[int], 
         result.entries.append(Entry(f"{alias}:0", m, ranking.best, ranking, round(build, 2),
                                     nll=by_removed[ranking.best.removed]))
         result.entries.append(Entry(f"{alias}+verify", m, verified.best, verified, seconds, nll=nll[0]))
-        log.info("%s M = %d: ground state %s held-out NLL %.4f; verified pick %s (energy rank %d) %.4f; Spearman %.2f",
+        log.info("%s M = %d: ground state %s held-out NLL %.4f; verified pick %s (energy rank %s) %.4f; Spearman %.2f",
                  name, m, list(ranking.best.removed), by_removed[ranking.best.removed], list(verified.best.removed),
                  vinfo["energy_ranks"][0], nll[0], vinfo["spearman"])
         if states.refined is not None:

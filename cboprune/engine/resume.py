@@ -120,6 +120,15 @@ def weights_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+#: settings that only change an energy model's search after verification: a peer's selection does not
+#: read them, so they stay out of its step's key (a kept SLEB selection survives a new re-centring setting)
+ENERGY_SEARCH_ONLY = frozenset({"recentre"})
+
+
+def peer_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k not in ENERGY_SEARCH_ONLY}
+
+
 def selection_settings(cfg, command: str) -> dict[str, Any]:
     """The command's settings minus those that only change the evaluation or the healing."""
     return {k: v for k, v in cfg.to_dict(command).items() if k not in _NOT_SELECTION}

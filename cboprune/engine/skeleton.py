@@ -28,7 +28,7 @@ from cboprune.heal.recipe import HealRecipe
 from cboprune.core.outputs import check_output_dir, staged_dir
 from cboprune.core.ranking import Entry
 from cboprune.repair import check_repairable
-from cboprune.engine.resume import StepCache, command_steps, selection_settings
+from cboprune.engine.resume import StepCache, command_steps, peer_settings, selection_settings
 from cboprune.engine.session import Session, load_session
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ class ExperimentRun:
         """A selection step kept beside the heals: reused when a finished run left it (through `parse`,
         which raises on a damaged value), else `compute()` -> (value, JSON state to keep)."""
         fields = {**self.step_fields, "step": step, "method": method}
+        if step == "peer":
+            fields["settings"] = peer_settings(fields["settings"])
         kept = self.steps.load(fields, parse)
         if kept is not None:
             log.info("%s: %s %s reused from %s", self.command, step, method, self.steps.path(fields))

@@ -50,7 +50,7 @@ def ranking_markdown(ranking: Ranking, block_kinds: Sequence[str] | None = None)
         if verification:
             e_rank = verification["energy_ranks"][i]
             lines.append(f"| {cand.rank} | {metric_cell(cand.score)} | {metric_cell(verification['energies'][i], '.6g')} | "
-                         f"{'swap search' if e_rank is None else e_rank} | {_ranges(cand.removed)} | {kinds} |")
+                         f"{(verification.get('found_by') or ['swap search'] * (i + 1))[i] if e_rank is None else e_rank} | {_ranges(cand.removed)} | {kinds} |")
         else:
             lines.append(f"| {cand.rank}{tie} | {cand.score:.6g} | {_ranges(cand.removed)} | {kinds} |")
     return "\n".join(lines) + "\n"

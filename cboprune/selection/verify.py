@@ -178,21 +178,56 @@ def with_refined(verified: Ranking, refined: Ranking, refined_energy: float) -> 
     vinfo = dict(verified.info["verification"])
     cands = list(verified.candidates)
     energies, energy_ranks = list(vinfo["energies"]), list(vinfo["energy_ranks"])
+    found_by = list(vinfo.get("found_by") or ["solver" if r is not None else "swap search" for r in energy_ranks])
     if refined.info["refine"]["accepted"]:
         listed = [i for i, c in enumerate(cands) if c.removed == state.removed]
-        e_rank = None  # found by the swap search, not listed by the solver
+        e_rank, how = None, "swap search"  # not listed by the solver
         if listed:
             (i,) = listed
-            e_rank, refined_energy = energy_ranks[i], energies[i]
-            del cands[i], energies[i], energy_ranks[i]
+            e_rank, refined_energy, how = energy_ranks[i], energies[i], found_by[i]
+            del cands[i], energies[i], energy_ranks[i], found_by[i]
         cands.insert(0, state)
         energies.insert(0, refined_energy)
         energy_ranks.insert(0, e_rank)
+        found_by.insert(0, how)
     cands = [replace(c, rank=r) for r, c in enumerate(cands)]
-    vinfo.update(energies=energies, energy_ranks=energy_ranks)
+    vinfo.update(energies=energies, energy_ranks=energy_ranks, found_by=found_by)
     info = {**verified.info, "verification": vinfo, "refine": refined.info["refine"]}
     return Ranking(method=verified.method, n_blocks=verified.n_blocks, n_remove=verified.n_remove, candidates=cands,
                    exact=False, info=info)
+
+
+def merge_verified(first: Ranking, second: Ranking, top: int) -> Ranking:
+    """Two verified rankings of the same M (e.g. an energy's states and those of a re-centred energy)
+    as one: their states once each, ordered by score (held-out NLL plus the run cost both carry), the
+    `top` best kept. info["verification"] keeps, per state, its energy under `first`'s model (the
+    caller passes `second` with those energies as its pre-verification scores), its rank in `first`'s
+    energy order (None: listed only by `second`), its measured NLL and, for a mix, its domains."""
+    def rows(r: Ranking, found_by: str) -> list[dict]:
+        v = r.info["verification"]
+        nll = measured_nll(r)
+        return [{"cand": c, "energy": v["energies"][i], "energy_rank": v["energy_ranks"][i] if r is first else None,
+                 "nll": nll[i], "found_by": (v.get("found_by") or [found_by] * len(nll))[i],
+                 "domains": {n: d[i] for n, d in v["domains"].items()} if v.get("domains") else None,
+                 "worst": v["worst_domain"][i] if v.get("worst_domain") else None}
+                for i, c in enumerate(r.candidates)]
+
+    seen: dict[tuple[int, ...], dict] = {}
+    for row in rows(first, "solver") + rows(second, "re-centred"):
+        seen.setdefault(tuple(row["cand"].removed), row)
+    kept = sorted(seen.values(), key=lambda row: row["cand"].score)[:top]
+    vinfo = {**first.info["verification"],
+             "energies": [row["energy"] for row in kept], "energy_ranks": [row["energy_rank"] for row in kept],
+             "found_by": [row["found_by"] for row in kept],
+             "spearman": spearman([row["energy"] for row in seen.values()], [row["nll"] for row in seen.values()])}
+    if "heldout_nll" in vinfo:
+        vinfo["heldout_nll"] = [float(row["nll"]) for row in kept]
+    if vinfo.get("domains"):
+        vinfo["domains"] = {n: [row["domains"][n] for row in kept] for n in vinfo["domains"]}
+        vinfo["worst_domain"] = [row["worst"] for row in kept]
+    cands = [replace(row["cand"], rank=r, tied_with_previous=False) for r, row in enumerate(kept)]
+    return Ranking(method=first.method, n_blocks=first.n_blocks, n_remove=first.n_remove, candidates=cands,
+                   exact=False, lower_bound=None, info={**first.info, "verification": vinfo})
 
 
 def domain_losses(model, calibration, *, batch_size: int = 8, removed=()) -> dict[str, float] | None:

@@ -85,7 +85,15 @@ def _scores_of(candidate: Candidate, ranking: Ranking) -> dict[str, Any]:
     if not ver:
         return {"energy": candidate.score if math.isfinite(candidate.score) else None}
     return {"energy": ver["energies"][candidate.rank], "heldout_nll": candidate.score,
-            "found_by": "solver" if ver["energy_ranks"][candidate.rank] is not None else "swap search"}
+            "found_by": _found_by(ver, candidate.rank)}
+
+
+def _found_by(verification: dict[str, Any], i: int) -> str:
+    """"solver" (the energy's own K lowest states), "re-centred" (hybrid's re-centring) or "swap search"."""
+    listed = verification.get("found_by")
+    if listed is not None:
+        return listed[i]
+    return "solver" if verification["energy_ranks"][i] is not None else "swap search"
 
 
 def provenance(candidate: Candidate, ranking: Ranking, hessian_meta: dict[str, Any], source_model: str,
@@ -174,7 +182,7 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
                                    removable=removable, seed=cfg.seed, solver=cfg.solver, time_limit=cfg.time_limit,
                                    node_limit=cfg.node_limit, options={"pool": cfg.pool, "relin_step": cfg.relin_step,
                                             "single_samples": cfg.single_samples,
-                                            "run_cost": cfg.run_cost},
+                                            "run_cost": cfg.run_cost, "recentre": cfg.recentre},
                                    model_name=cfg.model, progress=progress, cache={"hessian": hessian})
         t0 = time.perf_counter()
         _warn_about_cost(context.model, context.fit, context.n_blocks, max(cfg.remove), cfg.energy,

@@ -135,7 +135,7 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
     peers = registry.parse_names(cfg.peers, registry.PEER, allow_empty=True)
     run = start_experiment(cfg, "study", heldout=cfg.heldout_samples, min_kept=2, progress=progress,
                            options={"pool": cfg.pool, "relin_step": cfg.relin_step,
-                                    "single_samples": cfg.single_samples, "run_cost": cfg.run_cost,
+                                    "single_samples": cfg.single_samples, "run_cost": cfg.run_cost, "recentre": cfg.recentre,
                                     "exact_samples": cfg.exact_samples})
     session, context = run.session, run.context
     fit, heldout = session.fit, session.heldout
