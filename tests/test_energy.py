@@ -358,6 +358,15 @@ def test_recentred_energy_is_exact_one_flip_from_its_centre_and_verification_mer
                             info["verification"]["found_by"]):
         assert e == pytest.approx(base.energy(cand.removed), abs=1e-9) and how in ("solver", "re-centred")
     assert "recentre" in methods.get("hybrid").options
+    from cboprune.core.ranking import Entry
+    from cboprune.engine.experiment import cost_of
+
+    rec = info["recentre"]
+    assert rec["configurations"] == 1 + 6 and rec["fit_fraction"] == pytest.approx(calib.split(4)[0].n_tokens
+                                                                                  / calib.n_tokens)
+    costs = [cost_of(Entry("hybrid+verify", 3, s.verified.best, s.verified, 0.0), 6, fit_tokens=calib.n_tokens,
+                     heldout_tokens=calib.n_tokens) for s in (before, after)]
+    assert costs[1] - costs[0] == pytest.approx(7 * rec["fit_fraction"] + rec["verified_states"])
 
 
 def test_run_cost_charges_each_contiguous_run_of_removed_blocks(model, calib):

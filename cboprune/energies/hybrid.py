@@ -133,7 +133,7 @@ def _recentre(context, verified):
     if not rounds or base is None:
         return verified
     m, path = verified.n_remove, [list(verified.best.removed)]
-    configurations = 0
+    configurations = checked_states = 0
     for _ in range(rounds):
         start = verified.best.removed
         local, _ = recentred_energy(context, base, start)
@@ -146,12 +146,17 @@ def _recentre(context, verified):
         # Scored by the full-model energy, so that one energy column (and its Spearman) covers all states.
         listed.candidates = [replace(c, score=base.energy(c.removed)) for c in new]
         checked = verify(context.model, context.heldout, listed, batch_size=context.batch_size)
+        checked_states += len(new)
         verified = merge_verified(verified, checked, len(verified.candidates))
         if verified.best.removed == start:
             break
         path.append(list(verified.best.removed))
+    s = base.info["single_samples"]
+    subset = context.fit if s >= context.fit.n_samples else context.fit.split(s)[0]
+    # for the cost model: flips on the singles' subset (its share of the fitting tokens), new states held out
     verified.info["recentre"] = {"rounds": rounds, "path": path, "configurations": configurations,
-                                 "single_samples": base.info["single_samples"]}
+                                 "single_samples": s, "fit_fraction": subset.n_tokens / context.fit.n_tokens,
+                                 "verified_states": checked_states}
     return verified
 
 

@@ -250,7 +250,8 @@ def energy_entries(name: str, context: SelectionContext, remove: Sequence[int], 
 def cost_of(entry: Entry, n_blocks: int, *, fit_tokens: int, heldout_tokens: int = 0,
             options: dict[str, Any] | None = None) -> float:
     """Selection cost in forward passes of the fitting set (tokens processed / fitting tokens): the
-    method's cost model plus, for `+verify`, the K held-out evaluations, for `+refine`, the swap
+    method's cost model plus, for `+verify`, the K held-out evaluations (and hybrid's re-centring: its
+    flips and the states it verified), for `+refine`, the swap
     search's evaluations and, for `+judge`, the verification and the judge's heals (measured, from
     the ranking's info)."""
 
@@ -262,6 +263,9 @@ def cost_of(entry: Entry, n_blocks: int, *, fit_tokens: int, heldout_tokens: int
     judge = entry.ranking.info.get("heal_judge")
     if "+judge" in entry.method and judge:
         cost += judge["forward_passes"]
+    rec = entry.ranking.info.get("recentre")  # hybrid's re-centring: its flips and the new states it verified
+    if any(s in entry.method for s in ("+verify", "+refine", "+judge")) and rec:
+        cost += rec["configurations"] * rec["fit_fraction"] + rec["verified_states"] * ratio
     ref = entry.ranking.info.get("refine")
     if "+refine" in entry.method and ref:
         cost += ref["evaluations"] - 1 + ratio  # swaps on the fitting set, the final check held out
