@@ -19,10 +19,10 @@ Cost: 3 (the gradient pass) + N · s/m forward passes (s: `single_samples` of th
 
 **Re-centring** (`recentre` rounds, default RECENTRE_ROUNDS = 1): after verification, the energy is
 expanded again around the verified pick x₀ instead of around the full model. The N flips of x₀
-(restore one removed block, or remove one more) are measured on the same s samples, g_i = L(x₀ ⊕ i) −
-L(x₀), and with Δ = x − x₀
+(restore one removed block, or remove one more) are measured on the same s samples, and with
+Δ = x − x₀ (Δ_i = +1: one more block removed, −1: one restored)
 
-    E₀(x) = Σ_i g_i Δ_i s_i + ½ Σ_{i≠j} F_ij Δ_i Δ_j  (+ the run cost),   s_i = +1 if i ∉ x₀ else −1
+    E₀(x) = Σ_i g_i Δ_i + ½ Σ_{i≠j} F_ij Δ_i Δ_j  (+ the run cost),   g_i Δ_i = L(x₀ with i flipped) − L(x₀)
 
 is exact on every state one flip from x₀, where the loss is steepest: at M = 12 on the default model the
 full-model expansion misses states whose blocks interact (late blocks that are cheap only once middle
@@ -57,6 +57,11 @@ def single_fraction(n_fit: int, requested: int | None = None) -> float:
     return single_samples(n_fit, requested) / n_fit
 
 
+def singles_subset(context, s: int):
+    """The first `s` fitting samples: where the single removals (and the re-centring's flips) are measured."""
+    return context.fit if s >= context.fit.n_samples else context.fit.split(s)[0]
+
+
 def hybrid_energy(context):
     """The EnergyModel (measured singles on the first `single_samples` fitting samples)."""
     import numpy as np
@@ -67,7 +72,7 @@ def hybrid_energy(context):
     hessian = context.hessian()
     n = hessian.n_blocks
     s = single_samples(context.fit.n_samples, context.options.get("single_samples"))
-    subset = context.fit if s >= context.fit.n_samples else context.fit.split(s)[0]
+    subset = singles_subset(context, s)
     allowed = set(range(n) if context.removable is None else context.removable) - set(context.keep)
     todo = sorted(allowed)
     base, *single = configurations_nll(context.model, subset, [()] + [(i,) for i in todo],
@@ -99,8 +104,7 @@ def recentred_energy(context, base, state) -> tuple[object, float]:
     from cboprune.selection.energy import EnergyModel, with_run_cost
 
     n = base.n_blocks
-    s = base.info["single_samples"]
-    subset = context.fit if s >= context.fit.n_samples else context.fit.split(s)[0]
+    subset = singles_subset(context, base.info["single_samples"])
     allowed = set(range(n) if base.removable is None else base.removable)
     state = tuple(sorted(state))
     inside = set(state)
@@ -152,10 +156,10 @@ def _recentre(context, verified):
             break
         path.append(list(verified.best.removed))
     s = base.info["single_samples"]
-    subset = context.fit if s >= context.fit.n_samples else context.fit.split(s)[0]
     # for the cost model: flips on the singles' subset (its share of the fitting tokens), new states held out
     verified.info["recentre"] = {"rounds": rounds, "path": path, "configurations": configurations,
-                                 "single_samples": s, "fit_fraction": subset.n_tokens / context.fit.n_tokens,
+                                 "single_samples": s,
+                                 "fit_fraction": singles_subset(context, s).n_tokens / context.fit.n_tokens,
                                  "verified_states": checked_states}
     return verified
 
