@@ -228,11 +228,11 @@ def energy_entries(name: str, context: SelectionContext, remove: Sequence[int], 
         by_removed = {c.removed: v for c, v in zip(verified.candidates, nll)}
         seconds = round(build + states.verify_seconds, 2)
         result.entries.append(Entry(f"{alias}:0", m, ranking.best, ranking, round(build, 2),
-                                    nll=by_removed[ranking.best.removed]))
+                                    nll=by_removed.get(ranking.best.removed)))
         result.entries.append(Entry(f"{alias}+verify", m, verified.best, verified, seconds, nll=nll[0]))
-        log.info("%s M = %d: ground state %s held-out NLL %.4f; verified pick %s (energy rank %s) %.4f; Spearman %.2f",
-                 name, m, list(ranking.best.removed), by_removed[ranking.best.removed], list(verified.best.removed),
-                 vinfo["energy_ranks"][0], nll[0], vinfo["spearman"])
+        log.info("%s M = %d: ground state %s held-out NLL %s; verified pick %s (energy rank %s) %.4f; Spearman %.2f",
+                 name, m, list(ranking.best.removed), by_removed.get(ranking.best.removed, "(not among the best K)"),
+                 list(verified.best.removed), vinfo["energy_ranks"][0], nll[0], vinfo["spearman"])
         if states.refined is not None:
             refined = states.refined
             charged = vinfo.get("heldout_nll") is not None  # a run cost in the score: measure the raw NLL later
