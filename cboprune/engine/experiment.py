@@ -230,8 +230,9 @@ def energy_entries(name: str, context: SelectionContext, remove: Sequence[int], 
         result.entries.append(Entry(f"{alias}:0", m, ranking.best, ranking, round(build, 2),
                                     nll=by_removed.get(ranking.best.removed)))
         result.entries.append(Entry(f"{alias}+verify", m, verified.best, verified, seconds, nll=nll[0]))
+        ground = by_removed.get(ranking.best.removed)
         log.info("%s M = %d: ground state %s held-out NLL %s; verified pick %s (energy rank %s) %.4f; Spearman %.2f",
-                 name, m, list(ranking.best.removed), by_removed.get(ranking.best.removed, "(not among the best K)"),
+                 name, m, list(ranking.best.removed), "(not among the best K)" if ground is None else f"{ground:.4f}",
                  list(verified.best.removed), vinfo["energy_ranks"][0], nll[0], vinfo["spearman"])
         if states.refined is not None:
             refined = states.refined
