@@ -358,6 +358,7 @@ def test_recentred_energy_is_exact_one_flip_from_its_centre_and_verification_mer
                             info["verification"]["found_by"]):
         assert e == pytest.approx(base.energy(cand.removed), abs=1e-9) and how in ("solver", "re-centred")
     assert "recentre" in methods.get("hybrid").options
+    assert before.verified.best.removed in [c.removed for c in after.verified.candidates]  # kept for the judge
     from cboprune.core.ranking import Entry
     from cboprune.engine.experiment import cost_of
 
@@ -367,6 +368,29 @@ def test_recentred_energy_is_exact_one_flip_from_its_centre_and_verification_mer
     costs = [cost_of(Entry("hybrid+verify", 3, s.verified.best, s.verified, 0.0), 6, fit_tokens=calib.n_tokens,
                      heldout_tokens=calib.n_tokens) for s in (before, after)]
     assert costs[1] - costs[0] == pytest.approx(7 * rec["fit_fraction"] + rec["verified_states"])
+
+
+def test_merge_keeps_the_first_pick_and_the_judge_weighs_the_re_centred_pick_against_it():
+    from cboprune.engine.judge import judged_states
+    from cboprune.selection.verify import merge_verified
+
+    def verified(states, scores, energies):
+        cands = [Candidate(removed=s, score=v, rank=r) for r, (s, v) in enumerate(zip(states, scores))]
+        return Ranking(method="cbo-hybrid", n_blocks=6, n_remove=2, candidates=cands, info={"verification": {
+            "energies": energies, "energy_ranks": list(range(len(states))), "spearman": 0.0}})
+
+    first = verified([(1, 2), (2, 3), (0, 1)], [3.0, 3.1, 3.2], [0.1, 0.2, 0.3])
+    second = verified([(3, 4), (4, 5), (2, 3)], [2.0, 2.5, 3.1], [0.9, 0.8, 0.2])
+    merged = merge_verified(first, second, 3)
+    assert [c.removed for c in merged.candidates] == [(3, 4), (4, 5), (1, 2)]  # first's pick kept, last
+    assert [c.score for c in merged.candidates] == [2.0, 2.5, 3.0]
+    v = merged.info["verification"]
+    assert v["found_by"] == ["re-centred", "re-centred", "solver"] and v["energy_ranks"] == [None, None, 0]
+    assert v["energies"] == [0.9, 0.8, 0.1]
+    assert [c.removed for c in merge_verified(first, second, 1).candidates] == [(3, 4)]
+    merged.info["recentre"] = {"path": [[1, 2], [3, 4]]}
+    assert [c.removed for c in judged_states(merged, 2)] == [(3, 4), (1, 2)]  # not the runner-up (4, 5)
+    assert [c.removed for c in judged_states(first, 2)] == [(1, 2), (2, 3)]  # no re-centring: the two best
 
 
 def test_run_cost_charges_each_contiguous_run_of_removed_blocks(model, calib):

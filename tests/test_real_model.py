@@ -61,8 +61,9 @@ def test_default_selection_on_the_real_model(shared_data, tmp_path):
     assert ranking.method == "cbo-hybrid" and ranking.info["energy_single_samples"] == 8
     assert ranking.info["energy_run_cost"] == 0.5  # fewer, longer gaps by default (docs/study.md)
     heldout = [c.score for c in ranking.candidates]
-    # verified order, except that the judge may swap the two best
-    assert sorted(heldout[:2]) + heldout[2:] == sorted(heldout) and all(math.isfinite(v) for v in heldout)
+    # verified order after the two judged states (the best, and the pick re-centring started from when it moved)
+    assert heldout[2:] == sorted(heldout[2:]) and all(math.isfinite(v) for v in heldout)
+    assert min(heldout[:2]) == min(heldout)
     assert 29 not in ranking.best.removed  # never the final block (the paper's ground state removes it)
     judge = ranking.info["heal_judge"]  # --data is a local file: the judge healed the two best states
     assert judge["recipe"]["seq_len"] == 64 and "recentre" in ranking.info  # re-centred at the verified pick

@@ -59,7 +59,7 @@ def judge_recipe(cfg, output_dir: Path):
 
 def judge_by_healing(cfg, session, rankings: Sequence[Ranking], staging: Path,
                      candidates: int) -> tuple[list[Ranking], str, dict[int, float]]:
-    """Heal the `candidates` best states of each M alike and put them first, ordered by the held-out
+    """Heal the `candidates` best states of each M alike (`judged_states`) and put them first, ordered by the held-out
     cross-entropy after healing: the short heal chooses the state that is saved. Returns the new
     rankings, the report section and the judge's cost per M in forward passes of the fitting set."""
 
@@ -71,7 +71,7 @@ def judge_by_healing(cfg, session, rankings: Sequence[Ranking], staging: Path,
     for ranking in rankings:
         # The best states, not a structurally diverse set: one swap apart, two states heal 0.07 nats
         # apart at M = 12 on the default model (docs/study.md, "Fewer gaps heal better").
-        picks = ranking.candidates[:candidates]
+        picks = judged_states(ranking, candidates)
         # Before and after on the same samples, the verification's held-out ones: the NLL proper, not
         # the verified score (which may carry the energy's run cost).
         nll_before = measured_nll(ranking) if ranking.info.get("verification") else [None] * len(picks)
@@ -111,6 +111,20 @@ def judge_by_healing(cfg, session, rankings: Sequence[Ranking], staging: Path,
     return out, "\n".join(text), cost
 
 
+def judged_states(ranking: Ranking, candidates: int) -> list[Candidate]:
+    """The `candidates` best states, except that when hybrid's re-centring moved the pick, the verified
+    pick it started from takes the last seat: a re-centred state has to heal better than that one too
+    (at M = 8 on the default model it did not; docs/study.md, "Re-centring at the verified pick")."""
+    picks = list(ranking.candidates[:candidates])
+    path = (ranking.info.get("recentre") or {}).get("path") or []
+    start = tuple(path[0]) if path else None
+    if candidates >= 2 and start is not None and start not in {c.removed for c in picks}:
+        listed = [c for c in ranking.candidates if c.removed == start]
+        if listed:
+            picks[-1] = listed[0]
+    return picks
+
+
 def _reordered(ranking: Ranking, order: Sequence[Candidate]) -> dict[str, Any] | None:
     """The ranking's per-candidate verification lists, aligned with the candidates in `order`."""
     verification = ranking.info.get("verification")
@@ -118,7 +132,9 @@ def _reordered(ranking: Ranking, order: Sequence[Candidate]) -> dict[str, Any] |
         return verification
     where = {c.removed: i for i, c in enumerate(ranking.candidates)}
     aligned = {key: [verification[key][where[c.removed]] for c in order]
-               for key in ("energies", "energy_ranks", "heldout_nll") if key in verification}
+               for key in ("energies", "energy_ranks", "heldout_nll", "found_by", "worst_domain") if key in verification}
+    if verification.get("domains"):
+        aligned["domains"] = {n: [v[where[c.removed]] for c in order] for n, v in verification["domains"].items()}
     return {**verification, **aligned}
 
 

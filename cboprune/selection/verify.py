@@ -202,7 +202,8 @@ def merge_verified(first: Ranking, second: Ranking, top: int) -> Ranking:
     as one: their states once each, ordered by score (held-out NLL plus the run cost both carry), the
     `top` best kept. info["verification"] keeps, per state, its energy under `first`'s model (the
     caller passes `second` with those energies as its pre-verification scores), its rank in `first`'s
-    energy order (None: listed only by `second`), its measured NLL and, for a mix, its domains."""
+    energy order (None: listed only by `second`), its measured NLL and, for a mix, its domains.
+    With `top` >= 2, `first`'s best state is always kept (in the last place if it falls out)."""
     def rows(r: Ranking, found_by: str) -> list[dict]:
         v = r.info["verification"]
         nll = measured_nll(r)
@@ -215,7 +216,11 @@ def merge_verified(first: Ranking, second: Ranking, top: int) -> Ranking:
     seen: dict[tuple[int, ...], dict] = {}
     for row in rows(first, "solver") + rows(second, "re-centred"):
         seen.setdefault(tuple(row["cand"].removed), row)
-    kept = sorted(seen.values(), key=lambda row: row["cand"].score)[:top]
+    ranked = sorted(seen.values(), key=lambda row: row["cand"].score)
+    kept = ranked[:top]
+    if top >= 2 and first.best.removed not in {tuple(row["cand"].removed) for row in kept}:
+        # `first`'s pick stays listed (last, so the order holds): the judge weighs a new state against it
+        kept[-1] = seen[tuple(first.best.removed)]
     vinfo = {**first.info["verification"],
              "energies": [row["energy"] for row in kept], "energy_ranks": [row["energy_rank"] for row in kept],
              "found_by": [row["found_by"] for row in kept],
