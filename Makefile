@@ -32,8 +32,8 @@ $(GGUF_STAMP): $(STAMP)
 demo: setup
 	$(VENV)/bin/cboprune run --config configs/demo.yaml
 
-# Two pytest-xdist workers: on the 2 shared cores the suite took 13 min 20 s with them and 17 min 17 s
-# without (tiny-model tests run on one thread each, README "Tests"); PYTEST_WORKERS=0 runs it serially.
+# Two pytest-xdist workers: on 2 quiet cores the suite took 13 min 27 s with them (17 min 17 s serially on
+# loaded cores; tiny-model tests run on one thread each, README "Tests"); PYTEST_WORKERS=0 runs it serially.
 PYTEST_WORKERS ?= 2
 
 test: setup
