@@ -442,3 +442,13 @@ def test_study_tables_show_the_measured_nll_not_the_run_cost_score(tiny_checkpoi
         if removed in raw:
             assert by[name]["heldout_nll"] == pytest.approx(raw[removed], abs=1e-6), name
     assert by["hybrid+refine"]["heldout_nll"] is not None
+
+
+def test_hybrid_only_options_on_another_energy_are_one_line_errors():
+    from cboprune.core.config import Config
+    from cboprune.core.errors import CBOPruneError
+
+    for option, value in (("recentre", 1), ("run_cost", 0.5)):
+        with pytest.raises(CBOPruneError, match="option of the hybrid energy, not of 'fisher'"):
+            Config.from_sources(None, {"energy": "fisher", option: value, "remove": [2]}, command="run")
+    assert Config.from_sources(None, {"energy": "hybrid", "recentre": 0, "remove": [2]}, command="run").recentre == 0

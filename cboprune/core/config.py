@@ -284,6 +284,10 @@ class Config:
                 and not _reads("run_cost", [self.energy]):
             errors.append(f"--run-cost is an option of the hybrid energy, not of {self.energy!r}: drop it or pass "
                           "--energy hybrid")
+        if self.recentre is not None and "recentre" in used and "energy" in used and isinstance(self.energy, str) \
+                and self.energy in methods.names(methods.ENERGY) and not _reads("recentre", [self.energy]):
+            errors.append(f"--recentre is an option of the hybrid energy, not of {self.energy!r}: drop it or pass "
+                          "--energy hybrid")
         if self.run_cost is not None and "energies" in used and isinstance(self.energies, str) \
                 and not _reads("run_cost", self.energies.split(",")):
             errors.append("--run-cost is an option of the hybrid energy, which --energies leaves out: drop it or "
