@@ -278,20 +278,16 @@ class Config:
                 check_device(self.device)
             except CBOPruneError as exc:
                 errors.append(str(exc))
+        # the hybrid energy's own options, set where the energy (or every energy of --energies) is another
+        hybrid_only = [o for o in ("run_cost", "recentre") if getattr(self, o) is not None and o in used]
         if "energy" in used and self.energy not in methods.names(methods.ENERGY):
             errors.append(f"energy must be one of {', '.join(methods.names(methods.ENERGY))}, got {self.energy!r}")
-        elif self.run_cost is not None and "run_cost" in used and "energy" in used \
-                and not _reads("run_cost", [self.energy]):
-            errors.append(f"--run-cost is an option of the hybrid energy, not of {self.energy!r}: drop it or pass "
-                          "--energy hybrid")
-        if self.recentre is not None and "recentre" in used and "energy" in used and isinstance(self.energy, str) \
-                and self.energy in methods.names(methods.ENERGY) and not _reads("recentre", [self.energy]):
-            errors.append(f"--recentre is an option of the hybrid energy, not of {self.energy!r}: drop it or pass "
-                          "--energy hybrid")
-        if self.run_cost is not None and "energies" in used and isinstance(self.energies, str) \
-                and not _reads("run_cost", self.energies.split(",")):
-            errors.append("--run-cost is an option of the hybrid energy, which --energies leaves out: drop it or "
-                          "add hybrid")
+        elif "energy" in used:
+            errors += [f"--{o.replace('_', '-')} is an option of the hybrid energy, not of {self.energy!r}: drop it or "
+                       "pass --energy hybrid" for o in hybrid_only if not _reads(o, [self.energy])]
+        if "energies" in used and isinstance(self.energies, str):
+            errors += [f"--{o.replace('_', '-')} is an option of the hybrid energy, which --energies leaves out: drop "
+                       "it or add hybrid" for o in hybrid_only if not _reads(o, self.energies.split(","))]
         if "pool" in used and self.pool is not None and isinstance(self.pool, int) and self.remove \
                 and self.pool < max(self.remove):
             errors.append(f"pool must be an integer >= the largest M, got {self.pool!r}")

@@ -152,6 +152,16 @@ class Entry:
         return self.method.split(":")[0].split("+")[0]
 
 
+def found_by(verification: dict[str, Any], i: int) -> str:
+    """How the i-th state of a verified ranking was found: "solver" (the energy's own K lowest states),
+    "re-centred" (hybrid's re-centring) or "swap search" (refinement); older rankings without the
+    list tell the solver's states by their energy rank."""
+    listed = verification.get("found_by")
+    if listed is not None:
+        return listed[i]
+    return "solver" if verification["energy_ranks"][i] is not None else "swap search"
+
+
 def contiguous_runs(removed: Sequence[int]) -> int:
     """How many maximal runs of consecutive block indices `removed` forms (the gaps the kept model has)."""
     ordered = sorted(set(int(i) for i in removed))

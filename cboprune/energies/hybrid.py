@@ -121,7 +121,8 @@ def recentred_energy(context, base, state) -> tuple[object, float]:
     np.fill_diagonal(F, 0.0)
     # E(x) = gᵀ(x − x₀) + ½ (x − x₀)ᵀF(x − x₀) = ½ xᵀFx + (g − F x₀)ᵀx + const
     model = EnergyModel("hybrid", 0.5 * F, g - F @ x, removable=base.removable,
-                        info={**base.info, "recentred_at": list(state), "recentre_configurations": len(configs) + 1})
+                        info={**base.info, "recentred_at": list(state), "recentre_configurations": len(configs) + 1,
+                              "fit_fraction": subset.n_tokens / context.fit.n_tokens})
     cost = base.info.get("run_cost_nats")
     return (with_run_cost(model, cost) if cost else model), float(at)
 
@@ -138,10 +139,12 @@ def _recentre(context, verified):
         return verified
     m, path = verified.n_remove, [list(verified.best.removed)]
     configurations = checked_states = 0
+    fit_fraction = 0.0
     for _ in range(rounds):
         start = verified.best.removed
         local, _ = recentred_energy(context, base, start)
         configurations += local.info["recentre_configurations"]
+        fit_fraction = local.info["fit_fraction"]
         listed = local.rank(m, len(verified.candidates), **context.solve_options())
         known = {c.removed for c in verified.candidates}
         new = [c for c in listed.candidates if c.removed not in known]
@@ -155,11 +158,9 @@ def _recentre(context, verified):
         if verified.best.removed == start:
             break
         path.append(list(verified.best.removed))
-    s = base.info["single_samples"]
     # for the cost model: flips on the singles' subset (its share of the fitting tokens), new states held out
     verified.info["recentre"] = {"rounds": rounds, "path": path, "configurations": configurations,
-                                 "single_samples": s,
-                                 "fit_fraction": singles_subset(context, s).n_tokens / context.fit.n_tokens,
+                                 "single_samples": base.info["single_samples"], "fit_fraction": fit_fraction,
                                  "verified_states": checked_states}
     return verified
 

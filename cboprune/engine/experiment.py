@@ -259,14 +259,14 @@ def cost_of(entry: Entry, n_blocks: int, *, fit_tokens: int, heldout_tokens: int
     cost = registry.get(entry.base).cost(n_blocks, entry.n_remove, **(options or {}))
     ratio = heldout_tokens / max(fit_tokens, 1)
     ver = entry.ranking.info.get("verification")
+    rec = entry.ranking.info.get("recentre")  # hybrid's re-centring: its flips and the new states it verified
     if any(s in entry.method for s in ("+verify", "+refine", "+judge")) and ver:
         cost += len(ver["energies"]) * ratio
+        if rec:
+            cost += rec["configurations"] * rec["fit_fraction"] + rec["verified_states"] * ratio
     judge = entry.ranking.info.get("heal_judge")
     if "+judge" in entry.method and judge:
         cost += judge["forward_passes"]
-    rec = entry.ranking.info.get("recentre")  # hybrid's re-centring: its flips and the new states it verified
-    if any(s in entry.method for s in ("+verify", "+refine", "+judge")) and rec:
-        cost += rec["configurations"] * rec["fit_fraction"] + rec["verified_states"] * ratio
     ref = entry.ranking.info.get("refine")
     if "+refine" in entry.method and ref:
         cost += ref["evaluations"] - 1 + ratio  # swaps on the fitting set, the final check held out

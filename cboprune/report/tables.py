@@ -8,7 +8,7 @@ from typing import Any
 
 from cboprune.core.finite import metric_cell
 
-from cboprune.core.ranking import Ranking
+from cboprune.core.ranking import Ranking, found_by
 
 
 def _ranges(indices: Sequence[int]) -> str:
@@ -50,7 +50,7 @@ def ranking_markdown(ranking: Ranking, block_kinds: Sequence[str] | None = None)
         if verification:
             e_rank = verification["energy_ranks"][i]
             lines.append(f"| {cand.rank} | {metric_cell(cand.score)} | {metric_cell(verification['energies'][i], '.6g')} | "
-                         f"{(verification.get('found_by') or ['swap search'] * (i + 1))[i] if e_rank is None else e_rank} | {_ranges(cand.removed)} | {kinds} |")
+                         f"{found_by(verification, i) if e_rank is None else e_rank} | {_ranges(cand.removed)} | {kinds} |")
         else:
             lines.append(f"| {cand.rank}{tie} | {cand.score:.6g} | {_ranges(cand.removed)} | {kinds} |")
     return "\n".join(lines) + "\n"

@@ -26,7 +26,7 @@ import numpy as np
 
 from cboprune.data.mix import by_domain, target_tokens
 from cboprune.models.masked import calibration_nll, configurations_nll
-from cboprune.core.ranking import Candidate, Ranking, contiguous_runs, spearman
+from cboprune.core.ranking import Candidate, Ranking, contiguous_runs, found_by, spearman
 
 log = logging.getLogger(__name__)
 
@@ -178,20 +178,20 @@ def with_refined(verified: Ranking, refined: Ranking, refined_energy: float) -> 
     vinfo = dict(verified.info["verification"])
     cands = list(verified.candidates)
     energies, energy_ranks = list(vinfo["energies"]), list(vinfo["energy_ranks"])
-    found_by = list(vinfo.get("found_by") or ["solver" if r is not None else "swap search" for r in energy_ranks])
+    how_found = [found_by(vinfo, i) for i in range(len(cands))]
     if refined.info["refine"]["accepted"]:
         listed = [i for i, c in enumerate(cands) if c.removed == state.removed]
         e_rank, how = None, "swap search"  # not listed by the solver
         if listed:
             (i,) = listed
-            e_rank, refined_energy, how = energy_ranks[i], energies[i], found_by[i]
-            del cands[i], energies[i], energy_ranks[i], found_by[i]
+            e_rank, refined_energy, how = energy_ranks[i], energies[i], how_found[i]
+            del cands[i], energies[i], energy_ranks[i], how_found[i]
         cands.insert(0, state)
         energies.insert(0, refined_energy)
         energy_ranks.insert(0, e_rank)
-        found_by.insert(0, how)
+        how_found.insert(0, how)
     cands = [replace(c, rank=r) for r, c in enumerate(cands)]
-    vinfo.update(energies=energies, energy_ranks=energy_ranks, found_by=found_by)
+    vinfo.update(energies=energies, energy_ranks=energy_ranks, found_by=how_found)
     info = {**verified.info, "verification": vinfo, "refine": refined.info["refine"]}
     return Ranking(method=verified.method, n_blocks=verified.n_blocks, n_remove=verified.n_remove, candidates=cands,
                    exact=False, info=info)

@@ -39,7 +39,7 @@ from cboprune.models.surgery import (
     validate_removal,
 )
 from cboprune.core.outputs import check_output_dir, dumps_strict, staged_dir
-from cboprune.core.ranking import Candidate, Entry, Ranking
+from cboprune.core.ranking import Candidate, Entry, Ranking, found_by
 from cboprune.repair import check_repairable, repair_linear
 from cboprune.report import plot_hessian, plot_removal_frequency, write_report
 from cboprune.engine.session import load_session
@@ -85,15 +85,7 @@ def _scores_of(candidate: Candidate, ranking: Ranking) -> dict[str, Any]:
     if not ver:
         return {"energy": candidate.score if math.isfinite(candidate.score) else None}
     return {"energy": ver["energies"][candidate.rank], "heldout_nll": candidate.score,
-            "found_by": _found_by(ver, candidate.rank)}
-
-
-def _found_by(verification: dict[str, Any], i: int) -> str:
-    """"solver" (the energy's own K lowest states), "re-centred" (hybrid's re-centring) or "swap search"."""
-    listed = verification.get("found_by")
-    if listed is not None:
-        return listed[i]
-    return "solver" if verification["energy_ranks"][i] is not None else "swap search"
+            "found_by": found_by(ver, candidate.rank)}
 
 
 def provenance(candidate: Candidate, ranking: Ranking, hessian_meta: dict[str, Any], source_model: str,
