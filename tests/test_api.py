@@ -62,10 +62,10 @@ def test_prune_on_the_default_model(default_model, shared_data):
     from cboprune.data.calibration import load_calibration
 
     model = copy.deepcopy(default_model.model)
-    data = str(shared_data / "calib" / "alpaca_en_demo.json")
+    data = str(shared_data / "calib" / "c4_demo.jsonl")  # plain text: 32 real tokens a sample
     pruned, ranking = cboprune.prune(model, default_model.tokenizer, data, n_remove=8, top=4, n_samples=8,
-                                     heldout_samples=4, seq_len=64, batch_size=4)
+                                     heldout_samples=4, seq_len=32, batch_size=4)
     assert n_blocks(pruned) == 22 and len(ranking.best.removed) == 8
-    held = load_calibration(data, default_model.tokenizer, n_samples=12, seq_len=64).split(8)[1]
+    held = load_calibration(data, default_model.tokenizer, n_samples=12, seq_len=32).split(8)[1]
     assert calibration_nll(pruned, held) == pytest.approx(ranking.info["verification"].get(
         "heldout_nll", [c.score for c in ranking.candidates])[0], abs=1e-3)

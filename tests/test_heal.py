@@ -111,6 +111,16 @@ def test_time_budget_stops_early_and_still_saves(teacher_and_student, shared_dat
     assert (tmp_path / "budget" / HEALING_FILE).is_file()
 
 
+def test_save_every_zero_writes_no_training_state(teacher_and_student, shared_data, tmp_path, monkeypatch):
+    """A study's heal is rerun, never resumed: `save_every=0` skips the state (weights and optimizer)."""
+    def no_state(*args, **kwargs):
+        raise AssertionError("a training state was written with save_every=0")
+
+    monkeypatch.setattr("cboprune.heal.trainer.save_state", no_state)
+    report = heal(_cfg(teacher_and_student, shared_data, tmp_path / "h", save_every=0, max_steps=2), progress=False)
+    assert report["steps"] == 2 and (tmp_path / "h" / HEALING_FILE).is_file()
+
+
 @pytest.mark.slow
 def test_8bit_optimizer_state_is_saved_and_resumed_exactly(teacher_and_student, shared_data, tmp_path):
     pytest.importorskip("bitsandbytes")

@@ -97,8 +97,8 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
                                                         f"{'-repaired' if repair_fit is not None else ''}-S{steps}"
                           if recipe.keep_checkpoints is not None else workdir / f"{digest}-healed")
             shutil.rmtree(student, ignore_errors=True)
-            # A study killed during this heal left its training state: the heal saves only at its last
-            # step, so nothing there is worth resuming, and heal() would refuse to start over it.
+            # A study's heal is short and rerun, never resumed, so it saves no training state (save_every=0);
+            # a state left by a kill (or an older version) would make heal() refuse to start over it.
             shutil.rmtree(healed_dir.with_name(healed_dir.name + STATE_SUFFIX), ignore_errors=True)
             if repair_fit is not None:
                 start = repaired_copy(model, entry.candidate.removed, repair_fit, batch_size=batch_size)[0]
@@ -114,7 +114,7 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
                                          output_dir=str(healed_dir), max_steps=steps, learning_rate=recipe.learning_rate,
                                          seq_len=recipe.seq_len, micro_batch_size=recipe.micro_batch_size,
                                          global_batch_size=recipe.global_batch_size, lora=recipe.lora, seed=recipe.seed,
-                                         max_samples=recipe.max_samples, save_every=max(steps, 1), overwrite=True,
+                                         max_samples=recipe.max_samples, save_every=0, overwrite=True,
                                          teacher_cache=None if recipe.teacher_cache is None else str(recipe.teacher_cache),
                                          teacher_top_k=recipe.teacher_top_k, heldout_eval=recipe.heldout_eval,
                                          **({} if recipe.heldout_samples is None

@@ -73,8 +73,8 @@ class HealConfig:
                                           "training", kind="flag")
     fsdp: bool = option(False, "shard the student across the launched processes (FSDP2; also on under "
                                "`accelerate launch` with an FSDP config)", "training", kind="flag")
-    save_every: int = option(50, "checkpoint every N steps (for --resume; default 50)", "output", kind="int",
-                             minimum=1)
+    save_every: int = option(50, "checkpoint every N steps (for --resume; default 50; 0: never, for a heal "
+                                 "that is rerun rather than resumed)", "output", kind="int", minimum=0)
     resume: bool = option(False, "continue an interrupted run from its last checkpoint", "output", kind="flag")
     heldout_fraction: float = option(0.05, "records held out for the before/after loss (default 0.05)", "data",
                                      kind="float")

@@ -424,7 +424,7 @@ def _train(run: _Run, step: int, progress: bool) -> tuple[int, bool, bool]:
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == run.total_steps) and len(run.held):
                 _record(run, step, {"heldout/loss": heldout_loss(acc.unwrap_model(run.student), run.held)})
-            if step % cfg.save_every == 0 or step == run.total_steps:
+            if cfg.save_every and (step % cfg.save_every == 0 or step == run.total_steps):
                 weights, optim = capture(acc.unwrap_model(run.student), run.optimizer, run.trainable_names,
                                          run.sharded, acc.is_main_process)
                 if acc.is_main_process:
