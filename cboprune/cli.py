@@ -373,7 +373,7 @@ def cmd_archs(args: argparse.Namespace) -> int:
 
         from cboprune.models.architectures import gating_summary
 
-        model = load_model(args.model, dtype=args.dtype, device="cpu").model
+        model = load_model(args.model, dtype=args.dtype, device="cpu", tokenizer=False).model
         rows = describe(model)
         if args.json:
             print(json.dumps(rows, indent=2))

@@ -160,3 +160,34 @@ def test_judge_evaluation_measures_only_the_ce_after_and_counts_its_tokens(teach
     # 2 steps x 4 samples, each micro-batch cut to its longest sample (<= seq_len 40)
     assert 2 * 4 * 8 <= positions["train"] <= 2 * 4 * 40 and positions == full["token_positions"]
     assert 6 * 8 <= positions["heldout"] <= 6 * 40
+
+
+def test_distillation_data_is_tokenized_once_per_file_tokenizer_and_settings(teacher_and_student, tmp_path,
+                                                                             monkeypatch):
+    """A study heals many students on one file: the second heal reuses the tokenized sets; another
+    file content, tokenizer or length tokenizes again."""
+    from transformers import AutoTokenizer
+
+    import cboprune.heal.data as data
+
+    teacher, student = teacher_and_student
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": f"record {i} " + "words and more words " * 6}) + "\n"
+                            for i in range(20)))
+    first = data.load_distillation_data(path, AutoTokenizer.from_pretrained(teacher), seq_len=32)
+    calls = []
+    real = data._tokenize
+    monkeypatch.setattr(data, "_tokenize", lambda *a: calls.append(1) or real(*a))
+    again = data.load_distillation_data(path, AutoTokenizer.from_pretrained(student), seq_len=32)  # same tokenizer
+    assert not calls and torch.equal(again[0].input_ids, first[0].input_ids)
+    data.load_distillation_data(path, AutoTokenizer.from_pretrained(student), seq_len=24)
+    assert calls
+    calls.clear()
+    other = AutoTokenizer.from_pretrained(student)
+    other.add_tokens(["<new-token>"])
+    data.load_distillation_data(path, other, seq_len=24)
+    assert calls
+    calls.clear()
+    path.write_text("".join(json.dumps({"text": "other text " * 8}) + "\n" for _ in range(20)))
+    changed = data.load_distillation_data(path, other, seq_len=24)
+    assert calls and not torch.equal(changed[0].input_ids[:, :4], first[0].input_ids[:, :4])

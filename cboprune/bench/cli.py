@@ -78,7 +78,7 @@ def run_bench_command(namespace: argparse.Namespace) -> int:
     models, disk = {}, {}
     for spec in args.models:
         name = spec if spec not in models else f"{spec}#{len(models)}"
-        loaded = load_model(spec, dtype=args.dtype, device="cpu")
+        loaded = load_model(spec, dtype=args.dtype, device="cpu", tokenizer=False)
         models[name] = loaded.model
         gguf = default_gguf_path() if spec == "default" else Path(spec) if spec.endswith(".gguf") else None
         disk[name] = disk_bytes(gguf or loaded.checkpoint_dir)

