@@ -25,7 +25,9 @@ def compare_dir(tiny_checkpoint, shared_data, tmp_path_factory):
     rc = main(["-q", "compare", "--model", str(tiny_checkpoint), "--data",
                str(shared_data / "calib" / "alpaca_en_demo.json"), "--n-samples", "4", "--seq-len", "32",
                "--batch-size", "4", "--remove", "2", "3", "--cbo-ranks", "0,1", "--tasks", f"file:{text},arc_easy",
-               "--limit", "3", "--ppl-limit", "1", "--max-length", "64", "--output-dir", str(out)])
+               "--limit", "3", "--ppl-limit", "1", "--max-length", "64",
+               "--no-speedup",  # half the fixture's time; the compares of test_healing_study measure it
+               "--output-dir", str(out)])
     assert rc == 0
     return out
 

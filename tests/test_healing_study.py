@@ -237,7 +237,7 @@ def test_compare_resumes_but_never_reuses_results_of_other_weights_at_the_same_p
     ck = tmp_path / "model"
     save_tiny_checkpoint(ck, n_layers=5, seed=0)
     out = tmp_path / "cmp"
-    few = ("--methods", "cbo,bi", "--heal-steps", "1")  # what is cached does not depend on how many
+    few = ("--methods", "cbo,bi", "--heal-steps", "1", "--no-speedup")  # what is cached does not depend on how many
     assert _compare(ck, data, text, out, *few) == 0
     first = json.loads((out / "results.json").read_text())
     with monkeypatch.context() as patch:
@@ -273,7 +273,7 @@ def test_a_study_killed_during_a_heal_resumes(tiny_checkpoint, shared_data, tmp_
         raise KeyboardInterrupt
 
     monkeypatch.setattr("cboprune.heal.heal", killed)
-    few = ("--methods", "cbo,bi", "--heal-steps", "1")
+    few = ("--methods", "cbo,bi", "--heal-steps", "1", "--no-speedup")
     assert _compare(tiny_checkpoint, data, text, out, *few) == 130  # "cboprune: interrupted"
     assert list(out.with_name(out.name + ".heal-work").glob("*.heal-state"))
     monkeypatch.setattr("cboprune.heal.heal", real_heal)
