@@ -5,8 +5,8 @@ order is a pure function of (seed, step): epoch e visits the training set in the
 drawn from seed + e, and optimizer step s consumes micro-batches s·A … s·A + A − 1 of the global
 stream (A = accumulation steps × processes, rank r taking every world-th micro-batch). A
 checkpoint (trainable weights, optimizer, scheduler, RNG, step, loss curve; safetensors + JSON,
-never pickle, see heal.state) is written every `save_every` steps, so `resume` continues exactly
-where the last checkpoint left off. The healed checkpoint is staged beside the output directory
+never pickle, see heal.state) is written every `save_every` steps (never with 0), so `resume`
+continues exactly where the last checkpoint left off. The healed checkpoint is staged beside the output directory
 and renamed onto it, so an interruption never leaves a half-written output.
 """
 
