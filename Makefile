@@ -32,8 +32,8 @@ $(GGUF_STAMP): $(STAMP)
 demo: setup
 	$(VENV)/bin/cboprune run --config configs/demo.yaml
 
-# Two pytest-xdist workers: on 2 quiet cores the suite took 8 min 17 s with them (17 min 17 s serially on
-# loaded cores before this session's cuts; tiny-model tests run on one thread each, README "Tests");
+# Two pytest-xdist workers: on 2 quiet cores the suite took 7 min 33 s with them from a fresh clone (17 min
+# 17 s serially on loaded cores before the cuts; tiny-model tests run on one thread each, README "Tests");
 # PYTEST_WORKERS=0 runs it serially.
 PYTEST_WORKERS ?= 2
 
