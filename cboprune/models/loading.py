@@ -280,7 +280,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float32
     _load_config(spec, source, local_dir, trust_remote_code)
     kwargs = _pretrained_kwargs(local_dir, trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs) if tokenizer else None
+        tok = AutoTokenizer.from_pretrained(source, **kwargs) if tokenizer else None
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
                                                      device_map="auto" if device == "auto" else None, **kwargs)
     except CBOPruneError:
@@ -291,10 +291,10 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float32
     except Exception as exc:  # corrupt weights surface as many types (SafetensorError, RuntimeError, ...)
         raise CBOPruneError(f"could not load model {spec!r}: {_first_line(exc)}; re-download or re-save the "
                             "checkpoint") from exc
-    if tokenizer is not None and tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tok is not None and tok.pad_token is None:
+        tok.pad_token = tok.eos_token
     if device and device != "auto":
         model.to(device)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source if local_dir is None else spec,
+    return LoadedModel(model=model, tokenizer=tok, source=source if local_dir is None else spec,
                        checkpoint_dir=local_dir)
