@@ -183,7 +183,7 @@ def test_study_end_to_end(tiny_checkpoint, shared_data, tmp_path):
                str(shared_data / "calib" / "alpaca_en_demo.json"), "--n-samples", "6", "--heldout-samples", "4",
                "--seq-len", "32", "--batch-size", "4", "--remove", "2", "3", "--top", "4", "--refine-sweeps", "2",
                "--exact-samples", "3", "--peers", "bi,sleb,swm", "--tasks", f"file:{text},arc_easy", "--limit", "2",
-               "--ppl-limit", "1", "--max-length", "64", "--output-dir", str(out)])
+               "--ppl-limit", "1", "--max-length", "64", "--heal-candidates", "2", "--output-dir", str(out)])
     assert rc == 0
     for name in ("study.md", "study.csv", "results.json", "energy_vs_loss.png", "frequency_measured.png",
                  "frequency_fisher.png"):
@@ -204,8 +204,8 @@ def test_study_end_to_end(tiny_checkpoint, shared_data, tmp_path):
             assert by[("measured+refine", m)]["heldout_nll"] <= by[("measured+verify", m)]["heldout_nll"] + 1e-12
     md = (out / "study.md").read_text()
     assert "Spearman" in md and "[recommended]" in md and "beats every peer" in md
-    # `run`'s default judge (local data, K >= 2) is on by default: its pick is the recommended row,
-    # one of the two best verified states, and it costs the verification plus its heals.
+    # `run`'s judge (--heal-candidates 2, local data): its pick is the recommended row, one of the two
+    # best verified states, and it costs the verification plus its heals.
     assert data["meta"]["recommended"] == "hybrid+judge" and "short-heal judge" in md
     for m in (2, 3):
         judged, verified = by[("hybrid+judge", m)], by[("hybrid+verify", m)]

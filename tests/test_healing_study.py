@@ -112,8 +112,8 @@ def test_run_chooses_the_saved_state_after_a_short_heal(tiny_checkpoint, shared_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra, judged", [([], 2), (["--heal-candidates", "0"], 0), (["--no-verify"], 0)])
-def test_run_judges_the_two_best_verified_states_by_default_when_there_is_heal_data(
+@pytest.mark.parametrize("extra, judged", [([], 0), (["--heal-candidates", "2"], 2)])
+def test_run_judges_the_best_verified_states_only_when_asked(
         tiny_checkpoint, shared_data, tmp_path, extra, judged):
     out = tmp_path / "run"
     data = str(shared_data / "calib" / "alpaca_en_demo.json")
@@ -279,3 +279,34 @@ def test_a_study_killed_during_a_heal_resumes(tiny_checkpoint, shared_data, tmp_
     monkeypatch.setattr("cboprune.heal.heal", real_heal)
     assert _compare(tiny_checkpoint, data, text, out, *few) == 0
     assert not out.with_name(out.name + ".heal-work").exists()
+
+
+def test_a_kept_selection_step_is_keyed_by_its_method_scheme(tmp_path, monkeypatch):
+    """A study's kept selection step is not reused once the method's algorithm (its `scheme`) changed,
+    and a peer's key leaves the energy-only search settings out."""
+    from dataclasses import replace
+
+    from cboprune.core import methods
+    from cboprune.engine.resume import StepCache
+    from cboprune.engine.skeleton import ExperimentRun
+
+    run = ExperimentRun(cfg=None, command="study", protocol=None, out_dir=tmp_path, recipe=None, session=None,
+                        context=None, steps=StepCache(tmp_path / "steps"), weights="w",
+                        step_fields={"command": "study", "settings": {"recentre": 1, "top": 4}}, started=0.0)
+    computed = []
+
+    def compute():
+        computed.append(1)
+        return len(computed), {"value": len(computed)}
+
+    def parse(v):
+        return v["value"]
+
+    assert run.step("energy", "hybrid", parse, compute) == 1
+    assert run.step("energy", "hybrid", parse, compute) == 1 and run.kept("energy", "hybrid", parse) == 1
+    assert run.step_key("energy", "hybrid")["scheme"] == methods.get("hybrid").scheme != ""
+    monkeypatch.setitem(methods._REGISTRY, "hybrid", replace(methods.get("hybrid"), scheme="another algorithm"))
+    assert run.kept("energy", "hybrid", parse) is None
+    assert run.step("energy", "hybrid", parse, compute) == 2 and len(computed) == 2
+    assert "recentre" not in run.step_key("peer", "sleb")["settings"]
+    assert run.step_key("energy", "hybrid")["settings"]["recentre"] == 1

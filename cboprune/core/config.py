@@ -203,11 +203,11 @@ class Config:
     heal_states: int = _opt(0, "study: also heal the K lowest states of every energy model, for the Spearman "
                                "correlation of energy and post-heal loss (default 0)", "healing", kind="int",
                             minimum=0)
-    heal_candidates: int | None = _opt(None, "run: heal the C best verified states alike with the judge's short "
-                                             "recipe (--judge-steps) and save the best after healing; study: the "
-                                             "same for the recommended energy model, as its '+judge' row "
-                                             "(default: 2 when the states are verified and --heal-data / --data "
-                                             "is a local file, else 0; 0: off)", "healing", kind="int", minimum=0)
+    heal_candidates: int = _opt(0, "run: heal the C best verified states alike with the judge's short recipe "
+                                   "(--judge-steps) and save the best after healing; study: the same for the "
+                                   "recommended energy model, as its '+judge' row (default 0: off; 2 judges the "
+                                   "two best; needs --heal-data / --data as a local file; docs/study.md)",
+                                "healing", kind="int", minimum=0)
     judge_steps: int = _opt(3, "run/study: optimizer steps of each judge heal (default 3; docs/study.md)",
                             "healing", kind="int", minimum=1)
     repair: str | None = _opt(None, "training-free repair of every pruned model: 'linear' fits a linear map for "

@@ -73,6 +73,9 @@ class Method:
     #: after_verify(context, verified) -> Ranking: an energy model's own search from its verified states
     #: for one M (hybrid: re-centring at the verified pick); None: the verified ranking stands
     after_verify: Callable[..., Any] | None = field(default=None, repr=False, compare=False)
+    #: a tag of the algorithm behind fixed settings, part of the key of a study's kept selection step:
+    #: change it when the same settings would now select differently (hybrid: its re-centring's shares)
+    scheme: str = ""
 
 
 _REGISTRY: dict[str, Method] = {}

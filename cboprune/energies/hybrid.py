@@ -19,15 +19,17 @@ Cost: 3 (the gradient pass) + N · s/m forward passes (s: `single_samples` of th
 
 **Re-centring** (`recentre` rounds, default RECENTRE_ROUNDS = 1): after verification, the energy is
 expanded again around the verified pick x₀ instead of around the full model. The N flips of x₀
-(restore one removed block, or remove one more) are measured on the same s samples, and with
+(restore one removed block, or remove one more) are measured on half of the singles' s samples, and with
 Δ = x − x₀ (Δ_i = +1: one more block removed, −1: one restored)
 
     E₀(x) = Σ_i g_i Δ_i + ½ Σ_{i≠j} F_ij Δ_i Δ_j  (+ the run cost),   g_i Δ_i = L(x₀ with i flipped) − L(x₀)
 
 is exact on every state one flip from x₀, where the loss is steepest: at M = 12 on the default model the
 full-model expansion misses states whose blocks interact (late blocks that are cheap only once middle
-ones are gone). Its K lowest states are verified like the first ones and the better of all is the new
-x₀. Cost per round and M: N · s/m + K · h/m (h held-out samples).
+ones are gone). Its K/2 lowest states are verified like the first ones and the better of all is the new
+x₀. Cost per round and M: N · s'/m + K/2 · h/m (s' = s/2, at least 4; h held-out samples). Halving both
+kept the default within 20 forward passes for M = 8 and 12 with the same picks on the default model
+(docs/study.md, "Within the budget").
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ RUN_COST = 0.5
 #: default rounds of re-centring the energy at the verified pick (docs/study.md, "Re-centring at the
 #: verified pick": one round finds, at M = 12, a state better before healing than SLEB's; 0: off)
 RECENTRE_ROUNDS = 1
+#: the re-centring's flips are measured on this share of the singles' samples (at least 4), and it
+#: verifies at most this share of K new states: the default selection's budget of 20 forward passes
+#: for M = 8 and 12 (docs/study.md, "Within the budget": 18.3 passes, and the same picks on the default
+#: model as with every sample and K new states, measured)
+RECENTRE_SAMPLE_FRACTION = 0.5
+RECENTRE_STATE_FRACTION = 0.5
 
 
 def single_samples(n_fit: int, requested: int | None = None) -> int:
@@ -55,6 +63,16 @@ def single_samples(n_fit: int, requested: int | None = None) -> int:
 def single_fraction(n_fit: int, requested: int | None = None) -> float:
     """The share of the fitting samples the single removals are measured on (for the cost model)."""
     return single_samples(n_fit, requested) / n_fit
+
+
+def recentre_samples(s: int) -> int:
+    """The samples the re-centring's flips are measured on, of the singles' `s`."""
+    return min(s, max(4, round(RECENTRE_SAMPLE_FRACTION * s)))
+
+
+def recentre_states(k: int) -> int:
+    """The re-centred energy's lowest states listed (and, those not yet verified, verified), of K."""
+    return max(1, round(RECENTRE_STATE_FRACTION * k))
 
 
 def singles_subset(context, s: int):
@@ -104,7 +122,7 @@ def recentred_energy(context, base, state) -> tuple[object, float]:
     from cboprune.selection.energy import EnergyModel, with_run_cost
 
     n = base.n_blocks
-    subset = singles_subset(context, base.info["single_samples"])
+    subset = singles_subset(context, recentre_samples(base.info["single_samples"]))
     allowed = set(range(n) if base.removable is None else base.removable)
     state = tuple(sorted(state))
     inside = set(state)
@@ -145,7 +163,7 @@ def _recentre(context, verified):
         local, _ = recentred_energy(context, base, start)
         configurations += local.info["recentre_configurations"]
         fit_fraction = local.info["fit_fraction"]
-        listed = local.rank(m, len(verified.candidates), **context.solve_options())
+        listed = local.rank(m, recentre_states(len(verified.candidates)), **context.solve_options())
         known = {c.removed for c in verified.candidates}
         new = [c for c in listed.candidates if c.removed not in known]
         if not new:
@@ -160,7 +178,8 @@ def _recentre(context, verified):
         path.append(list(verified.best.removed))
     # for the cost model: flips on the singles' subset (its share of the fitting tokens), new states held out
     verified.info["recentre"] = {"rounds": rounds, "path": path, "configurations": configurations,
-                                 "single_samples": base.info["single_samples"], "fit_fraction": fit_fraction,
+                                 "single_samples": recentre_samples(base.info["single_samples"]),
+                                 "fit_fraction": fit_fraction,
                                  "verified_states": checked_states}
     return verified
 
@@ -179,4 +198,5 @@ register(Method(
     name="hybrid", label="CBO hybrid", kind=ENERGY, order=45,
     summary="measured single removals (on a subset) + Fisher pair interactions",
     needs=("gradients", "forward configurations"), select=_select, cost=_cost, after_verify=_recentre,
-    cost_formula="3 + (N + 1)·s/m (s of the m fitting samples, default m/8, at least 8)", options=("single_samples", "run_cost", "recentre")))
+    cost_formula="3 + (N + 1)·s/m (s of the m fitting samples, default m/8, at least 8)", options=("single_samples", "run_cost", "recentre"),
+    scheme=f"recentre flips {RECENTRE_SAMPLE_FRACTION} states {RECENTRE_STATE_FRACTION}"))

@@ -1,6 +1,9 @@
 """The judge of `cboprune run`: a short, identical heal of the best verified states of each M, which
 then lead the ranking in their order by the cross-entropy after healing on held-out records of the
-heal data (never trained on). Part of the default selection when there is local heal data.
+heal data (never trained on). On with `--heal-candidates C`; off by default since 2026-12-08: with
+re-centring, its one measured call after a 30-step heal was a tie (M = 8) and an agreement with the
+verified order (M = 12), and its 8 forward passes broke the default's budget of 20 (docs/study.md,
+"Within the budget").
 
 Why a heal and not a pre-heal loss: on the default model the two best verified M = 12 states are
 0.04 nats apart before healing in the wrong order, and 0.09 apart the other way after 30 steps;
@@ -25,8 +28,6 @@ from cboprune.core.ranking import Candidate, Entry, Ranking
 from cboprune.report.tables import markdown_table
 from cboprune.selection.verify import measured_nll
 
-#: candidates judged per M when the user does not say (`--heal-candidates`)
-JUDGE_CANDIDATES = 2
 #: the recipe of every judge heal: the after-healing study's, shortened (docs/study.md)
 JUDGE_LR = 2e-4
 JUDGE_SEQ_LEN = 192  # or the calibration length when shorter
@@ -34,17 +35,6 @@ JUDGE_BATCH = 8  # sequences per optimizer step
 JUDGE_MICRO_BATCH = 4
 #: held-out records of the heal data the candidates are ranked by (half of the evaluation's cost)
 JUDGE_RECORDS = 25
-
-
-def auto_candidates(cfg) -> int:
-    """The number of candidates the judge heals per M: `--heal-candidates` when given; otherwise
-    JUDGE_CANDIDATES when the states are verified, at least two are listed and the heal data is a
-    local file (the judge trains on it), else 0."""
-    if cfg.heal_candidates is not None:
-        return cfg.heal_candidates
-    data = cfg.heal_data or cfg.data
-    local = bool(data) and Path(data).is_file()
-    return JUDGE_CANDIDATES if cfg.verify and local and cfg.top >= 2 else 0
 
 
 def judge_recipe(cfg, output_dir: Path):

@@ -84,7 +84,7 @@ def load_session(cfg, *, remove: Sequence[int] = (), min_kept: int = 1, heldout:
     check_data(cfg.data)  # a bad data file fails before the model loads
     model_config = load_config(cfg.model)
     check_seq_len(cfg.seq_len, model_config)  # and a length beyond the context, from the config
-    if cfg.heal or cfg.heal_steps or cfg.heal_candidates != 0:  # the heals (and the judge's) come later: check now
+    if cfg.heal or cfg.heal_steps or cfg.heal_candidates:  # the heals (and the judge's) come later: check now
         check_seq_len(cfg.heal_seq_len or cfg.seq_len, model_config, "--heal-seq-len")
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)

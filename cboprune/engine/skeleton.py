@@ -28,6 +28,7 @@ from cboprune.heal.recipe import HealRecipe
 from cboprune.core.outputs import check_output_dir, staged_dir
 from cboprune.core.ranking import Entry
 from cboprune.repair import check_repairable
+from cboprune.core import methods
 from cboprune.engine.resume import StepCache, command_steps, peer_settings, selection_settings
 from cboprune.engine.session import Session, load_session
 
@@ -52,19 +53,35 @@ class ExperimentRun:
     started: float
     seconds: dict[str, float] = field(default_factory=dict)
 
-    def step(self, step: str, method: str, parse: Callable[[dict[str, Any]], T],
-             compute: Callable[[], tuple[T, dict[str, Any]]]) -> T:
-        """A selection step kept beside the heals: reused when a finished run left it (through `parse`,
-        which raises on a damaged value), else `compute()` -> (value, JSON state to keep)."""
+    def step_key(self, step: str, method: str) -> dict[str, Any]:
+        """The fields a kept selection step is stored under: the run's settings (a peer's without the
+        energy-only search settings) and the method's algorithm `scheme`, so that a step kept by an
+        older algorithm is not reused (an empty scheme keeps the earlier keys)."""
         fields = {**self.step_fields, "step": step, "method": method}
         if step == "peer":
             fields["settings"] = peer_settings(fields["settings"])
+        scheme = methods.get(method).scheme if method in methods.names() else ""
+        if scheme:
+            fields["scheme"] = scheme
+        return fields
+
+    def kept(self, step: str, method: str, parse: Callable[[dict[str, Any]], T]) -> T | None:
+        """A selection step a finished run left (through `parse`, which raises on a damaged value), or None."""
+        fields = self.step_key(step, method)
         kept = self.steps.load(fields, parse)
         if kept is not None:
             log.info("%s: %s %s reused from %s", self.command, step, method, self.steps.path(fields))
+        return kept
+
+    def step(self, step: str, method: str, parse: Callable[[dict[str, Any]], T],
+             compute: Callable[[], tuple[T, dict[str, Any]]]) -> T:
+        """A selection step kept beside the heals: reused when a finished run left it, else `compute()` ->
+        (value, JSON state to keep)."""
+        kept = self.kept(step, method, parse)
+        if kept is not None:
             return kept
         value, state = compute()
-        self.steps.save(fields, state)
+        self.steps.save(self.step_key(step, method), state)
         return value
 
     def evaluate(self, entries: Sequence[Entry], *, nll_samples, key: str, cost: Callable[[Entry], float],

@@ -29,7 +29,7 @@ from cboprune.data.calibration import CalibrationSet
 from cboprune.energies.hybrid import single_fraction
 from cboprune.engine.experiment import SelectionContext, cost_of, rank_states
 from cboprune.selection.hessian import HessianResult, compute_hessian, save_hessian
-from cboprune.engine.judge import auto_candidates, judge_by_healing, judge_recipe
+from cboprune.engine.judge import judge_by_healing, judge_recipe
 from cboprune.core.methods import selection_cost
 from cboprune.models.architectures import decoder_layers, removable_blocks
 from cboprune.models.surgery import (
@@ -146,7 +146,7 @@ class RunResult:
 
 def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
     out_dir = check_output_dir(cfg.output_dir, cfg.overwrite)
-    candidates = auto_candidates(cfg)
+    candidates = cfg.heal_candidates
     if candidates:
         judge_recipe(cfg, out_dir)  # the healing data is checked before any work
     checks = cfg.verify or cfg.refine_sweeps > 0

@@ -43,7 +43,7 @@ from cboprune.core.config import config_from_args
 from cboprune.core.finite import metric_cell, metric_key
 from cboprune.workflows.domain_study import run_domain_study
 from cboprune.engine.healing_study import healing_markdown
-from cboprune.engine.judge import auto_candidates, judge_by_healing
+from cboprune.engine.judge import judge_by_healing
 from cboprune.core.methods import entry_label
 from cboprune.core.outputs import dumps_strict
 from cboprune.core.ranking import Entry, Ranking
@@ -141,7 +141,7 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
     fit, heldout = session.fit, session.heldout
     # The default selection of `run` judges the recommended model's best verified states by a short
     # heal; the study shows that pick, at its cost, as '<energy>+judge'.
-    candidates = auto_candidates(cfg) if RECOMMENDED.energy in energies else 0
+    candidates = cfg.heal_candidates if RECOMMENDED.energy in energies else 0
     judge_section = None
     log.info("study: %s (N = %d), fitting %s, held-out %s, energy models %s, peers %s, M = %s", cfg.model,
              session.n_blocks, fit.describe(), heldout.n_samples, energies, peers, cfg.remove)
@@ -150,8 +150,7 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
     entries: list[Entry] = []
     correlations: dict[str, dict[int, dict[str, Any]]] = {}
     rankings_by_model: dict[str, list] = {}
-    done = {name: run.steps.load({**run.step_fields, "step": "energy", "method": name},
-                                 lambda v: _energy_result(v, cfg.remove)) for name in energies}
+    done = {name: run.kept("energy", name, lambda v: _energy_result(v, cfg.remove)) for name in energies}
     t0 = time.perf_counter()
     if any(done[e] is None and "gradients" in registry.get(e).needs and e != "exact" for e in energies):
         context.hessian()  # shared by the gradient-based models (exact makes its own)
