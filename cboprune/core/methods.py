@@ -39,11 +39,12 @@ class Recommendation:
 
 #: What `cboprune run` does by default (docs/study.md, "The default selection"): measured single
 #: removals with the Fisher's pair interactions and a charge per contiguous run of removed blocks
-#: (`hybrid`'s run cost), its K lowest states re-ranked by held-out loss plus that charge, and, with
-#: local heal data, the two best judged by a 3-step heal (`cboprune.engine.judge`) — 19.6 forward passes of
-#: the fitting set for two values of M on the default model, against ~2,000 for `measured` with
-#: refinement, which ties with the cheap peers after healing. The paper's method is PAPER (no
-#: verification, so no judge); the expensive variants stay available (`--energy measured --refine-sweeps 8`).
+#: (`hybrid`'s run cost), its K lowest states re-ranked by held-out loss plus that charge, then one
+#: round of re-centring at the verified pick (`hybrid`'s after_verify) — 18.3 forward passes of the
+#: fitting set for two values of M on the default model, against ~2,000 for `measured` with
+#: refinement, which ties with the cheap peers after healing. The short-heal judge
+#: (`cboprune.engine.judge`) is `--heal-candidates`, off by default. The paper's method is PAPER (no
+#: verification); the expensive variants stay available (`--energy measured --refine-sweeps 8`).
 RECOMMENDED = Recommendation("hybrid", verify=True, refine_sweeps=0)
 PAPER = Recommendation("fisher", verify=False, refine_sweeps=0)
 

@@ -39,7 +39,7 @@ from dataclasses import replace
 from cboprune.core.methods import ENERGY, Method, register
 
 #: default fraction of the fitting samples the single removals are measured on (at least 8 samples):
-#: an eighth since the judge joined the default, to stay within 20 forward passes (docs/study.md)
+#: an eighth, to stay within 20 forward passes for M = 8 and 12 (docs/study.md)
 SINGLE_FRACTION = 0.125
 #: default charge per contiguous run of removed blocks, in median single-removal increases
 #: (docs/study.md, "Fewer gaps heal better": at 0.5 the default picks the best state after healing

@@ -139,8 +139,8 @@ def run_study(cfg, *, progress: bool = True) -> StudyResult:
                                     "exact_samples": cfg.exact_samples})
     session, context = run.session, run.context
     fit, heldout = session.fit, session.heldout
-    # The default selection of `run` judges the recommended model's best verified states by a short
-    # heal; the study shows that pick, at its cost, as '<energy>+judge'.
+    # With --heal-candidates, `run` judges the recommended model's best verified states by a short heal;
+    # the study shows that pick, at its cost, as '<energy>+judge'.
     candidates = cfg.heal_candidates if RECOMMENDED.energy in energies else 0
     judge_section = None
     log.info("study: %s (N = %d), fitting %s, held-out %s, energy models %s, peers %s, M = %s", cfg.model,
