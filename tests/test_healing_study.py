@@ -175,8 +175,8 @@ def test_study_heals_the_lowest_states_correlates_their_energy_and_resumes_witho
             "--heldout-samples", "3", "--seq-len", "32", "--batch-size", "3", "--remove", "2", "--top", "4",
             "--energies", "fisher,hybrid", "--refine", "", "--peers", "bi,sleb", "--heal-states", "4",
             "--heal-steps", "1", "--heal-candidates", "2", "--judge-steps", "1", "--heal-seq-len", "32",
-            "--heal-micro-batch-size", "2",
-            "--heal-global-batch-size", "2", "--heal-lr", "1e-3", "--tasks", f"file:{text}", "--ppl-limit", "1",
+            "--heal-micro-batch-size", "2", "--heal-global-batch-size", "2", "--heal-lr", "1e-3",
+            "--tasks", f"file:{text}", "--ppl-limit", "1",
             "--max-length", "64", "--heal-heldout-samples", "8", "--output-dir", str(out)]
     assert main(argv) == 0
     first = json.loads((out / "results.json").read_text())

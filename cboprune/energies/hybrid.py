@@ -28,8 +28,8 @@ is exact on every state one flip from x₀, where the loss is steepest: at M = 1
 full-model expansion misses states whose blocks interact (late blocks that are cheap only once middle
 ones are gone). Its K/2 lowest states are verified like the first ones and the better of all is the new
 x₀. Cost per round and M: N · s'/m + K/2 · h/m (s' = s/2, at least 4; h held-out samples). Halving both
-kept the default within 20 forward passes for M = 8 and 12 with the same picks on the default model
-(docs/study.md, "Within the budget").
+kept the default within 20 forward passes for M = 8 and 12 with the same picks on the default model at
+`run`'s sizes; on 4 short samples the flips can miss a state (docs/study.md, "Within the budget").
 """
 
 from __future__ import annotations
