@@ -38,7 +38,7 @@ def prune(model: nn.Module, tokenizer, data: str | None = None, *, n_remove: int
     `solver`, ...) is accepted by name. Bad options are one-line `CBOPruneError`s before any work."""
     settings = {"data": data, "remove": [n_remove], "top": top, "n_samples": n_samples,
                 "heldout_samples": heldout_samples, "seq_len": seq_len, "batch_size": batch_size, "keep": list(keep),
-                "only": list(only) if only else None, "seed": seed, "heal_candidates": 0, **options}
+                "only": list(only) if only else None, "seed": seed, **options}
     if energy is not None:
         settings["energy"] = energy
     if verify is not None:
